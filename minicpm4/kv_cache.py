@@ -1,0 +1,56 @@
+"""Preallocated key/value cache: one buffer per layer, written in place, never re-allocated.
+
+Slot = absolute position: the key of the token at position p of row b lives at k[layer][b, :, p].
+Rows of a batch may be at different lengths; attention masks keys by position, so a row never
+reads slots past its own length, and stale values there are overwritten before they are visible.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minicpm4.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 _k: torch.Tensor | None = None, _v: torch.Tensor | None = None):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        # k, v: [layers, batch, kv_heads, max_len, head_dim]
+        self.k = _k if _k is not None else torch.zeros(shape, dtype=dtype, device=device)
+        self.v = _v if _v is not None else torch.zeros(shape, dtype=dtype, device=device)
+        self.config = config
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def rows(self, index: slice) -> "KVCache":
+        """A cache over a subset of rows that shares storage with this one (writes go through)."""
+        return KVCache(self.config, 0, 0, _k=self.k[:, index], _v=self.v[:, index])
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               contiguous_from: int | None, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, kv_heads, T, D] at `positions` [B, T]; return this layer's first kv_len slots.
+
+        contiguous_from: when every row holds positions p0..p0+T-1, a slice write (fast path);
+        otherwise a scatter by position.
+        """
+        kc, vc = self.k[layer], self.v[layer]
+        if contiguous_from is not None:
+            p0, t = contiguous_from, k.shape[2]
+            kc[:, :, p0:p0 + t] = k
+            vc[:, :, p0:p0 + t] = v
+        else:
+            idx = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            kc.scatter_(2, idx, k)
+            vc.scatter_(2, idx, v)
+        return kc[:, :, :kv_len], vc[:, :, :kv_len]
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2

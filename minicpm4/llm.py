@@ -1,0 +1,117 @@
+"""LLM: the text layer over the token-id engine (tokenizer, chat template, stop strings, streaming text).
+
+The engine stops on ids; stop strings are checked here on decoded text, through the engine's per-request
+stop_fn hook, and the returned text is cut before the stop string, as the OpenAI API does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+from minicpm4.engine import Engine, Generation
+from minicpm4.model import MiniCPM4ForCausalLM
+from minicpm4.sampling import SamplingParams
+from minicpm4.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class TextResult:
+    text: str
+    generation: Generation
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """The text before the earliest stop string, and whether one was found."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+class LLM:
+    def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, **engine_kwargs):
+        self.model, self.tokenizer = model, tokenizer
+        self.engine = Engine(model, **engine_kwargs)
+
+    @classmethod
+    def load(cls, source=None, dtype="auto", config_overrides: dict | None = None, **engine_kwargs) -> "LLM":
+        from minicpm4.loader import load
+        model, tokenizer = load(source, dtype=dtype, config_overrides=config_overrides)
+        return cls(model, tokenizer, **engine_kwargs)
+
+    # ---- prompts ----
+    def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def encode_text(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def _params(self, params: SamplingParams | None) -> SamplingParams:
+        if params is None:
+            params = SamplingParams()
+        if params.stop_token_ids is None:  # the tokenizer knows template stop tokens like <|im_end|>
+            eos = set(self.model.config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+            params = dataclasses.replace(params, stop_token_ids=sorted(eos))
+        return params
+
+    def _stop_fn(self, stops: Sequence[str]):
+        if not stops:
+            return None
+        window = max(len(s) for s in stops) + 8  # tokens: each token is at least one character
+
+        def stop_fn(ids: list[int]) -> bool:
+            return cut_at_stop(self.tokenizer.decode(ids[-window:]), stops)[1]
+        return stop_fn
+
+    # ---- generation ----
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams | None = None,
+                     stop: Sequence[str] = ()) -> list[TextResult]:
+        params = self._params(params)
+        gens = self.engine.generate(prompts, params, [self._stop_fn(stop)] * len(prompts))
+        return [TextResult(self._final_text(g, params, stop), g) for g in gens]
+
+    def generate(self, prompts: str | list[str], params: SamplingParams | None = None,
+                 stop: Sequence[str] = ()) -> list[TextResult]:
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        return self.generate_ids([self.encode_text(p) for p in prompts], params, stop)
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None, stop: Sequence[str] = ()) -> TextResult:
+        return self.generate_ids([self.encode_chat(messages)], params, stop)[0]
+
+    def stream_ids(self, prompt: list[int], params: SamplingParams | None = None, stop: Sequence[str] = (),
+                   on_finish: Callable[[Generation], None] | None = None) -> Iterator[str]:
+        """Yield text pieces as they are decoded; the text never includes a stop string or stop token.
+
+        Text that could be the start of a stop string is held back until it is known not to be.
+        on_finish receives the engine's Generation (token ids, timings, finish reason) at the end.
+        """
+        params = self._params(params)
+        decoder, text, sent, found = StreamDecoder(self.tokenizer), "", 0, False
+        stop_ids = set(params.stop_token_ids or ())
+        hold = max((len(s) for s in stop), default=0)
+        tokens = self.engine.stream(prompt, params, self._stop_fn(stop))
+        while True:
+            try:
+                token = next(tokens)
+            except StopIteration as end:  # the engine ends right after a stop token or stop string
+                generation = end.value
+                break
+            if found or token in stop_ids:
+                continue
+            text, found = cut_at_stop(text + decoder.push(token), stop)
+            safe = len(text) if found else max(sent, len(text) - hold)
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+        if not found and len(text) > sent:
+            yield text[sent:]
+        if on_finish is not None:
+            on_finish(generation)
+
+    def _final_text(self, g: Generation, params: SamplingParams, stop: Sequence[str]) -> str:
+        ids = g.token_ids
+        if g.finish_reason == "stop" and ids and ids[-1] in set(params.stop_token_ids or ()):
+            ids = ids[:-1]
+        return cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=False), stop)[0]
+

@@ -1,0 +1,101 @@
+"""Safetensors checkpoints: read (single file or sharded index) into the model, and write atomically.
+
+Names are the Hugging Face ones, so no rename table is needed for MiniCPM4 or Llama checkpoints.
+Every tensor is checked against the model's own shapes before anything is assigned, and every
+failure names the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from minicpm4.errors import CheckpointError
+
+# Buffers that checkpoints may carry but the model recomputes.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files of an HF directory: model.safetensors, or the shards named in the index."""
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard(s) missing: {', '.join(missing)}")
+        return files
+    if (directory / "pytorch_model.bin").is_file():
+        raise CheckpointError(f"{directory}: only pytorch_model.bin found; convert it to safetensors first")
+    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_state_dict(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if name.endswith(IGNORED_SUFFIXES):
+                        continue
+                    t = f.get_tensor(name)
+                    state[name] = t.to(dtype) if t.is_floating_point() else t
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors file, it may be truncated or corrupt ({e})") from None
+    return state
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Assign `state` to `model`'s parameters after checking names and shapes; tied heads may be absent."""
+    expected = dict(model.state_dict())
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied:
+        expected.pop("lm_head.weight", None)
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{source}: tensor(s) missing from checkpoint: {', '.join(missing[:5])}{more}")
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{source}: unexpected tensor(s) for this config: {', '.join(unexpected[:5])}{more}")
+    for name, ref in expected.items():
+        if tuple(state[name].shape) != tuple(ref.shape):
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
+                                  f"config.json implies {tuple(ref.shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:  # assign=True replaced the embedding Parameter; re-tie the head to it
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) on a temp file next to `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_state_dict(state: dict[str, torch.Tensor], directory: Path, tied: bool) -> None:
+    """Write model.safetensors (tied lm_head omitted, as HF does)."""
+    tensors = {k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")}
+    atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))

@@ -1,0 +1,30 @@
+"""Shared fixtures: the offline default model (fetched and verified once, see minicpm4/default_model.py)
+and real English text for parity tests (Python's own LICENSE, or stdlib docstrings where it is absent)."""
+
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+    """Path to SmolLM2-135M-Instruct.Q4_1.gguf; MINICPM4_TEST_GGUF overrides the default model cache."""
+    override = os.environ.get("MINICPM4_TEST_GGUF")
+    if override:
+        return Path(override)
+    from minicpm4.default_model import default_gguf_path
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def real_text() -> str:
+    license_txt = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if license_txt.is_file():
+        return license_txt.read_text()
+    import argparse, json, textwrap  # noqa: E401  (their docstrings are real English prose)
+    return "\n\n".join(m.__doc__ for m in (argparse, json, textwrap))
