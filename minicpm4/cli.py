@@ -67,10 +67,11 @@ def setup():
 @sampling_options
 def generate(prompt, raw, system, model_path, dtype, stop, **sampling):
     """Generate a reply to one prompt (chat template applied unless --raw) and stream it to stdout."""
+    params = _params(**sampling)  # validated before the (slower) model load
     llm = _load(model_path, dtype)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     ids = llm.encode_text(prompt) if raw else llm.encode_chat(messages)
-    _reply(llm, ids, _params(**sampling), stop)
+    _reply(llm, ids, params, stop)
 
 
 @cli.command()
@@ -78,8 +79,8 @@ def generate(prompt, raw, system, model_path, dtype, stop, **sampling):
 @sampling_options
 def chat(system, model_path, dtype, stop, **sampling):
     """Interactive chat: type a message, the reply streams back. /reset clears history, /exit or Ctrl-D quits."""
-    llm = _load(model_path, dtype)
     params = _params(**sampling)
+    llm = _load(model_path, dtype)
     history = [{"role": "system", "content": system}] if system else []
     while True:
         try:

@@ -118,7 +118,8 @@ def _config_from_metadata(name: str, arch: str, metadata: dict[str, Any]) -> dic
     def get(key: str, default: Any = None) -> Any:
         return metadata.get(f"{arch}.{key}", default)
 
-    config: dict[str, Any] = {"model_type": arch, "architectures": [_HF_ARCHITECTURES[arch]]}
+    # llama.cpp's llama and minicpm graphs always use SiLU-gated MLPs and no attention biases.
+    config: dict[str, Any] = {"model_type": arch, "architectures": [_HF_ARCHITECTURES[arch]], "hidden_act": "silu"}
     for field, key in _REQUIRED_CONFIG_KEYS.items():
         value = get(key)
         if not isinstance(value, int):  # a per-layer list (other archs) or absent
@@ -185,10 +186,12 @@ def _read_tensors(name: str, reader: gguf.GGUFReader, config: dict[str, Any],
             rope_factors[_ROPE_FACTOR_TENSORS[tensor.name]] = [_f32(x) for x in array.reshape(-1).tolist()]
             continue
         hf_name = _hf_name(name, tensor.name)
-        if hf_name.endswith("q_proj.weight"):
-            array = _unpermute_rope_rows(array, config["num_attention_heads"])
-        elif hf_name.endswith("k_proj.weight"):
-            array = _unpermute_rope_rows(array, config["num_key_value_heads"])
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            n_head = config["num_attention_heads" if "q_proj" in hf_name else "num_key_value_heads"]
+            if array.ndim != 2 or array.shape[0] % (2 * n_head):
+                raise CheckpointError(f"{name}: tensor {tensor.name!r} of shape {list(array.shape)} does not "
+                                      f"split into {n_head} heads")
+            array = _unpermute_rope_rows(array, n_head)
         state_dict[hf_name] = torch.from_numpy(array).to(dtype)
     if "model.embed_tokens.weight" not in state_dict:
         raise CheckpointError(f"{name}: has no token_embd.weight tensor")
@@ -249,19 +252,20 @@ def _tokenizer_from_metadata(name: str, metadata: dict[str, Any]) -> tuple[token
         config[key] = tokens[token_id] if token_id is not None else None
     if metadata.get("tokenizer.chat_template"):
         config["chat_template"] = metadata["tokenizer.chat_template"]
-    if kind == "gpt2":
-        if merges is None:
-            raise CheckpointError(f"{name}: byte-level BPE tokenizer has no tokenizer.ggml.merges")
-        backend = byte_level_bpe(tokens, merges, metadata.get("tokenizer.ggml.pre"))
-    elif kind == "llama":
-        scores = metadata.get("tokenizer.ggml.scores")
-        if merges is None and scores is None:
-            raise CheckpointError(f"{name}: SentencePiece tokenizer has neither merges nor scores")
-        backend = sentencepiece_bpe(tokens, scores or [], merges,
-                                    bool(metadata.get("tokenizer.ggml.add_space_prefix", True)))
-    else:
+    scores = metadata.get("tokenizer.ggml.scores")
+    if kind not in ("gpt2", "llama"):
         raise CheckpointError(f"{name}: tokenizer type {kind!r} is not supported (supported: gpt2, llama)")
-    add_vocab_special_tokens(backend, tokens, types, [config[key] for key in SPECIAL_TOKEN_KEYS])
+    if merges is None and (kind == "gpt2" or scores is None):
+        raise CheckpointError(f"{name}: {kind!r} tokenizer has no tokenizer.ggml.merges (nor scores to rebuild them)")
+    try:
+        if kind == "gpt2":
+            backend = byte_level_bpe(tokens, merges, metadata.get("tokenizer.ggml.pre"))
+        else:
+            add_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+            backend = sentencepiece_bpe(tokens, scores or [], merges, add_prefix)
+        add_vocab_special_tokens(backend, tokens, types, [config[key] for key in SPECIAL_TOKEN_KEYS])
+    except Exception as exc:  # `tokenizers` raises plain Exception, e.g. for a merge of unknown tokens
+        raise CheckpointError(f"{name}: inconsistent tokenizer metadata ({exc})") from None
     return backend, config
 
 

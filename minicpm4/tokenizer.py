@@ -1,35 +1,30 @@
 """Text <-> token ids, chat templates and streaming detokenization on top of `tokenizers`.
 
-`Tokenizer` pairs a `tokenizers.Tokenizer` (the fast Rust backend, also what tokenizer.json holds)
-with a tokenizer_config.json-style dict (special token strings, `add_bos_token`, `chat_template`).
-It is built from a HF directory (`from_dir`), a GGUF checkpoint (`from_gguf`), or the backend
-directly, and it can `save` itself back as a HF directory.
+`Tokenizer` pairs a `tokenizers.Tokenizer` backend (what tokenizer.json holds) with a
+tokenizer_config.json-style dict (special token strings, `add_bos_token`, `chat_template`); it loads
+from a HF directory or a GGUF checkpoint and saves back as a HF directory.
 
 Key choices:
-- Backends built from GGUF metadata mirror transformers' GGUF conversion (integrations/gguf), so ids
-  match what transformers produces for the same file: byte-level BPE for `tokenizer.ggml.model ==
-  'gpt2'`, SentencePiece-style BPE with byte fallback for 'llama' (merges recovered from scores).
-  One deliberate difference: a GGUF that says `add_space_prefix = false` gets no "▁" prefix, as in
-  llama.cpp, where transformers ignores the flag.
-- BOS is added by this wrapper from `add_bos_token` unless the backend's post-processor already does
-  it (HF tokenizer.json files often carry one), so it is never added twice.
-- Chat templates render in a sandboxed jinja2 environment configured as transformers configures it
+- Backends built from GGUF vocabularies mirror transformers' GGUF conversion, so ids match it:
+  byte-level BPE for 'gpt2', SentencePiece-style BPE with byte fallback for 'llama' (merges rebuilt
+  from scores). One deliberate difference: `add_space_prefix = false` means no "▁" prefix, as in
+  llama.cpp (transformers ignores that flag).
+- BOS comes from `add_bos_token` unless the backend's post-processor already adds it, never twice.
+- Chat templates render in a sandboxed jinja2 environment set up as transformers sets it up
   (trim_blocks, lstrip_blocks, `raise_exception`, non-escaping `tojson`), so prompts match exactly.
 """
-
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
-import jinja2
-import jinja2.ext
+import jinja2.ext  # also binds `jinja2`
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-from tokenizers import Tokenizer as Backend
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, Tokenizer as Backend
 
 from .errors import CheckpointError, InputError
 
@@ -42,15 +37,12 @@ DEFAULT_CHAT_TEMPLATE = (  # ChatML, for checkpoints that ship no template
     " + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types (tokenizer.ggml.token_type)
-# Pre-tokenizer split regexes by `tokenizer.ggml.pre`; any other value (gpt2, smollm, ...) uses the
-# GPT-2 regex built into ByteLevel, as transformers does. SmolLM's vocab has no multi-digit merges,
-# so llama.cpp's extra per-digit split for 'smollm' does not change its ids.
+# Llama-3's pre-tokenizer split, for `tokenizer.ggml.pre` in _LLAMA3_PRE. Every other value (gpt2, smollm,
+# ...) uses the GPT-2 regex built into ByteLevel, as transformers does. (llama.cpp also splits digits one
+# by one for 'smollm'; SmolLM's vocab has no multi-digit tokens, so its ids are the same.)
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_PRE_TOKENIZER_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-                         "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+_LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3")
 
 
 class Tokenizer:
@@ -114,11 +106,8 @@ class Tokenizer:
     @property
     def eos_token_ids(self) -> list[int]:
         """Ids that end generation: EOS, plus `<|im_end|>` when the chat template is ChatML."""
-        ids = [self.eos_token_id] if self.eos_token_id is not None else []
-        im_end = self._token_id("<|im_end|>")
-        if "<|im_end|>" in (self.chat_template or DEFAULT_CHAT_TEMPLATE) and im_end is not None and im_end not in ids:
-            ids.append(im_end)
-        return ids
+        im_end = self._token_id("<|im_end|>") if "<|im_end|>" in (self.chat_template or DEFAULT_CHAT_TEMPLATE) else None
+        return list(dict.fromkeys(i for i in (self.eos_token_id, im_end) if i is not None))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids for `text`; special tokens written in the text (e.g. `<|im_start|>`) stay whole."""
@@ -158,10 +147,9 @@ class Tokenizer:
 class StreamDecoder:
     """Incremental detokenizer: `push` one id at a time, get back only the newly completed text.
 
-    Decoding one token alone is wrong in two ways: a character's UTF-8 bytes may be split across tokens,
-    and SentencePiece decoders strip the leading space of the decoded string. So each step decodes the
-    pending tokens together with the previous chunk as context, emits the text beyond the context's, and
-    holds everything back while the text ends in U+FFFD (an incomplete character).
+    Decoding one token alone is wrong: a character's UTF-8 bytes may span tokens, and SentencePiece
+    decoders strip the string's leading space. So pending tokens are decoded after the previous chunk
+    (context), the text past the context's is emitted, and it is held back while it ends in U+FFFD.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
@@ -198,13 +186,10 @@ def byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> Bac
     pairs = [tuple(merge.split(" ", 1)) for merge in merges]
     backend = Backend(models.BPE(vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="",
                                  end_of_word_suffix="", fuse_unk=False))
-    split = _PRE_TOKENIZER_SPLITS.get(pre or "")
-    if split is None:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                         pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                                  use_regex=False)])
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in _LLAMA3_PRE)
+    if pre in _LLAMA3_PRE:
+        split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated")
+        backend.pre_tokenizer = pre_tokenizers.Sequence([split, backend.pre_tokenizer])
     backend.decoder = decoders.ByteLevel()
     return backend
 
@@ -226,9 +211,8 @@ def sentencepiece_bpe(tokens: list[str], scores: list[float], merges: list[str] 
 
 def add_vocab_special_tokens(backend: Backend, tokens: list[str], types: list[int],
                              specials: list[str | None]) -> None:
-    """Make control tokens (and the named bos/eos/unk/pad) special and user-defined ones (e.g. `<think>`)
-    plain added tokens, so both match whole in text instead of being split. Only tokens the vocabulary
-    already holds are added, so the vocabulary never grows past the embedding size."""
+    """Control tokens and the named bos/eos/unk/pad become special, user-defined ones (`<think>`) plain added
+    tokens: both then match whole in text. Only tokens already in the vocabulary, so it never grows."""
     present = backend.get_vocab()
     control = [token for token, kind in zip(tokens, types) if kind == _CONTROL]
     special = [token for token in dict.fromkeys(control + [s for s in specials if s]) if token in present]
@@ -274,7 +258,6 @@ def _convert_sentencepiece_model(path: Path, config: dict[str, Any]) -> Backend:
 
 class _GenerationTag(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` only marks assistant text for training masks: render the body."""
-
     tags = {"generation"}
 
     def parse(self, parser: Any) -> list[Any]:
@@ -286,16 +269,12 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    # jinja's own tojson HTML-escapes; chat templates expect plain json.dumps.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
 def _jinja_environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
+    # jinja's own tojson HTML-escapes; chat templates expect plain json.dumps (keeping its options).
+    env.filters["tojson"] = lambda value, ensure_ascii=False, **options: json.dumps(
+        value, ensure_ascii=ensure_ascii, **options)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
@@ -309,10 +288,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: cannot be read as JSON ({exc})") from None
 

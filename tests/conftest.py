@@ -28,3 +28,10 @@ def real_text() -> str:
         return license_txt.read_text()
     import argparse, json, textwrap  # noqa: E401  (their docstrings are real English prose)
     return "\n\n".join(m.__doc__ for m in (argparse, json, textwrap))
+
+
+@pytest.fixture(scope="session")
+def smollm_checkpoint(smollm_gguf):
+    """read_gguf(smollm_gguf), parsed once for all the GGUF and tokenizer tests."""
+    from minicpm4.gguf_file import read_gguf
+    return read_gguf(smollm_gguf)

@@ -13,8 +13,8 @@ from minicpm4.gguf_file import read_gguf
 
 
 @pytest.fixture(scope="module")
-def checkpoint(smollm_gguf):
-    return read_gguf(smollm_gguf)
+def checkpoint(smollm_checkpoint):
+    return smollm_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_state_dict_matches_transformers(checkpoint, hf_reference):
     for name, tensor in ours.items():
         reference = hf_tensors[name]
         assert tensor.dtype == torch.float32 and tensor.shape == reference.shape, name
-        torch.testing.assert_close(tensor, reference, rtol=0, atol=1e-6, msg=name)
+        assert torch.equal(tensor, reference) or (tensor - reference).abs().max().item() <= 1e-6, name
     assert ours["model.layers.0.self_attn.q_proj.weight"].shape == (576, 576)
     assert ours["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)
     assert ours["model.layers.0.mlp.down_proj.weight"].shape == (576, 1536)
@@ -109,7 +109,7 @@ def _gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{_TO_GGUF[rest.removesuffix('.weight')]}.weight"
 
 
-def _write_gguf(path, arch="llama", tied=True, extra=None, tensors=None, metadata=None):
+def _write_gguf(path, arch="llama", tied=True, extra=None, tensors=None, metadata=None, merges=("a b",)):
     """A tiny model in llama.cpp's layout: q/k permuted, up_proj quantized to Q8_0, v_proj in F16."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(256)
@@ -123,7 +123,7 @@ def _write_gguf(path, arch="llama", tied=True, extra=None, tensors=None, metadat
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(["a", "b", "ab"] + [f"t{i}" for i in range(3, VOCAB)])
-    writer.add_token_merges(["a b"])
+    writer.add_token_merges(list(merges))
     for key, value in (metadata or {}).items():
         writer.add_float32(key, value)
     expected = {}
@@ -219,6 +219,20 @@ def test_unsupported_tensor_type(tmp_path):
     _write_gguf(tmp_path / "int.gguf", tensors=weights)
     with pytest.raises(CheckpointError, match=r"int\.gguf: tensor 'output_norm\.weight' uses quantization type I32"):
         read_gguf(tmp_path / "int.gguf")
+
+
+def test_inconsistent_tokenizer_metadata(tmp_path):
+    _write_gguf(tmp_path / "vocab.gguf", merges=("x y",))  # merges tokens that are not in the vocabulary
+    with pytest.raises(CheckpointError, match=r"vocab\.gguf: inconsistent tokenizer metadata .*`x` out of vocabulary"):
+        read_gguf(tmp_path / "vocab.gguf")
+
+
+def test_head_count_that_does_not_divide_q_rows(tmp_path):
+    weights = _hf_weights(tied=True)
+    q_rows_short = weights.pop("model.layers.0.self_attn.q_proj.weight")[:-4]  # 28 rows: not 4 heads of 2*k
+    _write_gguf(tmp_path / "heads.gguf", tensors=weights, extra={"blk.0.attn_q.weight": q_rows_short})
+    with pytest.raises(CheckpointError, match=r"heads\.gguf: tensor 'blk\.0\.attn_q\.weight' .* 4 heads"):
+        read_gguf(tmp_path / "heads.gguf")
 
 
 def test_truncated_file(tmp_path, smollm_gguf):

