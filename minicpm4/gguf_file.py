@@ -125,8 +125,7 @@ def _config_from_metadata(name: str, arch: str, metadata: dict[str, Any]) -> dic
         if not isinstance(value, int):  # a per-layer list (other archs) or absent
             raise CheckpointError(f"{name}: metadata key '{arch}.{key}' is missing or not a single integer")
         config[field] = value
-    n_kv = get("attention.head_count_kv", config["num_attention_heads"])
-    config["num_key_value_heads"] = n_kv
+    config["num_key_value_heads"] = get("attention.head_count_kv", config["num_attention_heads"])
     head_dim = get("attention.key_length", get("rope.dimension_count"))
     if head_dim is not None:
         config["head_dim"] = head_dim
@@ -135,8 +134,8 @@ def _config_from_metadata(name: str, arch: str, metadata: dict[str, Any]) -> dic
     scaling = get("rope.scaling.type", "none")
     if scaling not in ("none", "longrope"):
         raise CheckpointError(f"{name}: RoPE scaling type {scaling!r} is not supported (supported: none, longrope)")
-    if "tokenizer.ggml.tokens" in metadata or get("vocab_size") is not None:
-        config["vocab_size"] = get("vocab_size", len(metadata.get("tokenizer.ggml.tokens", ())))
+    if get("vocab_size") is not None:  # older files omit it: read_gguf then counts the embedding rows
+        config["vocab_size"] = get("vocab_size")
     for field, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                        ("pad_token_id", "padding_token_id")):
         if f"tokenizer.ggml.{key}" in metadata:

@@ -1,0 +1,51 @@
+"""The console script end to end on the default model: generate, chat (stdin), info, convert."""
+
+import subprocess
+import sys
+
+import torch
+
+import minicpm4
+
+CLI = [sys.executable, "-c", "from minicpm4.cli import main; main()"]
+
+
+def run(*args, stdin=None):
+    r = subprocess.run(CLI + list(args), capture_output=True, text=True, input=stdin, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_generate_answers_and_reports_speed(smollm_gguf):
+    r = run("generate", "--model", str(smollm_gguf), "--prompt", "What is the capital of France?",
+            "--max-new-tokens", "20")
+    assert "Paris" in r.stdout
+    assert "tok/s decode" not in r.stdout and "tok/s" in r.stderr
+
+
+def test_chat_keeps_history_and_exits_on_eof(smollm_gguf):
+    r = run("chat", "--model", str(smollm_gguf), "--max-new-tokens", "24",
+            stdin="My name is Alice.\n/reset\nWhat is 2+2?\n")
+    assert r.stdout.count("> ") == 4  # three inputs read, then EOF at the fourth prompt
+    assert "4" in r.stdout.split("> ")[3]
+    assert r.stderr.count("[prompt ") == 2  # one speed line per reply; /reset is not a turn
+
+
+def test_info_prints_shapes(smollm_gguf):
+    r = run("info", str(smollm_gguf), "--dtype", "fp32")
+    assert "134,515,008" in r.stdout and "9 / 3 (group 3)" in r.stdout and "torch.float32" in r.stdout
+
+
+def test_convert_gguf_to_hf_dir_gives_same_logits(smollm_gguf, tmp_path):
+    out = tmp_path / "hf"
+    run("convert", str(smollm_gguf), str(out), "--dtype", "fp32")
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                              "tokenizer_config.json"}
+    a, tok = minicpm4.load(smollm_gguf, dtype="fp32")
+    b, tok_b = minicpm4.load(out, dtype="fp32")
+    ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog.")])
+    assert torch.equal(a(ids), b(ids))
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(msgs) == tok_b.apply_chat_template(msgs)
+    r = subprocess.run(CLI + ["convert", str(smollm_gguf), str(out)], capture_output=True, text=True)
+    assert r.returncode == 2 and "output directory exists and is not empty" in r.stderr
