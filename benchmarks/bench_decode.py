@@ -214,7 +214,8 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     if load_before > 0.5:
         notes.append(f"1-minute load average is {load_before:.1f} before the start: other processes share the "
-                     "CPUs, so expect noisy numbers")
+                     "CPUs, and 2-thread runs stall at every barrier when a thread is descheduled; run under "
+                     "`nice -n -10` (as root) or on an idle machine")
     for note in notes:
         print("NOTE:", note)
     print(f"{gguf.name}: ours in {args.dtype}, transformers in bf16, llama.cpp on the GGUF's own weights; "

@@ -104,8 +104,10 @@ class LLM:
             if safe > sent:
                 yield text[sent:safe]
                 sent = safe
-        if not found and len(text) > sent:
-            yield text[sent:]
+        if not found:
+            text += decoder.flush()
+            if len(text) > sent:
+                yield text[sent:]
         if on_finish is not None:
             on_finish(generation)
 

@@ -24,7 +24,8 @@ from minicpm4.config import ModelConfig
 from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.model import MiniCPM4ForCausalLM, RotaryEmbedding
 from minicpm4.tokenizer import Tokenizer
-from minicpm4.weights import atomic_write, checkpoint_files, load_into, read_state_dict, save_state_dict
+from minicpm4.fileio import atomic_write_text
+from minicpm4.weights import checkpoint_files, load_into, read_state_dict, save_state_dict
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
@@ -126,7 +127,7 @@ def save_pretrained(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, out_dir: s
     try:
         cfg = model.config.to_dict()
         cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-        atomic_write(tmp / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
+        atomic_write_text(tmp / "config.json", json.dumps(cfg, indent=2) + "\n")
         save_state_dict(model.state_dict(), tmp, model.config.tie_word_embeddings)
         tokenizer.save(tmp)
         if out.exists():

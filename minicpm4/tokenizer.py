@@ -27,6 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, Tokenizer as Backend
 
 from .errors import CheckpointError, InputError
+from .fileio import atomic_write_text
 
 if TYPE_CHECKING:
     from .gguf_file import GGUFCheckpoint
@@ -91,8 +92,8 @@ class Tokenizer:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config}
-        _write_atomic(path / "tokenizer.json", self.backend.to_str(pretty=False))
-        _write_atomic(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        atomic_write_text(path / "tokenizer.json", self.backend.to_str(pretty=False))
+        atomic_write_text(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
 
     @property
     def vocab_size(self) -> int:
@@ -293,8 +294,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: cannot be read as JSON ({exc})") from None
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

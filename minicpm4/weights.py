@@ -8,8 +8,6 @@ failure names the file and the tensor.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minicpm4.errors import CheckpointError
+from minicpm4.fileio import atomic_write
 
 # Buffers that checkpoints may carry but the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -80,19 +79,6 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     model.load_state_dict(state, strict=False, assign=True)
     if tied:  # assign=True replaced the embedding Parameter; re-tie the head to it
         model.lm_head.weight = model.model.embed_tokens.weight
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temp file next to `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_state_dict(state: dict[str, torch.Tensor], directory: Path, tied: bool) -> None:
