@@ -28,6 +28,7 @@ import gguf
 import numpy as np
 import torch
 import tokenizers
+from tqdm import tqdm
 
 from .errors import CheckpointError
 from .tokenizer import SPECIAL_TOKEN_KEYS, add_vocab_special_tokens, byte_level_bpe, sentencepiece_bpe
@@ -179,7 +180,7 @@ def _read_tensors(name: str, reader: gguf.GGUFReader, config: dict[str, Any],
     """Dequantized weights under HF names, plus the rope factor lists (config, not weights)."""
     state_dict: dict[str, torch.Tensor] = {}
     rope_factors: dict[str, list[float]] = {}
-    for tensor in reader.tensors:
+    for tensor in tqdm(reader.tensors, desc=f"reading {os.path.basename(name)}", unit="tensor", disable=None, leave=False):
         array = _dequantize(name, tensor)
         if tensor.name in _ROPE_FACTOR_TENSORS:
             rope_factors[_ROPE_FACTOR_TENSORS[tensor.name]] = [_f32(x) for x in array.reshape(-1).tolist()]

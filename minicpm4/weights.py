@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from minicpm4.errors import CheckpointError
 from minicpm4.fileio import atomic_write
@@ -44,16 +45,20 @@ def checkpoint_files(directory: Path) -> list[Path]:
 
 def read_state_dict(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    if name.endswith(IGNORED_SUFFIXES):
-                        continue
-                    t = f.get_tensor(name)
-                    state[name] = t.to(dtype) if t.is_floating_point() else t
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: cannot read safetensors file, it may be truncated or corrupt ({e})") from None
+    # disable=None: the bar shows only on a terminal
+    with tqdm(desc="loading weights", unit="tensor", disable=None, leave=False) as bar:
+        for path in files:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in f.keys():
+                        if name.endswith(IGNORED_SUFFIXES):
+                            continue
+                        t = f.get_tensor(name)
+                        state[name] = t.to(dtype) if t.is_floating_point() else t
+                        bar.update()
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CheckpointError(f"{path}: cannot read safetensors file, it may be truncated "
+                                      f"or corrupt ({e})") from None
     return state
 
 
