@@ -17,7 +17,7 @@ import torch
 
 from minicpm4.errors import InputError
 from minicpm4.kv_cache import KVCache
-from minicpm4.model import MiniCPM4ForCausalLM
+from minicpm4.model import KV_BUCKET, MiniCPM4ForCausalLM
 from minicpm4.sampling import SamplingParams, sample_token
 
 StopFn = Callable[[list[int]], bool]
@@ -111,7 +111,8 @@ class Engine:
         """
         c = self._cache
         if c is None or c.batch_size < batch or c.max_len < length or c.k.dtype != self.dtype:
-            self._cache = c = KVCache(self.config, batch, min(self.max_len, max(length, 256)), self.dtype)
+            slots = -(-length // KV_BUCKET) * KV_BUCKET  # whole decode buckets (see model.KV_BUCKET)
+            self._cache = c = KVCache(self.config, batch, min(self.max_len, slots), self.dtype)
         return c
 
     def _accept(self, row: _Row, token: int) -> None:

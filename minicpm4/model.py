@@ -64,10 +64,10 @@ class RotaryEmbedding(nn.Module):
             ratio = self.max_pos / self.orig_max
             self.attn_factor = 1.0 if ratio <= 1.0 else math.sqrt(1 + math.log(ratio) / math.log(self.orig_max))
 
-    def forward(self, positions: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = positions.float()[..., None]  # [B, T, 1]
         if self.longrope:
-            ext = self.long_factor if max(self.max_pos, kv_len) > self.orig_max else self.short_factor
+            ext = self.long_factor if max(self.max_pos, seq_len) > self.orig_max else self.short_factor
             freqs = t * (1.0 / ext) * self.inv_freq
         else:
             freqs = t * self.inv_freq  # [B, T, D/2]
@@ -94,10 +94,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class AttnContext:
     """What an attention backend needs besides q, k, v; built once per forward, shared by all layers."""
     positions: torch.Tensor  # [B, T] absolute positions of the queries
-    kv_len: int  # keys cover positions [0, kv_len)
+    kv_len: int  # attention reads cache slots [0, kv_len)
     mask: torch.Tensor | None  # [B, 1, T, kv_len] bool (True = attend), or None with is_causal / no mask
     is_causal: bool  # queries and keys start at 0 and are the same tokens: plain causal
     cache: KVCache | None = None
+    seq_len: int = 0  # keys that exist (max position + 1); kv_len may be larger, the mask hides the rest
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext, layer: int) -> torch.Tensor:
@@ -123,6 +124,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     probs = scores.softmax(-1).to(v.dtype)
     return torch.matmul(probs, v).view(b, h, 1, d)
 
+
+# Decode reads the cache in multiples of this many slots. A bf16 matmul of a shape not seen before costs ~20x
+# a repeated one (oneDNN builds and caches a kernel per shape), so the key length must not change every step.
+KV_BUCKET = 256
 
 AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttnContext, int], torch.Tensor]
 
@@ -223,7 +228,7 @@ class MiniCPM4ForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         if cfg.scale_emb != 1.0:
             h = h * cfg.scale_emb
-        cos, sin = self.model.rotary_emb(positions, ctx.kv_len)
+        cos, sin = self.model.rotary_emb(positions, ctx.seq_len)
         for layer in self.model.layers:
             h = layer(h, cos, sin, ctx, contiguous_from)
         if logits_to_keep > 0:
@@ -237,23 +242,28 @@ class MiniCPM4ForCausalLM(nn.Module):
 
     @staticmethod
     def _attn_context(positions: torch.Tensor, cache: KVCache | None) -> tuple[AttnContext, int | None]:
-        """Pick the cheapest exact masking: causal, none (one query at the end), or an explicit position mask."""
+        """Pick the cheapest exact masking: causal, or an explicit position mask.
+
+        Returns the context and, when every row holds positions p0..p0+T-1, that p0 (the cache then writes a
+        slice instead of scattering).
+        """
         b, t = positions.shape
         first = positions[:, 0]
         p0 = int(first[0])
         # every row holds p0..p0+t-1 (true for a single sequence and for aligned batches)
         aligned = bool((first == p0).all()) and (t == 1 or bool((positions[:, -1] - first == t - 1).all()))
-        kv_len = (p0 + t) if aligned else int(positions.max()) + 1
+        seq_len = (p0 + t) if aligned else int(positions.max()) + 1
         if cache is None:
             if not aligned or p0 != 0:
                 raise ValueError("without a cache, positions must be 0..T-1 for every row")
-            return AttnContext(positions, t, None, True), None
-        if kv_len > cache.max_len:
-            raise ValueError(f"positions up to {kv_len - 1} do not fit a cache of {cache.max_len} slots")
+            return AttnContext(positions, t, None, True, seq_len=t), None
+        if seq_len > cache.max_len:
+            raise ValueError(f"positions up to {seq_len - 1} do not fit a cache of {cache.max_len} slots")
         if aligned and p0 == 0:
-            return AttnContext(positions, kv_len, None, True, cache), 0
-        if aligned and t == 1:
-            return AttnContext(positions, kv_len, None, False, cache), p0
+            return AttnContext(positions, seq_len, None, True, cache, seq_len), 0
+        kv_len = seq_len
+        if t == 1:  # decode reads whole buckets of slots; the mask hides those past each row's position
+            kv_len = min(-(-seq_len // KV_BUCKET) * KV_BUCKET, cache.max_len)
         keys = torch.arange(kv_len, device=positions.device)
-        mask = (keys[None, None, None, :] <= positions[:, None, :, None])  # [B, 1, T, kv_len]
-        return AttnContext(positions, kv_len, mask, False, cache), (p0 if aligned else None)
+        mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, kv_len]
+        return AttnContext(positions, kv_len, mask, False, cache, seq_len), (p0 if aligned else None)
