@@ -12,9 +12,10 @@ dense_len = -1 (always sparse).
            (compressed=(C1, C2)), as an engine keeping them up to date would call it.
 
 Data: random q, k, v (iid normal), the worst case for the sparse prefill: stage 2 attends a chunk of 64 queries
-to the union of their selected blocks, and iid queries select unrelated blocks, so the union is about every
-block. `clustered` queries (a shared direction per 64-token block plus noise) select alike, closer to real text;
-the table's union/K column is the mean union size over the selection size K, per chunk and KV head.
+to the union of their selected blocks, and iid queries select unrelated blocks, so the union approaches every
+past block. `clustered` queries (a shared direction per 64-token block plus noise) select more alike. Where real
+model queries fall between the two is not measured here. The union/K column is the mean union size over the
+selection size K, per chunk and KV head (below 1 where a query has fewer than K blocks to pick from).
 Decode cost does not depend on the data.
 
 Each case runs in two subprocesses, both after a warm-up call. One times it: the median of --repeats runs. The
@@ -25,6 +26,8 @@ cases are measured once per length (their cost does not depend on the data). The
 object with every number.
 
     python benchmarks/bench_sparse.py                      # prefill 8K,16K,32K; decode 8K..64K; 2 threads
+    python benchmarks/bench_sparse.py --threads 1          # on a shared machine: a busy second core stalls
+                                                           # every 2-thread op (10x slower sparse decode)
     python benchmarks/bench_sparse.py --prefill 8192 --decode 65536 --data random --repeats 3
 """
 
@@ -44,11 +47,10 @@ import torch
 import torch.nn.functional as F
 
 from minicpm4.config import SPARSE_DEFAULTS
-from minicpm4.sparse import SparseConfig, infllmv2_attention, select_blocks
+from minicpm4.sparse import ATTN_CHUNK, SparseConfig, infllmv2_attention, select_blocks
 from minicpm4.sparse_select import compress_both
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 2, 64
-CHUNK = 64  # stage-2 query chunk of minicpm4.sparse, for the union statistic
 
 
 def make_inputs(s: int, q_len: int, data: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -62,11 +64,11 @@ def make_inputs(s: int, q_len: int, data: str, seed: int = 0) -> tuple[torch.Ten
 
 
 def union_ratio(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig) -> float:
-    """Mean over 64-query chunks and KV heads of |union of selected blocks| / K."""
+    """Mean over stage-2 query chunks and KV heads of |union of selected blocks| / K."""
     idx = select_blocks(q, k, None, cfg)  # [1, KVH, T, K]
     ratios = []
-    for i in range(0, idx.shape[2], CHUNK):
-        part = idx[0, :, i:i + CHUNK]
+    for i in range(0, idx.shape[2], ATTN_CHUNK):
+        part = idx[0, :, i:i + ATTN_CHUNK]
         for head in part:
             ratios.append(len(set(head[head >= 0].tolist())) / idx.shape[-1])
     return statistics.mean(ratios)

@@ -5,7 +5,7 @@
 Below `dense_len` keys it is plain causal attention (SDPA). Above, each query attends, with a token-level
 causal mask, to the union of the blocks its GQA group selected (sparse_select.py: init blocks, local window,
 top-k by compressed-key relevance). Selection runs under no_grad, as in the paper; the attention itself is
-differentiable w.r.t. q, k and v.
+differentiable w.r.t. q, k and v (each chunk is checkpointed, so backward memory stays O(T * D + chunk)).
 
 Queries are processed ATTN_CHUNK at a time: the chunk's selected blocks (their union over the chunk's queries)
 are gathered into [B*KVH, U*block, D] and attended with SDPA under a per-query mask, so memory is
@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from minicpm4.sparse_select import (SparseConfig, as_config, block_scores, clamp_positions,
-                                    compress_both, compress_keys, select_blocks, select_chunk)
+from minicpm4.sparse_select import (SparseConfig, as_config, block_scores, clamp_positions, compress_both,
+                                    compress_keys, extend_compressed, pad_kernels, select_blocks,
+                                    select_chunk)
 
-__all__ = ["SparseConfig", "compress_keys", "block_scores", "select_blocks", "infllmv2_attention",
-           "dense_causal_attention", "make_backend"]
+__all__ = ["SparseConfig", "compress_keys", "extend_compressed", "block_scores", "select_blocks",
+           "infllmv2_attention", "dense_causal_attention", "make_backend"]
 
 ATTN_CHUNK = 64  # queries attended at once in stage 2
 
@@ -137,8 +139,15 @@ def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
         if qs is None or ks is None:
             raise ValueError("use_nope needs q_nope and k_nope (pre-RoPE q and k) for block selection")
         c1, c2 = compressed if compressed is not None else compress_both(ks[:, :, :s].detach(), cfg)
+        c1, c2 = pad_kernels(c1), pad_kernels(c2)
         qs = qs.detach()
     gather = _token_gather(k, v, block) if t <= ATTN_CHUNK else _block_gather(k, v, n_blocks, block)
+    attend = _attend_chunk
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # recompute each chunk's gather and attention in backward: otherwise autograd keeps every chunk's
+        # gathered blocks and mask, O(T * union) in all, which is O(T * S) when queries pick unrelated blocks
+        def attend(*args):
+            return checkpoint(_attend_chunk, *args, use_reentrant=False)
     out = q.new_empty(q.shape)  # filled chunk by chunk (autograd records the slice copies)
     for i in range(0, t, ATTN_CHUNK):
         tc = pos[:, i:i + ATTN_CHUNK]
@@ -147,7 +156,7 @@ def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
         else:
             with torch.no_grad():
                 idx = select_chunk(qs[:, :, i:i + ATTN_CHUNK], tc, c1, c2, cfg, k_sel)
-        out[:, :, i:i + ATTN_CHUNK] = _attend_chunk(q[:, :, i:i + ATTN_CHUNK], tc, idx, gather, block)
+        out[:, :, i:i + ATTN_CHUNK] = attend(q[:, :, i:i + ATTN_CHUNK], tc, idx, gather, block)
     return out
 
 

@@ -30,6 +30,9 @@ from minicpm4.config import SPARSE_DEFAULTS
 from minicpm4.errors import ConfigError
 
 SELECT_CHUNK = 256  # queries scored at once in stage 1
+# Stage-1 matmuls see kernel counts rounded up to a multiple of this: oneDNN caches a compiled bf16 matmul per
+# shape (~0.6 MB each, kept), so a count growing by one per chunk or per decode step would pile them up.
+KERNEL_BUCKET = 256
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,27 @@ def compress_both(k: torch.Tensor, cfg: SparseConfig) -> tuple[torch.Tensor, tor
             compress_keys(k, 4 * cfg.kernel_size, 4 * cfg.kernel_stride))
 
 
+def extend_compressed(compressed: tuple[torch.Tensor, torch.Tensor] | None, k: torch.Tensor,
+                      cfg: SparseConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C1, C2) of k [B, KVH, S, D], pooling only the kernels `compressed` (those of a shorter prefix of the same
+    keys) lacks: a decode step completes at most one kernel of each size. Every row must hold S real keys."""
+    if compressed is None:
+        return compress_both(k, cfg)
+    out = []
+    for c, size, stride in zip(compressed, (cfg.kernel_size, 4 * cfg.kernel_size),
+                               (cfg.kernel_stride, 4 * cfg.kernel_stride)):
+        new = compress_keys(k[:, :, c.shape[2] * stride:], size, stride)
+        out.append(torch.cat([c, new], dim=2) if new.shape[2] else c)
+    return out[0], out[1]
+
+
+def pad_kernels(c: torch.Tensor) -> torch.Tensor:
+    """Zero-pad compressed keys [B, KVH, n, D] to a multiple of KERNEL_BUCKET kernels. The padding kernels
+    start past the last key, so the visibility rule hides them from every query."""
+    n = c.shape[2]
+    return torch.nn.functional.pad(c, (0, 0, 0, -n % KERNEL_BUCKET)) if n % KERNEL_BUCKET else c
+
+
 def n_visible(t: int, kernel_size: int, stride: int, n: int) -> int:
     """How many of the n kernels lie entirely at positions <= t."""
     return max(0, min(n, (t - kernel_size + 1) // stride + 1)) if t >= kernel_size - 1 else 0
@@ -191,7 +215,8 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | Non
 
 def select_chunk(q: torch.Tensor, t: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, cfg: SparseConfig,
                  k_sel: int) -> torch.Tensor:
-    """top-k block indices [B, KVH, Tc, k_sel] (int64, ascending, -1 = none) for queries q at positions t."""
+    """top-k block indices [B, KVH, Tc, k_sel] (int64, ascending, -1 = none) for queries q at positions t.
+    c1/c2: compressed keys, best padded by pad_kernels."""
     bsz, kvh = q.shape[0], c1.shape[1]
     qb = t // cfg.block_size  # [B, Tc]
     nb = int(qb.max()) + 1  # blocks after the chunk's last block are never kept
@@ -200,8 +225,10 @@ def select_chunk(q: torch.Tensor, t: torch.Tensor, c1: torch.Tensor, c2: torch.T
         idx = torch.where(slots <= qb[:, :, None], slots, -1)
         return idx[:, None].expand(bsz, kvh, -1, -1)
     t_max = int(t.max())
-    n1 = n_visible(t_max, cfg.kernel_size, cfg.kernel_stride, c1.shape[2])
-    n2 = n_visible(t_max, 4 * cfg.kernel_size, 4 * cfg.kernel_stride, c2.shape[2])
+    # the kernels visible to the chunk's last query, rounded up to a bucket (c1/c2 come from pad_kernels)
+    n1, n2 = (min(c.shape[2], -(-n_visible(t_max, size, stride, c.shape[2]) // KERNEL_BUCKET) * KERNEL_BUCKET)
+              for c, size, stride in ((c1, cfg.kernel_size, cfg.kernel_stride),
+                                      (c2, 4 * cfg.kernel_size, 4 * cfg.kernel_stride)))
     scores = _chunk_block_scores(q, t, c1[:, :, :n1], c2[:, :, :n2], cfg, nb)
     scores.masked_fill_((torch.arange(nb, device=q.device) > qb[:, :, None])[:, None], -math.inf)
     return _topk_ascending(scores, k_sel, qb)
@@ -236,6 +263,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | No
     kv_lens [B] (default positions.max + 1); compressed: precomputed (C1, C2) from a caller's cache.
     """
     cfg, positions, kv_lens, c1, c2 = _prepare(q, k, positions, kv_lens, compressed, cfg)
+    c1, c2 = pad_kernels(c1), pad_kernels(c2)
     k_sel = cfg.n_select(-(-int(kv_lens.max()) // cfg.block_size))
     return torch.cat([select_chunk(q[:, :, i:i + SELECT_CHUNK], positions[:, i:i + SELECT_CHUNK], c1, c2, cfg, k_sel)
                       for i in range(0, q.shape[2], SELECT_CHUNK)], dim=2).to(torch.int32)

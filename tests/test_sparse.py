@@ -19,8 +19,8 @@ from minicpm4.config import SPARSE_DEFAULTS, ModelConfig, tiny
 from minicpm4.errors import ConfigError
 from minicpm4.kv_cache import KVCache
 from minicpm4.model import MiniCPM4ForCausalLM
-from minicpm4.sparse import (SparseConfig, block_scores, compress_keys, infllmv2_attention, make_backend,
-                             select_blocks)
+from minicpm4.sparse import (SparseConfig, block_scores, compress_keys, extend_compressed, infllmv2_attention,
+                             make_backend, select_blocks)
 from minicpm4.sparse_select import compress_both
 
 SMALL = dict(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, init_blocks=1, topk=6, dense_len=-1)
@@ -217,6 +217,11 @@ def test_decode_equals_prefill():
             # compressed keys of the whole cache: kernels not yet complete at p are invisible to it
             cached = infllmv2_attention(q[:, :, p:p + 1], k[:, :, :p + 1], v[:, :, :p + 1], compressed=(c1, c2), **cfg)
             assert_close(cached, step, 1e-6, f"decode with cached kernels at {p}")
+        grown = None  # compressed keys kept up to date one decode step at a time
+        for p in range(100, t):
+            grown = extend_compressed(grown, k[:, :, :p + 1], SparseConfig(**cfg))
+        for a, b in zip(grown, compress_both(k, SparseConfig(**cfg))):
+            assert_close(a, b, 1e-6, "incrementally compressed keys")
         chunk = infllmv2_attention(q[:, :, 960:], k, v, **cfg)  # a short chunk of queries after a cached prefix
         assert_close(chunk, full[:, :, 960:], 1e-5, "chunked prefill")
 
