@@ -96,7 +96,17 @@ def chat(system, model_path, dtype, stop, **sampling):
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        reply = _reply(llm, llm.encode_chat(history), params, stop)
+        first = 1 if system else 0
+        ids = llm.encode_chat(history)
+        while len(ids) >= llm.engine.max_len and len(history) - first > 1:  # forget the oldest exchange
+            del history[first:first + 2]
+            ids = llm.encode_chat(history)
+        try:
+            reply = _reply(llm, ids, params, stop)
+        except MiniCPM4Error as e:  # e.g. one message longer than the context: say so, keep chatting
+            click.echo(f"error: {e}", err=True)
+            history.pop()
+            continue
         history.append({"role": "assistant", "content": reply})
 
 

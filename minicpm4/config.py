@@ -112,13 +112,6 @@ class ModelConfig:
         eos = self.eos_token_id
         return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
-    @property
-    def num_parameters(self) -> int:
-        h, i, v, d = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
-        attn = h * d * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
-        layer = attn + 3 * h * i + 2 * h
-        return v * h * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * layer + h
-
     # ---- (de)serialisation ----
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":

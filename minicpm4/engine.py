@@ -145,8 +145,8 @@ class Engine:
                 return
             lo, hi = active[0], active[-1] + 1
             t0 = time.perf_counter()
-            # rows lo..hi-1 step together; a finished row inside the range re-feeds its last token at its
-            # last position (rewriting the same slot), and its output is ignored.
+            # rows lo..hi-1 step together; a finished row inside the range keeps feeding its last token at one
+            # fixed position past its sequence (so it writes only that slot) and its output is ignored.
             window = rows[lo:hi]
             ids = torch.tensor([[r.out.token_ids[-1]] for r in window])
             pos = torch.tensor([[r.length] for r in window])

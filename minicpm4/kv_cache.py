@@ -52,5 +52,3 @@ class KVCache:
             vc.scatter_(2, idx, v)
         return kc[:, :, :kv_len], vc[:, :, :kv_len]
 
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2

@@ -41,8 +41,12 @@ class LLM:
 
     # ---- prompts ----
     def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
+        """The chat prompt as ids. BOS is added as the tokenizer config says (MiniCPM4's template omits it and relies
+        on the tokenizer), but not a second time when the template already wrote it (Llama-3 style templates)."""
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
-        return self.tokenizer.encode(text, add_special_tokens=True)
+        ids = self.tokenizer.encode(text, add_special_tokens=True)
+        bos = self.tokenizer.bos_token_id
+        return ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids
 
     def encode_text(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=True)
@@ -58,7 +62,8 @@ class LLM:
     def _stop_fn(self, stops: Sequence[str]):
         if not stops:
             return None
-        window = max(len(s) for s in stops) + 8  # tokens: each token is at least one character
+        # tokens to decode: a character is at most 4 byte-tokens, so this always covers the longest stop string
+        window = 4 * max(len(s) for s in stops) + 8
 
         def stop_fn(ids: list[int]) -> bool:
             return cut_at_stop(self.tokenizer.decode(ids[-window:]), stops)[1]

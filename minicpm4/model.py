@@ -212,13 +212,11 @@ class MiniCPM4ForCausalLM(nn.Module):
             layer.self_attn.backend = backend
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits_to_keep: int = 0,
-                return_hidden: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] in fp32 (only the last `logits_to_keep` positions if > 0).
 
         positions [B, T]: absolute positions (default 0..T-1). With a cache, keys and values are written at
         those positions and queries attend to every cached position <= their own.
-        return_hidden: return the final normed hidden state [B, T, hidden] instead of logits.
         """
         b, t = input_ids.shape
         if positions is None:
@@ -234,8 +232,6 @@ class MiniCPM4ForCausalLM(nn.Module):
         if logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
         h = self.model.norm(h)
-        if return_hidden:
-            return h
         if cfg.logit_scale != 1.0:
             h = h / cfg.logit_scale
         return self.lm_head(h).float()
