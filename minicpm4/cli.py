@@ -6,6 +6,7 @@ library raises for bad input (MiniCPM4Error) are printed as one line and exit wi
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -28,6 +29,10 @@ def sampling_options(f):
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
         click.option("--model", "model_path", default=None, help=MODEL_HELP),
         click.option("--dtype", default="auto", show_default=True, help="bf16 (auto on CPU) or fp32."),
+        click.option("--sparse/--no-sparse", default=None,
+                     help="InfLLM v2 sparse attention on/off (default: on when config.json has a sparse_config)."),
+        click.option("--sparse-config", default=None,
+                     help='JSON of sparse_config fields, e.g. \'{"dense_len": 1024, "topk": 32}\' (implies --sparse).'),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -40,10 +45,26 @@ def _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty
                           min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
 
 
-def _load(model_path, dtype):
+def _overrides(sparse, sparse_config) -> dict | None:
+    """config.json overrides from the sparse flags (shipped MiniCPM4 configs omit sparse_config)."""
+    fields = {}
+    if sparse_config is not None:
+        try:
+            fields = json.loads(sparse_config)
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(f"not valid JSON ({e})", param_hint="--sparse-config") from None
+        if not isinstance(fields, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--sparse-config")
+    if sparse is False:
+        return {"sparse_config": None}
+    return {"sparse_config": fields} if sparse or sparse_config is not None else None
+
+
+def _load(model_path, dtype, sparse=None, sparse_config=None):
     from minicpm4.llm import LLM
+    overrides = _overrides(sparse, sparse_config)
     t0 = time.perf_counter()
-    llm = LLM.load(model_path, dtype=dtype)
+    llm = LLM.load(model_path, dtype=dtype, config_overrides=overrides)
     click.echo(f"[loaded {model_path or 'default model'} in {time.perf_counter() - t0:.1f}s]", err=True)
     return llm
 
@@ -65,10 +86,10 @@ def setup():
 @click.option("--raw", is_flag=True, help="Use the prompt as plain text instead of a chat turn.")
 @click.option("--system", default=None, help="System message (chat mode).")
 @sampling_options
-def generate(prompt, raw, system, model_path, dtype, stop, **sampling):
+def generate(prompt, raw, system, model_path, dtype, sparse, sparse_config, stop, **sampling):
     """Generate a reply to one prompt (chat template applied unless --raw) and stream it to stdout."""
     params = _params(**sampling)  # validated before the (slower) model load
-    llm = _load(model_path, dtype)
+    llm = _load(model_path, dtype, sparse, sparse_config)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     ids = llm.encode_text(prompt) if raw else llm.encode_chat(messages)
     _reply(llm, ids, params, stop)
@@ -77,10 +98,10 @@ def generate(prompt, raw, system, model_path, dtype, stop, **sampling):
 @cli.command()
 @click.option("--system", default=None, help="System message.")
 @sampling_options
-def chat(system, model_path, dtype, stop, **sampling):
+def chat(system, model_path, dtype, sparse, sparse_config, stop, **sampling):
     """Interactive chat: type a message, the reply streams back. /reset clears history, /exit or Ctrl-D quits."""
     params = _params(**sampling)
-    llm = _load(model_path, dtype)
+    llm = _load(model_path, dtype, sparse, sparse_config)
     history = [{"role": "system", "content": system}] if system else []
     while True:
         try:

@@ -77,7 +77,11 @@ class ModelConfig:
         if self.rope_scaling is not None:
             self._check_rope_scaling()
         if self.sparse_config is not None:
+            from minicpm4.sparse_select import SparseConfig  # validates; imported here: it imports this module
+            if not isinstance(self.sparse_config, dict):
+                raise ConfigError(f"sparse_config must be a mapping, got {self.sparse_config!r}")
             self.sparse_config = {**SPARSE_DEFAULTS, **self.sparse_config}
+            SparseConfig.from_dict(self.sparse_config)
 
     def _check_rope_scaling(self) -> None:
         rs = self.rope_scaling

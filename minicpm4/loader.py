@@ -76,7 +76,7 @@ def _load_dir(path: Path, dtype: torch.dtype, overrides: dict | None):
         raise CheckpointError(f"{path}: config.json not found (is this a Hugging Face model directory?)")
     config = ModelConfig.from_json(cfg_path)
     if overrides:
-        config = ModelConfig.from_dict({**config.to_dict(), **overrides})
+        config = ModelConfig.from_dict(merge_overrides(config.to_dict(), overrides))
     state = read_state_dict(checkpoint_files(path), dtype)
     model = build_model(config, state, str(path))
     return model, Tokenizer.from_dir(path)
@@ -86,11 +86,20 @@ def _load_gguf(path: Path, dtype: torch.dtype, overrides: dict | None):
     from minicpm4.gguf_file import read_gguf
     ckpt = read_gguf(path, dtype=dtype)
     try:
-        config = ModelConfig.from_dict({**ckpt.config, **(overrides or {})})
+        config = ModelConfig.from_dict(merge_overrides(ckpt.config, overrides or {}))
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     model = build_model(config, ckpt.state_dict, str(path))
     return model, Tokenizer.from_gguf(ckpt)
+
+
+def merge_overrides(config: dict, overrides: dict) -> dict:
+    """config.json keys replaced by overrides; a sparse_config dict is merged field by field (None removes it)."""
+    merged = {**config, **overrides}
+    sparse = overrides.get("sparse_config")
+    if isinstance(sparse, dict) and isinstance(config.get("sparse_config"), dict):
+        merged["sparse_config"] = {**config["sparse_config"], **sparse}
+    return merged
 
 
 def _looks_like_repo_id(s: str) -> bool:

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from minicpm4.config import ModelConfig
+from minicpm4.errors import ConfigError
 from minicpm4.kv_cache import KVCache
+from minicpm4.sparse import make_backend as sparse_backend
 
 
 class RMSNorm(nn.Module):
@@ -206,6 +208,11 @@ class MiniCPM4ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if config.sparse_config is not None:  # InfLLM v2 (dense below sparse_config.dense_len keys)
+            if config.sparse_config["use_nope"]:
+                raise ConfigError("sparse_config.use_nope=true needs a cache of pre-RoPE keys, which the model does "
+                                  "not keep yet; MiniCPM4 checkpoints ship with use_nope=false")
+            self.set_attention_backend(sparse_backend(config.sparse_config))
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         for layer in self.model.layers:

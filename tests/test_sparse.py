@@ -296,3 +296,32 @@ def test_config_defaults_and_from_dict():
 def test_invalid_configs_raise(bad, message):
     with pytest.raises(ConfigError, match=message):
         SparseConfig.from_dict({**SPARSE_DEFAULTS, **bad})
+
+
+def test_sparse_config_in_model_config_switches_mid_generation():
+    """sparse_config in config.json turns the backend on, and the dense/sparse switch is decided per call from the
+    key length, as in the official code: token-by-token decode runs dense while the cache is below dense_len (equal
+    to the dense model) and sparse from then on (equal to the sparse full forward at those positions)."""
+    sparse = dict(SMALL, dense_len=200)
+    cfg = ModelConfig.from_dict({**tiny().to_dict(), "sparse_config": sparse})
+    torch.manual_seed(0)
+    model = MiniCPM4ForCausalLM(cfg).eval()
+    dense = MiniCPM4ForCausalLM(tiny()).eval()
+    dense.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 512, (1, 300))
+    with torch.no_grad():
+        sparse_full, dense_full = model(ids), dense(ids)
+        cache = KVCache(cfg, 1, 320)
+        steps = [model(ids[:, :150], cache=cache)]
+        steps += [model(ids[:, t:t + 1], positions=torch.tensor([[t]]), cache=cache) for t in range(150, 300)]
+    decoded = torch.cat(steps, 1)
+    torch.testing.assert_close(decoded[:, :199], dense_full[:, :199], atol=1e-4, rtol=0)  # keys < dense_len
+    torch.testing.assert_close(decoded[:, 199:], sparse_full[:, 199:], atol=1e-4, rtol=0)  # keys >= dense_len
+    assert (sparse_full[:, 199:] - dense_full[:, 199:]).abs().max() > 1e-3  # the selection does act there
+
+
+def test_bad_sparse_config_in_model_config_is_a_config_error():
+    with pytest.raises(ConfigError, match="window_size .* multiple of block_size"):
+        ModelConfig.from_dict({**tiny().to_dict(), "sparse_config": {"window_size": 100}})
+    with pytest.raises(ConfigError, match="use_nope=true needs a cache of pre-RoPE keys"):
+        MiniCPM4ForCausalLM(ModelConfig.from_dict({**tiny().to_dict(), "sparse_config": {"use_nope": True}}))
