@@ -2,6 +2,7 @@
 
 Peers, each given 2 threads and the same prompt token ids:
   ours          minicpm4.load(gguf, dtype) + Engine.stream (weights dequantized to --dtype, default bf16)
+  ours-int4     with --int4: the same, with the GGUF's Q4_1 layer weights kept 4-bit (minicpm4.int4_linear)
   transformers  LlamaForCausalLM in bf16 with SDPA, holding the very tensors ours loaded (so both run the same
                 weights; transformers' own GGUF loader needs `accelerate`), driven by a manual greedy loop
   llama.cpp     llama-cpp-python on the GGUF itself (its own Q4_1 kernels), driven by Llama.eval, with flash
@@ -153,9 +154,10 @@ def measure(runners: dict, prompts: dict[int, list[int]], n: int, repeats: int, 
                          "prefill_s_runs": [r[0] for r in rs], "decode_s_per_token_runs": [r[1] for r in rs],
                          "tokens_agree_with_ours": agree(rs[0][2], runs["ours"][0][2])
                          if "ours" in runs and name != "ours" else None}
-        for peer in ("transformers", "llama.cpp"):
-            if "ours" in row and peer in row:
-                row[f"ours/{peer}"] = {k: row["ours"][k] / row[peer][k] for k in ("prefill_tok_s", "decode_tok_s")}
+        for ours in ("ours", "ours-int4"):
+            for peer in ("transformers", "llama.cpp"):
+                if ours in row and peer in row:
+                    row[f"{ours}/{peer}"] = {k: row[ours][k] / row[peer][k] for k in ("prefill_tok_s", "decode_tok_s")}
         results[str(length)] = row
         print(f"  length {length} done", flush=True)
     return results
@@ -169,7 +171,7 @@ def print_table(results: dict, names: list[str], n: int) -> None:
             r = row[name]
             print(f"{length:>6}  {name:<14}{r['prefill_tok_s']:>14.1f}{r['ttft_s']:>9.3f}{r['decode_tok_s']:>14.1f}"
                   f"{'-' if r['tokens_agree_with_ours'] is None else r['tokens_agree_with_ours']:>5}/{n}")
-        for key in (k for k in row if k.startswith("ours/")):
+        for key in (k for k in row if k.startswith(("ours/", "ours-int4/"))):
             print(f"{'':>6}  {key:<22} prefill x{row[key]['prefill_tok_s']:.2f}   decode x{row[key]['decode_tok_s']:.2f}")
     print("agree: leading generated tokens equal to ours (greedy; bf16 and Q4_1 rounding may split late ties)\n")
 
@@ -191,6 +193,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs per peer and length")
+    ap.add_argument("--int4", action="store_true", help="also run ours with the GGUF's Q4_1 weights kept 4-bit")
     ap.add_argument("--skip-hf", action="store_true", help="do not run HF transformers")
     ap.add_argument("--skip-llamacpp", action="store_true", help="do not run llama.cpp")
     args = ap.parse_args()
@@ -207,6 +210,8 @@ def main() -> None:
         ids = ids + ids
     prompts = {n: ids[:n] for n in lengths}
     runners = {"ours": ours_runner(model)}
+    if args.int4:  # the GGUF's Q4_1 layer weights kept 4-bit (Int4Linear), activations bf16
+        runners["ours-int4"] = ours_runner(minicpm4.load(gguf, dtype="bf16", int4=True)[0])
     notes = []
     if args.skip_hf:
         notes.append("transformers skipped (--skip-hf)")

@@ -18,6 +18,7 @@ Key choices:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -73,10 +74,17 @@ class GGUFCheckpoint:
     state_dict: dict[str, torch.Tensor]  # HF parameter names, [out_features, in_features] matrices
     tokenizer: tokenizers.Tokenizer
     tokenizer_config: dict[str, Any]  # tokenizer_config.json-style
+    # with keep_q4_1: the raw Q4_1 bytes [out_features, in_features/32*20] of each layer's linear weights,
+    # under the HF module name (e.g. "model.layers.0.self_attn.q_proj"), instead of a float tensor in state_dict
+    q4_1: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
-def read_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
-    """Parse `path` and dequantize every weight to `dtype`; raises CheckpointError on any problem."""
+def read_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
+              keep_q4_1: bool = False) -> GGUFCheckpoint:
+    """Parse `path` and dequantize every weight to `dtype`; raises CheckpointError on any problem.
+
+    keep_q4_1: leave Q4_1 layer weights as raw blocks (GGUFCheckpoint.q4_1) for int4_linear.Int4Linear.
+    """
     name = os.fspath(path)
     reader = _open_reader(name)
     try:
@@ -88,13 +96,13 @@ def read_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) 
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
         raise CheckpointError(f"{name}: GGUF architecture {arch!r} is not supported (supported: {supported})")
     config = _config_from_metadata(name, arch, metadata)
-    state_dict, rope_factors = _read_tensors(name, reader, config, dtype)
+    state_dict, rope_factors, q4_1 = _read_tensors(name, reader, config, dtype, keep_q4_1)
     config["tie_word_embeddings"] = "lm_head.weight" not in state_dict
     config.setdefault("vocab_size", int(state_dict["model.embed_tokens.weight"].shape[0]))
     if rope_factors:
         config["rope_scaling"] = _longrope_scaling(name, arch, metadata, config, rope_factors)
     tokenizer, tokenizer_config = _tokenizer_from_metadata(name, metadata)
-    return GGUFCheckpoint(config, state_dict, tokenizer, tokenizer_config)
+    return GGUFCheckpoint(config, state_dict, tokenizer, tokenizer_config, q4_1)
 
 
 def _open_reader(name: str) -> gguf.GGUFReader:
@@ -175,27 +183,34 @@ def _longrope_scaling(name: str, arch: str, metadata: dict[str, Any], config: di
     return {"rope_type": "longrope", "original_max_position_embeddings": original, **factors}
 
 
-def _read_tensors(name: str, reader: gguf.GGUFReader, config: dict[str, Any],
-                  dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
-    """Dequantized weights under HF names, plus the rope factor lists (config, not weights)."""
+def _read_tensors(name: str, reader: gguf.GGUFReader, config: dict[str, Any], dtype: torch.dtype,
+                  keep_q4_1: bool) -> tuple[dict[str, torch.Tensor], dict[str, list[float]], dict[str, np.ndarray]]:
+    """Dequantized weights under HF names, the rope factor lists (config, not weights), and raw Q4_1 layer weights."""
     state_dict: dict[str, torch.Tensor] = {}
     rope_factors: dict[str, list[float]] = {}
+    q4_1: dict[str, np.ndarray] = {}
     for tensor in tqdm(reader.tensors, desc=f"reading {os.path.basename(name)}", unit="tensor", disable=None, leave=False):
-        array = _dequantize(name, tensor)
+        hf_name = None if tensor.name in _ROPE_FACTOR_TENSORS else _hf_name(name, tensor.name)
+        raw = keep_q4_1 and tensor.tensor_type == gguf.GGMLQuantizationType.Q4_1 and \
+            hf_name.startswith("model.layers.") and hf_name.endswith("_proj.weight")
+        # rows are whole blocks in raw Q4_1, so the q/k row permutation below applies to the bytes as well
+        array = np.array(tensor.data) if raw else _dequantize(name, tensor)
         if tensor.name in _ROPE_FACTOR_TENSORS:
             rope_factors[_ROPE_FACTOR_TENSORS[tensor.name]] = [_f32(x) for x in array.reshape(-1).tolist()]
             continue
-        hf_name = _hf_name(name, tensor.name)
         if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             n_head = config["num_attention_heads" if "q_proj" in hf_name else "num_key_value_heads"]
             if array.ndim != 2 or array.shape[0] % (2 * n_head):
                 raise CheckpointError(f"{name}: tensor {tensor.name!r} of shape {list(array.shape)} does not "
                                       f"split into {n_head} heads")
             array = _unpermute_rope_rows(array, n_head)
-        state_dict[hf_name] = torch.from_numpy(array).to(dtype)
+        if raw:
+            q4_1[hf_name.removesuffix(".weight")] = array
+        else:
+            state_dict[hf_name] = torch.from_numpy(array).to(dtype)
     if "model.embed_tokens.weight" not in state_dict:
         raise CheckpointError(f"{name}: has no token_embd.weight tensor")
-    return state_dict, rope_factors
+    return state_dict, rope_factors, q4_1
 
 
 def _hf_name(name: str, gguf_name: str) -> str:

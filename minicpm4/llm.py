@@ -34,9 +34,10 @@ class LLM:
         self.engine = Engine(model, **engine_kwargs)
 
     @classmethod
-    def load(cls, source=None, dtype="auto", config_overrides: dict | None = None, **engine_kwargs) -> "LLM":
+    def load(cls, source=None, dtype="auto", config_overrides: dict | None = None, int4: bool = False,
+             **engine_kwargs) -> "LLM":
         from minicpm4.loader import load
-        model, tokenizer = load(source, dtype=dtype, config_overrides=config_overrides)
+        model, tokenizer = load(source, dtype=dtype, config_overrides=config_overrides, int4=int4)
         return cls(model, tokenizer, **engine_kwargs)
 
     # ---- prompts ----

@@ -25,6 +25,7 @@ from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.model import MiniCPM4ForCausalLM, RotaryEmbedding
 from minicpm4.tokenizer import Tokenizer
 from minicpm4.fileio import atomic_write_text
+from minicpm4.int4_linear import Int4Linear
 from minicpm4.weights import checkpoint_files, load_into, read_state_dict, save_state_dict
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -44,25 +45,43 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str = "cpu") -> torch
     return dtype
 
 
-def build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str) -> MiniCPM4ForCausalLM:
-    """Instantiate without initialising weights, then assign the checkpoint tensors."""
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str,
+                q4_1: dict | None = None) -> MiniCPM4ForCausalLM:
+    """Instantiate without initialising weights, then assign the checkpoint tensors.
+
+    q4_1: raw GGUF Q4_1 weights by module name; those nn.Linear modules become Int4Linear.
+    """
     with torch.device("meta"):
         model = MiniCPM4ForCausalLM(config)
+    state = dict(state)
+    for name, raw in (q4_1 or {}).items():
+        parent, _, child = name.rpartition(".")
+        layer = Int4Linear.from_q4_1(raw)
+        if layer.weight_shape != tuple(model.get_submodule(name).weight.shape):
+            raise CheckpointError(f"{source}: tensor {name}.weight has shape {layer.weight_shape}, "
+                                  f"config implies {tuple(model.get_submodule(name).weight.shape)}")
+        setattr(model.get_submodule(parent), child, Int4Linear(layer.in_features, layer.out_features).to("meta"))
+        state.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
     load_into(model, state, source)
     model.model.rotary_emb = RotaryEmbedding(config)  # its buffers were created on meta; rebuild them
     return model.eval()
 
 
 def load(source: str | os.PathLike | None = None, dtype: str | torch.dtype | None = "auto",
-         config_overrides: dict | None = None) -> tuple[MiniCPM4ForCausalLM, Tokenizer]:
-    """Load a model and its tokenizer. config_overrides: HF config keys to change (e.g. sparse_config)."""
+         config_overrides: dict | None = None, int4: bool = False) -> tuple[MiniCPM4ForCausalLM, Tokenizer]:
+    """Load a model and its tokenizer. config_overrides: HF config keys to change (e.g. sparse_config).
+
+    int4: keep a GGUF's Q4_1 layer weights 4-bit (Int4Linear, bf16 activations) instead of dequantizing them.
+    """
     dtype = resolve_dtype(dtype)
     if source is None or str(source) == "default":
-        from minicpm4.default_model import default_model_dir
-        source = default_model_dir()
+        from minicpm4.default_model import default_gguf_path, default_model_dir
+        source = default_gguf_path() if int4 else default_model_dir()
     path = Path(source)
     if path.suffix == ".gguf" or path.is_file():
-        return _load_gguf(path, dtype, config_overrides)
+        return _load_gguf(path, dtype, config_overrides, int4)
+    if int4:
+        raise ConfigError(f"{source}: int4 loading reads Q4_1 weights from a GGUF file; this is not one")
     if path.is_dir():
         return _load_dir(path, dtype, config_overrides)
     if _looks_like_repo_id(str(source)):
@@ -82,14 +101,14 @@ def _load_dir(path: Path, dtype: torch.dtype, overrides: dict | None):
     return model, Tokenizer.from_dir(path)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, overrides: dict | None):
+def _load_gguf(path: Path, dtype: torch.dtype, overrides: dict | None, int4: bool = False):
     from minicpm4.gguf_file import read_gguf
-    ckpt = read_gguf(path, dtype=dtype)
+    ckpt = read_gguf(path, dtype=dtype, keep_q4_1=int4)
     try:
         config = ModelConfig.from_dict(merge_overrides(ckpt.config, overrides or {}))
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    model = build_model(config, ckpt.state_dict, str(path))
+    model = build_model(config, ckpt.state_dict, str(path), ckpt.q4_1)
     return model, Tokenizer.from_gguf(ckpt)
 
 

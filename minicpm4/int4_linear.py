@@ -1,0 +1,70 @@
+"""Int4 weight-only linear layer for CPU, and GGUF Q4_1 weights loaded into it without dequantizing.
+
+Layout (that of torch.ops.aten._weight_int4pack_mm_for_cpu): for output row n and input column k in group g,
+
+    w[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n],     q in 0..15, groups of `group_size` columns
+
+GGUF Q4_1 stores, per 32 weights, an fp16 scale d and minimum m with w = d * q + m, so it maps onto the layout
+exactly with scale = d and zero = m + 8d; the one loss is holding scale and zero in bf16 (the kernel's dtype).
+Decode reads 4.5 bits per weight instead of bf16's 16, which is what bounds decode speed on CPU.
+
+The pure-PyTorch reference is the formula above applied to the unpacked values (tests/test_int4.py builds it
+from the GGUF bytes with the gguf package's own dequantizer and checks the kernel against it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+Q4_1_BLOCK = 32  # weights per Q4_1 block: fp16 d, fp16 m, 16 bytes of 4-bit values
+Q4_1_BYTES = 20
+
+
+def unpack_q4_1(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """raw uint8 [N, K/32*20] -> q int32 [N, K] (0..15), d and m float32 [N, K/32].
+
+    In each block, byte j holds weight j in its low nibble and weight j + 16 in its high nibble.
+    """
+    n = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(n, -1, Q4_1_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int32)  # [N, K/32, 32]
+    return q.reshape(n, -1), d, m
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T with W held as packed 4-bit values plus per-group bf16 scale and zero (no bias)."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = Q4_1_BLOCK):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros",
+                             torch.empty(in_features // group_size, out_features, 2, dtype=torch.bfloat16))
+
+    @classmethod
+    def from_q4_1(cls, raw: np.ndarray) -> "Int4Linear":
+        q, d, m = unpack_q4_1(raw)
+        layer = cls(q.shape[1], q.shape[0], Q4_1_BLOCK)
+        layer.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q), 1)
+        sz = np.stack([d, m + 8 * d], axis=-1).transpose(1, 0, 2)  # [K/32, N, 2]
+        layer.scales_and_zeros = torch.from_numpy(np.ascontiguousarray(sz)).to(torch.bfloat16)
+        return layer
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
+        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
