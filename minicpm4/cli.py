@@ -156,15 +156,13 @@ def _reply(llm, ids, params, stop) -> str:
 @click.option("--int4", is_flag=True, help="Load a GGUF's Q4_1 layer weights 4-bit.")
 def info(model_path, dtype, int4):
     """Print shapes, parameter count, dtype and memory of MODEL_PATH."""
-    import torch
     from minicpm4.int4_linear import Int4Linear
     from minicpm4.loader import load
     model, tok = load(model_path, dtype=dtype, int4=int4)
     cfg = model.config
     int4_layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     params = sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features for m in int4_layers)
-    nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()
-                 or t.dtype == torch.uint8)
+    nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     rows = [
         ("model_type", cfg.model_type), ("layers", cfg.num_hidden_layers), ("hidden_size", cfg.hidden_size),
         ("intermediate_size", cfg.intermediate_size),

@@ -16,8 +16,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from minicpm4.errors import InputError
-from minicpm4.kv_cache import KVCache
-from minicpm4.model import KV_BUCKET, MiniCPM4ForCausalLM
+from minicpm4.kv_cache import KVCache, bucketed
+from minicpm4.model import MiniCPM4ForCausalLM
 from minicpm4.sampling import SamplingParams, sample_token
 
 StopFn = Callable[[list[int]], bool]
@@ -111,8 +111,8 @@ class Engine:
         """
         c = self._cache
         if c is None or c.batch_size < batch or c.max_len < length or c.k.dtype != self.dtype:
-            slots = -(-length // KV_BUCKET) * KV_BUCKET  # whole decode buckets (see model.KV_BUCKET)
-            self._cache = c = KVCache(self.config, batch, min(self.max_len, slots), self.dtype)
+            # whole decode buckets, so a decode read never needs a slice shorter than a bucket
+            self._cache = c = KVCache(self.config, batch, min(self.max_len, bucketed(length)), self.dtype)
         return c
 
     def _accept(self, row: _Row, token: int) -> None:

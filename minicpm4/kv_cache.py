@@ -11,6 +11,15 @@ import torch
 
 from minicpm4.config import ModelConfig
 
+# Decode reads the cache in multiples of this many slots. A bf16 matmul of a shape not seen before costs ~20x
+# a repeated one (oneDNN builds and caches a kernel per shape), so the key length must not change every step.
+KV_BUCKET = 256
+
+
+def bucketed(n: int) -> int:
+    """n rounded up to a whole number of KV_BUCKET slots."""
+    return -(-n // KV_BUCKET) * KV_BUCKET
+
 
 class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,

@@ -57,9 +57,10 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str
     for name, raw in (q4_1 or {}).items():
         parent, _, child = name.rpartition(".")
         layer = Int4Linear.from_q4_1(raw)
-        if layer.weight_shape != tuple(model.get_submodule(name).weight.shape):
+        expected = tuple(model.get_submodule(name).weight.shape)
+        if layer.weight_shape != expected:
             raise CheckpointError(f"{source}: tensor {name}.weight has shape {layer.weight_shape}, "
-                                  f"config implies {tuple(model.get_submodule(name).weight.shape)}")
+                                  f"config implies {expected}")
         setattr(model.get_submodule(parent), child, Int4Linear(layer.in_features, layer.out_features).to("meta"))
         state.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
     load_into(model, state, source)

@@ -26,7 +26,7 @@ from torch import nn
 
 from minicpm4.config import ModelConfig
 from minicpm4.errors import ConfigError
-from minicpm4.kv_cache import KVCache
+from minicpm4.kv_cache import KVCache, bucketed
 from minicpm4.sparse import make_backend as sparse_backend
 
 
@@ -113,7 +113,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Attn
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """One query per row: the G query heads of a group become G rows against their shared K/V head, so
-    GQA needs no repeated keys; softmax in fp32. About 5x cheaper than CPU SDPA's flash kernel at this size.
+    GQA needs no repeated keys; softmax in fp32. About 2x cheaper than CPU SDPA here (66 vs 143 us at 130 keys).
 
     q [B, H, 1, D], k/v [B, KVH, S, D], mask [B, 1, 1, S] bool or None -> [B, H, 1, D]
     """
@@ -126,10 +126,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     probs = scores.softmax(-1).to(v.dtype)
     return torch.matmul(probs, v).view(b, h, 1, d)
 
-
-# Decode reads the cache in multiples of this many slots. A bf16 matmul of a shape not seen before costs ~20x
-# a repeated one (oneDNN builds and caches a kernel per shape), so the key length must not change every step.
-KV_BUCKET = 256
 
 AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttnContext, int], torch.Tensor]
 
@@ -266,7 +262,7 @@ class MiniCPM4ForCausalLM(nn.Module):
             return AttnContext(positions, seq_len, None, True, cache, seq_len), 0
         kv_len = seq_len
         if t == 1:  # decode reads whole buckets of slots; the mask hides those past each row's position
-            kv_len = min(-(-seq_len // KV_BUCKET) * KV_BUCKET, cache.max_len)
+            kv_len = min(bucketed(seq_len), cache.max_len)
         keys = torch.arange(kv_len, device=positions.device)
         mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, kv_len]
         return AttnContext(positions, kv_len, mask, False, cache, seq_len), (p0 if aligned else None)
