@@ -30,7 +30,7 @@ def sampling_options(f):
         click.option("--model", "model_path", default=None, help=MODEL_HELP),
         click.option("--dtype", default="auto", show_default=True, help="bf16 (auto on CPU) or fp32."),
         click.option("--int4", is_flag=True,
-                     help="Keep a GGUF's Q4_1 layer weights 4-bit (int4 kernel): ~1.6x faster decode on CPU."),
+                     help="Keep a GGUF's Q4_1 layer weights 4-bit (int4 kernel) and the head int8: faster decode on CPU."),
         click.option("--sparse/--no-sparse", default=None,
                      help="InfLLM v2 sparse attention on/off (default: on when config.json has a sparse_config)."),
         click.option("--sparse-config", default=None,
@@ -157,11 +157,16 @@ def _reply(llm, ids, params, stop) -> str:
 def info(model_path, dtype, int4):
     """Print shapes, parameter count, dtype and memory of MODEL_PATH."""
     from minicpm4.int4_linear import Int4Linear
+    from minicpm4.int8_linear import Int8Linear
     from minicpm4.loader import load
     model, tok = load(model_path, dtype=dtype, int4=int4)
     cfg = model.config
     int4_layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    params = sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features for m in int4_layers)
+    int8_layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    # a quantized copy of a tied head holds no parameters of its own
+    counted = [m for m in int4_layers + int8_layers if not (m is model.lm_head and cfg.tie_word_embeddings)]
+    params = sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features for m in counted)
+    quant = [f"{len(x)} {name} linear layers" for x, name in ((int4_layers, "int4"), (int8_layers, "int8")) if x]
     nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     rows = [
         ("model_type", cfg.model_type), ("layers", cfg.num_hidden_layers), ("hidden_size", cfg.hidden_size),
@@ -172,7 +177,7 @@ def info(model_path, dtype, int4):
         ("scale_emb / scale_depth / dim_model_base", f"{cfg.scale_emb:g} / {cfg.scale_depth:g} / {cfg.dim_model_base:g}"),
         ("tied embeddings", cfg.tie_word_embeddings), ("sparse_config", cfg.sparse_config),
         ("parameters", f"{params:,} ({params / 1e6:.1f}M)"),
-        ("dtype", str(next(model.parameters()).dtype) + (f", {len(int4_layers)} int4 linear layers" if int4_layers else "")),
+        ("dtype", ", ".join([str(next(model.parameters()).dtype), *quant])),
         ("weight memory", f"{nbytes / 2**20:.1f} MiB"),
         ("KV cache per token", f"{2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * next(model.parameters()).element_size() / 1024:.1f} KiB"),
         ("tokenizer", f"{tok.vocab_size} tokens, chat template: {'yes' if tok.chat_template else 'no'}"),

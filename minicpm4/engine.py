@@ -111,7 +111,7 @@ class Engine:
         """
         c = self._cache
         if c is None or c.batch_size < batch or c.max_len < length or c.k.dtype != self.dtype:
-            # whole decode buckets, so a decode read never needs a slice shorter than a bucket
+            # whole buckets of slots, so that later requests of similar lengths reuse this buffer
             self._cache = c = KVCache(self.config, batch, min(self.max_len, bucketed(length)), self.dtype)
         return c
 

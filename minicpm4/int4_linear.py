@@ -20,6 +20,7 @@ from torch import nn
 
 Q4_1_BLOCK = 32  # weights per Q4_1 block: fp16 d, fp16 m, 16 bytes of 4-bit values
 Q4_1_BYTES = 20
+PACK_ROWS = 64  # _convert_weight_to_int4pack_for_cpu interleaves output rows in blocks of 64
 
 
 def unpack_q4_1(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,15 +56,30 @@ class Int4Linear(nn.Module):
         layer.scales_and_zeros = torch.from_numpy(np.ascontiguousarray(sz)).to(torch.bfloat16)
         return layer
 
+    @classmethod
+    def cat(cls, layers: list["Int4Linear"]) -> "Int4Linear":
+        """One layer computing the outputs of `layers` (same input) side by side. The CPU packing interleaves
+        output rows in blocks of PACK_ROWS, so packed tensors concatenate as they are when every part but the
+        last fills whole blocks; otherwise ValueError."""
+        if any(m.out_features % PACK_ROWS for m in layers[:-1]):
+            raise ValueError(f"int4 layers of {[m.out_features for m in layers]} rows cannot be concatenated "
+                             f"packed: all but the last need a multiple of {PACK_ROWS} rows")
+        out = cls(layers[0].in_features, sum(m.out_features for m in layers), layers[0].group_size)
+        out.qweight = torch.cat([m.qweight for m in layers])
+        out.scales_and_zeros = torch.cat([m.scales_and_zeros for m in layers], dim=1)
+        return out
+
     @property
     def weight_shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
-        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

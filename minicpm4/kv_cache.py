@@ -11,8 +11,7 @@ import torch
 
 from minicpm4.config import ModelConfig
 
-# Decode reads the cache in multiples of this many slots. A bf16 matmul of a shape not seen before costs ~20x
-# a repeated one (oneDNN builds and caches a kernel per shape), so the key length must not change every step.
+# Caches are allocated in multiples of this many slots, so that requests of similar lengths reuse one buffer.
 KV_BUCKET = 256
 
 

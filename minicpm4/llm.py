@@ -38,7 +38,7 @@ class LLM:
              **engine_kwargs) -> "LLM":
         from minicpm4.loader import load
         model, tokenizer = load(source, dtype=dtype, config_overrides=config_overrides, int4=int4)
-        return cls(model, tokenizer, **engine_kwargs)
+        return cls(model.fuse_projections(), tokenizer, **engine_kwargs)
 
     # ---- prompts ----
     def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:

@@ -26,6 +26,7 @@ from minicpm4.model import MiniCPM4ForCausalLM, RotaryEmbedding
 from minicpm4.tokenizer import Tokenizer
 from minicpm4.fileio import atomic_write_text
 from minicpm4.int4_linear import Int4Linear
+from minicpm4.int8_linear import Int8Linear
 from minicpm4.weights import checkpoint_files, load_into, read_state_dict, save_state_dict
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -49,7 +50,8 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str
                 q4_1: dict | None = None) -> MiniCPM4ForCausalLM:
     """Instantiate without initialising weights, then assign the checkpoint tensors.
 
-    q4_1: raw GGUF Q4_1 weights by module name; those nn.Linear modules become Int4Linear.
+    q4_1: raw GGUF Q4_1 weights by module name; those nn.Linear modules become Int4Linear, and a float
+    lm_head becomes Int8Linear (per-row int8, requantized from the checkpoint's weights).
     """
     with torch.device("meta"):
         model = MiniCPM4ForCausalLM(config)
@@ -65,6 +67,9 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str
         state.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
     load_into(model, state, source)
     model.model.rotary_emb = RotaryEmbedding(config)  # its buffers were created on meta; rebuild them
+    if q4_1 and isinstance(model.lm_head, torch.nn.Linear):
+        # the head (vocab x hidden) is the largest matmul of a decode step; int8 rows halve what it reads
+        model.lm_head = Int8Linear.from_float(model.lm_head.weight)
     return model.eval()
 
 
@@ -149,6 +154,9 @@ def save_pretrained(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, out_dir: s
     an interrupted write never leaves a half-converted model behind.
     """
     out = Path(out_dir)
+    if model.fused or any(isinstance(m, (Int4Linear, Int8Linear)) for m in model.modules()):
+        raise ConfigError("save_pretrained writes float HF weights; this model has fused or quantized layers "
+                          "(fuse_projections, int4): load the checkpoint again without them to convert it")
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out}: output directory exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)

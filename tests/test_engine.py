@@ -13,7 +13,7 @@ from minicpm4.sampling import SamplingParams, apply_repetition_penalty, filter_l
 @pytest.fixture(scope="module")
 def llm(smollm_gguf):
     model, tok = minicpm4.load(smollm_gguf, dtype="fp32")
-    return LLM(model, tok)
+    return LLM(model.fuse_projections(), tok)  # fused, as LLM.load gives it
 
 
 def chat_ids(llm, text):

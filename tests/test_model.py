@@ -4,6 +4,7 @@ The reference below is written from the paper/official-code formulas with explic
 shared with minicpm4.model: per-head attention with an explicit softmax, LongRoPE from its definition.
 """
 
+import copy
 import math
 
 import pytest
@@ -153,3 +154,22 @@ def test_cache_overflow_is_a_clear_error():
     m = random_model(cfg)
     with pytest.raises(ValueError, match="do not fit a cache of 8 slots"):
         m(torch.zeros(1, 10, dtype=torch.long), cache=KVCache(cfg, 1, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_projections_give_the_same_logits(dtype):
+    """qkv_proj / gate_up_proj hold the same weight rows side by side: prefill and cached decode agree."""
+    cfg = longrope_config()
+    m = random_model(cfg).to(dtype)
+    fused = copy.deepcopy(m).fuse_projections()
+    assert fused.fused and not m.fused
+    assert not hasattr(fused.model.layers[0].self_attn, "q_proj") and not hasattr(fused.model.layers[0].mlp, "up_proj")
+    ids = torch.randint(0, cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        outs = []
+        for model in (m, fused):
+            cache = KVCache(cfg, 2, 32, dtype=dtype)
+            steps = [model(ids[:, :20], cache=cache)]
+            steps += [model(ids[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache) for t in range(20, 30)]
+            outs.append(torch.cat(steps, 1))
+    assert torch.equal(outs[0], outs[1])  # each output column is the same dot product as before
