@@ -1,8 +1,10 @@
 """Prefill and decode speed of minicpm4's Engine against HF transformers and llama.cpp, on one GGUF, on CPU.
 
 Peers, each given 2 threads and the same prompt token ids:
-  ours          minicpm4.load(gguf, dtype) + Engine.stream (weights dequantized to --dtype, default bf16)
+  ours          minicpm4.load(gguf, dtype) + fuse_projections() + Engine.stream, the model LLM.load gives
+                (weights dequantized to --dtype, default bf16)
   ours-int4     with --int4: the same, with the GGUF's Q4_1 layer weights kept 4-bit (minicpm4.int4_linear)
+                and the Q8_0 head requantized to int8 rows (minicpm4.int8_linear)
   transformers  LlamaForCausalLM in bf16 with SDPA, holding the very tensors ours loaded (so both run the same
                 weights; transformers' own GGUF loader needs `accelerate`), driven by a manual greedy loop
   llama.cpp     llama-cpp-python on the GGUF itself (its own Q4_1 kernels), driven by Llama.eval, with flash
@@ -88,7 +90,7 @@ def timed(first_token, next_token, n: int) -> tuple[float, float, list[int]]:
 
 
 def ours_runner(model):
-    engine = Engine(model)
+    engine = Engine(model.fuse_projections())
 
     def run(prompt: list[int], n: int):
         stream = engine.stream(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
@@ -209,7 +211,7 @@ def main() -> None:
     while len(ids) < max(lengths):
         ids = ids + ids
     prompts = {n: ids[:n] for n in lengths}
-    runners = {"ours": ours_runner(model)}
+    runners = {"ours": ours_runner(minicpm4.load(gguf, dtype=args.dtype)[0])}  # `model` stays unfused for HF
     if args.int4:  # the GGUF's Q4_1 layer weights kept 4-bit (Int4Linear), activations bf16
         runners["ours-int4"] = ours_runner(minicpm4.load(gguf, dtype="bf16", int4=True)[0])
     notes = []

@@ -37,9 +37,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm computes x * rsqrt(mean(x^2) + eps) in fp32 and rounds once to x's dtype: bit-identical
-        # to the official float()/rsqrt/to(dtype) sequence for bf16 and fp32, in one kernel instead of six
-        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        # x * rsqrt(mean(x^2) + eps) in fp32, rounded once to x's dtype, as the official code does. Computed as
+        # LayerNorm of [x, -x]: that vector has mean exactly 0 and variance mean(x^2), so its first half is the
+        # RMS-normalised x. LayerNorm is one native CPU kernel (fp32 inside for bf16), while F.rms_norm runs as
+        # ~8 small ops: 6.6 vs 9.8 us at hidden 576, and a decode step runs 2L+1 norms. The two differ only in
+        # fp32 summation order (1 bf16 ulp on ~3 of 10^6 values of a random test).
+        h = x.shape[-1]
+        return self.weight * F.layer_norm(torch.cat((x, -x), dim=-1), (2 * h,), eps=self.eps)[..., :h]
 
 
 class RotaryEmbedding(nn.Module):
