@@ -38,6 +38,56 @@ def test_batch_rows_finish_independently(llm):
     assert out[1].token_ids == llm.engine.generate([prompts[1]], params[1])[0].token_ids
 
 
+def test_requests_joining_mid_flight_get_what_they_get_alone(llm, real_text):
+    """Continuous batching: requests arrive while others decode, a long prompt prefills in chunks between
+    decode steps, and only two slots exist; every greedy output equals the request run alone."""
+    ids = llm.tokenizer.encode(real_text)
+    prompts = [chat_ids(llm, "Name three colors."), ids[:300], chat_ids(llm, "What is 2+2?"), ids[40:90]]
+    p = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    alone = [llm.engine.generate([x], p)[0].token_ids for x in prompts]
+    eng = Engine(llm.model, prefill_chunk=64, max_slots=2)
+    first = eng.add_request(prompts[0], p)
+    for _ in range(3):
+        eng.step()
+    assert len(first.out.token_ids) == 4  # step 1 samples from the prompt and decodes once; then one per step
+    later = [eng.add_request(x, p) for x in prompts[1:]]
+    produced_while_prefilling = 0
+    while not all(r.finished for r in [first, *later]):
+        events = eng.step()
+        assert eng.running <= 2
+        if later[0].slot >= 0 and later[0].prefilled < len(prompts[1]):
+            produced_while_prefilling += any(r is first for r, _ in events)
+    assert produced_while_prefilling >= 2  # the 300-token prompt (5 chunks of 64) did not stall the first stream
+    assert [r.out.token_ids for r in [first, *later]] == alone
+    assert not eng.has_work and eng.slots == []
+
+
+def test_cancel_frees_the_slot_and_spares_the_others(llm):
+    eng = Engine(llm.model, max_slots=1)
+    p = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    a = eng.add_request(chat_ids(llm, "Tell me a story."), p)
+    b = eng.add_request(chat_ids(llm, "Name three colors."), p)  # waits: one slot
+    eng.step()
+    assert a.slot == 0 and b.slot == -1 and len(a.out.token_ids) == 2
+    eng.cancel(a)
+    while not b.finished:
+        eng.step()
+    assert a.out.finish_reason == "cancelled" and len(a.out.token_ids) == 2
+    assert b.out.token_ids == llm.engine.generate([chat_ids(llm, "Name three colors.")], p)[0].token_ids
+    waiting = eng.add_request([1, 2, 3], p)
+    eng.cancel(waiting)
+    eng.step()
+    assert waiting.out.finish_reason == "cancelled" and not eng.has_work
+
+
+def test_closing_a_stream_early_cancels_it(llm):
+    eng = Engine(llm.model)
+    stream = eng.stream(chat_ids(llm, "Count to fifty."), SamplingParams(max_new_tokens=30, ignore_eos=True))
+    assert [next(stream) for _ in range(3)]
+    stream.close()
+    assert not eng.has_work
+
+
 def test_chunked_prefill_equals_single_chunk(llm, real_text):
     prompt = llm.tokenizer.encode(real_text)[:700]
     p = SamplingParams(max_new_tokens=8, ignore_eos=True)
