@@ -35,3 +35,11 @@ def smollm_checkpoint(smollm_gguf):
     """read_gguf(smollm_gguf), parsed once for all the GGUF and tokenizer tests."""
     from minicpm4.gguf_file import read_gguf
     return read_gguf(smollm_gguf)
+
+
+@pytest.fixture(scope="session")
+def tool_model_dir(tmp_path_factory, smollm_gguf) -> Path:
+    """A tiny model trained (~15 s) to answer any tool prompt in the json format with add(a=2, b=3) then
+    <|im_end|> under greedy decoding; see tests/tool_model.py (ADD_TOOL, CALL)."""
+    from tool_model import build_tool_model
+    return build_tool_model(tmp_path_factory.mktemp("tool_model") / "model", smollm_gguf)
