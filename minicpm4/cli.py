@@ -1,4 +1,4 @@
-"""The `minicpm4` command line: setup, generate, chat, info, convert.
+"""The `minicpm4` command line: setup, generate, chat, serve, info, convert.
 
 Thin wrappers: each command parses flags into library calls (loader, LLM, SamplingParams). Errors the
 library raises for bad input (MiniCPM4Error) are printed as one line and exit with status 2.
@@ -27,6 +27,14 @@ def sampling_options(f):
         click.option("--repetition-penalty", default=1.0, show_default=True, help="1 = off."),
         click.option("--seed", type=int, default=None, help="Seed for sampling."),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return model_options(f)
+
+
+def model_options(f):
+    opts = [
         click.option("--model", "model_path", default=None, help=MODEL_HELP),
         click.option("--dtype", default="auto", show_default=True, help="bf16 (auto on CPU) or fp32."),
         click.option("--int4", is_flag=True,
@@ -62,11 +70,11 @@ def _overrides(sparse, sparse_config) -> dict | None:
     return {"sparse_config": fields} if sparse or sparse_config is not None else None
 
 
-def _load(model_path, dtype, int4=False, sparse=None, sparse_config=None):
+def _load(model_path, dtype, int4=False, sparse=None, sparse_config=None, **engine_kwargs):
     from minicpm4.llm import LLM
     overrides = _overrides(sparse, sparse_config)
     t0 = time.perf_counter()
-    llm = LLM.load(model_path, dtype=dtype, config_overrides=overrides, int4=int4)
+    llm = LLM.load(model_path, dtype=dtype, config_overrides=overrides, int4=int4, **engine_kwargs)
     click.echo(f"[loaded {model_path or 'default model'} in {time.perf_counter() - t0:.1f}s]", err=True)
     return llm
 
@@ -148,6 +156,30 @@ def _reply(llm, ids, params, stop) -> str:
         click.echo(f"[prompt {g.prompt_len} tok at {g.prompt_len / max(g.prefill_s, 1e-9):.0f} tok/s | "
                    f"{len(g.token_ids)} tok at {g.decode_tok_per_s:.1f} tok/s, {g.finish_reason}]", err=True)
     return "".join(pieces)
+
+
+@cli.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--api-key", envvar="MINICPM4_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1 routes (or set MINICPM4_API_KEY).")
+@click.option("--served-model-name", default=None, help="Model id in the API (default: the model's file name).")
+@click.option("--max-batch", default=16, show_default=True, help="Requests decoded together at most.")
+@click.option("--max-queue", default=64, show_default=True, help="Requests waiting at most (then 429).")
+@click.option("--max-tokens", default=4096, show_default=True, help="Largest max_tokens a request may ask.")
+@click.option("--max-model-len", default=4096, show_default=True, help="Context per request (KV cache rows).")
+def serve(model_path, dtype, int4, sparse, sparse_config, host, port, api_key, served_model_name, max_batch,
+          max_queue, max_tokens, max_model_len):
+    """OpenAI-compatible server (needs the serve extra: pip install 'minicpm4[serve]')."""
+    try:
+        from minicpm4.server import serve as run
+    except ImportError as e:
+        raise click.ClickException(f"{e}; install the serve extra: pip install 'minicpm4[serve]'") from None
+    from pathlib import Path
+    llm = _load(model_path, dtype, int4, sparse, sparse_config, max_len=max_model_len, max_slots=max_batch)
+    name = served_model_name or (Path(model_path).name if model_path else "SmolLM2-135M-Instruct")
+    run(llm, name, host=host, port=port, api_key=api_key, max_queue=max_queue, max_tokens=max_tokens)
 
 
 @cli.command()

@@ -40,6 +40,8 @@ class Generation:
     finish_reason: str | None = None  # "stop" (eos or stop_fn), "length" or "cancelled"
     prefill_s: float = 0.0  # from admission to the first token
     decode_s: float = 0.0
+    # with params.logprobs = k: per token, its log-probability under the model and the top-k (id, logprob)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
     @property
     def decode_tok_per_s(self) -> float:
@@ -93,6 +95,13 @@ class Engine:
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None,
                     stop_fn: StopFn | None = None) -> Request:
         """Queue a prompt (token ids); raises InputError for an empty, out-of-vocabulary or too-long prompt."""
+        req = self.make_request(prompt, params, stop_fn)
+        self.enqueue(req)
+        return req
+
+    def make_request(self, prompt: Sequence[int], params: SamplingParams | None = None,
+                     stop_fn: StopFn | None = None) -> Request:
+        """Validate and build a request without touching the engine's state (safe from any thread)."""
         p = params or SamplingParams()
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -105,13 +114,15 @@ class Engine:
         stop_ids = set() if p.ignore_eos else set(p.stop_token_ids if p.stop_token_ids is not None
                                                   else self.config.eos_token_ids)
         gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
-        req = Request(next(self._ids), prompt, p, stop_ids | set(p.extra_stop_token_ids), stop_fn, gen,
-                      Generation(len(prompt)), torch.tensor(prompt))
+        return Request(next(self._ids), prompt, p, stop_ids | set(p.extra_stop_token_ids), stop_fn, gen,
+                       Generation(len(prompt)), torch.tensor(prompt))
+
+    def enqueue(self, req: Request) -> None:
         self.waiting.append(req)
-        return req
 
     def cancel(self, req: Request) -> None:
-        """Stop a request; its slot is freed at the next step and it finishes with reason "cancelled"."""
+        """Stop a request; its slot is freed at the next step and it finishes with reason "cancelled".
+        Only sets a flag, so another thread may call it while step() runs."""
         req.cancelled = True
 
     @property
@@ -227,7 +238,7 @@ class Engine:
                 continue
             token = sample_token(logits[0, -1], req.params, req.seen, req.generator)
             req.out.prefill_s = time.perf_counter() - req._t0
-            self._accept(req, token)
+            self._accept(req, token, logits[0, -1])
             events.append((req, token))
         return events
 
@@ -249,13 +260,18 @@ class Engine:
         for r in active:
             token = sample_token(logits[r.slot - lo], r.params, r.seen, r.generator)
             r.out.decode_s += dt
-            self._accept(r, token)
+            self._accept(r, token, logits[r.slot - lo])
             events.append((r, token))
         return events
 
-    def _accept(self, req: Request, token: int) -> None:
+    def _accept(self, req: Request, token: int, logits: torch.Tensor) -> None:
         out = req.out
         out.token_ids.append(token)
+        if req.params.logprobs is not None:  # of the model's distribution, before any sampling filter
+            lp = logits.log_softmax(-1)
+            top = lp.topk(req.params.logprobs) if req.params.logprobs else None
+            out.logprobs.append((float(lp[token]), [] if top is None else
+                                 list(zip(top.indices.tolist(), top.values.tolist()))))
         if req.params.repetition_penalty != 1.0:
             req.seen = torch.cat([req.seen, torch.tensor([token])])
         if token in req.stop_ids or (req.stop_fn is not None and req.stop_fn(out.token_ids)):

@@ -28,6 +28,30 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(hits)], True) if hits else (text, False)
 
 
+class TextStream:
+    """Token ids in, text pieces out. The text never includes a stop token or a stop string; text that could
+    be the start of a stop string is held back until it is known not to be."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], stop_ids: set[int]):
+        self.decoder, self.stop, self.stop_ids = StreamDecoder(tokenizer), list(stop), stop_ids
+        self.hold = max((len(s) for s in self.stop), default=0)
+        self.text, self.sent, self.found = "", 0, False
+
+    def push(self, token: int) -> str:
+        if self.found or token in self.stop_ids:
+            return ""
+        self.text, self.found = cut_at_stop(self.text + self.decoder.push(token), self.stop)
+        safe = len(self.text) if self.found else max(self.sent, len(self.text) - self.hold)
+        piece, self.sent = self.text[self.sent:safe], max(self.sent, safe)
+        return piece
+
+    def finish(self) -> str:
+        if not self.found:
+            self.text += self.decoder.flush()
+        piece, self.sent = self.text[self.sent:], len(self.text)
+        return piece
+
+
 class LLM:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, **engine_kwargs):
         self.model, self.tokenizer = model, tokenizer
@@ -87,15 +111,10 @@ class LLM:
 
     def stream_ids(self, prompt: list[int], params: SamplingParams | None = None, stop: Sequence[str] = (),
                    on_finish: Callable[[Generation], None] | None = None) -> Iterator[str]:
-        """Yield text pieces as they are decoded; the text never includes a stop string or stop token.
-
-        Text that could be the start of a stop string is held back until it is known not to be.
-        on_finish receives the engine's Generation (token ids, timings, finish reason) at the end.
-        """
+        """Yield text pieces as they are decoded (see TextStream); on_finish receives the engine's Generation
+        (token ids, timings, finish reason) at the end."""
         params = self._params(params)
-        decoder, text, sent, found = StreamDecoder(self.tokenizer), "", 0, False
-        stop_ids = set(params.stop_token_ids or ())
-        hold = max((len(s) for s in stop), default=0)
+        text = self.text_stream(params, stop)
         tokens = self.engine.stream(prompt, params, self._stop_fn(stop))
         while True:
             try:
@@ -103,19 +122,15 @@ class LLM:
             except StopIteration as end:  # the engine ends right after a stop token or stop string
                 generation = end.value
                 break
-            if found or token in stop_ids:
-                continue
-            text, found = cut_at_stop(text + decoder.push(token), stop)
-            safe = len(text) if found else max(sent, len(text) - hold)
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
-        if not found:
-            text += decoder.flush()
-            if len(text) > sent:
-                yield text[sent:]
+            if piece := text.push(token):
+                yield piece
+        if piece := text.finish():
+            yield piece
         if on_finish is not None:
             on_finish(generation)
+
+    def text_stream(self, params: SamplingParams, stop: Sequence[str] = ()) -> "TextStream":
+        return TextStream(self.tokenizer, stop, set(params.stop_token_ids or ()))
 
     def _final_text(self, g: Generation, params: SamplingParams, stop: Sequence[str]) -> str:
         ids = g.token_ids

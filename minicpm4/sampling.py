@@ -26,6 +26,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # None -> the model's eos ids
     ignore_eos: bool = False
     extra_stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None  # None -> off; k -> the chosen token's log-probability and the top k (k <= 20)
 
     def __post_init__(self) -> None:
         checks = [
@@ -35,6 +36,7 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1),
             ("min_p", 0 <= self.min_p <= 1),
             ("repetition_penalty", self.repetition_penalty > 0),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20),
         ]
         for name, ok in checks:
             if not ok:
