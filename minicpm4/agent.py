@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import shlex
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from minicpm4.errors import InputError, MiniCPM4Error
 from minicpm4.tools import ToolCallError, detect_format, parse_output, render_messages
 
-Complete = Callable[[list[dict]], str]
+Complete = Callable[[list[dict]], str | Awaitable[str]]
 
 
 class AgentError(MiniCPM4Error):
@@ -133,6 +134,8 @@ async def run_agent(complete: Complete, tools: MCPTools, messages: list[dict], f
 
     for _ in range(max_turns):
         raw = complete(render_messages(conversation, tools.specs, "auto", fmt))
+        if inspect.isawaitable(raw):  # the server's complete awaits its engine thread
+            raw = await raw
         try:
             content, calls = parse_output(raw, tools.specs, fmt)
         except ToolCallError as e:

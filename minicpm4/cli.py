@@ -1,4 +1,4 @@
-"""The `minicpm4` command line: setup, generate, chat, serve, info, convert.
+"""The `minicpm4` command line: setup, generate, chat, serve, agent, info, convert.
 
 Thin wrappers: each command parses flags into library calls (loader, LLM, SamplingParams). Errors the
 library raises for bad input (MiniCPM4Error) are printed as one line and exit with status 2.
@@ -169,8 +169,11 @@ def _reply(llm, ids, params, stop) -> str:
 @click.option("--max-queue", default=64, show_default=True, help="Requests waiting at most (then 429).")
 @click.option("--max-tokens", default=4096, show_default=True, help="Largest max_tokens a request may ask.")
 @click.option("--max-model-len", default=4096, show_default=True, help="Context per request (KV cache rows).")
+@click.option("--mcp", "mcp_commands", multiple=True,
+              help='MCP server command, e.g. "python my_server.py" (repeatable): chat requests without tools of '
+                   "their own get these servers' tools, called by the server.")
 def serve(model_path, dtype, int4, sparse, sparse_config, host, port, api_key, served_model_name, max_batch,
-          max_queue, max_tokens, max_model_len):
+          max_queue, max_tokens, max_model_len, mcp_commands):
     """OpenAI-compatible server (needs the serve extra: pip install 'minicpm4[serve]')."""
     try:
         from minicpm4.server import serve as run
@@ -179,7 +182,25 @@ def serve(model_path, dtype, int4, sparse, sparse_config, host, port, api_key, s
     from pathlib import Path
     llm = _load(model_path, dtype, int4, sparse, sparse_config, max_len=max_model_len, max_slots=max_batch)
     name = served_model_name or (Path(model_path).name if model_path else "SmolLM2-135M-Instruct")
-    run(llm, name, host=host, port=port, api_key=api_key, max_queue=max_queue, max_tokens=max_tokens)
+    run(llm, name, host=host, port=port, api_key=api_key, max_queue=max_queue, max_tokens=max_tokens,
+        mcp_commands=list(mcp_commands))
+
+
+@cli.command()
+@click.option("--prompt", required=True, help="The user message.")
+@click.option("--mcp", "mcp_commands", multiple=True, required=True,
+              help='MCP server command, e.g. "python my_server.py --flag" (repeatable); only their tools run.')
+@click.option("--system", default=None, help="System message.")
+@click.option("--max-turns", default=8, show_default=True, help="Model turns at most.")
+@click.option("--max-new-tokens", default=512, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--model", "model_path", default=None, help=MODEL_HELP)
+@click.option("--dtype", default="auto", show_default=True)
+def agent(prompt, mcp_commands, system, max_turns, max_new_tokens, temperature, model_path, dtype):
+    """Answer PROMPT with tools from MCP servers (stdio), printing each call and result (serve extra)."""
+    from minicpm4.agent import agent_main
+    agent_main(model_path, list(mcp_commands), prompt, max_tokens=max_new_tokens, temperature=temperature,
+               max_turns=max_turns, dtype=dtype, system=system)
 
 
 @cli.command()

@@ -73,6 +73,8 @@ class Completions:
     async def chat(self, body: ChatCompletionRequest, http: HTTPRequest):
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
         messages = [m.as_dict() for m in body.messages]
+        if self.s.mcp is not None and not tools and body.tool_choice != "none":
+            return await self.chat_mcp(body, http, messages)
         if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
             from minicpm4.tools import render_messages
             messages = render_messages(messages, tools or None, body.tool_choice, self.s.tool_format)
@@ -87,6 +89,37 @@ class Completions:
         texts = await self.collect(http, streams, body)
         choices = [self.chat_choice(i, text, st, tools) for i, (text, st) in enumerate(zip(texts, streams))]
         return {**head, "choices": choices, "usage": self.usage(prompt, streams)}
+
+    async def chat_mcp(self, body: ChatCompletionRequest, http: HTTPRequest, messages: list[dict]):
+        """The server's own MCP tools (serve --mcp): the tool-use loop runs here, the client gets the answer
+        and, in `tool_messages`, the calls and results that led to it."""
+        from minicpm4.agent import run_agent
+        used = [0, 0]
+
+        async def complete(rendered: list[dict]) -> str:
+            prompt = self.s.llm.encode_chat(rendered)
+            streams = self.submit(prompt, body.model_copy(update={"n": 1}))
+            text = (await self.collect(http, streams, body))[0]
+            used[0] += len(prompt)
+            used[1] += len(streams[0].generation.token_ids)
+            return text
+        conversation = await run_agent(complete, self.s.mcp, messages, self.s.tool_format)
+        answer = conversation[-1]["content"]
+        usage = {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.s.model_name}
+        steps = conversation[len(messages):-1]
+        if not body.stream:
+            return {**head, "object": "chat.completion", "usage": usage, "tool_messages": steps, "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": answer}, "logprobs": None,
+                 "finish_reason": "stop"}]}
+
+        async def events():
+            chunk = {**head, "object": "chat.completion.chunk"}
+            yield {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": answer},
+                                         "logprobs": None, "finish_reason": None}]}
+            yield {**chunk, "tool_messages": steps, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                                  "finish_reason": "stop"}]}
+        return sse(events(), self, [])
 
     def chat_choice(self, index: int, text: str, st: Stream, tools: list[dict]) -> dict:
         calls: list[dict] = []

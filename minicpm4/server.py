@@ -2,7 +2,9 @@
 
 Endpoints: /v1/models, /v1/chat/completions, /v1/completions (whole or streamed as server-sent events),
 /health, /metrics (Prometheus text) and a chat page at /. All requests share one engine thread that
-batches decode steps across them (continuous batching, see async_engine.py).
+batches decode steps across them (continuous batching, see async_engine.py). With `mcp_commands` the
+server starts those MCP servers and answers chat requests that bring no tools of their own by running the
+tool-use loop itself (agent.run_agent) over the MCP tools.
 
 Safe by default: binds 127.0.0.1; with an API key every /v1 route needs `Authorization: Bearer KEY` (401);
 bodies over `max_request_bytes` get 413; more than max_slots running plus max_queue waiting get 429; bad
@@ -13,7 +15,7 @@ OpenAI-style error body. A 500 only ever means a bug.
 from __future__ import annotations
 
 import hmac
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -21,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from minicpm4.agent import AgentError
 from minicpm4.async_engine import AsyncEngine, QueueFull
 from minicpm4.completions import Completions
 from minicpm4.errors import InputError
@@ -30,7 +33,8 @@ from minicpm4.protocol import ChatCompletionRequest, CompletionRequest, error_bo
 
 class Server:
     def __init__(self, llm: LLM, model_name: str, api_key: str | None = None, max_queue: int = 64,
-                 max_tokens: int = 4096, max_request_bytes: int = 1 << 20, tool_format: str | None = None):
+                 max_tokens: int = 4096, max_request_bytes: int = 1 << 20, tool_format: str | None = None,
+                 mcp_commands: list[str] | None = None):
         self.llm, self.model_name, self.api_key = llm, model_name, api_key
         self.max_tokens, self.max_request_bytes = max_tokens, max_request_bytes
         self.engine = AsyncEngine(llm.engine, max_queue=max_queue)
@@ -38,6 +42,8 @@ class Server:
             from minicpm4.tools import detect_format
             tool_format = detect_format(llm.tokenizer.chat_template, llm.tokenizer.backend.get_vocab())
         self.tool_format = tool_format
+        self.mcp_commands = list(mcp_commands or [])
+        self.mcp = None  # MCPTools, started with the app (the MCP servers live on its event loop)
 
 
 def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -48,7 +54,12 @@ def error(status: int, message: str, type_: str = "invalid_request_error", param
 def create_app(server: Server) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        yield
+        async with AsyncExitStack() as stack:
+            if server.mcp_commands:
+                from minicpm4.agent import MCPTools
+                server.mcp = await stack.enter_async_context(MCPTools(server.mcp_commands))
+            yield
+        server.mcp = None
         server.engine.shutdown()
 
     app = FastAPI(title="minicpm4", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan)
@@ -87,6 +98,10 @@ def create_app(server: Server) -> FastAPI:
     @app.exception_handler(InputError)
     async def bad_input(_: Request, exc: InputError):
         return error(400, str(exc))
+
+    @app.exception_handler(AgentError)
+    async def tool_loop_failed(_: Request, exc: AgentError):  # an MCP server failed or the model looped
+        return error(502, f"tool use failed: {exc}", "server_error", code="tool_loop_failed")
 
     @app.exception_handler(QueueFull)
     async def busy(_: Request, exc: QueueFull):
