@@ -262,3 +262,7 @@ def main() -> None:
     except MiniCPM4Error as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
