@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import json
 import shlex
+import sys
 from typing import Any, Awaitable, Callable
 
 from minicpm4.errors import InputError, MiniCPM4Error
@@ -60,8 +61,11 @@ class MCPTools:
         try:
             for index, argv in enumerate(self.commands):
                 try:
+                    # the servers' stderr goes to ours; the SDK needs a real file there, which a replaced
+                    # sys.stderr (pytest capture, Jupyter) is not
+                    errlog = sys.stderr if _has_fileno(sys.stderr) else sys.__stderr__
                     streams = await self._stack.enter_async_context(
-                        stdio_client(StdioServerParameters(command=argv[0], args=argv[1:])))
+                        stdio_client(StdioServerParameters(command=argv[0], args=argv[1:]), errlog=errlog))
                     session = await self._stack.enter_async_context(
                         ClientSession(*streams, read_timeout_seconds=self.timeout))
                     await session.initialize()
@@ -104,6 +108,14 @@ class MCPTools:
             parts = [json.dumps(result.structured_content, ensure_ascii=False)]
         text = "\n".join(parts)
         return f"error: {text}" if result.is_error else text
+
+
+def _has_fileno(stream) -> bool:
+    try:
+        stream.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 async def _list_tools(session) -> list:

@@ -75,6 +75,8 @@ class Completions:
         messages = [m.as_dict() for m in body.messages]
         if self.s.mcp is not None and not tools and body.tool_choice != "none":
             return await self.chat_mcp(body, http, messages)
+        if body.tool_choice not in (None, "none") and not tools:  # OpenAI's rule
+            raise InputError("tool_choice: only allowed when tools are given")
         if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
             from minicpm4.tools import render_messages
             messages = render_messages(messages, tools or None, body.tool_choice, self.s.tool_format)
@@ -94,6 +96,9 @@ class Completions:
         """The server's own MCP tools (serve --mcp): the tool-use loop runs here, the client gets the answer
         and, in `tool_messages`, the calls and results that led to it."""
         from minicpm4.agent import run_agent
+        if body.n > 1 or body.logprobs or body.tool_choice not in (None, "auto"):
+            raise InputError("n > 1, logprobs and tool_choice other than auto are not supported when the server "
+                             "runs its MCP tools itself; send your own tools to get the calls back instead")
         used = [0, 0]
 
         async def complete(rendered: list[dict]) -> str:

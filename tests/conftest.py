@@ -39,7 +39,8 @@ def smollm_checkpoint(smollm_gguf):
 
 @pytest.fixture(scope="session")
 def tool_model_dir(tmp_path_factory, smollm_gguf) -> Path:
-    """A tiny model trained (~15 s) to answer any tool prompt in the json format with add(a=2, b=3) then
-    <|im_end|> under greedy decoding; see tests/tool_model.py (ADD_TOOL, CALL)."""
+    """A tiny model trained (~20 s) that, under greedy decoding, answers any tool prompt in the json format with
+    the call add(a=2, b=3) and, once the conversation ends in a tool result, with a fixed sentence; see
+    tests/tool_model.py (ADD_TOOL, CALL, ANSWER)."""
     from tool_model import build_tool_model
     return build_tool_model(tmp_path_factory.mktemp("tool_model") / "model", smollm_gguf)

@@ -98,7 +98,8 @@ def test_agent_stops_after_max_turns():
 
 
 def test_agent_main_with_the_tiny_tool_model(tool_model_dir, capsys):
-    # the tiny model always calls add(a=2, b=3) and never answers, so one turn ends in AgentError after the call
+    # with one model turn allowed, the tiny model's first answer is its call add(a=2, b=3), so the agent runs the
+    # call and then stops with AgentError (its trained answer would come on a second turn)
     with pytest.raises(AgentError, match="no final answer after 1 model turns"):
         agent_main(str(tool_model_dir), [SERVER], "What is 2 + 3?", max_tokens=48, max_turns=1, dtype="fp32")
     out = capsys.readouterr().out

@@ -189,3 +189,13 @@ def test_agent_command(tool_model_dir):
     assert r.returncode == 0, r.stderr
     assert r.stdout == f'[tool call] add({json.dumps(ADD23)})\n[tool result] 5\n{ANSWER}\n', r.stdout
     assert CALL not in r.stdout  # the markup was parsed, not printed
+
+
+def test_tool_choice_without_tools_and_unsupported_mcp_options_are_400(server, mcp_server):
+    msgs = [{"role": "user", "content": "What is 2+3?"}]
+    r = httpx.post(server[0] + "/v1/chat/completions", timeout=60,
+                   json={"model": "m", "messages": msgs, "tool_choice": "required"})
+    assert r.status_code == 400 and "tool_choice" in r.json()["error"]["message"]
+    for extra in ({"n": 2}, {"logprobs": True}, {"tool_choice": "required"}):
+        r = httpx.post(mcp_server[0] + "/v1/chat/completions", timeout=60, json={"model": "m", "messages": msgs, **extra})
+        assert r.status_code == 400 and "MCP" in r.json()["error"]["message"], extra
