@@ -1,7 +1,7 @@
 """Serving throughput: time to first token and aggregate tokens/s at 1, 4 and 16 concurrent streaming clients,
 minicpm4's server against llama.cpp's (llama-cpp-python[server]) on the same GGUF, on CPU.
 
-Each server runs alone as a subprocess with 2 threads (ours: `minicpm4 serve --int4`, Q4_1 layers on the int4
+Each server runs alone as a subprocess with --threads compute threads (default 2; ours: `minicpm4 serve --int4`, Q4_1 layers on the int4
 kernel, or --dtype bf16 with --ours-dtype; llama.cpp: `python -m llama_cpp.server` on the GGUF's own Q4_1
 kernels, with --interrupt_requests False: by default it aborts a running stream when another request arrives). Clients are the openai package's AsyncOpenAI, streaming /v1/chat/completions with greedy decoding,
 `max_tokens` new tokens, each client its own question, all started at once. Per run:
@@ -42,30 +42,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(kind: str, gguf: Path, port: int, dtype: str, slots: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+def start(kind: str, gguf: Path, port: int, dtype: str, slots: int, threads: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if kind == "ours":
         quant = ["--int4"] if dtype == "int4" else ["--dtype", dtype]
         cmd = [sys.executable, "-m", "minicpm4.cli", "serve", "--model", str(gguf), *quant, "--port", str(port),
-               "--max-batch", str(slots), "--max-model-len", "2048"]
+               "--max-batch", str(slots), "--max-model-len", "2048", "--threads", str(threads)]
     else:
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_threads", "2",
-               "--n_threads_batch", "2", "--n_ctx", "2048", "--verbose", "False",
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+               "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "2048", "--verbose", "False",
                "--interrupt_requests", "False"]  # its default drops a running stream when another request comes
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 async def wait_ready(base: str, proc: subprocess.Popen) -> None:
     import openai
-    client = openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0)
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
-        try:
-            await client.models.list()
-            return
-        except openai.APIConnectionError:
-            await asyncio.sleep(0.5)
+    async with openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0) as client:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+            try:
+                await client.models.list()
+                return
+            except openai.APIConnectionError:
+                await asyncio.sleep(0.5)
     raise RuntimeError("server did not start in 5 minutes")
 
 
@@ -85,18 +85,18 @@ async def one_client(client, question: str, max_tokens: int) -> tuple[float, int
 
 async def measure(base: str, clients: int, max_tokens: int) -> dict:
     import openai
-    client = openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0, timeout=600)
-    t0 = time.perf_counter()
-    results = await asyncio.gather(*(one_client(client, QUESTIONS[i % len(QUESTIONS)], max_tokens)
-                                     for i in range(clients)))
-    wall = time.perf_counter() - t0
+    async with openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0, timeout=600) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one_client(client, QUESTIONS[i % len(QUESTIONS)], max_tokens)
+                                         for i in range(clients)))
+        wall = time.perf_counter() - t0
     tokens = sum(n for _, n in results)
     return {"tok_s": tokens / wall, "ttft_s": statistics.median(t for t, _ in results), "tokens": tokens}
 
 
 async def bench_server(kind: str, args) -> dict:
     port = free_port()
-    proc = start(kind, args.gguf, port, args.ours_dtype, max(args.clients))
+    proc = start(kind, args.gguf, port, args.ours_dtype, max(args.clients), args.threads)
     base = f"http://127.0.0.1:{port}/v1"
     try:
         await wait_ready(base, proc)
@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ours-dtype", default="int4", help="int4 (the GGUF's Q4_1 kept 4-bit), bf16 or fp32")
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--threads", type=int, default=2, help="compute threads of each server")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     if args.gguf is None:
@@ -151,7 +152,7 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"  {k}: x{v:.2f}")
     print(json.dumps({"gguf": str(args.gguf), "ours_dtype": args.ours_dtype, "max_tokens": args.max_tokens,
-                      "repeats": args.repeats, "threads": 2, "results": results, "ratios": ratios}))
+                      "repeats": args.repeats, "threads": args.threads, "results": results, "ratios": ratios}))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ library raises for bad input (MiniCPM4Error) are printed as one line and exit wi
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -172,14 +173,19 @@ def _reply(llm, ids, params, stop) -> str:
 @click.option("--mcp", "mcp_commands", multiple=True,
               help='MCP server command, e.g. "python my_server.py" (repeatable): chat requests without tools of '
                    "their own get these servers' tools, called by the server.")
+@click.option("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), show_default="cores - 1",
+              help="Compute threads; one core is left to the HTTP side, whose work would stall the others.")
 def serve(model_path, dtype, int4, sparse, sparse_config, host, port, api_key, served_model_name, max_batch,
-          max_queue, max_tokens, max_model_len, mcp_commands):
+          max_queue, max_tokens, max_model_len, mcp_commands, threads):
     """OpenAI-compatible server (needs the serve extra: pip install 'minicpm4[serve]')."""
     try:
         from minicpm4.server import serve as run
     except ImportError as e:
         raise click.ClickException(f"{e}; install the serve extra: pip install 'minicpm4[serve]'") from None
     from pathlib import Path
+
+    import torch
+    torch.set_num_threads(threads)
     llm = _load(model_path, dtype, int4, sparse, sparse_config, max_len=max_model_len, max_slots=max_batch)
     name = served_model_name or (Path(model_path).name if model_path else "SmolLM2-135M-Instruct")
     run(llm, name, host=host, port=port, api_key=api_key, max_queue=max_queue, max_tokens=max_tokens,
