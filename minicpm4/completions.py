@@ -36,12 +36,12 @@ class Completions:
         if limit is not None and limit > self.s.max_tokens:
             raise InputError(f"max_tokens={limit} is above this server's limit of {self.s.max_tokens}")
         max_new = min(limit if limit is not None else self.s.max_tokens, ctx - len(prompt))
-        stop_ids = llm._params(None).stop_token_ids
+        stop_ids = llm.stop_token_ids
         streams: list[Stream] = []
         try:
             for i in range(body.n):
                 streams.append(self.s.engine.submit(prompt, sampling_params(body, max_new, stop_ids, i),
-                                                    llm._stop_fn(body.stops)))
+                                                    llm.stop_fn(body.stops)))
         except BaseException:
             for st in streams:
                 self.s.engine.cancel(st)

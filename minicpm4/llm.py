@@ -76,15 +76,19 @@ class LLM:
     def encode_text(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """The model's eos ids and the tokenizer's (template stop tokens like <|im_end|>)."""
+        return sorted(set(self.model.config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
+
     def _params(self, params: SamplingParams | None) -> SamplingParams:
-        if params is None:
-            params = SamplingParams()
-        if params.stop_token_ids is None:  # the tokenizer knows template stop tokens like <|im_end|>
-            eos = set(self.model.config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
-            params = dataclasses.replace(params, stop_token_ids=sorted(eos))
+        params = params or SamplingParams()
+        if params.stop_token_ids is None:
+            params = dataclasses.replace(params, stop_token_ids=self.stop_token_ids)
         return params
 
-    def _stop_fn(self, stops: Sequence[str]):
+    def stop_fn(self, stops: Sequence[str]):
+        """The engine's stop_fn for stop strings (checked on the decoded tail of the generated ids)."""
         if not stops:
             return None
         # tokens to decode: a character is at most 4 byte-tokens, so this always covers the longest stop string
@@ -98,7 +102,7 @@ class LLM:
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams | None = None,
                      stop: Sequence[str] = ()) -> list[TextResult]:
         params = self._params(params)
-        gens = self.engine.generate(prompts, params, [self._stop_fn(stop)] * len(prompts))
+        gens = self.engine.generate(prompts, params, [self.stop_fn(stop)] * len(prompts))
         return [TextResult(self._final_text(g, params, stop), g) for g in gens]
 
     def generate(self, prompts: str | list[str], params: SamplingParams | None = None,
@@ -115,7 +119,7 @@ class LLM:
         (token ids, timings, finish reason) at the end."""
         params = self._params(params)
         text = self.text_stream(params, stop)
-        tokens = self.engine.stream(prompt, params, self._stop_fn(stop))
+        tokens = self.engine.stream(prompt, params, self.stop_fn(stop))
         while True:
             try:
                 token = next(tokens)
