@@ -162,9 +162,7 @@ class AsyncEngine:
         s.loop.call_soon_threadsafe(s.tokens.put_nowait, None)
 
     def _fail_all(self, e: Exception) -> None:
-        self.engine.waiting.clear()
-        self.engine.slots.clear()
-        self.engine._cache = None
+        self.engine.reset()
         for rid, s in list(self._streams.items()):
             s.error = RuntimeError(f"engine failure: {type(e).__name__}: {e}")
             self._close(rid, s)

@@ -125,6 +125,12 @@ class Engine:
         Only sets a flag, so another thread may call it while step() runs."""
         req.cancelled = True
 
+    def reset(self) -> None:
+        """Drop every request and the cache (after a failed step, whose state cannot be trusted)."""
+        self.waiting.clear()
+        self.slots.clear()
+        self._cache = None
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.slots)

@@ -206,3 +206,31 @@ def test_full_queue_answers_429(model_tok):
             next(r.iter_lines())
             second = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=30)
         assert second.status_code == 429 and second.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_engine_failure_fails_its_requests_and_the_engine_keeps_serving(model_tok):
+    from minicpm4.async_engine import AsyncEngine
+    llm = served(model_tok)
+    eng = AsyncEngine(llm.engine)
+    prompt = llm.encode_chat([{"role": "user", "content": "Hi"}])
+    params = SamplingParams(max_new_tokens=4, stop_token_ids=llm.stop_token_ids)
+
+    def broken_stop_fn(ids):
+        raise ZeroDivisionError("a bug in a stop function")
+
+    async def run():
+        bad = eng.submit(prompt, params, broken_stop_fn)
+        with pytest.raises(RuntimeError, match="engine failure: ZeroDivisionError"):
+            [t async for t in bad]
+        good = eng.submit(prompt, params)
+        return [t async for t in good]
+    try:
+        tokens = asyncio.run(run())
+    finally:
+        eng.shutdown()
+    assert tokens == alone_ids(served(model_tok), prompt, params)
+    assert eng.queued == 0 and eng.running == 0
+
+
+def alone_ids(llm, prompt, params):
+    return llm.engine.generate([prompt], params)[0].token_ids
