@@ -1,4 +1,5 @@
-"""The `minicpm4` command line: setup, generate, chat, serve, agent, info, convert.
+"""The `minicpm4` command line: setup, generate, chat, serve, agent, info, convert,
+quantize.
 
 Thin wrappers: each command parses flags into library calls (loader, LLM, SamplingParams). Errors the
 library raises for bad input (MiniCPM4Error) are printed as one line and exit with status 2.
@@ -255,6 +256,24 @@ def convert(src, out_dir, dtype):
     from minicpm4.loader import load, save_pretrained
     model, tok = load(src, dtype=dtype)
     click.echo(save_pretrained(model, tok, out_dir))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--method", type=click.Choice(["rtn", "gptq", "pgptq"]), default="gptq", show_default=True)
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
+              help="8 = per output channel (--group-size ignored).")
+@click.option("--group-size", default=128, show_default=True, help="Input columns per scale (4-bit).")
+@click.option("--calib", type=click.Path(exists=True, dir_okay=False), help="Calibration text file (gptq, pgptq).")
+@click.option("--nsamples", default=32, show_default=True, help="Calibration sequences at most.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration sequence (BOS first).")
+@click.option("-o", "--out", "out_dir", required=True, help="Output directory (GPTQ safetensors layout).")
+def quantize(model, method, bits, group_size, calib, nsamples, seq_len, out_dir):
+    """Quantize MODEL's linear layers (RTN, GPTQ, P-GPTQ) into a GPTQ-format checkpoint directory."""
+    from minicpm4.gptq_format import quantize_checkpoint
+    text = open(calib, encoding="utf-8").read() if calib else None
+    click.echo(quantize_checkpoint(model, out_dir, method, int(bits), group_size, text, nsamples, seq_len,
+                                   log=lambda m: click.echo(m, err=True)))
 
 
 def main() -> None:

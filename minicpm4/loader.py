@@ -47,23 +47,27 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str = "cpu") -> torch
 
 
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str,
-                q4_1: dict | None = None) -> MiniCPM4ForCausalLM:
+                q4_1: dict | None = None, layers: dict | None = None) -> MiniCPM4ForCausalLM:
     """Instantiate without initialising weights, then assign the checkpoint tensors.
 
     q4_1: raw GGUF Q4_1 weights by module name; those nn.Linear modules become Int4Linear, and a float
     lm_head becomes Int8Linear (per-row int8, requantized from the checkpoint's weights).
+    layers: ready quantized modules (Int4Linear / Int8Linear) by name, put in place of those nn.Linear.
     """
     with torch.device("meta"):
         model = MiniCPM4ForCausalLM(config)
     state = dict(state)
-    for name, raw in (q4_1 or {}).items():
+    layers = {**(layers or {}), **{name: Int4Linear.from_q4_1(raw) for name, raw in (q4_1 or {}).items()}}
+    for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
-        layer = Int4Linear.from_q4_1(raw)
-        expected = tuple(model.get_submodule(name).weight.shape)
+        try:
+            expected = tuple(model.get_submodule(name).weight.shape)
+        except AttributeError:
+            raise CheckpointError(f"{source}: unexpected quantized tensor {name}.qweight for this config") from None
         if layer.weight_shape != expected:
             raise CheckpointError(f"{source}: tensor {name}.weight has shape {layer.weight_shape}, "
                                   f"config implies {expected}")
-        setattr(model.get_submodule(parent), child, Int4Linear(layer.in_features, layer.out_features).to("meta"))
+        setattr(model.get_submodule(parent), child, layer)
         state.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
     load_into(model, state, source)
     model.model.rotary_emb = RotaryEmbedding(config)  # its buffers were created on meta; rebuild them
@@ -103,7 +107,9 @@ def _load_dir(path: Path, dtype: torch.dtype, overrides: dict | None):
     if overrides:
         config = ModelConfig.from_dict(merge_overrides(config.to_dict(), overrides))
     state = read_state_dict(checkpoint_files(path), dtype)
-    model = build_model(config, state, str(path))
+    from minicpm4.gptq_format import gptq_layers
+    layers = gptq_layers(config.extra.get("quantization_config"), state, str(path))
+    model = build_model(config, state, str(path), layers=layers)
     return model, Tokenizer.from_dir(path)
 
 

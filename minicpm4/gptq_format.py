@@ -1,0 +1,236 @@
+"""Quantized checkpoints in the GPTQ safetensors layout (AutoGPTQ / GPTQModel, `checkpoint_format: "gptq"`).
+
+Per quantized linear `<name>` with weight W [N, K] (N outputs, K inputs), `bits` b, pack = 32 / b, group g:
+
+    <name>.qweight  int32 [K/pack, N]   unsigned codes u[n, k] in 0..2^b-1; word [i, n] holds u[n, i*pack + j]
+                                        in bits b*j .. b*j+b-1 (j = 0 first, i.e. little-endian nibbles/bytes)
+    <name>.qzeros   int32 [K/g, N/pack] zero points packed the same way along N; the classic v1 "gptq" format
+                                        stores z - 1 (so a symmetric 4-bit zero 8 is stored as 7); "gptq_v2"
+                                        (GPTQModel's internal format) stores z itself. Both are read.
+    <name>.scales   fp16  [K/g, N]
+    <name>.g_idx    int32 [K]           group of each input column, k // g (no act-order)
+    W[n, k] = (u[n, k] - z[k // g, n]) * scales[k // g, n]
+
+config.json carries quantization_config = {"quant_method": "gptq", "bits", "group_size" (-1: one group per
+row), "desc_act": false, "sym", "checkpoint_format": "gptq"}. We write v1 ("gptq"). Symmetric codes c (|c| <=
+2^(b-1)-1) are written as u = c + 2^(b-1) with z = 2^(b-1), the symmetric zero GPTQ uses. 8 bits is written
+per output channel (group_size -1). Other tensors (embeddings, norms, an untied lm_head) are bf16.
+
+Reading turns every quantized linear into an Int4Linear (bits <= 4) or an Int8Linear (8 bits, symmetric, per
+channel); nothing is dequantized to float.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from minicpm4.errors import CheckpointError, ConfigError
+from minicpm4.fileio import atomic_write_text
+from minicpm4.quant import QTensor, to_int4_linear, to_int8_linear
+from minicpm4.weights import save_state_dict
+
+FORMATS = ("gptq", "gptq_v2")
+
+
+def pack_rows(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned values [R, C] (R divisible by 32/bits) -> int32 [R*bits/32, C], value j of a word at bits*j."""
+    pack = 32 // bits
+    r, c = u.shape
+    v = u.to(torch.int64).reshape(r // pack, pack, c)
+    word = torch.zeros(r // pack, c, dtype=torch.int64)
+    for j in range(pack):
+        word |= v[:, j] << (bits * j)
+    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)  # the same 32 bits, signed
+
+
+def unpack_rows(word: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_rows: int32 [R', C] -> int64 [R' * 32/bits, C]."""
+    pack = 32 // bits
+    w = word.to(torch.int64) & 0xFFFFFFFF
+    vals = torch.stack([(w >> (bits * j)) & (2 ** bits - 1) for j in range(pack)], dim=1)
+    return vals.reshape(-1, word.shape[1])
+
+
+def pack_qtensor(q: QTensor) -> dict[str, torch.Tensor]:
+    """A QTensor's qweight / qzeros (v1: z - 1) / scales / g_idx."""
+    n, k = q.shape
+    if 32 % q.bits:
+        raise ValueError(f"the GPTQ layout packs 2, 4 or 8 bits here, got {q.bits}")
+    mid = 2 ** (q.bits - 1)
+    u = q.codes.int() + mid if q.symmetric else q.codes.int()
+    z = torch.full(q.scales.shape, mid, dtype=torch.int32) if q.symmetric else q.zeros.int()  # [N, G]
+    return {"qweight": pack_rows(u.T.contiguous(), q.bits),
+            "qzeros": pack_rows((z - 1) & (2 ** q.bits - 1), q.bits).T.contiguous(),  # v1: z - 1, wrapping
+            "scales": q.scales.T.contiguous().to(torch.float16),
+            "g_idx": (torch.arange(k) // q.group_size).to(torch.int32)}
+
+
+def unpack_qtensor(name: str, t: dict[str, torch.Tensor], bits: int, group_size: int, fmt: str,
+                   source: str) -> QTensor:
+    """The QTensor of `name` from its GPTQ tensors; a missing or contradicting tensor -> CheckpointError."""
+    for part in ("qweight", "qzeros", "scales"):
+        if part not in t:
+            raise CheckpointError(f"{source}: tensor {name}.{part} missing from the GPTQ checkpoint")
+    pack = 32 // bits
+    qweight, qzeros, scales = t["qweight"], t["qzeros"], t["scales"]
+    if qweight.dim() != 2 or qweight.dtype != torch.int32:
+        raise CheckpointError(f"{source}: tensor {name}.qweight must be int32 [K/{pack}, N], "
+                              f"got {qweight.dtype} {tuple(qweight.shape)}")
+    k, n = qweight.shape[0] * pack, qweight.shape[1]
+    g = k if group_size == -1 else group_size
+    if k % g or n % pack:
+        raise CheckpointError(f"{source}: tensor {name}.qweight has shape {tuple(qweight.shape)}: K = {k} "
+                              f"(N = {n}) contradicts group_size {group_size} / {bits}-bit packing")
+    if tuple(scales.shape) != (k // g, n):
+        raise CheckpointError(f"{source}: tensor {name}.scales has shape {tuple(scales.shape)}, qweight and "
+                              f"group_size {group_size} imply {(k // g, n)}")
+    if tuple(qzeros.shape) != (k // g, n // pack) or qzeros.dtype != torch.int32:
+        raise CheckpointError(f"{source}: tensor {name}.qzeros has shape {tuple(qzeros.shape)} "
+                              f"({qzeros.dtype}), qweight and group_size {group_size} imply int32 {(k // g, n // pack)}")
+    g_idx = t.get("g_idx")
+    if g_idx is not None and not torch.equal(g_idx.long().flatten(), torch.arange(k) // g):
+        raise CheckpointError(f"{source}: tensor {name}.g_idx is not k // group_size (act-order / desc_act "
+                              "checkpoints are not supported)")
+    u = unpack_rows(qweight, bits).T.contiguous()  # [N, K]
+    z = unpack_rows(qzeros.T.contiguous(), bits)  # [N, G]
+    z = (z + 1) & (2 ** bits - 1) if fmt == "gptq" else z  # v1 stores z - 1 (a zero of 0 wraps to 2^b - 1)
+    scales = scales.float().T.contiguous()  # [N, G]
+    mid = 2 ** (bits - 1)
+    if bool((z == mid).all()):
+        return QTensor((u - mid).to(torch.int16), scales, None, bits, g, True)
+    return QTensor(u.to(torch.int16), scales, z.to(torch.int16), bits, g, False)
+
+
+def gptq_layers(quant_config: dict | None, state: dict[str, torch.Tensor], source: str) -> dict:
+    """For a config.json quantization_config with quant_method "gptq": pop every `<name>.qweight/qzeros/scales/
+    g_idx` from `state` and return {name: Int4Linear or Int8Linear}. Other configs: {} (state untouched)."""
+    if not isinstance(quant_config, dict) or quant_config.get("quant_method") != "gptq":
+        if isinstance(quant_config, dict):
+            raise CheckpointError(f"{source}: quant_method {quant_config.get('quant_method')!r} is not "
+                                  "supported (only gptq)")
+        return {}
+    bits, group_size = quant_config.get("bits"), quant_config.get("group_size", -1)
+    fmt = quant_config.get("checkpoint_format", "gptq")
+    if bits not in (2, 4, 8) or not isinstance(group_size, int) or fmt not in FORMATS:
+        raise CheckpointError(f"{source}: unsupported GPTQ config bits={bits} group_size={group_size} "
+                              f"checkpoint_format={fmt!r} (supported: bits 4 or 8, formats {FORMATS})")
+    if quant_config.get("desc_act"):
+        raise CheckpointError(f"{source}: act-order (desc_act: true) GPTQ checkpoints are not supported")
+    names = sorted({k.rpartition(".")[0] for k in state if k.endswith((".qweight", ".qzeros", ".scales"))})
+    layers = {}
+    for name in names:
+        parts = {p: state.pop(f"{name}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx")
+                 if f"{name}.{p}" in state}
+        q = unpack_qtensor(name, parts, bits, group_size, fmt, source)
+        try:
+            layers[name] = to_int8_linear(q) if bits == 8 else to_int4_linear(q)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: tensor {name}.qweight: {e}") from None
+    return layers
+
+
+def save_quantized(model, qtensors: dict[str, QTensor], tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Write a GPTQ-layout directory: config.json with quantization_config, model.safetensors, tokenizer files.
+    All qtensors share bits, symmetry and group size (8 bits: per channel). Written into a temporary sibling
+    directory renamed into place at the end."""
+    out = Path(out_dir)
+    kinds = {(q.bits, q.symmetric, -1 if q.group_size == q.shape[1] and q.bits == 8 else q.group_size)
+             for q in qtensors.values()}
+    if len(kinds) != 1:
+        raise ConfigError(f"save_quantized needs one bits / symmetry / group size for all layers, got {kinds}")
+    (bits, sym, group_size), = kinds
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: output directory exists and is not empty")
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.endswith(".weight") and k[:-len(".weight")] in qtensors:
+            continue
+        state[k] = v.to(torch.bfloat16) if v.is_floating_point() else v
+    for name, q in qtensors.items():
+        state.update({f"{name}.{p}": v for p, v in pack_qtensor(q).items()})
+    cfg = model.config.to_dict()
+    cfg["torch_dtype"] = "bfloat16"
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
+                                  "desc_act": False, "sym": sym, "checkpoint_format": "gptq"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        atomic_write_text(tmp / "config.json", json.dumps(cfg, indent=2) + "\n")
+        save_state_dict(state, tmp, model.config.tie_word_embeddings)
+        tokenizer.save(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def calibration_batches(tokenizer, text: str, seq_len: int, nsamples: int, batch: int = 4) -> list[torch.Tensor]:
+    """Token id batches [B, seq_len] from `text`: consecutive chunks of seq_len - 1 tokens, each after a BOS,
+    at most nsamples sequences (a text shorter than one sequence gives one shorter sequence)."""
+    ids = tokenizer.encode(text)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    step = seq_len - len(bos)
+    if not ids:
+        raise ConfigError("the calibration text has no tokens")
+    seqs = [bos + ids[i:i + step] for i in range(0, max(len(ids) - step + 1, 1), step)][:nsamples]
+    seqs = [s for s in seqs if len(s) == len(seqs[0])]
+    return [torch.tensor(seqs[i:i + batch]) for i in range(0, len(seqs), batch)]
+
+
+def quantize_checkpoint(src, out_dir, method: str = "gptq", bits: int = 4, group_size: int = 128,
+                        calib_text: str | None = None, nsamples: int = 32, seq_len: int = 512,
+                        symmetric: bool = True, log=print) -> Path:
+    """Load `src` (fp32), quantize every linear but lm_head with rtn / gptq / pgptq (calibrated on calib_text),
+    and write a GPTQ-layout checkpoint to out_dir. bits 8: per output channel (group_size ignored)."""
+    import time
+    from torch import nn
+    from minicpm4.gptq import METHODS, calibrate, quantize_model_weights
+    from minicpm4.loader import load
+    from minicpm4.quant import INT4_GROUP_SIZES
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    if bits not in (4, 8):
+        raise ConfigError(f"bits must be 4 or 8, got {bits}")
+    if bits == 4 and group_size not in INT4_GROUP_SIZES:
+        raise ConfigError(f"4-bit group size must be one of {INT4_GROUP_SIZES} (the int4 kernel's), got {group_size}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: output directory exists and is not empty")
+    model, tok = load(src, dtype="fp32")
+    linears = {nm: m for nm, m in model.named_modules() if isinstance(m, nn.Linear) and nm != "lm_head"}
+    if bits == 4:
+        bad = {nm: m.in_features for nm, m in linears.items() if m.in_features % group_size}
+        if bad:
+            ks = set(bad.values()) | {m.in_features for m in linears.values()}
+            fits = [g for g in INT4_GROUP_SIZES if all(k % g == 0 for k in ks)]
+            hint = f"use --group-size {max(fits)}" if fits else f"no group size in {INT4_GROUP_SIZES} divides all"
+            nm = next(iter(bad))
+            raise ConfigError(f"layer {nm} has {bad[nm]} inputs, not divisible by group size {group_size} "
+                              f"({len(bad)} such layers); {hint}")
+    if method == "rtn":
+        hessians = dict.fromkeys(linears)
+    else:
+        if not calib_text:
+            raise ConfigError(f"method {method} needs calibration text (--calib FILE)")
+        batches = calibration_batches(tok, calib_text, seq_len, nsamples)
+        log(f"calibrating on {sum(len(b) for b in batches)} x {batches[0].shape[1]} tokens")
+        t0 = time.perf_counter()
+        hessians = calibrate(model, batches, list(linears), skip_prefix=4)
+        log(f"calibrated {len(hessians)} layers in {time.perf_counter() - t0:.1f}s")
+    qtensors = {}
+    for i, (name, acc) in enumerate(hessians.items(), 1):
+        t0 = time.perf_counter()
+        g = linears[name].in_features if bits == 8 else group_size
+        qtensors.update(quantize_model_weights(model, {name: acc}, method, bits, g, symmetric))
+        log(f"[{i}/{len(hessians)}] {name} {tuple(linears[name].weight.shape)} {method} {bits}-bit "
+            f"{'per-channel' if bits == 8 else f'g{g}'}: {time.perf_counter() - t0:.2f}s")
+    return save_quantized(model, qtensors, tok, out)
