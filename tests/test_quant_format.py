@@ -104,8 +104,7 @@ def _tiny_dir(tmp_path, qweight_fn=None, drop=None):
     d.mkdir()
     (d / "config.json").write_text(json.dumps(cfg))
     save_file(state, str(d / "model.safetensors"))
-    tok_cfg = {"model": {"type": "BPE", "vocab": {}, "merges": []}}
-    return d, want, tok_cfg
+    return d, want
 
 
 def test_hand_packed_v1_checkpoint(tmp_path):
@@ -113,7 +112,7 @@ def test_hand_packed_v1_checkpoint(tmp_path):
     from minicpm4.loader import build_model
     from minicpm4.weights import read_state_dict
     from minicpm4.gptq_format import gptq_layers
-    d, want, _ = _tiny_dir(tmp_path)
+    d, want = _tiny_dir(tmp_path)
     config = ModelConfig.from_json(d / "config.json")
     state = read_state_dict([d / "model.safetensors"], torch.bfloat16)
     layers = gptq_layers(config.extra["quantization_config"], state, str(d))
@@ -137,9 +136,9 @@ def test_corrupt_checkpoint(tmp_path, case, needle):
     from minicpm4.gptq_format import gptq_layers
     p = "model.layers.0.self_attn.q_proj."
     if case == "missing_scales":
-        d, _, _ = _tiny_dir(tmp_path, drop=[p + "scales"])
-    else:  # K = 4 * 8 = 32 rows... here 5 words -> K = 40, not a multiple of group_size 32
-        d, _, _ = _tiny_dir(tmp_path, qweight_fn=lambda s: {**s, p + "qweight": s[p + "qweight"][:5].contiguous()})
+        d, _ = _tiny_dir(tmp_path, drop=[p + "scales"])
+    else:  # 5 packed words of 8 codes -> K = 40 inputs, which contradicts group_size 32 and the 64-wide layer
+        d, _ = _tiny_dir(tmp_path, qweight_fn=lambda s: {**s, p + "qweight": s[p + "qweight"][:5].contiguous()})
     config = ModelConfig.from_json(d / "config.json")
     state = read_state_dict([d / "model.safetensors"], torch.bfloat16)
     with pytest.raises(CheckpointError, match=needle):
