@@ -22,18 +22,13 @@ channel); nothing is dequantized to float.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from minicpm4.errors import CheckpointError, ConfigError
-from minicpm4.fileio import atomic_write_text
 from minicpm4.quant import QTensor, to_int4_linear, to_int8_linear
-from minicpm4.weights import save_state_dict
 
 FORMATS = ("gptq", "gptq_v2")
 
@@ -145,8 +140,6 @@ def save_quantized(model, qtensors: dict[str, QTensor], tokenizer, out_dir: str 
     if len(kinds) != 1:
         raise ConfigError(f"save_quantized needs one bits / symmetry / group size for all layers, got {kinds}")
     (bits, sym, group_size), = kinds
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out}: output directory exists and is not empty")
     state = {}
     for k, v in model.state_dict().items():
         if k.endswith(".weight") and k[:-len(".weight")] in qtensors:
@@ -158,19 +151,8 @@ def save_quantized(model, qtensors: dict[str, QTensor], tokenizer, out_dir: str 
     cfg["torch_dtype"] = "bfloat16"
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
                                   "desc_act": False, "sym": sym, "checkpoint_format": "gptq"}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        atomic_write_text(tmp / "config.json", json.dumps(cfg, indent=2) + "\n")
-        save_state_dict(state, tmp, model.config.tie_word_embeddings)
-        tokenizer.save(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    from minicpm4.loader import write_hf_dir
+    return write_hf_dir(out, cfg, state, tokenizer, model.config.tie_word_embeddings)
 
 
 def calibration_batches(tokenizer, text: str, seq_len: int, nsamples: int, batch: int = 4) -> list[torch.Tensor]:

@@ -163,15 +163,21 @@ def save_pretrained(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, out_dir: s
     if model.fused or any(isinstance(m, (Int4Linear, Int8Linear)) for m in model.modules()):
         raise ConfigError("save_pretrained writes float HF weights; this model has fused or quantized layers "
                           "(fuse_projections, int4): load the checkpoint again without them to convert it")
+    cfg = model.config.to_dict()
+    cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return write_hf_dir(out, cfg, model.state_dict(), tokenizer, model.config.tie_word_embeddings)
+
+
+def write_hf_dir(out: Path, config: dict, state: dict[str, torch.Tensor], tokenizer: Tokenizer, tied: bool) -> Path:
+    """config.json, model.safetensors and tokenizer files into `out` (absent or empty), through a temporary
+    sibling directory renamed into place at the end."""
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out}: output directory exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        cfg = model.config.to_dict()
-        cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-        atomic_write_text(tmp / "config.json", json.dumps(cfg, indent=2) + "\n")
-        save_state_dict(model.state_dict(), tmp, model.config.tie_word_embeddings)
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        save_state_dict(state, tmp, tied)
         tokenizer.save(tmp)
         if out.exists():
             out.rmdir()
