@@ -1,8 +1,10 @@
-"""The `minicpm4` command line: setup, generate, chat, serve, agent, info, convert,
-quantize.
+"""The `minicpm4` command line: the root group, shared options, and setup, generate, chat, info, convert.
 
 Thin wrappers: each command parses flags into library calls (loader, LLM, SamplingParams). Errors the
-library raises for bad input (MiniCPM4Error) are printed as one line and exit with status 2.
+library raises for bad input (MiniCPM4Error) are printed as one line and exit with status 2. The other
+commands live in `cli_<area>.py` modules (serve, quant, ...), each with a `register(cli)` that adds its
+commands to the root group or to its `train` / `data` subgroups; `main` registers them all, importing only
+click-level code so that `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -161,56 +163,6 @@ def _reply(llm, ids, params, stop) -> str:
 
 
 @cli.command()
-@model_options
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
-@click.option("--port", default=8000, show_default=True)
-@click.option("--api-key", envvar="MINICPM4_API_KEY", default=None,
-              help="Require 'Authorization: Bearer KEY' on /v1 routes (or set MINICPM4_API_KEY).")
-@click.option("--served-model-name", default=None, help="Model id in the API (default: the model's file name).")
-@click.option("--max-batch", default=16, show_default=True, help="Requests decoded together at most.")
-@click.option("--max-queue", default=64, show_default=True, help="Requests waiting at most (then 429).")
-@click.option("--max-tokens", default=4096, show_default=True, help="Largest max_tokens a request may ask.")
-@click.option("--max-model-len", default=4096, show_default=True, help="Context per request (KV cache rows).")
-@click.option("--mcp", "mcp_commands", multiple=True,
-              help='MCP server command, e.g. "python my_server.py" (repeatable): chat requests without tools of '
-                   "their own get these servers' tools, called by the server.")
-@click.option("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), show_default="cores - 1",
-              help="Compute threads; one core is left to the HTTP side, whose work would stall the others.")
-def serve(model_path, dtype, int4, sparse, sparse_config, host, port, api_key, served_model_name, max_batch,
-          max_queue, max_tokens, max_model_len, mcp_commands, threads):
-    """OpenAI-compatible server (needs the serve extra: pip install 'minicpm4[serve]')."""
-    try:
-        from minicpm4.server import serve as run
-    except ImportError as e:
-        raise click.ClickException(f"{e}; install the serve extra: pip install 'minicpm4[serve]'") from None
-    from pathlib import Path
-
-    import torch
-    torch.set_num_threads(threads)
-    llm = _load(model_path, dtype, int4, sparse, sparse_config, max_len=max_model_len, max_slots=max_batch)
-    name = served_model_name or (Path(model_path).name if model_path else "SmolLM2-135M-Instruct")
-    run(llm, name, host=host, port=port, api_key=api_key, max_queue=max_queue, max_tokens=max_tokens,
-        mcp_commands=list(mcp_commands))
-
-
-@cli.command()
-@click.option("--prompt", required=True, help="The user message.")
-@click.option("--mcp", "mcp_commands", multiple=True, required=True,
-              help='MCP server command, e.g. "python my_server.py --flag" (repeatable); only their tools run.')
-@click.option("--system", default=None, help="System message.")
-@click.option("--max-turns", default=8, show_default=True, help="Model turns at most.")
-@click.option("--max-new-tokens", default=512, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True)
-@click.option("--model", "model_path", default=None, help=MODEL_HELP)
-@click.option("--dtype", default="auto", show_default=True)
-def agent(prompt, mcp_commands, system, max_turns, max_new_tokens, temperature, model_path, dtype):
-    """Answer PROMPT with tools from MCP servers (stdio), printing each call and result (serve extra)."""
-    from minicpm4.agent import agent_main
-    agent_main(model_path, list(mcp_commands), prompt, max_tokens=max_new_tokens, temperature=temperature,
-               max_turns=max_turns, dtype=dtype, system=system)
-
-
-@cli.command()
 @click.argument("model_path")
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--int4", is_flag=True, help="Load a GGUF's Q4_1 layer weights 4-bit.")
@@ -258,25 +210,24 @@ def convert(src, out_dir, dtype):
     click.echo(save_pretrained(model, tok, out_dir))
 
 
-@cli.command()
-@click.argument("model")
-@click.option("--method", type=click.Choice(["rtn", "gptq", "pgptq"]), default="gptq", show_default=True)
-@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
-              help="8 = per output channel (--group-size ignored).")
-@click.option("--group-size", default=128, show_default=True, help="Input columns per scale (4-bit).")
-@click.option("--calib", type=click.Path(exists=True, dir_okay=False), help="Calibration text file (gptq, pgptq).")
-@click.option("--nsamples", default=32, show_default=True, help="Calibration sequences at most.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration sequence (BOS first).")
-@click.option("-o", "--out", "out_dir", required=True, help="Output directory (GPTQ safetensors layout).")
-def quantize(model, method, bits, group_size, calib, nsamples, seq_len, out_dir):
-    """Quantize MODEL's linear layers (RTN, GPTQ, P-GPTQ) into a GPTQ-format checkpoint directory."""
-    from minicpm4.gptq_format import quantize_checkpoint
-    text = open(calib, encoding="utf-8").read() if calib else None
-    click.echo(quantize_checkpoint(model, out_dir, method, int(bits), group_size, text, nsamples, seq_len,
-                                   log=lambda m: click.echo(m, err=True)))
+@cli.group()
+def train():
+    """Training: pretraining, SFT, QAT, draft heads."""
+
+
+@cli.group()
+def data():
+    """Data: token shards, quality classifier, filtering, synthesis."""
+
+
+def _register_all() -> None:
+    import importlib
+    for area in ("serve", "quant"):
+        importlib.import_module(f"minicpm4.cli_{area}").register(cli)
 
 
 def main() -> None:
+    _register_all()
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:

@@ -1,0 +1,27 @@
+"""`minicpm4 quantize`: RTN / GPTQ / P-GPTQ into a GPTQ-layout checkpoint, registered by `register`."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("model")
+@click.option("--method", type=click.Choice(["rtn", "gptq", "pgptq"]), default="gptq", show_default=True)
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
+              help="8 = per output channel (--group-size ignored).")
+@click.option("--group-size", default=128, show_default=True, help="Input columns per scale (4-bit).")
+@click.option("--calib", type=click.Path(exists=True, dir_okay=False), help="Calibration text file (gptq, pgptq).")
+@click.option("--nsamples", default=32, show_default=True, help="Calibration sequences at most.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration sequence (BOS first).")
+@click.option("-o", "--out", "out_dir", required=True, help="Output directory (GPTQ safetensors layout).")
+def quantize(model, method, bits, group_size, calib, nsamples, seq_len, out_dir):
+    """Quantize MODEL's linear layers (RTN, GPTQ, P-GPTQ) into a GPTQ-format checkpoint directory."""
+    from minicpm4.gptq_format import quantize_checkpoint
+    text = open(calib, encoding="utf-8").read() if calib else None
+    click.echo(quantize_checkpoint(model, out_dir, method, int(bits), group_size, text, nsamples, seq_len,
+                                   log=lambda m: click.echo(m, err=True)))
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(quantize)
