@@ -27,6 +27,7 @@ from torch import nn
 from minicpm4.config import ModelConfig
 from minicpm4.errors import ConfigError
 from minicpm4.kv_cache import KVCache
+from minicpm4.native_decode import NativeDecoder
 from minicpm4.sparse import make_backend as sparse_backend
 
 
@@ -254,6 +255,7 @@ class MiniCPM4ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.native: NativeDecoder | None = None  # set by fuse_projections() when the C++ stack fits
         if config.sparse_config is not None:  # InfLLM v2 (dense below sparse_config.dense_len keys)
             if config.sparse_config["use_nope"]:
                 raise ConfigError("sparse_config.use_nope=true needs a cache of pre-RoPE keys, which the model does "
@@ -267,12 +269,17 @@ class MiniCPM4ForCausalLM(nn.Module):
         dominated by per-op overhead, and this removes about a third of its ops. Outputs are unchanged.
         The fused model no longer has the HF parameter names, so it cannot be trained or saved; load a
         fresh copy for that. Idempotent.
+
+        It also builds the C++ decode stack (native_decode.py) when the extension is available, the weights are
+        bf16 and attention is dense: decode steps (one token per row, no autograd) then run in one native call.
         """
         for layer in self.model.layers:
             if layer.self_attn.qkv_proj is None:
                 layer.self_attn.fuse()
             if layer.mlp.gate_up_proj is None:
                 layer.mlp.fuse()
+        dense = all(layer.self_attn.backend is dense_attention for layer in self.model.layers)
+        self.native = NativeDecoder.build(self) if dense else None
         return self
 
     @property
@@ -281,6 +288,8 @@ class MiniCPM4ForCausalLM(nn.Module):
                    for layer in self.model.layers)
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
+        if backend is not dense_attention:
+            self.native = None  # the C++ stack runs dense attention only
         for layer in self.model.layers:
             layer.self_attn.backend = backend
 
@@ -300,8 +309,11 @@ class MiniCPM4ForCausalLM(nn.Module):
         if cfg.scale_emb != 1.0:
             h = h * cfg.scale_emb
         cos, sin = self.model.rotary_emb(positions, ctx.kv_len)
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, ctx, contiguous_from)
+        if self.native is not None and self.native.usable(h, ctx):
+            h = self.native(h, cos, sin, ctx)
+        else:
+            for layer in self.model.layers:
+                h = layer(h, cos, sin, ctx, contiguous_from)
         if logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
         h = self.model.norm(h)

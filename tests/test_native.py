@@ -1,0 +1,77 @@
+"""The C++ decode stack (native_decode.py, csrc/decode.cpp) against the Python layers of model.py.
+
+Both run bf16 with fp32 math inside norms, rotary and softmax, but sum in different orders, so they are not
+bit-identical over 30 layers (one layer is). The honest comparison is against the truth both approximate:
+the fp32 model. The native path must be as close to it as the Python path is."""
+
+import copy
+
+import torch
+
+import minicpm4
+from minicpm4.config import tiny
+from minicpm4.kv_cache import KVCache
+from minicpm4.model import MiniCPM4ForCausalLM
+
+
+def _decode_logits(model, ids: torch.Tensor, steps: int, dtype) -> torch.Tensor:
+    """Teacher-forced decode of a batch of 2 rows at different lengths (row 1 is 5 tokens behind, so the
+    masked path runs): prefill ids[:, :n], then one token per row per step. -> logits [2, steps, V]."""
+    n = ids.shape[1] - steps
+    cache = KVCache(model.config, 2, ids.shape[1], dtype=dtype)
+    out = []
+    with torch.no_grad():
+        model(ids[:, :n], cache=cache)
+        for s in range(steps):
+            pos = torch.tensor([[n + s], [n + s - 5]])
+            tok = torch.stack([ids[0, n + s], ids[1, n + s - 5]])[:, None]
+            out.append(model(tok, positions=pos, cache=cache)[:, -1])
+    return torch.stack(out, 1)
+
+
+def test_native_decode_is_as_accurate_as_the_python_layers(smollm_gguf, real_text):
+    m32, tok = minicpm4.load(smollm_gguf, dtype="fp32")
+    ids = torch.tensor([tok.encode(real_text)[:80], tok.encode(real_text)[200:280]])
+    truth = _decode_logits(m32, ids, 12, torch.float32)
+    m, _ = minicpm4.load(smollm_gguf, dtype="bf16")
+    m.fuse_projections()
+    assert m.native is not None, "the C++ decode stack did not build (needs a C++ compiler and ninja)"
+    native = _decode_logits(m, ids, 12, torch.bfloat16)
+    m.native = None
+    python = _decode_logits(m, ids, 12, torch.bfloat16)
+    err_native, err_python = (native - truth).abs().mean(), (python - truth).abs().mean()
+    assert err_native <= 1.25 * err_python, (err_native, err_python)
+    assert (native - python).abs().mean() <= 1.5 * err_python
+    assert (native.argmax(-1) == truth.argmax(-1)).float().mean() >= (python.argmax(-1) == truth.argmax(-1)).float().mean() - 0.1
+
+
+def test_native_decode_runs_int4_and_int8_layers(smollm_gguf, real_text):
+    m, tok = minicpm4.load(smollm_gguf, dtype="bf16", int4=True)  # Int4Linear layers, Int8Linear head
+    m.fuse_projections()
+    assert m.native is not None
+    ids = torch.tensor([tok.encode(real_text)[:40], tok.encode(real_text)[100:140]])
+    native = _decode_logits(m, ids, 6, torch.bfloat16)
+    m.native = None
+    python = _decode_logits(m, ids, 6, torch.bfloat16)
+    assert (native.argmax(-1) == python.argmax(-1)).float().mean() >= 0.9
+    assert (native - python).abs().mean() < 0.1 * python.abs().mean()
+
+
+def test_native_decode_with_mup_multipliers_and_fallbacks(monkeypatch):
+    """The tiny MiniCPM4 config (scale_emb 12, residual scale 1.4/sqrt(2), GQA group 4, head_dim 16): the
+    residual scaling that the default (Llama) model never exercises. Off switch and unfit models fall back."""
+    torch.manual_seed(0)
+    m32 = MiniCPM4ForCausalLM(tiny()).eval()
+    assert m32.fuse_projections().native is None  # fp32 weights: the Python layers run
+    m32 = MiniCPM4ForCausalLM(tiny()).eval()
+    m = copy.deepcopy(m32).to(torch.bfloat16)
+    ids = torch.randint(0, 512, (2, 40))
+    truth = _decode_logits(m32, ids, 10, torch.float32)
+    m.fuse_projections()
+    assert m.native is not None
+    native = _decode_logits(m, ids, 10, torch.bfloat16)
+    m.native = None
+    python = _decode_logits(m, ids, 10, torch.bfloat16)
+    assert (native - truth).abs().mean() <= 1.25 * (python - truth).abs().mean()
+    monkeypatch.setenv("MINICPM4_NATIVE", "0")
+    assert m.fuse_projections().native is None
