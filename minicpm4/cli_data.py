@@ -1,0 +1,86 @@
+"""`minicpm4 data ...`: train-classifier, filter, synth, demo-corpus (UltraClean / UltraChat v2), via `register`."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import click
+
+PATHS_HELP = "File or directory (repeatable): .jsonl/.json[.gz|.zst], .parquet, or plain text (one doc per file)."
+
+
+def _read_texts(paths, text_key, what):
+    """All usable texts from files/dirs; bad records are counted and reported on stderr, not fatal."""
+    from minicpm4.data.pipeline import list_inputs
+    from minicpm4.data.records import open_records
+
+    texts, bad = [], Counter()
+    for path in list_inputs(list(paths)):
+        for rec in open_records(path, text_key):
+            if rec.reason:
+                bad[rec.reason] += 1
+            else:
+                texts.append(rec.text)
+    extra = ", ".join(f"{n} {r}" for r, n in sorted(bad.items()))
+    click.echo(f"[{what}: {len(texts)} documents" + (f"; skipped {extra}]" if extra else "]"), err=True)
+    return texts
+
+
+@click.command("train-classifier")
+@click.option("--pos", multiple=True, required=True, help="High-quality seed documents. " + PATHS_HELP)
+@click.option("--neg", multiple=True, required=True, help="Random raw documents. " + PATHS_HELP)
+@click.option("-o", "--out", required=True, help="Model path (.bin); a <out>.json sidecar is written next to it.")
+@click.option("--tokenizer", default="default", show_default=True,
+              help="tokenizer.json or HF dir used in preprocessing ('default' = the default model's).")
+@click.option("--dim", default=256, show_default=True)
+@click.option("--lr", default=0.1, show_default=True)
+@click.option("--word-ngrams", default=3, show_default=True)
+@click.option("--min-count", default=5, show_default=True)
+@click.option("--epoch", default=3, show_default=True)
+@click.option("--bucket", default=2_000_000, show_default=True,
+              help="Hashed n-gram rows; model size ~ bucket*dim*4 bytes.")
+@click.option("--threads", default=1, show_default=True, help="fastText threads (1 = reproducible).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--heldout", default=0.1, show_default=True, help="Fraction held out for the precision/recall report.")
+@click.option("--threshold", default=0.5, show_default=True)
+@click.option("--text-key", default="text", show_default=True)
+def train_classifier(pos, neg, out, tokenizer, heldout, threshold, text_key, **params):
+    """Train the UltraClean fastText classifier (paper defaults) and report held-out precision/recall."""
+    from minicpm4.data.classifier import TrainParams
+    from minicpm4.data.classifier import train_classifier as train
+
+    report = train(_read_texts(pos, text_key, "pos"), _read_texts(neg, text_key, "neg"), out,
+                   TrainParams(**params), heldout, threshold, tokenizer)
+    click.echo(report.lines())
+    click.echo(out)
+
+
+@click.command("filter")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, help="Output folder (kept/, rejected/, logs/); rerun to resume.")
+@click.option("--classifier", default=None, help="fastText model from train-classifier (omit: heuristics/dedup only).")
+@click.option("--threshold", default=0.5, show_default=True, help="Keep P(pos) >= threshold.")
+@click.option("--heuristic", "heuristics", multiple=True,
+              type=click.Choice(["gopher_quality", "gopher_repetition", "fineweb_quality"]),
+              help="datatrove heuristic filter before the classifier (repeatable).")
+@click.option("--dedup", type=click.Choice(["none", "exact", "minhash"]), default="none", show_default=True)
+@click.option("--workers", default=1, show_default=True, help="Tasks run in parallel (processes).")
+@click.option("--tasks", default=0, show_default=True, help="Shards; 0 = one per input file.")
+@click.option("--batch-size", default=256, show_default=True, help="Documents scored per fastText call.")
+@click.option("--text-key", default="text", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def filter_cmd(inputs, out, classifier, threshold, heuristics, dedup, workers, tasks, batch_size, text_key, as_json):
+    """Filter INPUTS (files/dirs of JSONL, Parquet, text) with datatrove's local executor; resumable."""
+    from minicpm4.data.filter_report import format_report
+    from minicpm4.data.pipeline import FilterJob, run_job
+
+    report = run_job(FilterJob(list(inputs), out, classifier, threshold, tuple(heuristics), dedup, text_key,
+                               tasks, workers, batch_size))
+    click.echo(json.dumps(report) if as_json else format_report(report))
+
+
+def register(cli: click.Group) -> None:
+    group = cli.commands["data"]
+    for command in (train_classifier, filter_cmd):
+        group.add_command(command)
