@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,8 +110,6 @@ def train_classifier(pos: Iterable[str], neg: Iterable[str], out: str | os.PathL
                      params: TrainParams | None = None, heldout: float = 0.1, threshold: float = 0.5,
                      tokenizer: str | None = None) -> Report:
     """Train on preprocessed pos/neg texts, report held-out precision/recall, save model + sidecar."""
-    import fasttext
-
     params = params or TrainParams()
     pos, neg = list(pos), list(neg)
     if not pos or not neg:
@@ -121,15 +121,38 @@ def train_classifier(pos: Iterable[str], neg: Iterable[str], out: str | os.PathL
         with open(train_file, "w", encoding="utf-8") as f:
             for (label, _), line in zip(train, pre.batch([t for _, t in train])):
                 f.write(f"{label} {line}\n")
-        model = fasttext.train_supervised(
-            input=str(train_file), dim=params.dim, lr=params.lr, wordNgrams=params.word_ngrams,
-            minCount=params.min_count, epoch=params.epoch, bucket=params.bucket, thread=params.threads,
-            seed=params.seed, verbose=0)
+        model = _train_file(train_file, params)
     clf = QualityClassifier(model, pre)
     report = evaluate(clf, test, threshold, n_train=len(train))
     clf.meta = {"tokenizer": pre.tokenizer, "params": asdict(params), "report": asdict(report)}
     clf.save(out)
     return report
+
+
+_FIT = ("import json, sys, fasttext; "
+        "fasttext.train_supervised(input=sys.argv[1], verbose=0, **json.loads(sys.argv[2])).save_model(sys.argv[3])")
+
+
+def _train_file(train_file: Path, params: TrainParams):
+    """Train in a fresh Python process (importing only fasttext) and load the result.
+
+    fastText 0.9.2 (the numpy-2 wheel) reports "Encountered NaN" at lr 0.1 and a fixed seed on every run
+    once the process has run a `tokenizers` encode_batch (reused heap memory, it seems), while the same
+    file and params train cleanly in a fresh process. A `python -c` child starts clean and, unlike
+    multiprocessing's spawn, needs no `if __name__ == "__main__"` guard in the caller's script."""
+    import fasttext
+
+    model_file = str(train_file.with_suffix(".bin"))
+    args = dict(dim=params.dim, lr=params.lr, wordNgrams=params.word_ngrams, minCount=params.min_count,
+                epoch=params.epoch, bucket=params.bucket, thread=params.threads, seed=params.seed)
+    run = subprocess.run([sys.executable, "-c", _FIT, str(train_file), json.dumps(args), model_file],
+                         capture_output=True, text=True)
+    if run.returncode != 0:
+        err = (run.stderr.strip().splitlines() or ["no output"])[-1]
+        if "NaN" in err:
+            raise ConfigError(f"fastText training diverged (NaN) at lr {params.lr}; lower --lr")
+        raise ConfigError(f"fastText training failed: {err}")
+    return fasttext.load_model(model_file)
 
 
 def evaluate(clf: QualityClassifier, labelled: list[tuple[str, str]], threshold: float = 0.5,

@@ -21,8 +21,6 @@ SlurmPipelineExecutor or RayPipelineExecutor: pass `stage.pipeline` and `stage.t
 stages with `depends=` (see README, "Data").
 """
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +55,10 @@ class Stage:
     extra: dict = field(default_factory=dict)
 
 
-def doc_text(doc) -> str:  # the return annotation tells datatrove's exact dedup what to hash
-    return doc.text
+def doc_bytes(doc) -> bytes:
+    """Exact dedup's content: datatrove reads the (runtime) return annotation to pick the hash input type,
+    hence no `from __future__ import annotations` in this module."""
+    return doc.text.encode("utf-8")
 
 
 def list_inputs(inputs: list[str]) -> list[str]:
@@ -144,7 +144,7 @@ def _exact(out, tasks, workers, reread, rejects, kept) -> list[Stage]:
     from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter,
                                                       ExactDedupSignature, ExactFindDedups)
 
-    cfg = ExactDedupConfig(content_getter=doc_text)
+    cfg = ExactDedupConfig(content_getter=doc_bytes)
     sigs, dups = str(out / "dedup" / "signatures"), str(out / "dedup" / "duplicates")
     return [Stage("dedup_signature", [reread(), ExactDedupSignature(sigs, cfg)], tasks, workers),
             Stage("dedup_find", [ExactFindDedups(sigs, dups, cfg)], 1),
@@ -174,6 +174,7 @@ def run_job(job: FilterJob) -> dict:
     from minicpm4.data.filter_report import job_report
 
     for stage in build_stages(job):
+        # fork: workers inherit the imported modules instead of re-importing torch & co. per worker
         LocalPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=min(stage.workers, stage.tasks),
-                              logging_dir=str(Path(job.output) / "logs" / stage.name)).run()
+                              logging_dir=str(Path(job.output) / "logs" / stage.name), start_method="fork").run()
     return job_report(job.output)

@@ -13,7 +13,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
-from minicpm4.data.records import read_records
+from minicpm4.data.records import open_binary, read_records
 
 
 class CorpusReader(BaseDiskReader):
@@ -26,7 +26,9 @@ class CorpusReader(BaseDiskReader):
         self._rank = 0
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
-        with self.data_folder.open(filepath, "rb", compression="infer") as f:
+        local = self.data_folder.is_local()
+        with open_binary(self.data_folder.resolve_paths(filepath)) if local else \
+                self.data_folder.open(filepath, "rb", compression="infer") as f:
             for rec in read_records(filepath, f, self.text_key):
                 if rec.reason is not None:
                     self.stat_update(f"bad_{rec.reason}")

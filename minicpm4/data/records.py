@@ -49,12 +49,19 @@ def read_records(path: str, binary: IO[bytes], text_key: str = "text") -> Iterat
         yield _classify(path, binary.read(), None, {})
 
 
-def open_records(path: str, text_key: str = "text") -> Iterator[Record]:
-    """read_records on a local file, decompressing .gz / .zst by suffix."""
-    import fsspec
+def open_binary(path: str) -> IO[bytes]:
+    """Open a local file for streaming reads, decompressing .gz / .zst by suffix. Plain `open` rather than
+    fsspec's local opener, which seeks to learn the size and so cannot read a named pipe."""
+    from fsspec.compression import compr
 
-    compression = "gzip" if path.endswith(".gz") else "zstd" if path.endswith(".zst") else None
-    with fsspec.open(path, "rb", compression=compression) as f:
+    f = open(path, "rb")
+    codec = "gzip" if path.endswith(".gz") else "zstd" if path.endswith(".zst") else None
+    return compr[codec](f, mode="rb") if codec else f
+
+
+def open_records(path: str, text_key: str = "text") -> Iterator[Record]:
+    """read_records on a local file (or named pipe)."""
+    with open_binary(path) as f:
         yield from read_records(path, f, text_key)
 
 
