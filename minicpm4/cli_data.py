@@ -80,7 +80,45 @@ def filter_cmd(inputs, out, classifier, threshold, heuristics, dedup, workers, t
     click.echo(json.dumps(report) if as_json else format_report(report))
 
 
+@click.command("synth")
+@click.option("--track", required=True, type=click.Choice(["textbook", "forum", "knowledge", "math", "code",
+                                                           "instruction", "long_context", "tool_use"]))
+@click.option("--seeds", multiple=True, required=True, help="Seed documents. " + PATHS_HELP)
+@click.option("-o", "--out", required=True, help="Output JSONL (appended; <out>.done tracks finished seeds).")
+@click.option("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+@click.option("--model", default="default", show_default=True)
+@click.option("--api-key", envvar="OPENAI_API_KEY", default="none")
+@click.option("--concurrency", default=8, show_default=True, help="Requests in flight at most.")
+@click.option("--retries", default=4, show_default=True, help="Retries of 429/5xx/connection errors.")
+@click.option("--backoff", default=0.5, show_default=True, help="Base of the exponential backoff (s).")
+@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--max-tokens", default=1024, show_default=True)
+@click.option("--limit", default=0, show_default=True, help="Use the first N seeds (0 = all).")
+@click.option("--tools", "tools_path", default=None, help="JSON list of OpenAI tool specs (tool_use).")
+@click.option("--candidates", default=4, show_default=True, help="Best-of-n per constraint level (instruction).")
+@click.option("--constraints", default=3, show_default=True, help="Constraint layers (instruction).")
+@click.option("--retrieved", default=4, show_default=True, help="Documents around the planted one (long_context).")
+@click.option("--level", default="high-school", show_default=True, help="Difficulty (math, code).")
+@click.option("--run-tests", is_flag=True, help="code: execute the generated tests (trusted endpoints only).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--text-key", default="text", show_default=True)
+def synth(track, seeds, out, base_url, model, api_key, concurrency, retries, backoff, temperature, max_tokens,
+          limit, tools_path, candidates, constraints, retrieved, level, run_tests, seed, text_key):
+    """Synthesize pretraining rewrites or UltraChat v2-style SFT data from seed documents (resumable)."""
+    from minicpm4.data.synth_client import ClientSettings
+    from minicpm4.data.synthesis import run_synthesis
+    from minicpm4.data.tool_calls import load_tools
+
+    settings = ClientSettings(base_url, model, api_key, concurrency, retries, backoff,
+                              temperature=temperature, max_tokens=max_tokens)
+    context = dict(tools=load_tools(tools_path) if tools_path else [], candidates=candidates,
+                   constraints=constraints, retrieved=retrieved, level=level, run_tests=run_tests, seed=seed)
+    report = run_synthesis(track, list(seeds), out, settings, text_key, limit, context,
+                           log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(report))
+
+
 def register(cli: click.Group) -> None:
     group = cli.commands["data"]
-    for command in (train_classifier, filter_cmd):
+    for command in (train_classifier, filter_cmd, synth):
         group.add_command(command)
