@@ -118,7 +118,25 @@ def synth(track, seeds, out, base_url, model, api_key, concurrency, retries, bac
     click.echo(json.dumps(report))
 
 
+@click.command("demo-corpus")
+@click.option("-o", "--out", required=True, help="Output folder (seeds/, corpus/).")
+@click.option("--per-source", default=400, show_default=True, help="Documents per clean source.")
+@click.option("--seed", default=0, show_default=True)
+def demo_corpus(out, per_source, seed):
+    """Build a mixed-quality demo corpus from offline text (KJV, man pages, Debian docs, degraded copies)."""
+    from minicpm4.data.demo_corpus import write_demo
+    click.echo(json.dumps(write_demo(out, seed, per_source)))
+
+
+@click.command("demo-score")
+@click.argument("filter_out")
+def demo_score(filter_out):
+    """Precision/recall of a filter run over the demo corpus, against its construction labels."""
+    from minicpm4.data.demo_corpus import kept_quality
+    click.echo(json.dumps(kept_quality(filter_out)))
+
+
 def register(cli: click.Group) -> None:
     group = cli.commands["data"]
-    for command in (train_classifier, filter_cmd, synth):
+    for command in (train_classifier, filter_cmd, synth, demo_corpus, demo_score):
         group.add_command(command)

@@ -40,6 +40,8 @@ def normalize_whitespace(text: str) -> str:
 
 def strip_diacritics(text: str) -> str:
     """NFKD-decompose and drop combining marks: 'naïve café' -> 'naive cafe'."""
+    if text.isascii():  # nothing to decompose; skips the per-character loop for most English text
+        return text
     return "".join(c for c in unicodedata.normalize("NFKD", text) if unicodedata.category(c) != "Mn")
 
 
