@@ -8,7 +8,7 @@ paper's hyperparameters (dim 256, lr 0.1, word n-grams 3, minCount 5, 3 epochs) 
 Reported:
   accuracy   the train-classifier held-out report (10% of the seeds), and precision/recall of the filter's kept
              documents on the held-out corpus against the construction labels.
-  step       the classifier step alone, documents already in memory, model loaded and warmed up: ours
+  step       the classifier step alone (TOKENIZERS_PARALLELISM=false: one core per worker), documents already in memory, model loaded and warmed up: ours
              (QualityFilter: preprocessing = whitespace/diacritics/lowercase + subword tokenization, then
              fastText) against datatrove's FastTextClassifierFilter on raw text with the same model (the peer:
              no preprocessing). With W workers, W forked processes each score 1/W of the documents at the same
@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# one core per worker: otherwise the tokenizer's own thread pool spreads one "worker" over every core
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from minicpm4.data.classifier import TrainParams, train_classifier  # noqa: E402
 from minicpm4.data.demo_corpus import kept_quality, write_demo  # noqa: E402

@@ -135,9 +135,12 @@ def write_demo(out: str | Path, seed: int = 0, per_source: int = 400, seed_fract
 
 
 def kept_quality(filter_out: str | Path) -> dict:
-    """Precision / recall of a filter run's kept/ against the demo labels (pos = should be kept)."""
+    """Precision / recall of a filter run's kept/ against the demo labels (pos = should be kept).
+    Recall = kept pos / (kept pos + pos dropped by a filter); dedup's drops are left out."""
     kept = [json.loads(ln) for f in sorted(Path(filter_out, "kept").glob("*.jsonl")) for ln in open(f)]
-    dropped = [json.loads(ln) for f in sorted(Path(filter_out, "rejected").rglob("*.jsonl")) for ln in open(f)]
+    # a duplicate dropped by dedup is not a lost document (its twin is kept or dropped on its own merits)
+    dropped = [json.loads(ln) for f in sorted(Path(filter_out, "rejected").rglob("*.jsonl"))
+               if f.parent.name != "dedup" for ln in open(f)]
     label = [d["metadata"].get("label") for d in kept]
     pos_total = label.count("pos") + sum(d.get("metadata", {}).get("label") == "pos" for d in dropped)
     return {"kept": len(kept), "kept_pos": label.count("pos"),
