@@ -22,7 +22,7 @@ stages with `depends=` (see README, "Data").
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from minicpm4.errors import ConfigError
@@ -52,7 +52,6 @@ class Stage:
     pipeline: list
     tasks: int
     workers: int = 1
-    extra: dict = field(default_factory=dict)
 
 
 def doc_bytes(doc) -> bytes:

@@ -21,8 +21,6 @@ from minicpm4.errors import ConfigError
 
 def read_seeds(paths: list[str], text_key: str = "text", limit: int = 0) -> list[tuple[str, str]]:
     """(seed id, text) for every usable record of the seed files; ids are the record's id or path:line."""
-    import json
-
     from minicpm4.data.pipeline import list_inputs
     from minicpm4.data.records import open_records
 
@@ -34,7 +32,7 @@ def read_seeds(paths: list[str], text_key: str = "text", limit: int = 0) -> list
                 if limit and len(seeds) >= limit:
                     return seeds
     if not seeds:
-        raise ConfigError(f"seeds {paths}: no usable documents ({json.dumps(text_key)} field)")
+        raise ConfigError(f"seeds {paths}: no usable documents (text field '{text_key}')")
     return seeds
 
 
