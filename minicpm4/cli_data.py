@@ -116,6 +116,9 @@ def synth(track, seeds, out, base_url, model, api_key, concurrency, retries, bac
     report = run_synthesis(track, list(seeds), out, settings, text_key, limit, context,
                            log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(report))
+    if report.get("failed_seeds"):
+        from minicpm4.data.synth_client import SynthesisError
+        raise SynthesisError(f"{report['failed_seeds']} seeds failed (see above); rerun the command to retry them")
 
 
 @click.command("demo-corpus")

@@ -51,6 +51,13 @@ def test_bad_user_input_is_one_line_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "minicpm4.cli", "data", "filter", str(tmp_path / "missing"), "-o",
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: input ")
+    (tmp_path / "c.jsonl").write_text('{"text": "x"}\n')
+    r = invoke("filter", tmp_path / "c.jsonl", "-o", tmp_path / "o2", "--classifier", tmp_path / "nope.bin", catch=True)
+    assert isinstance(r.exception, ConfigError) and "nope.bin: no such file" in str(r.exception)
+    r = invoke("synth", "--track", "textbook", "--seeds", tmp_path / "c.jsonl", "-o", tmp_path / "s.jsonl",
+               "--base-url", "http://127.0.0.1:9/v1", "--retries", 1, "--backoff", 0.01, catch=True)
+    assert type(r.exception).__name__ == "SynthesisError" and "1 seeds failed" in str(r.exception)
+    assert json.loads(r.output.strip().splitlines()[-1])["failed_seeds"] == 1
 
 
 def test_demo_helpers_on_literal_text(tmp_path):

@@ -100,6 +100,10 @@ def build_stages(job: FilterJob) -> list[Stage]:
 
     if job.dedup not in DEDUP:
         raise ConfigError(f"dedup {job.dedup!r}: choose one of {DEDUP}")
+    if job.classifier and not Path(job.classifier).is_file():  # fail here, not in every worker
+        raise ConfigError(f"classifier {job.classifier}: no such file")
+    if not 0.0 <= job.threshold <= 1.0:
+        raise ConfigError(f"threshold {job.threshold}: must be in [0, 1]")
     out = Path(job.output)
     root, paths_file, n_files = fix_inputs(job)
     tasks = job.tasks or n_files
