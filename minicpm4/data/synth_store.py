@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from minicpm4.fileio import atomic_write_text
+from typing import Iterator
 
 
 def content_hash(sample: dict) -> str:
@@ -36,18 +36,20 @@ class SampleStore:
         self._done = open(self.done_path, "a", encoding="utf-8")
 
     def _recover(self) -> None:
+        """Stream both files; rewrite a file (atomically, streaming) only if it holds a torn or orphan line.
+        Memory: the set of done seed ids and one 20-byte hash per sample, never the samples themselves."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done = {json.loads(line)["seed_id"] for line in _complete_lines(self.done_path)}
-        _rewrite_if_torn(self.done_path, _complete_lines(self.done_path))
-        kept = []
-        for line in _complete_lines(self.path):
+        _keep_only(self.done_path, lambda line: True)
+
+        def keep(line: str) -> bool:
             sample = json.loads(line)
-            if sample.get("seed_id") in self.done:
-                kept.append(line)
-                self.hashes.add(content_hash(sample))
-            else:
+            if sample.get("seed_id") not in self.done:
                 self.dropped_partial += 1
-        _rewrite_if_torn(self.path, kept, force=self.dropped_partial > 0)
+                return False
+            self.hashes.add(content_hash(sample))
+            return True
+        _keep_only(self.path, keep)
 
     def add_seed(self, seed_id: str, samples: list[dict]) -> int:
         """Append the seed's new (non-duplicate) samples, then mark the seed done; return how many were new."""
@@ -71,22 +73,37 @@ class SampleStore:
         self._done.close()
 
 
-def _complete_lines(path: Path) -> list[str]:
-    """Lines that end in a newline and parse as JSON (a torn last line from a kill does neither)."""
+def _complete(line: str) -> bool:
+    """A line that ends in a newline and parses as JSON (a torn last line from a kill does neither)."""
+    if not line.endswith("\n"):
+        return False
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _complete_lines(path: Path) -> Iterator[str]:
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            yield from (line for line in f if _complete(line))
+
+
+def _keep_only(path: Path, keep) -> None:
+    """Stream `path`'s complete lines through `keep` into a temp file; rename it over `path` only if a line
+    went (torn, orphan), else delete it."""
     if not path.is_file():
-        return []
-    lines = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if line.endswith("\n"):
-            lines.append(line)
-    return lines
-
-
-def _rewrite_if_torn(path: Path, lines: list[str], force: bool = False) -> None:
-    text = "".join(lines)
-    if path.is_file() and (force or path.read_text(encoding="utf-8") != text):
-        atomic_write_text(path, text)
+        return
+    tmp = path.with_name(f".{path.name}.recover")
+    total = kept = 0
+    with open(path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as out:
+        for line in src:
+            total += 1
+            if _complete(line) and keep(line):
+                out.write(line)
+                kept += 1
+    if kept == total:
+        tmp.unlink()
+    else:
+        tmp.replace(path)
