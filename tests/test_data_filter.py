@@ -128,6 +128,9 @@ def test_inputs_must_not_change_on_resume(tmp_path):
         run_job(FilterJob([str(inp)], str(tmp_path / "out")))
     with pytest.raises(ConfigError, match="no such file"):
         run_job(FilterJob([str(tmp_path / "nope")], str(tmp_path / "o2")))
+    # an output folder inside the input folder: its files are not inputs, so a rerun is a resume
+    first = run_job(FilterJob([str(inp)], str(inp / "out")))
+    assert run_job(FilterJob([str(inp)], str(inp / "out"))) == first and first["read"] == 2
 
 
 def _open_fifo_for_writing(path, proc, timeout=60):

@@ -78,8 +78,12 @@ def list_inputs(inputs: list[str]) -> list[str]:
 
 
 def fix_inputs(job: FilterJob) -> tuple[str, str, int]:
-    """Write (first run) or check (resume) out/inputs.txt; return (root, paths file, number of files)."""
-    files = list_inputs(job.inputs)
+    """Write (first run) or check (resume) out/inputs.txt; return (root, paths file, number of files).
+    Files under the output folder are never inputs (an output folder may sit inside the input folder)."""
+    out = Path(job.output).resolve()
+    files = [f for f in list_inputs(job.inputs) if not Path(f).is_relative_to(out)]
+    if not files:
+        raise ConfigError(f"inputs {job.inputs}: no files outside the output folder {job.output}")
     root = os.path.commonpath([os.path.dirname(f) for f in files])
     listing = "".join(os.path.relpath(f, root) + "\n" for f in files)
     paths_file = Path(job.output) / "inputs.txt"
