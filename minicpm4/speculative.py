@@ -191,3 +191,31 @@ class SpeculativeDecoder:
                 out.finish_reason = "length"
             if out.finish_reason is not None:
                 return
+
+
+SPEC_KEYS = {"topk", "num_iter", "tree_size", "gamma"}
+
+
+def build_speculative(target: MiniCPM4ForCausalLM, draft: str, frspec: str | None = None,
+                      options: dict | None = None, max_len: int | None = None) -> SpeculativeDecoder:
+    """A SpeculativeDecoder for `target` from a draft path: an EAGLE draft directory (tree drafting; options topk,
+    num_iter, tree_size; an FR-Spec file restricts its head) or any model load() reads (chain drafting; gamma)."""
+    from minicpm4.draft import is_draft_dir, load_draft
+    from minicpm4.draft_chain import ChainDrafter
+    from minicpm4.draft_tree import EagleDrafter
+    from minicpm4.frspec import load_vocab
+    from minicpm4.loader import load
+
+    options = dict(options or {})
+    if unknown := set(options) - SPEC_KEYS:
+        raise ConfigError(f"unknown speculative option(s) {sorted(unknown)} (known: {sorted(SPEC_KEYS)})")
+    if is_draft_dir(draft):
+        vocab = load_vocab(frspec, target.config.vocab_size) if frspec else None
+        tree = {k: int(options[k]) for k in ("topk", "num_iter", "tree_size") if k in options}
+        drafter = EagleDrafter(load_draft(draft, target, vocab).fuse(), **tree)
+    else:
+        if frspec:
+            raise ConfigError(f"--frspec applies to EAGLE drafts; {draft} is a plain model (chain draft)")
+        dtype = next(target.parameters()).dtype
+        drafter = ChainDrafter(load(draft, dtype=dtype)[0].fuse_projections(), int(options.get("gamma", 4)))
+    return SpeculativeDecoder(target, drafter, max_len=max_len)
