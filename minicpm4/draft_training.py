@@ -89,7 +89,7 @@ def draft_loss(draft: EagleDraft, x: torch.Tensor, feats: torch.Tensor, labels: 
     valid = y != -100
     ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
     acc = ((logits.argmax(-1) == y) & valid).sum() / valid.sum().clamp(min=1)
-    return reg + ce_weight * ce, {"reg": float(reg), "ce": float(ce), "top1": float(acc)}
+    return reg + ce_weight * ce, {"reg": float(reg.detach()), "ce": float(ce.detach()), "top1": float(acc)}
 
 
 def lr_at(step: int, args: DraftTrainArgs) -> float:
@@ -148,7 +148,7 @@ def train_draft(target: MiniCPM4ForCausalLM, tokens: list[int], out_dir: str | P
         opt.step()
         step += 1
         if step % 10 == 0 or step == args.steps:
-            log(f"step {step}/{args.steps} loss {float(loss):.4f} reg {parts['reg']:.4f} ce {parts['ce']:.3f} "
+            log(f"step {step}/{args.steps} loss {float(loss.detach()):.4f} reg {parts['reg']:.4f} ce {parts['ce']:.3f} "
                 f"top1 {parts['top1']:.3f} ({time.perf_counter() - t0:.0f}s)")
         if step % args.save_every == 0 or step == args.steps:
             save()
