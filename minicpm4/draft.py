@@ -70,7 +70,7 @@ class EagleDraft(nn.Module):
         """A new draft for `target`: the layer starts as a copy of the target's last layer, fc passes the
         feature through (fc2 = identity, fc1 small random), so training starts from a sensible predictor."""
         cfg = dataclasses.replace(target.config, model_type="minicpm", num_hidden_layers=layers,
-                                  architectures=[DRAFT_ARCH], sparse_config=None)
+                                  architectures=[DRAFT_ARCH], sparse_config=None, tie_word_embeddings=False)
         if target.fused:
             raise ConfigError("a new draft copies the target's last layer: load the target unfused")
         draft = cls(cfg, target.config.num_hidden_layers)
@@ -172,7 +172,7 @@ def load_draft(path: str | Path, target: MiniCPM4ForCausalLM, vocab: torch.Tenso
     if not cfg_path.is_file():
         raise CheckpointError(f"{p}: no config.json for the draft")
     raw = json.loads(cfg_path.read_text())
-    cfg = ModelConfig.from_dict(raw)
+    cfg = dataclasses.replace(ModelConfig.from_dict(raw), tie_word_embeddings=False)  # the head is the target's
     mup = int(raw.get("mup_denominator", cfg.num_hidden_layers))
     dtype = target.model.embed_tokens.weight.dtype
     state = {k: v for k, v in read_state_dict(checkpoint_files(p), dtype).items() if k not in SHARED}
