@@ -110,6 +110,8 @@ class SpeculativeDecoder:
         req = self._engine.make_request(prompt, params, stop_fn)
         req.out = out = SpecGeneration(len(req.prompt))
         p = req.params
+        if p.logprobs is not None:
+            raise InputError("logprobs are not reported by speculative decoding")
         if p.max_new_tokens == 0:
             out.finish_reason = "length"
             return out

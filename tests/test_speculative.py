@@ -216,3 +216,28 @@ def test_speculative_sampling_preserves_target_distribution(kind):
         accepted += out.accepted[0] > 1
     assert chi2(counts, p2) < CHI2_DF7_999
     assert accepted > runs // 10  # draft tokens were accepted often enough for the test to exercise acceptance
+
+
+def test_eagle_root_proposal_equals_teacher_forced_draft_prediction(target, prompt):
+    """The drafter feeds the draft the same (feature_t, x_{t+1}) pairs at the same positions as training does: its
+    first proposal each round is the draft's teacher-forced argmax over prompt + greedy output."""
+    ref = plain_greedy(target, prompt, 24)
+    seq = torch.tensor([prompt + ref])
+    draft = EagleDraft.for_target(target, seed=4)
+    kept = []
+    hook = target.model.norm.register_forward_hook(lambda mod, inp, out: kept.append(out))
+    with torch.no_grad():
+        target(seq)
+        hook.remove()
+        forced = draft(seq[:, 1:], kept[0][:, :-1], torch.arange(seq.shape[1] - 1)[None])[0][0].argmax(-1)
+    drafter = EagleDrafter(draft, topk=3, num_iter=2, tree_size=6)
+    proposals, propose = [], drafter.propose
+
+    def spy(ids, params, generator):
+        tree = propose(ids, params, generator)
+        proposals.append((len(ids) - 1, int(tree.tokens[tree.children(0)[0]])))  # the best child of the root
+        return tree
+    drafter.propose = spy
+    assert spec_greedy(target, drafter, prompt, 24).token_ids == ref
+    assert len(proposals) > 5
+    assert all(tok == int(forced[m - 1]) for m, tok in proposals)  # pair (f_{m-1}, x_m) predicts x_{m+1}
