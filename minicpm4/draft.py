@@ -62,7 +62,7 @@ class EagleDraft(nn.Module):
             config, scale_depth=config.scale_depth * math.sqrt(config.num_hidden_layers / mup_denominator))
         self.model = EagleBody(config, layer_config)
         self.vocab: torch.Tensor | None = None  # FR-Spec token ids of the head rows, or None (full vocabulary)
-        self._shared: tuple = ()  # (embed_tokens, head): the target's modules, kept out of state_dict
+        self._shared: tuple = ()  # (embed_tokens, head, scale_emb): the target's, kept out of state_dict
 
     # ---- construction ----
     @classmethod
@@ -136,7 +136,7 @@ class EagleDraft(nn.Module):
         for layer in m.eagle_layers:
             h = layer(h, cos, sin, ctx, contiguous_from)
         x = h if self.config.logit_scale == 1.0 else h / self.config.logit_scale
-        return head(x.to(head.weight.dtype)).float(), h
+        return head(x.to(embed.weight.dtype)).float(), h
 
     def new_cache(self, max_len: int, dtype: torch.dtype) -> KVCache:
         return KVCache(self.config, 1, max_len, dtype)
