@@ -53,6 +53,33 @@ def model_options(f):
     return f
 
 
+def draft_options(f):
+    """Speculative decoding (generate, chat): batch 1, through minicpm4.speculative."""
+    opts = [
+        click.option("--draft", default=None,
+                     help="EAGLE draft directory (tree drafting) or a smaller model of the same vocabulary (chain)."),
+        click.option("--frspec", default=None, help="FR-Spec vocabulary file (minicpm4 frspec) for an EAGLE draft."),
+        click.option("--spec", "spec_json", default=None,
+                     help='JSON of speculative options, e.g. \'{"topk": 10, "num_iter": 2, "tree_size": 12}\' '
+                          'or \'{"gamma": 4}\' for a chain draft.'),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _spec_options(spec_json) -> dict | None:
+    if spec_json is None:
+        return None
+    try:
+        spec = json.loads(spec_json)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON ({e})", param_hint="--spec") from None
+    if not isinstance(spec, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--spec")
+    return spec
+
+
 def _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed):
     from minicpm4.sampling import SamplingParams
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -74,11 +101,14 @@ def _overrides(sparse, sparse_config) -> dict | None:
     return {"sparse_config": fields} if sparse or sparse_config is not None else None
 
 
-def _load(model_path, dtype, int4=False, sparse=None, sparse_config=None, **engine_kwargs):
+def _load(model_path, dtype, int4=False, sparse=None, sparse_config=None, draft=None, frspec=None, spec_json=None,
+          **engine_kwargs):
     from minicpm4.llm import LLM
     overrides = _overrides(sparse, sparse_config)
+    spec = _spec_options(spec_json)
     t0 = time.perf_counter()
-    llm = LLM.load(model_path, dtype=dtype, config_overrides=overrides, int4=int4, **engine_kwargs)
+    llm = LLM.load(model_path, dtype=dtype, config_overrides=overrides, int4=int4, draft=draft, frspec=frspec,
+                   spec=spec, **engine_kwargs)
     click.echo(f"[loaded {model_path or 'default model'} in {time.perf_counter() - t0:.1f}s]", err=True)
     return llm
 
@@ -100,10 +130,12 @@ def setup():
 @click.option("--raw", is_flag=True, help="Use the prompt as plain text instead of a chat turn.")
 @click.option("--system", default=None, help="System message (chat mode).")
 @sampling_options
-def generate(prompt, raw, system, model_path, dtype, int4, sparse, sparse_config, stop, **sampling):
+@draft_options
+def generate(prompt, raw, system, model_path, dtype, int4, sparse, sparse_config, stop, draft, frspec, spec_json,
+             **sampling):
     """Generate a reply to one prompt (chat template applied unless --raw) and stream it to stdout."""
     params = _params(**sampling)  # validated before the (slower) model load
-    llm = _load(model_path, dtype, int4, sparse, sparse_config)
+    llm = _load(model_path, dtype, int4, sparse, sparse_config, draft, frspec, spec_json)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     ids = llm.encode_text(prompt) if raw else llm.encode_chat(messages)
     _reply(llm, ids, params, stop)
@@ -157,8 +189,9 @@ def _reply(llm, ids, params, stop) -> str:
     click.echo()
     if done:
         g = done[0]
+        accept = f", mean acceptance {g.mean_accept_length:.2f}" if hasattr(g, "mean_accept_length") else ""
         click.echo(f"[prompt {g.prompt_len} tok at {g.prompt_len / max(g.prefill_s, 1e-9):.0f} tok/s | "
-                   f"{len(g.token_ids)} tok at {g.decode_tok_per_s:.1f} tok/s, {g.finish_reason}]", err=True)
+                   f"{len(g.token_ids)} tok at {g.decode_tok_per_s:.1f} tok/s{accept}, {g.finish_reason}]", err=True)
     return "".join(pieces)
 
 
@@ -222,7 +255,7 @@ def data():
 
 def _register_all() -> None:
     import importlib
-    for area in ("serve", "quant", "data"):
+    for area in ("serve", "quant", "data", "spec"):
         importlib.import_module(f"minicpm4.cli_{area}").register(cli)
 
 

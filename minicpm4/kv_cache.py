@@ -60,3 +60,16 @@ class KVCache:
             vc.scatter_(2, idx, v)
         return kc[:, :, :kv_len], vc[:, :, :kv_len]
 
+
+    def compact(self, start: int, keep: torch.Tensor) -> None:
+        """Move the slots start + keep[i] to start + i in every layer and row (keep: ascending 1-D offsets).
+
+        After tree verification the accepted path's keys sit at scattered slots; this packs them right after
+        the committed prefix, so slot = position holds again. Slots past start + len(keep) become stale.
+        """
+        n = keep.numel()
+        if n and bool((keep == torch.arange(n)).all()):  # already in place (a chain, or the first nodes)
+            return
+        src = start + keep
+        for buf in (self.k, self.v):  # [layers, batch, kv_heads, slots, head_dim]; index_select copies first
+            buf[:, :, :, start:start + n] = buf.index_select(3, src)

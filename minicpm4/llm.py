@@ -53,16 +53,26 @@ class TextStream:
 
 
 class LLM:
-    def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, **engine_kwargs):
+    def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, speculative=None, **engine_kwargs):
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, **engine_kwargs)
+        # a SpeculativeDecoder (batch 1, same stream/generate contract) replaces the engine for generate/stream
+        self.speculative = speculative
 
     @classmethod
     def load(cls, source=None, dtype="auto", config_overrides: dict | None = None, int4: bool = False,
+             draft: str | None = None, frspec: str | None = None, spec: dict | None = None,
              **engine_kwargs) -> "LLM":
+        """draft: an EAGLE draft directory or a smaller model (see speculative.build_speculative); frspec: an
+        FR-Spec vocabulary file for an EAGLE draft; spec: tree/chain options (topk, num_iter, tree_size, gamma)."""
         from minicpm4.loader import load
         model, tokenizer = load(source, dtype=dtype, config_overrides=config_overrides, int4=int4)
-        return cls(model.fuse_projections(), tokenizer, **engine_kwargs)
+        model = model.fuse_projections()
+        speculative = None
+        if draft is not None:
+            from minicpm4.speculative import build_speculative
+            speculative = build_speculative(model, draft, frspec, spec, engine_kwargs.get("max_len"))
+        return cls(model, tokenizer, speculative, **engine_kwargs)
 
     # ---- prompts ----
     def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
@@ -102,7 +112,7 @@ class LLM:
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams | None = None,
                      stop: Sequence[str] = ()) -> list[TextResult]:
         params = self._params(params)
-        gens = self.engine.generate(prompts, params, [self.stop_fn(stop)] * len(prompts))
+        gens = (self.speculative or self.engine).generate(prompts, params, [self.stop_fn(stop)] * len(prompts))
         return [TextResult(self._final_text(g, params, stop), g) for g in gens]
 
     def generate(self, prompts: str | list[str], params: SamplingParams | None = None,
@@ -119,7 +129,7 @@ class LLM:
         (token ids, timings, finish reason) at the end."""
         params = self._params(params)
         text = self.text_stream(params, stop)
-        tokens = self.engine.stream(prompt, params, self.stop_fn(stop))
+        tokens = (self.speculative or self.engine).stream(prompt, params, self.stop_fn(stop))
         while True:
             try:
                 token = next(tokens)

@@ -321,6 +321,30 @@ class MiniCPM4ForCausalLM(nn.Module):
             h = h / cfg.logit_scale
         return self.lm_head(h).float()
 
+    def forward_masked(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
+                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """T new tokens with an explicit attention mask (tree verification, speculative drafting).
+
+        input_ids, positions [B, T]; the tokens' keys and values go to cache slots start..start+T-1 whatever
+        their positions (several tree nodes share a position), positions drive only the rotary embedding.
+        mask [B, T, start+T] bool: which slots each new token attends to (True = attend).
+        Returns logits [B, T, V] fp32 and the final-normed hidden states [B, T, hidden] (before the logit
+        scale), the features an EAGLE draft reads.
+        """
+        b, t = input_ids.shape
+        if start + t > cache.max_len:
+            raise ValueError(f"slots up to {start + t - 1} do not fit a cache of {cache.max_len} slots")
+        ctx = AttnContext(positions, start + t, mask[:, None], False, cache)
+        cfg = self.config
+        h = self.model.embed_tokens(input_ids)
+        if cfg.scale_emb != 1.0:
+            h = h * cfg.scale_emb
+        cos, sin = self.model.rotary_emb(positions, start + t)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, ctx, start)
+        h = self.model.norm(h)
+        return self.lm_head(h if cfg.logit_scale == 1.0 else h / cfg.logit_scale).float(), h
+
     @staticmethod
     def _attn_context(positions: torch.Tensor, cache: KVCache | None) -> tuple[AttnContext, int | None]:
         """Pick the cheapest exact masking: causal, or an explicit position mask.
