@@ -8,8 +8,8 @@ dense_len = -1 (always sparse).
            selection and attention included.
   decode   one query at position S-1 over a cache of S keys (a slice of a larger buffer, as KVCache returns).
            dense: SDPA with the G query heads of a KV head folded into query rows (faster than enable_gqa,
-           which copies k and v G times). sparse: infllmv2_attention given cached compressed keys
-           (compressed=(C1, C2)), as an engine keeping them up to date would call it.
+           which copies k and v G times), as the model's dense decode runs it. sparse: infllmv2_attention
+           given cached compressed keys (compressed=(C1, C2)), as the model's KVCache.compressed provides them.
 
 Data: random q, k, v (iid normal), the worst case for the sparse prefill: stage 2 attends a chunk of 64 queries
 to the union of their selected blocks, and iid queries select unrelated blocks, so the union approaches every
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from minicpm4.config import SPARSE_DEFAULTS
 from minicpm4.sparse import ATTN_CHUNK, SparseConfig, infllmv2_attention, select_blocks
-from minicpm4.sparse_select import compress_both
+from minicpm4.sparse_select import compress_both, pad_kernels
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 2, 64
 
@@ -107,7 +107,8 @@ def make_call(mode: str, impl: str, s: int, data: str):
         qf = q.reshape(KV_HEADS, 1, HEADS // KV_HEADS, HEAD_DIM)  # G heads of a KV head as G query rows
         kf, vf = k.reshape(KV_HEADS, 1, s, HEAD_DIM), v.reshape(KV_HEADS, 1, s, HEAD_DIM)
         return lambda: F.scaled_dot_product_attention(qf, kf, vf)
-    compressed = compress_both(k, cfg) if mode == "decode" else None
+    # decode: the compressed keys as KVCache.compressed holds them (zero-padded to whole KERNEL_BUCKETs)
+    compressed = tuple(pad_kernels(c) for c in compress_both(k, cfg)) if mode == "decode" else None
     return lambda: infllmv2_attention(q, k, v, config=cfg, compressed=compressed)
 
 

@@ -173,17 +173,31 @@ def make_backend(config: SparseConfig | dict | None = None):
 
     With a KV cache that keeps compressed keys (KVCache.compressed, present when the model config has a
     sparse_config with the same kernel sizes), a sparse call pools only the kernels the cache lacks; otherwise
-    they are pooled from the cached keys at every call (O(S)).
+    they are pooled from the cached keys at every call (O(S)). With use_nope the backend sets `uses_nope`, and the
+    model passes nope=(q, k) before RoPE ([B, H, T, D], [B, KVH, T, D]): selection runs on those, and with a cache
+    the pre-RoPE keys are kept in KVCache.compressed.k_nope.
     """
     cfg = as_config(config)
 
-    def backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, layer: int) -> torch.Tensor:
+    def backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, layer: int, nope=None) -> torch.Tensor:
         store = getattr(ctx.cache, "compressed", None)
+        if store is not None and (store.cfg.kernel_size, store.cfg.kernel_stride, store.cfg.use_nope) != (
+                cfg.kernel_size, cfg.kernel_stride, cfg.use_nope):
+            store = None  # a cache laid out for another sparse_config: pool from the keys instead
+        q_nope = k_nope = None
+        if cfg.use_nope:
+            q_nope, k_nope = nope
+            if ctx.cache is not None:
+                if store is None:
+                    raise ValueError("sparse_config.use_nope with a KV cache needs the cache built from a model "
+                                     "config whose sparse_config has use_nope=true (it keeps the pre-RoPE keys)")
+                k_nope = store.write_nope(layer, ctx.positions, k_nope, k.shape[2])
         compressed = None
-        if store is not None and (store.cfg.kernel_size, store.cfg.kernel_stride) == (cfg.kernel_size,
-                                                                                     cfg.kernel_stride):
+        if store is not None:
             kv_lens = (ctx.positions.max(1).values + 1).tolist()
             if cfg.dense_len < 0 or max(kv_lens) >= cfg.dense_len:
-                compressed = store.kernels(layer, k, kv_lens)
-        return infllmv2_attention(q, k, v, ctx.positions, config=cfg, compressed=compressed)
+                compressed = store.kernels(layer, k if k_nope is None else k_nope, kv_lens)
+        return infllmv2_attention(q, k, v, ctx.positions, config=cfg, compressed=compressed, q_nope=q_nope,
+                                  k_nope=k_nope)
+    backend.uses_nope = cfg.use_nope
     return backend

@@ -10,6 +10,10 @@ Writes invalidate: `truncate` (called by KVCache.update) cuts `covered` to the f
 kernels reaching a rewritten key are pooled again when next needed. That keeps the cache right when an engine
 reuses a row for a new request, feeds a dummy token to an idle row, or prefills a prompt in chunks.
 
+With use_nope the kernels are pooled from pre-RoPE keys, which the model's cache does not hold: `k_nope` keeps
+them ([layers, B, KVH, max_len, D], written by the sparse backend at every call, dense ones included, so the
+switch to sparse finds them all), as the official cache does.
+
 Buffers hold kernel counts rounded up to KERNEL_BUCKET, and `kernels` returns bucket-sized views: the stage-1
 matmuls then see few distinct shapes (see sparse_select.KERNEL_BUCKET). Kernels past a row's own count are
 stale; they always lie past that row's last key, so the stage-1 visibility rule ignores them.
@@ -41,16 +45,25 @@ class CompressedKeys:
         self.kernels_of = ((self.cfg.kernel_size, self.cfg.kernel_stride),
                            (4 * self.cfg.kernel_size, 4 * self.cfg.kernel_stride))
         if _state is not None:
-            self.c, self.covered = _state
+            self.c, self.covered, self.k_nope = _state
             return
         self.c = tuple(torch.zeros(layers, batch, kv_heads, max(KERNEL_BUCKET, _bucket(n_kernels(max_len, *ks))),
                                    head_dim, dtype=dtype, device=device) for ks in self.kernels_of)
         self.covered = torch.zeros(layers, batch, dtype=torch.int64, device=device)
+        self.k_nope = (torch.zeros(layers, batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+                       if self.cfg.use_nope else None)
 
     def rows(self, index: slice) -> "CompressedKeys":
         """A view over a subset of rows (shares storage, like KVCache.rows)."""
         return CompressedKeys(self.cfg, 0, 0, 0, 0, 0, self.c[0].dtype,
-                              _state=(tuple(c[:, index] for c in self.c), self.covered[:, index]))
+                              _state=(tuple(c[:, index] for c in self.c), self.covered[:, index],
+                                      None if self.k_nope is None else self.k_nope[:, index]))
+
+    def write_nope(self, layer: int, positions: torch.Tensor, k: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Store pre-RoPE keys k [B, KVH, T, D] at positions [B, T]; return the layer's first kv_len of them."""
+        buf = self.k_nope[layer]
+        buf.scatter_(2, positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3]), k)
+        return buf[:, :, :kv_len]
 
     def truncate(self, layer: int, positions: torch.Tensor, contiguous_from: int | None) -> None:
         """Keys at `positions` [B, T] of `layer` are being rewritten: forget kernels that reach them."""
