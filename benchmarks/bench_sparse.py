@@ -18,7 +18,8 @@ model queries fall between the two is not measured here. The union/K column is t
 selection size K, per chunk and KV head (below 1 where a query has fewer than K blocks to pick from).
 Decode cost does not depend on the data.
 
-Each case runs in two subprocesses, both after a warm-up call. One times it: the median of --repeats runs. The
+Each case runs in two subprocesses, both after a warm-up call. One times it: the median of --repeats runs
+(decode: dense and sparse steps alternate in that one process, so a busy machine slows both alike). The
 other measures peak MiB: the peak RSS during one call above the RSS just before it (peak reset through
 /proc/self/clear_refs), i.e. the call's working memory beyond its inputs, output included; glibc is told to map
 every allocation of 64 KiB or more on its own, so freed memory leaves RSS and cannot hide a later peak. Dense
@@ -112,7 +113,23 @@ def make_call(mode: str, impl: str, s: int, data: str):
     return lambda: infllmv2_attention(q, k, v, config=cfg, compressed=compressed)
 
 
+def paired_decode(s: int, data: str, repeats: int) -> dict:
+    """Decode steps of dense and sparse alternately in one process (a busy machine slows both alike); medians."""
+    with torch.inference_mode():
+        calls = {impl: make_call("decode", impl, s, data) for impl in ("dense", "sparse")}
+        times = {impl: [] for impl in calls}
+        for i in range(repeats + 1):  # the first round is a warm-up
+            for impl, call in calls.items():
+                t0 = time.perf_counter()
+                call()
+                if i:
+                    times[impl].append(time.perf_counter() - t0)
+    return {impl: 1e3 * statistics.median(t) for impl, t in times.items()}
+
+
 def worker(mode: str, impl: str, s: int, data: str, repeats: int, measure: str) -> dict:
+    if measure == "time" and mode == "decode":
+        return paired_decode(s, data, repeats)
     with torch.inference_mode():
         # warm-up (a prefill one at 8K, where selection already scores blocks): it also faults in the library
         # code the call runs, which would otherwise count as memory
@@ -135,10 +152,11 @@ def worker(mode: str, impl: str, s: int, data: str, repeats: int, measure: str) 
     return out
 
 
-def run_case(mode: str, impl: str, s: int, data: str, repeats: int, threads: int) -> dict:
+def run_case(mode: str, impl: str, s: int, data: str, repeats: int, threads: int,
+             measures: tuple[str, ...] = ("time", "memory")) -> dict:
     """Time in one subprocess, memory in another: the malloc setting that makes RSS honest also slows small calls."""
     result = {}
-    for measure in ("time", "memory"):
+    for measure in measures:
         args = [sys.executable, __file__, "--worker", mode, impl, str(s), data, str(repeats), measure,
                 "--threads", str(threads)]
         # every allocation >= 64 KiB gets its own mapping, returned on free: RSS then follows live tensors
@@ -169,10 +187,15 @@ def main() -> None:
     for mode, s, data in cases:
         repeats = a.repeats if mode == "prefill" else 5 * a.repeats
         row = {"mode": mode, "s": s, "data": data}
-        if (mode, s) not in dense:  # dense attention costs the same whatever the data: measured once
+        if mode == "decode":  # timed as pairs in one process, memory one implementation per process
+            paired = run_case(mode, "both", s, data, repeats, a.threads, ("time",))
+            row["dense"], row["sparse"] = ({"ms": paired[impl], **run_case(mode, impl, s, data, repeats, a.threads,
+                                                                            ("memory",))} for impl in ("dense", "sparse"))
+        elif (mode, s) not in dense:  # dense attention costs the same whatever the data: measured once
             dense[mode, s] = run_case(mode, "dense", s, data, repeats, a.threads)
-        row["dense"] = dense[mode, s]
-        row["sparse"] = run_case(mode, "sparse", s, data, repeats, a.threads)
+        if mode == "prefill":
+            row["dense"] = dense[mode, s]
+            row["sparse"] = run_case(mode, "sparse", s, data, repeats, a.threads)
         row["speedup"] = round(row["dense"]["ms"] / row["sparse"]["ms"], 2)
         rows.append(row)
         print(f"  {mode} {s} {data}: dense {row['dense']['ms']:.1f} ms, sparse {row['sparse']['ms']:.1f} ms",
