@@ -114,17 +114,22 @@ def make_call(mode: str, impl: str, s: int, data: str):
 
 
 def paired_decode(s: int, data: str, repeats: int) -> dict:
-    """Decode steps of dense and sparse alternately in one process (a busy machine slows both alike); medians."""
+    """Decode steps of dense and sparse alternately in one process; medians of wall time, and of this thread's CPU
+    time, which with 1 thread (ops run inline) excludes the time other jobs hold the core: on a shared machine
+    with more runnable jobs than cores, a 3 ms call is preempted most times and its wall time says little."""
     with torch.inference_mode():
         calls = {impl: make_call("decode", impl, s, data) for impl in ("dense", "sparse")}
-        times = {impl: [] for impl in calls}
+        wall = {impl: [] for impl in calls}
+        cpu = {impl: [] for impl in calls}
         for i in range(repeats + 1):  # the first round is a warm-up
             for impl, call in calls.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 call()
                 if i:
-                    times[impl].append(time.perf_counter() - t0)
-    return {impl: 1e3 * statistics.median(t) for impl, t in times.items()}
+                    wall[impl].append(time.perf_counter() - t0)
+                    cpu[impl].append(time.thread_time() - c0)
+    return {**{impl: 1e3 * statistics.median(t) for impl, t in wall.items()},
+            **{f"{impl}_cpu": 1e3 * statistics.median(t) for impl, t in cpu.items()}}
 
 
 def worker(mode: str, impl: str, s: int, data: str, repeats: int, measure: str) -> dict:
@@ -189,8 +194,10 @@ def main() -> None:
         row = {"mode": mode, "s": s, "data": data}
         if mode == "decode":  # timed as pairs in one process, memory one implementation per process
             paired = run_case(mode, "both", s, data, repeats, a.threads, ("time",))
-            row["dense"], row["sparse"] = ({"ms": paired[impl], **run_case(mode, impl, s, data, repeats, a.threads,
-                                                                            ("memory",))} for impl in ("dense", "sparse"))
+            row["dense"], row["sparse"] = ({"ms": paired[impl], "cpu_ms": paired[f"{impl}_cpu"],
+                                            **run_case(mode, impl, s, data, repeats, a.threads, ("memory",))}
+                                           for impl in ("dense", "sparse"))
+            row["speedup_cpu"] = round(paired["dense_cpu"] / paired["sparse_cpu"], 2)
         elif (mode, s) not in dense:  # dense attention costs the same whatever the data: measured once
             dense[mode, s] = run_case(mode, "dense", s, data, repeats, a.threads)
         if mode == "prefill":
@@ -208,7 +215,9 @@ def main() -> None:
         union = r["sparse"].get("union_over_k")
         print(f"{r['mode']:<8}{r['s']:>7}  {r['data']:<10}{r['dense']['ms']:>11.2f}{r['sparse']['ms']:>11.2f}"
               f"{r['speedup']:>8.2f}x{r['dense']['peak_mib']:>11.1f}{r['sparse']['peak_mib']:>11.1f}"
-              f"{'' if union is None else f'{union:.2f}':>9}")
+              f"{'' if union is None else f'{union:.2f}':>9}"
+              + (f"   thread CPU: {r['dense']['cpu_ms']:.2f} / {r['sparse']['cpu_ms']:.2f} ms = {r['speedup_cpu']:.2f}x"
+                 if "speedup_cpu" in r else ""))
     print(json.dumps({"bench": "sparse_attention", "shape": {"heads": HEADS, "kv_heads": KV_HEADS,
                       "head_dim": HEAD_DIM, "dtype": "bfloat16", "batch": 1}, "sparse_config": SPARSE_DEFAULTS
                       | {"dense_len": -1}, "threads": a.threads, "repeats": a.repeats, "load_avg": os.getloadavg(),

@@ -12,8 +12,10 @@
   prefill  the same shape with --prefill-layers layers (whole-model prefill at 32K is minutes per layer here),
            one cache-less forward of S random tokens, dense vs sparse.
   llama    the default model (SmolLM2-135M) at --llama-context tokens: ours (bf16, fused, dense and sparse, cache
-           filled with random keys as above) against llama-cpp-python on the GGUF (Q4_1, flash attention, 2
-           threads) after a real prefill of that many KJV tokens (slow: quadratic prefill on 2 cores).
+           filled with random keys as above) against llama-cpp-python on the GGUF (Q4_1, flash attention,
+           --threads threads) after a real prefill of that many KJV tokens (slow: quadratic prefill on 2 cores).
+Times are medians of wall time and of this thread's CPU time; with --threads 1 the latter excludes the time other
+jobs hold the core (ours and llama.cpp both compute in the calling thread then), the better number on a busy machine.
 
     python benchmarks/bench_sparse_model.py --decode 8192,32768,65536 --prefill 8192 --llama-context 8192
 The last stdout line is one JSON object with every number.
@@ -67,19 +69,29 @@ def step(model, cache, pos: int) -> None:
     model(ids, positions=torch.tensor([[pos]]), cache=cache, logits_to_keep=1)
 
 
+def clock() -> tuple[float, float]:
+    """(wall, this thread's CPU) seconds. With 1 thread, ops (ours and llama.cpp's) run inline in this thread, so
+    CPU time excludes the time other jobs hold the core: on a machine with more runnable jobs than cores a step
+    is preempted most times and its wall time says little."""
+    return time.perf_counter(), time.thread_time()
+
+
 @torch.inference_mode()
 def decode_times(model, s: int, steps: int) -> dict:
-    """Median seconds per step of each backend, interleaved on one cache."""
+    """Median wall and thread-CPU seconds per step of each backend, interleaved on one cache."""
     cache = filled_cache(model, s, steps + 2)
-    times = {name: [] for name in backends(model)}
+    times = {name: ([], []) for name in backends(model)}
     for i in range(-1, steps):  # i = -1: untimed warm-up (the sparse one pools every kernel)
         for name, backend in backends(model).items():
             model.set_attention_backend(backend)
-            t0 = time.perf_counter()
+            w0, c0 = clock()
             step(model, cache, s + i + 1)
+            w1, c1 = clock()
             if i >= 0:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+                times[name][0].append(w1 - w0)
+                times[name][1].append(c1 - c0)
+    return {**{name: statistics.median(w) for name, (w, _) in times.items()},
+            **{f"{name}_cpu": statistics.median(c) for name, (_, c) in times.items()}}
 
 
 @torch.inference_mode()
@@ -134,16 +146,22 @@ def llama_comparison(s: int, steps: int, threads: int) -> dict:
     t0 = time.perf_counter()
     llm.eval(kjv_ids(tok, s))
     prefill_s = time.perf_counter() - t0
-    times = []
+    wall, cpu = [], []
     for i in range(steps + 1):
-        t0 = time.perf_counter()
+        w0, c0 = clock()
         llm.eval([1000 + i])
+        w1, c1 = clock()
         if i:
-            times.append(time.perf_counter() - t0)
-    cpp = statistics.median(times)
-    return {"context": s, "ours_dense_ms": 1e3 * ours["dense"], "ours_sparse_ms": 1e3 * ours["sparse"],
-            "llamacpp_ms": 1e3 * cpp, "llamacpp_prefill_s": prefill_s,
-            "sparse_over_llamacpp_tok_s": cpp / ours["sparse"], "dense_over_llamacpp_tok_s": cpp / ours["dense"]}
+            wall.append(w1 - w0)
+            cpu.append(c1 - c0)
+    out = {"context": s, "llamacpp_prefill_s": prefill_s}
+    for key, (mine, cpp) in {"": (ours, statistics.median(wall)),
+                             "_cpu": ({k[:-4]: v for k, v in ours.items() if k.endswith("_cpu")},
+                                      statistics.median(cpu))}.items():
+        out |= {f"ours_dense_ms{key}": 1e3 * mine["dense"], f"ours_sparse_ms{key}": 1e3 * mine["sparse"],
+                f"llamacpp_ms{key}": 1e3 * cpp, f"sparse_over_llamacpp_tok_s{key}": cpp / mine["sparse"],
+                f"dense_over_llamacpp_tok_s{key}": cpp / mine["dense"]}
+    return out
 
 
 def main() -> None:
@@ -172,11 +190,13 @@ def main() -> None:
             proc = subprocess.run([sys.executable, __file__, "--memory-worker", str(s), "--layers", str(a.layers),
                                    "--threads", str(a.threads)], capture_output=True, text=True, check=True, env=env)
             row = {"s": s, "dense_ms": 1e3 * t["dense"], "sparse_ms": 1e3 * t["sparse"],
-                   "speedup": t["dense"] / t["sparse"], **json.loads(proc.stdout.strip().splitlines()[-1]),
+                   "speedup": t["dense"] / t["sparse"], "dense_cpu_ms": 1e3 * t["dense_cpu"],
+                   "sparse_cpu_ms": 1e3 * t["sparse_cpu"], "speedup_cpu": t["dense_cpu"] / t["sparse_cpu"], **json.loads(proc.stdout.strip().splitlines()[-1]),
                    "load_avg": os.getloadavg()[0]}
             result["decode"].append(row)
             print(f"decode {s:>6}: dense {row['dense_ms']:8.1f} ms  sparse {row['sparse_ms']:8.1f} ms  "
-                  f"x{row['speedup']:.2f}  MiB first/next step: dense {row['dense_first_step_mib']}/{row['dense_step_mib']} "
+                  f"x{row['speedup']:.2f} (thread CPU {row['dense_cpu_ms']:.1f} / {row['sparse_cpu_ms']:.1f} ms "
+                  f"x{row['speedup_cpu']:.2f})  MiB first/next step: dense {row['dense_first_step_mib']}/{row['dense_step_mib']} "
                   f"sparse {row['sparse_first_step_mib']}/{row['sparse_step_mib']}  "
                   f"(KV {row['kv_cache_mib']} MiB + compressed {row['compressed_cache_mib']} MiB)", flush=True)
         del model
@@ -192,9 +212,10 @@ def main() -> None:
         del model
     if a.llama_context:
         r = result["llama"] = llama_comparison(a.llama_context, a.steps, a.threads)
-        print(f"default model at {r['context']}: ours dense {r['ours_dense_ms']:.1f} ms, sparse {r['ours_sparse_ms']:.1f}"
-              f" ms, llama.cpp {r['llamacpp_ms']:.1f} ms/token -> sparse x{r['sparse_over_llamacpp_tok_s']:.2f} "
-              f"llama.cpp's tokens/s", flush=True)
+        for key, what in (("", "wall"), ("_cpu", "thread CPU")):
+            print(f"default model at {r['context']} ({what}): ours dense {r['ours_dense_ms' + key]:.1f} ms, sparse "
+                  f"{r['ours_sparse_ms' + key]:.1f} ms, llama.cpp {r['llamacpp_ms' + key]:.1f} ms/token -> sparse "
+                  f"x{r['sparse_over_llamacpp_tok_s' + key]:.2f} llama.cpp's tokens/s", flush=True)
     result["load_avg"] = os.getloadavg()
     print(json.dumps(result))
 
