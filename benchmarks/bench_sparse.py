@@ -8,8 +8,8 @@ dense_len = -1 (always sparse).
            selection and attention included.
   decode   one query at position S-1 over a cache of S keys (a slice of a larger buffer, as KVCache returns).
            dense: SDPA with the G query heads of a KV head folded into query rows (faster than enable_gqa,
-           which copies k and v G times). sparse: infllmv2_attention given cached compressed keys
-           (compressed=(C1, C2)), as an engine keeping them up to date would call it.
+           which copies k and v G times), as the model's dense decode runs it. sparse: infllmv2_attention
+           given cached compressed keys (compressed=(C1, C2)), as the model's KVCache.compressed provides them.
 
 Data: random q, k, v (iid normal), the worst case for the sparse prefill: stage 2 attends a chunk of 64 queries
 to the union of their selected blocks, and iid queries select unrelated blocks, so the union approaches every
@@ -18,7 +18,8 @@ model queries fall between the two is not measured here. The union/K column is t
 selection size K, per chunk and KV head (below 1 where a query has fewer than K blocks to pick from).
 Decode cost does not depend on the data.
 
-Each case runs in two subprocesses, both after a warm-up call. One times it: the median of --repeats runs. The
+Each case runs in two subprocesses, both after a warm-up call. One times it: the median of --repeats runs
+(decode: dense and sparse steps alternate in that one process, so a busy machine slows both alike). The
 other measures peak MiB: the peak RSS during one call above the RSS just before it (peak reset through
 /proc/self/clear_refs), i.e. the call's working memory beyond its inputs, output included; glibc is told to map
 every allocation of 64 KiB or more on its own, so freed memory leaves RSS and cannot hide a later peak. Dense
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 
 from minicpm4.config import SPARSE_DEFAULTS
 from minicpm4.sparse import ATTN_CHUNK, SparseConfig, infllmv2_attention, select_blocks
-from minicpm4.sparse_select import compress_both
+from minicpm4.sparse_select import compress_both, pad_kernels
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 2, 64
 
@@ -107,11 +108,33 @@ def make_call(mode: str, impl: str, s: int, data: str):
         qf = q.reshape(KV_HEADS, 1, HEADS // KV_HEADS, HEAD_DIM)  # G heads of a KV head as G query rows
         kf, vf = k.reshape(KV_HEADS, 1, s, HEAD_DIM), v.reshape(KV_HEADS, 1, s, HEAD_DIM)
         return lambda: F.scaled_dot_product_attention(qf, kf, vf)
-    compressed = compress_both(k, cfg) if mode == "decode" else None
+    # decode: the compressed keys as KVCache.compressed holds them (zero-padded to whole KERNEL_BUCKETs)
+    compressed = tuple(pad_kernels(c) for c in compress_both(k, cfg)) if mode == "decode" else None
     return lambda: infllmv2_attention(q, k, v, config=cfg, compressed=compressed)
 
 
+def paired_decode(s: int, data: str, repeats: int) -> dict:
+    """Decode steps of dense and sparse alternately in one process; medians of wall time, and of this thread's CPU
+    time, which with 1 thread (ops run inline) excludes the time other jobs hold the core: on a shared machine
+    with more runnable jobs than cores, a 3 ms call is preempted most times and its wall time says little."""
+    with torch.inference_mode():
+        calls = {impl: make_call("decode", impl, s, data) for impl in ("dense", "sparse")}
+        wall = {impl: [] for impl in calls}
+        cpu = {impl: [] for impl in calls}
+        for i in range(repeats + 1):  # the first round is a warm-up
+            for impl, call in calls.items():
+                t0, c0 = time.perf_counter(), time.thread_time()
+                call()
+                if i:
+                    wall[impl].append(time.perf_counter() - t0)
+                    cpu[impl].append(time.thread_time() - c0)
+    return {**{impl: 1e3 * statistics.median(t) for impl, t in wall.items()},
+            **{f"{impl}_cpu": 1e3 * statistics.median(t) for impl, t in cpu.items()}}
+
+
 def worker(mode: str, impl: str, s: int, data: str, repeats: int, measure: str) -> dict:
+    if measure == "time" and mode == "decode":
+        return paired_decode(s, data, repeats)
     with torch.inference_mode():
         # warm-up (a prefill one at 8K, where selection already scores blocks): it also faults in the library
         # code the call runs, which would otherwise count as memory
@@ -134,10 +157,11 @@ def worker(mode: str, impl: str, s: int, data: str, repeats: int, measure: str) 
     return out
 
 
-def run_case(mode: str, impl: str, s: int, data: str, repeats: int, threads: int) -> dict:
+def run_case(mode: str, impl: str, s: int, data: str, repeats: int, threads: int,
+             measures: tuple[str, ...] = ("time", "memory")) -> dict:
     """Time in one subprocess, memory in another: the malloc setting that makes RSS honest also slows small calls."""
     result = {}
-    for measure in ("time", "memory"):
+    for measure in measures:
         args = [sys.executable, __file__, "--worker", mode, impl, str(s), data, str(repeats), measure,
                 "--threads", str(threads)]
         # every allocation >= 64 KiB gets its own mapping, returned on free: RSS then follows live tensors
@@ -168,10 +192,17 @@ def main() -> None:
     for mode, s, data in cases:
         repeats = a.repeats if mode == "prefill" else 5 * a.repeats
         row = {"mode": mode, "s": s, "data": data}
-        if (mode, s) not in dense:  # dense attention costs the same whatever the data: measured once
+        if mode == "decode":  # timed as pairs in one process, memory one implementation per process
+            paired = run_case(mode, "both", s, data, repeats, a.threads, ("time",))
+            row["dense"], row["sparse"] = ({"ms": paired[impl], "cpu_ms": paired[f"{impl}_cpu"],
+                                            **run_case(mode, impl, s, data, repeats, a.threads, ("memory",))}
+                                           for impl in ("dense", "sparse"))
+            row["speedup_cpu"] = round(paired["dense_cpu"] / paired["sparse_cpu"], 2)
+        elif (mode, s) not in dense:  # dense attention costs the same whatever the data: measured once
             dense[mode, s] = run_case(mode, "dense", s, data, repeats, a.threads)
-        row["dense"] = dense[mode, s]
-        row["sparse"] = run_case(mode, "sparse", s, data, repeats, a.threads)
+        if mode == "prefill":
+            row["dense"] = dense[mode, s]
+            row["sparse"] = run_case(mode, "sparse", s, data, repeats, a.threads)
         row["speedup"] = round(row["dense"]["ms"] / row["sparse"]["ms"], 2)
         rows.append(row)
         print(f"  {mode} {s} {data}: dense {row['dense']['ms']:.1f} ms, sparse {row['sparse']['ms']:.1f} ms",
@@ -184,7 +215,9 @@ def main() -> None:
         union = r["sparse"].get("union_over_k")
         print(f"{r['mode']:<8}{r['s']:>7}  {r['data']:<10}{r['dense']['ms']:>11.2f}{r['sparse']['ms']:>11.2f}"
               f"{r['speedup']:>8.2f}x{r['dense']['peak_mib']:>11.1f}{r['sparse']['peak_mib']:>11.1f}"
-              f"{'' if union is None else f'{union:.2f}':>9}")
+              f"{'' if union is None else f'{union:.2f}':>9}"
+              + (f"   thread CPU: {r['dense']['cpu_ms']:.2f} / {r['sparse']['cpu_ms']:.2f} ms = {r['speedup_cpu']:.2f}x"
+                 if "speedup_cpu" in r else ""))
     print(json.dumps({"bench": "sparse_attention", "shape": {"heads": HEADS, "kv_heads": KV_HEADS,
                       "head_dim": HEAD_DIM, "dtype": "bfloat16", "batch": 1}, "sparse_config": SPARSE_DEFAULTS
                       | {"dense_len": -1}, "threads": a.threads, "repeats": a.repeats, "load_avg": os.getloadavg(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from minicpm4.config import ModelConfig
+from minicpm4.sparse_cache import CompressedKeys
 
 # Caches are allocated in multiples of this many slots, so that requests of similar lengths reuse one buffer.
 KV_BUCKET = 256
@@ -23,12 +24,17 @@ def bucketed(n: int) -> int:
 class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 _k: torch.Tensor | None = None, _v: torch.Tensor | None = None):
+                 _k: torch.Tensor | None = None, _v: torch.Tensor | None = None,
+                 _compressed: CompressedKeys | None = None):
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         # k, v: [layers, batch, kv_heads, max_len, head_dim]
         self.k = _k if _k is not None else torch.zeros(shape, dtype=dtype, device=device)
         self.v = _v if _v is not None else torch.zeros(shape, dtype=dtype, device=device)
         self.config = config
+        # InfLLM v2's compressed keys (sparse_cache.py), kept in step with the keys by update()
+        self.compressed = _compressed
+        if _k is None and config.sparse_config is not None:
+            self.compressed = CompressedKeys(config.sparse_config, *shape[:4], config.head_dim, dtype, device)
 
     @property
     def batch_size(self) -> int:
@@ -40,7 +46,8 @@ class KVCache:
 
     def rows(self, index: slice) -> "KVCache":
         """A cache over a subset of rows that shares storage with this one (writes go through)."""
-        return KVCache(self.config, 0, 0, _k=self.k[:, index], _v=self.v[:, index])
+        return KVCache(self.config, 0, 0, _k=self.k[:, index], _v=self.v[:, index],
+                       _compressed=None if self.compressed is None else self.compressed.rows(index))
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                contiguous_from: int | None, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +57,8 @@ class KVCache:
         otherwise a scatter by position.
         """
         kc, vc = self.k[layer], self.v[layer]
+        if self.compressed is not None:
+            self.compressed.truncate(layer, positions, contiguous_from)
         if contiguous_from is not None:
             p0, t = contiguous_from, k.shape[2]
             kc[:, :, p0:p0 + t] = k

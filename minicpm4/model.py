@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from minicpm4.config import ModelConfig
-from minicpm4.errors import ConfigError
 from minicpm4.kv_cache import KVCache
 from minicpm4.native_decode import NativeDecoder
 from minicpm4.sparse import make_backend as sparse_backend
@@ -185,16 +184,21 @@ class Attention(nn.Module):
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
         if self.qkv_proj is not None:  # q and k rotate together: half the small ops of a decode step
             qkv = self.qkv_proj(x).view(b, t, nh + 2 * nkv, d)
+            q_raw, k_raw = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv]  # pre-RoPE views
             qk = apply_rotary(qkv[:, :, :nh + nkv], cos, sin)
             q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]
         else:
-            q = apply_rotary(self.q_proj(x).view(b, t, nh, d), cos, sin)  # [B, T, H, D]
-            k = apply_rotary(self.k_proj(x).view(b, t, nkv, d), cos, sin)  # [B, T, KVH, D]
+            q_raw, k_raw = self.q_proj(x).view(b, t, nh, d), self.k_proj(x).view(b, t, nkv, d)
+            q = apply_rotary(q_raw, cos, sin)  # [B, T, H, D]
+            k = apply_rotary(k_raw, cos, sin)  # [B, T, KVH, D]
             v = self.v_proj(x).view(b, t, nkv, d)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, ctx.positions, k, v, contiguous_from, ctx.kv_len)
-        out = self.backend(q, k, v, ctx, self.layer_idx)  # [B, H, T, D]
+        if getattr(self.backend, "uses_nope", False):  # InfLLM v2 use_nope: blocks selected by pre-RoPE q and k
+            out = self.backend(q, k, v, ctx, self.layer_idx, nope=(q_raw.transpose(1, 2), k_raw.transpose(1, 2)))
+        else:
+            out = self.backend(q, k, v, ctx, self.layer_idx)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -257,9 +261,6 @@ class MiniCPM4ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.native: NativeDecoder | None = None  # set by fuse_projections() when the C++ stack fits
         if config.sparse_config is not None:  # InfLLM v2 (dense below sparse_config.dense_len keys)
-            if config.sparse_config["use_nope"]:
-                raise ConfigError("sparse_config.use_nope=true needs a cache of pre-RoPE keys, which the model does "
-                                  "not keep yet; MiniCPM4 checkpoints ship with use_nope=false")
             self.set_attention_backend(sparse_backend(config.sparse_config))
 
     def fuse_projections(self) -> "MiniCPM4ForCausalLM":

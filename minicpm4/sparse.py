@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from minicpm4.sparse_decode import attend_one, select_one
 from minicpm4.sparse_select import (SparseConfig, as_config, block_scores, clamp_positions, compress_both,
                                     compress_keys, extend_compressed, pad_kernels, select_blocks,
                                     select_chunk)
@@ -141,9 +142,16 @@ def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
         c1, c2 = compressed if compressed is not None else compress_both(ks[:, :, :s].detach(), cfg)
         c1, c2 = pad_kernels(c1), pad_kernels(c2)
         qs = qs.detach()
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if t == 1 and not grad:  # a decode step: sparse_decode.py's one-query path
+        if topk_idx is not None:
+            idx = topk_idx[:, :, 0].long()
+        else:
+            idx = select_one(qs, pos[:, 0], c1, c2, cfg, k_sel)
+        return attend_one(q, k, v, pos[:, 0], idx, block)
     gather = _token_gather(k, v, block) if t <= ATTN_CHUNK else _block_gather(k, v, n_blocks, block)
     attend = _attend_chunk
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if grad:
         # recompute each chunk's gather and attention in backward: otherwise autograd keeps every chunk's
         # gathered blocks and mask, O(T * union) in all, which is O(T * S) when queries pick unrelated blocks
         def attend(*args):
@@ -163,11 +171,33 @@ def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
 def make_backend(config: SparseConfig | dict | None = None):
     """An `Attention.backend` for model.py: backend(q, k, v, ctx, layer) -> infllmv2_attention(q, k, v, ctx.positions).
 
-    Compressed keys are recomputed from the cache at every call (O(S) per decode step); a cache of them is
-    the engine's job (see `compressed`).
+    With a KV cache that keeps compressed keys (KVCache.compressed, present when the model config has a
+    sparse_config with the same kernel sizes), a sparse call pools only the kernels the cache lacks; otherwise
+    they are pooled from the cached keys at every call (O(S)). With use_nope the backend sets `uses_nope`, and the
+    model passes nope=(q, k) before RoPE ([B, H, T, D], [B, KVH, T, D]): selection runs on those, and with a cache
+    the pre-RoPE keys are kept in KVCache.compressed.k_nope.
     """
     cfg = as_config(config)
 
-    def backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, layer: int) -> torch.Tensor:
-        return infllmv2_attention(q, k, v, ctx.positions, config=cfg)
+    def backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, layer: int, nope=None) -> torch.Tensor:
+        store = getattr(ctx.cache, "compressed", None)
+        if store is not None and (store.cfg.kernel_size, store.cfg.kernel_stride, store.cfg.use_nope) != (
+                cfg.kernel_size, cfg.kernel_stride, cfg.use_nope):
+            store = None  # a cache laid out for another sparse_config: pool from the keys instead
+        q_nope = k_nope = None
+        if cfg.use_nope:
+            q_nope, k_nope = nope
+            if ctx.cache is not None:
+                if store is None:
+                    raise ValueError("sparse_config.use_nope with a KV cache needs the cache built from a model "
+                                     "config whose sparse_config has use_nope=true (it keeps the pre-RoPE keys)")
+                k_nope = store.write_nope(layer, ctx.positions, k_nope, k.shape[2])
+        compressed = None
+        if store is not None:
+            kv_lens = (ctx.positions.max(1).values + 1).tolist()
+            if cfg.dense_len < 0 or max(kv_lens) >= cfg.dense_len:
+                compressed = store.kernels(layer, k if k_nope is None else k_nope, kv_lens)
+        return infllmv2_attention(q, k, v, ctx.positions, config=cfg, compressed=compressed, q_nope=q_nope,
+                                  k_nope=k_nope)
+    backend.uses_nope = cfg.use_nope
     return backend

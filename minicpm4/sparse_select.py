@@ -162,15 +162,16 @@ def _chunk_block_scores(q: torch.Tensor, t: torch.Tensor, c1: torch.Tensor, c2: 
     sdt = torch.promote_types(q.dtype, torch.float32)
     scale = 1.0 / math.sqrt(d)
     qg = q.reshape(bsz, kvh, g * tc, d)  # the G heads of a group share one matmul
-    s1 = (qg @ c1.transpose(-1, -2)).to(sdt).view(bsz, kvh, g, tc, n1) * scale
-    s2 = (qg @ c2.transpose(-1, -2)).to(sdt).view(bsz, kvh, g, tc, n2) * scale
     ks, st = cfg.kernel_size, cfg.kernel_stride
     dev = q.device
     vis1 = (torch.arange(n1, device=dev) * st + ks - 1)[None, None, :] <= t[:, :, None]  # [B, Tc, n1]
     vis2 = (torch.arange(n2, device=dev) * 4 * st + 4 * ks - 1)[None, None, :] <= t[:, :, None]  # [B, Tc, n2]
-    lse = s2.masked_fill(~vis2[:, None, None], -math.inf).logsumexp(-1, keepdim=True)  # [B, KVH, G, Tc, 1]
-    keep = (vis1 & vis2.any(-1, keepdim=True))[:, None, None]  # no visible coarse kernel: p = 0
-    p = torch.where(keep, (s1 - lse).exp(), 0.0).nan_to_num_(nan=0.0)
+    # in place over the big [B, KVH, G, Tc, n] score tensors: one fp32 copy, then no further allocations
+    s2 = (qg @ c2.transpose(-1, -2)).to(sdt).view(bsz, kvh, g, tc, n2).mul_(scale)
+    lse = s2.masked_fill_(~vis2[:, None, None], -math.inf).logsumexp(-1, keepdim=True)  # [B, KVH, G, Tc, 1]
+    lse.nan_to_num_(neginf=math.inf)  # no visible coarse kernel: p = 0 for the query
+    p = (qg @ c1.transpose(-1, -2)).to(sdt).view(bsz, kvh, g, tc, n1).mul_(scale).sub_(lse)
+    p.masked_fill_(~vis1[:, None, None], -math.inf).exp_()
     score = p.sum(2)  # [B, KVH, Tc, n1]: GQA sum over the group's query heads
     # max-pool, kernel r+1, stride r, padding 1: block b takes kernels [r*b - 1, r*b + r - 1]
     r = cfg.block_size // st
