@@ -63,9 +63,11 @@ class NativeDecoder:
 
     @staticmethod
     def usable(h: torch.Tensor, ctx) -> bool:
-        """One new token per row, bf16, a bf16 cache, no autograd."""
+        """One new token per row, bf16, a bf16 cache without InfLLM v2 compressed keys (the C++ stack writes
+        keys without updating them), no autograd."""
         return (h.shape[1] == 1 and h.dtype == torch.bfloat16 and ctx.cache is not None
-                and ctx.cache.k.dtype == torch.bfloat16 and not torch.is_grad_enabled())
+                and ctx.cache.k.dtype == torch.bfloat16 and ctx.cache.compressed is None
+                and not torch.is_grad_enabled())
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
         """h [B, 1, hidden] bf16 -> h after every layer; cos, sin [B, 1, 1, D] fp32 (model.RotaryEmbedding)."""
