@@ -12,6 +12,7 @@ at a complete one. The oldest checkpoints beyond `keep` are deleted only after t
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -88,11 +89,14 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Path, ModelConfig, dict[st
     try:
         config = ModelConfig.from_json(ckpt / "model" / "config.json")
         model_state = read_state_dict(checkpoint_files(ckpt / "model"), torch.float32)
-        train_state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+        try:
+            train_state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+            raise CheckpointError(f"{STATE} is not a readable training state") from None
         if not isinstance(train_state, dict) or "step" not in train_state:
-            raise CheckpointError(f"{ckpt / STATE}: no training state in it")
-    except (CheckpointError, ConfigError, OSError, RuntimeError, ValueError, EOFError) as e:
-        others = [str(p) for p in list_checkpoints(ckpt.parent) if p != ckpt]
+            raise CheckpointError(f"{STATE} holds no training state")
+    except (CheckpointError, ConfigError, OSError, RuntimeError, ValueError) as e:
+        others = [str(p) for p in sorted(ckpt.parent.glob("step_*")) if p.is_dir() and p != ckpt]
         hint = f"; other checkpoints kept: {', '.join(others)} (resume from one with --resume PATH)" if others else ""
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{ckpt}: corrupt or unreadable checkpoint ({msg}){hint}") from None
