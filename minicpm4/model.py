@@ -286,7 +286,7 @@ class MiniCPM4ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, logits_to_keep: int = 0,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
+                segments: torch.Tensor | None = None, hidden_only: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] in fp32 (only the last `logits_to_keep` positions if > 0).
 
         positions [B, T]: absolute positions (default 0..T-1). With a cache, keys and values are written at
@@ -294,6 +294,8 @@ class MiniCPM4ForCausalLM(nn.Module):
         segments [B, T] (training on packed rows, no cache): the document index of each token, contiguous runs;
         a token attends only to earlier tokens of its own document and positions restart at 0 per document, so
         each document is computed as if it were alone.
+        hidden_only: return what lm_head would read, [B, T, H] (final norm, divided by logit_scale), for a fused
+        head + loss in training (minicpm4.train.linear_cross_entropy).
         """
         b, t = input_ids.shape
         if segments is not None:
@@ -317,7 +319,7 @@ class MiniCPM4ForCausalLM(nn.Module):
         h = self.model.norm(h)
         if cfg.logit_scale != 1.0:
             h = h / cfg.logit_scale
-        return self.lm_head(h).float()
+        return h if hidden_only else self.lm_head(h).float()
 
     @staticmethod
     def packed_context(segments: torch.Tensor) -> AttnContext:

@@ -46,6 +46,7 @@ class TrainConfig:
     mup: bool = True  # False: standard parametrisation (every group at lr, std init_std), for comparisons
     dtype: str = "bf16"  # bf16: autocast over fp32 master weights; fp32: no autocast
     activation_checkpointing: bool = False
+    fused_loss: bool = True  # lm_head + cross-entropy in chunks (linear_cross_entropy.py); False: plain logits
     seed: int = 0
     save_every: int = 0  # checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM)
     keep_checkpoints: int = 2

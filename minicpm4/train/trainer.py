@@ -31,6 +31,7 @@ from minicpm4.tokenizer import Tokenizer
 from minicpm4.train import process_group as pg
 from minicpm4.train.checkpoint import (check_compatible, list_checkpoints, load_checkpoint, rng_state,
                                        save_checkpoint, set_rng_state)
+from minicpm4.train.linear_cross_entropy import linear_cross_entropy
 from minicpm4.train.metrics import MetricsLog, progress_bar
 from minicpm4.train.mup import init_weights, param_groups
 from minicpm4.train.schedule import wsd_factor
@@ -215,8 +216,13 @@ def train_step(cfg, net, model, opt, loader, step, accum, world, device) -> tupl
         sync = contextlib.nullcontext() if last or net is model else net.no_sync()
         with sync:
             with autocast:
-                logits = net(mb["input_ids"], segments=mb.get("segments"))
-            ce = F.cross_entropy(logits.flatten(0, 1), mb["labels"].flatten(), ignore_index=IGNORE, reduction="sum")
+                if cfg.fused_loss:  # head + loss in chunks (linear_cross_entropy.py), no fp32 [B, T, V]
+                    h = net(mb["input_ids"], segments=mb.get("segments"), hidden_only=True)
+                    ce = linear_cross_entropy(h, model.lm_head.weight, mb["labels"])
+                else:
+                    logits = net(mb["input_ids"], segments=mb.get("segments"))
+                    ce = F.cross_entropy(logits.flatten(0, 1), mb["labels"].flatten(), ignore_index=IGNORE,
+                                         reduction="sum")
             (ce * (world / n_targets.float())).backward()
         total += ce.detach().double()
     loss = (pg.all_reduce_sum(total) / n_targets).item()
