@@ -65,7 +65,7 @@ def test_parallel_equals_serial_and_rerun_skips_done_shards(tmp_path, real_text,
 
 
 def test_parquet_input(tmp_path, tok):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"text": ["first document", "second one"], "n": [1, 2]}), tmp_path / "d.parquet")
     index = json.loads(tokenize_to_shards([str(tmp_path / "d.parquet")], tok, tmp_path / "out").read_text())
