@@ -47,6 +47,7 @@ class TrainConfig:
     dtype: str = "bf16"  # bf16: autocast over fp32 master weights; fp32: no autocast
     activation_checkpointing: bool = False
     fused_loss: bool = True  # lm_head + cross-entropy in chunks (linear_cross_entropy.py); False: plain logits
+    parallel: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard per layer; uses the plain loss)
     seed: int = 0
     save_every: int = 0  # checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM)
     keep_checkpoints: int = 2
@@ -85,6 +86,8 @@ class TrainConfig:
         if self.dtype not in ("bf16", "fp32"):
             hint = " (fp16 is pathologically slow on CPU and needs loss scaling; use bf16)" if "16" in self.dtype else ""
             raise ConfigError(f"dtype must be bf16 or fp32, got {self.dtype!r}{hint}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                               f"({self.micro_batch_size})")

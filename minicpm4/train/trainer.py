@@ -12,7 +12,6 @@ flight finishes first; all ranks agree through an all-reduce so they stop at the
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import signal
 import threading
@@ -143,28 +142,29 @@ def _train(cfg, rank, world, device, resume, stop_after, log) -> dict:
     model.to(device)
     if cfg.activation_checkpointing:
         checkpoint_layers(model)
+    net = pg.wrap(model, cfg.parallel, device)
+    layout = "fsdp" if pg.sharded(model) else "torch"  # how the optimizer state is keyed in checkpoints
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, cfg.init_std, cfg.mup),
                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     if ckpt_state is not None:
+        if ckpt_state.get("optimizer_layout", "torch") != layout:
+            raise CheckpointError(f"{resume}: optimizer state was saved with layout "
+                                  f"{ckpt_state.get('optimizer_layout')!r}, this run uses {layout!r} (parallel)")
         try:
-            opt.load_state_dict(ckpt_state["optimizer"])
-        except (ValueError, KeyError) as e:
+            pg.load_optimizer_state(model, opt, ckpt_state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{resume}: optimizer state does not fit this model ({e})") from None
         set_rng_state(ckpt_state["rng"])
-    net = model
-    if pg.active():
-        from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     metrics = MetricsLog(out / "metrics.jsonl", start, enabled=rank == 0)
 
     def save(step: int) -> Path | None:
         path = None
+        model_state, opt_state = pg.full_states(model, opt)  # every rank: a collective under FSDP
         if rank == 0:
-            state = {"optimizer": opt.state_dict(), "data": loader.state_dict(), "rng": rng_state(),
-                     "config": cfg.to_dict()}
-            path = save_checkpoint(out, step, model.config, model.state_dict(), tokenizer, state,
-                                   cfg.keep_checkpoints)
+            state = {"optimizer": opt_state, "optimizer_layout": layout, "data": loader.state_dict(),
+                     "rng": rng_state(), "config": cfg.to_dict()}
+            path = save_checkpoint(out, step, model.config, model_state, tokenizer, state, cfg.keep_checkpoints)
             if log:
                 log(f"checkpoint {path}")
         pg.barrier()
@@ -211,12 +211,11 @@ def train_step(cfg, net, model, opt, loader, step, accum, world, device) -> tupl
         raise ConfigError(f"step {step + 1}: the batch has no target tokens (every label masked)")
     total = torch.zeros((), dtype=torch.float64, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
+    fused = cfg.fused_loss and not pg.sharded(model)  # FSDP2: lm_head's weight is sharded outside forward
     for i, mb in enumerate(split(batch, accum)):
-        last = i == accum - 1
-        sync = contextlib.nullcontext() if last or net is model else net.no_sync()
-        with sync:
+        with pg.gradient_sync(net, i == accum - 1):
             with autocast:
-                if cfg.fused_loss:  # head + loss in chunks (linear_cross_entropy.py), no fp32 [B, T, V]
+                if fused:  # head + loss in chunks (linear_cross_entropy.py), no fp32 [B, T, V]
                     h = net(mb["input_ids"], segments=mb.get("segments"), hidden_only=True)
                     ce = linear_cross_entropy(h, model.lm_head.weight, mb["labels"])
                 else:
@@ -228,7 +227,8 @@ def train_step(cfg, net, model, opt, loader, step, accum, world, device) -> tupl
     loss = (pg.all_reduce_sum(total) / n_targets).item()
     params = [p for g in opt.param_groups for p in g["params"]]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: DTensor
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss, grad_norm, int(batch["input_ids"].numel()) * world
