@@ -8,7 +8,9 @@ cross-entropy, backward, global grad-norm clipping at 1.0, AdamW.
   transformers  LlamaForCausalLM (SDPA attention) with the same loss, clipping and optimizer calls
 
 Each peer runs --warmup untimed steps, then --steps timed steps in --repeats rounds interleaved with the other
-peer (so machine noise hits both alike); the median round gives tokens/s. The last stdout line is one JSON object.
+peer (so machine noise hits both alike); the median round gives tokens/s by wall clock, and tokens per CPU-second
+of this process (steadier on a shared machine, where other processes take cores; exact with --threads 1).
+The last stdout line is one JSON object.
 
     python benchmarks/bench_train.py                 # ~30M params, batch 4 x 256 tokens
     python benchmarks/bench_train.py --quick         # a smaller shape, for a smoke run
@@ -112,24 +114,31 @@ def main() -> None:
                "transformers": lambda b, s: hf_step(hf, opt_hf, b.next_batch())}
     losses = {name: [step_fn[name](data[name], s) for s in range(args.warmup)] for name in step_fn}
     rounds: dict[str, list[float]] = {name: [] for name in step_fn}
+    cpu_rounds: dict[str, list[float]] = {name: [] for name in step_fn}
     for r in range(args.repeats):
         for name in step_fn:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for s in range(args.steps):
                 losses[name].append(step_fn[name](data[name], args.warmup + r * args.steps + s))
-            rounds[name].append(args.batch * args.seq * args.steps / (time.perf_counter() - t0))
+            n = args.batch * args.seq * args.steps
+            rounds[name].append(n / (time.perf_counter() - t0))
+            cpu_rounds[name].append(n / (time.process_time() - c0))
     tok_s = {name: statistics.median(v) for name, v in rounds.items()}
+    tok_cpu_s = {name: statistics.median(v) for name, v in cpu_rounds.items()}
     params = sum(p.numel() for p in ours.parameters())
     print(f"model: {params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} "
           f"heads, vocab {args.vocab}); batch {args.batch} x {args.seq}; bf16 autocast; {args.threads} threads")
     for name, v in tok_s.items():
-        print(f"  {name:<14}{v:>10.0f} tok/s   rounds {', '.join(f'{x:.0f}' for x in rounds[name])}")
+        print(f"  {name:<14}{v:>10.0f} tok/s   rounds {', '.join(f'{x:.0f}' for x in rounds[name])}   "
+              f"{tok_cpu_s[name]:.0f} tok per CPU-second")
     ratio = tok_s["ours"] / tok_s["transformers"]
-    print(f"  ours / transformers: x{ratio:.2f}")
+    cpu_ratio = tok_cpu_s["ours"] / tok_cpu_s["transformers"]
+    print(f"  ours / transformers: x{ratio:.2f} (wall clock), x{cpu_ratio:.2f} (CPU time)")
     # both start from the same weights and data: their first losses agree (bf16 rounding apart)
     print(f"  first-step loss: ours {losses['ours'][0]:.4f}, transformers {losses['transformers'][0]:.4f}")
     print(json.dumps({"params": params, "batch": args.batch, "seq": args.seq, "threads": args.threads,
                       "tok_s": tok_s, "ratio_vs_transformers": ratio, "rounds": rounds,
+                      "tok_per_cpu_s": tok_cpu_s, "cpu_ratio_vs_transformers": cpu_ratio,
                       "first_loss": {k: v[0] for k, v in losses.items()}, "loadavg": os.getloadavg()}))
 
 

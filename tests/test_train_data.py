@@ -128,3 +128,30 @@ def test_ranks_split_the_global_batch(shards):
     whole = PackedLoader(data, 32, 4, seed=0).next_batch()["input_ids"]
     parts = [PackedLoader(data, 32, 4, seed=0, rank=r, world=2).next_batch()["input_ids"] for r in range(2)]
     assert torch.equal(torch.cat(parts), whole)
+
+
+def test_decay_mix_draws_its_share_from_the_decay_corpus_only_in_the_decay_phase(tmp_path, shards, tok):
+    from minicpm4.train.token_loader import DecayMix
+    (tmp_path / "hq.txt").write_text("High quality text for the decay phase. " * 200)
+    hq = TokenShards(tokenize_to_shards([str(tmp_path / "hq.txt")], tok, tmp_path / "hq").parent)
+    hq_windows = {tuple(hq.read(i * 32, 33).tolist()) for i in range((hq.total - 1) // 32)}
+
+    def mix(rank=0, world=1):
+        main = PackedLoader(TokenShards(shards), 32, 4, seed=0, rank=rank, world=world)
+        return DecayMix(main, PackedLoader(hq, 32, 4, seed=1, rank=rank, world=world), mix=0.5, decay_start=2)
+
+    def from_hq(batch):
+        x = torch.cat([batch["input_ids"], batch["labels"][:, -1:]], dim=1)
+        return [tuple(r.tolist()) in hq_windows for r in x]
+
+    m = mix()
+    assert [from_hq(m.next_batch()) for _ in range(4)] == [[False] * 4] * 2 + [[False, False, True, True]] * 2
+    state = m.state_dict()
+    tail = [m.next_batch()["input_ids"] for _ in range(2)]
+    again = mix()
+    again.load_state_dict(state)
+    assert all(torch.equal(x, again.next_batch()["input_ids"]) for x in tail)
+    # two ranks split each global batch, in the decay phase too
+    ranks, whole = [mix(r, 2) for r in range(2)], mix()
+    for _ in range(3):
+        assert torch.equal(torch.cat([r.next_batch()["input_ids"] for r in ranks]), whole.next_batch()["input_ids"])

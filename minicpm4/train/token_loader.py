@@ -83,23 +83,24 @@ class PackedLoader:
             self._order = torch.randperm(self.n_windows, generator=g)
         return self._order
 
-    def next_windows(self) -> list[int]:
-        """The next global batch of window indices (advancing the state)."""
+    def next_windows(self, n: int | None = None) -> list[int]:
+        """The next n (default batch_size) window indices of the global order, advancing the state."""
+        n = self.batch_size if n is None else n
         picked: list[int] = []
-        while len(picked) < self.batch_size:
-            take = min(self.batch_size - len(picked), self.n_windows - self.position)
+        while len(picked) < n:
+            take = min(n - len(picked), self.n_windows - self.position)
             picked += self._epoch_order()[self.position:self.position + take].tolist()
             self.position += take
             if self.position == self.n_windows:
                 self.epoch, self.position, self._order = self.epoch + 1, 0, None
         return picked
 
+    def read_windows(self, windows: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.shards.read(w * self.seq_len, self.seq_len + 1) for w in windows]))
+
     def next_batch(self) -> dict[str, torch.Tensor]:
-        windows = self.next_windows()
         local = self.batch_size // self.world
-        rows = [self.shards.read(w * self.seq_len, self.seq_len + 1)
-                for w in windows[self.rank * local:(self.rank + 1) * local]]
-        x = torch.from_numpy(np.stack(rows))
+        x = self.read_windows(self.next_windows()[self.rank * local:(self.rank + 1) * local])
         return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
 
     def state_dict(self) -> dict:
@@ -113,3 +114,35 @@ class PackedLoader:
                 raise CheckpointError(f"data state does not match this run: {key} is {state.get(key)!r} in the "
                                       f"checkpoint, {mine[key]!r} now (different data or config?)")
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+
+
+class DecayMix:
+    """The WSD decay-phase data mix: from optimizer step `decay_start` on, round(mix * batch_size) rows of every
+    global batch come from a second (higher-quality) corpus, the rest from the main one, as MiniCPM mixes
+    high-quality and SFT-style data into its decay. Same interface and rank split as PackedLoader."""
+
+    def __init__(self, main: PackedLoader, decay: PackedLoader, mix: float, decay_start: int):
+        self.main, self.decay, self.mix, self.decay_start = main, decay, mix, decay_start
+        self.step = 0
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        b, rank, world = self.main.batch_size, self.main.rank, self.main.world
+        k = round(self.mix * b) if self.step >= self.decay_start else 0
+        rows = [(self.main, w) for w in self.main.next_windows(b - k)] + [(self.decay, w) for w in
+                                                                          self.decay.next_windows(k)]
+        local = b // world
+        x = torch.cat([src.read_windows([w]) for src, w in rows[rank * local:(rank + 1) * local]])
+        self.step += 1
+        return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+
+    def state_dict(self) -> dict:
+        return {"kind": "decay_mix", "step": self.step, "mix": self.mix, "main": self.main.state_dict(),
+                "decay": self.decay.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "decay_mix" or state.get("mix") != self.mix:
+            raise CheckpointError(f"data state does not match this run: saved {state.get('kind')!r} with mix "
+                                  f"{state.get('mix')!r}, now decay_mix {self.mix!r}")
+        self.main.load_state_dict(state["main"])
+        self.decay.load_state_dict(state["decay"])
+        self.step = int(state["step"])

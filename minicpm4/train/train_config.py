@@ -26,6 +26,8 @@ class TrainConfig:
     model: str = "tiny"  # a preset name (fresh muP init) or an HF directory / .gguf to continue from
     model_overrides: dict = field(default_factory=dict)  # HF config keys changed on top of `model`
     data: str = ""  # pretrain: a token index (dir or index.json); sft: a chat JSONL file
+    decay_data: str = ""  # pretrain: a second token index mixed into the decay phase (same tokenizer)
+    decay_mix: float = 0.0  # share of each batch's sequences drawn from decay_data during the decay steps
     tokenizer: str = ""  # default: the token index's tokenizer (pretrain) or the model's (sft)
     out_dir: str = "runs/train"
     seq_len: int = 256
@@ -86,6 +88,11 @@ class TrainConfig:
         if self.dtype not in ("bf16", "fp32"):
             hint = " (fp16 is pathologically slow on CPU and needs loss scaling; use bf16)" if "16" in self.dtype else ""
             raise ConfigError(f"dtype must be bf16 or fp32, got {self.dtype!r}{hint}")
+        if not 0.0 <= self.decay_mix <= 1.0:
+            raise ConfigError(f"decay_mix must be in [0, 1], got {self.decay_mix}")
+        if bool(self.decay_data) != (self.decay_mix > 0) or (self.decay_mix > 0 and not self.decay_steps):
+            raise ConfigError(f"decay_data and decay_mix go together, with decay_steps > 0 (got decay_data="
+                              f"{self.decay_data!r}, decay_mix={self.decay_mix}, decay_steps={self.decay_steps})")
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.batch_size % self.micro_batch_size:

@@ -71,11 +71,16 @@ def prepare(cfg: TrainConfig, rank: int, world: int):
     if cfg.tokenizer:
         tokenizer = Tokenizer.from_dir(cfg.tokenizer)
     if cfg.task == "pretrain":
-        from minicpm4.train.token_loader import PackedLoader, TokenShards
+        from minicpm4.train.token_loader import DecayMix, PackedLoader, TokenShards
         shards = TokenShards(cfg.data)
         tokenizer = tokenizer or Tokenizer.from_dir(shards.tokenizer_dir)
         loader = PackedLoader(shards, cfg.seq_len, cfg.batch_size, cfg.seed, rank, world)
         data_vocab = shards.vocab_size
+        if cfg.decay_data:
+            extra = TokenShards(cfg.decay_data)
+            decay = PackedLoader(extra, cfg.seq_len, cfg.batch_size, cfg.seed + 1, rank, world)
+            loader = DecayMix(loader, decay, cfg.decay_mix, cfg.steps - cfg.decay_steps)
+            data_vocab = max(data_vocab, extra.vocab_size)
     else:
         if tokenizer is None:
             raise ConfigError("sft needs a tokenizer: start from a model directory or set tokenizer")
