@@ -1,5 +1,5 @@
-"""`minicpm4 train pretrain|sft` and `minicpm4 data tokenize`, registered by `register`: thin wrappers over
-minicpm4.train (trainer.train and shard_writer.tokenize_to_shards)."""
+"""`minicpm4 train pretrain|sft`, `minicpm4 data tokenize` and `minicpm4 tunnel`, registered by `register`: thin
+wrappers over minicpm4.train (trainer.train, shard_writer.tokenize_to_shards, tunnel.sweep)."""
 
 from __future__ import annotations
 
@@ -81,7 +81,42 @@ def sft(config, overrides, resume, stop_after):
     _run("sft", config, overrides, resume, stop_after)
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+@click.command()
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Base TrainConfig (data, steps, schedule, preset model) as JSON or TOML.")
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--widths", default="64,128,256", show_default=True, help="Proxy hidden sizes.")
+@click.option("--lrs", default="0.001,0.003,0.01,0.03,0.1", show_default=True, help="Learning rates to try.")
+@click.option("--params", default="mup,sp", show_default=True, help="Parametrisations: mup, sp or both.")
+@click.option("--coord-lr", type=float, default=0.01, show_default=True, help="Rate of the coordinate check.")
+@click.option("--coord-steps", type=int, default=10, show_default=True, help="Steps of the coordinate check (0: off).")
+@click.option("-o", "--out", "out_dir", required=True, help="Report directory (results, summary, plot).")
+def tunnel(config, overrides, widths, lrs, params, coord_lr, coord_steps, out_dir):
+    """ModelTunnel-style search: best learning rate per proxy width under muP and standard parametrisation."""
+    from minicpm4.errors import ConfigError
+    from minicpm4.train.train_config import TrainConfig
+    from minicpm4.train.tunnel import PARAMETRISATIONS, coordinate_check, sweep, write_report
+    cfg = TrainConfig.load(config, list(overrides), task="pretrain")
+    chosen = [p.strip() for p in params.split(",") if p.strip()]
+    if not chosen or any(p not in PARAMETRISATIONS for p in chosen):
+        raise ConfigError(f"--params must list some of {', '.join(PARAMETRISATIONS)}, got {params!r}")
+    ws = [int(w) for w in _floats(widths)]
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    out = Path(out_dir)
+    results = sweep(cfg, ws, _floats(lrs), chosen, work=out / "runs", log=log)
+    coord = coordinate_check(cfg, ws, coord_lr, coord_steps, chosen, out / "coord") if coord_steps else None
+    click.echo(json.dumps(write_report(out, results, coord)))
+
+
 def register(cli: click.Group) -> None:
+    cli.add_command(tunnel)
     cli.commands["train"].add_command(pretrain)
     cli.commands["train"].add_command(sft)
     cli.commands["data"].add_command(tokenize)

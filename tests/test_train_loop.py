@@ -65,7 +65,7 @@ def test_sigterm_checkpoints_and_resume_continues_the_curve(shards, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     stopped = json.loads(out.strip().splitlines()[-1])
-    assert stopped["interrupted"] and 3 <= stopped["step"] < 400 and "stopped by signal" in err
+    assert stopped["interrupted"] and 3 <= stopped["step"] < 400 and "stopped at step" in err
     before = losses(run)
     assert len(before) == stopped["step"]
     # resume for a few more steps (same schedule), and compare with an uninterrupted run of as many steps

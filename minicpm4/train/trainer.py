@@ -115,18 +115,19 @@ def split(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor
 
 
 def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None,
-          log: Callable[[str], None] | None = None) -> dict:
+          log: Callable[[str], None] | None = None, on_step: Callable[[dict], bool] | None = None) -> dict:
     """Run (or continue, with `resume` = a checkpoint or the run's out_dir) until cfg.steps, or `stop_after`
-    total steps. Returns {"step", "loss", "checkpoint", "interrupted"}."""
+    total steps. on_step(metrics record) -> True stops the run there, as a signal would (early stopping).
+    Returns {"step", "loss", "checkpoint", "interrupted"}."""
     rank, world, device, created = pg.init_process_group()
     try:
-        return _train(cfg, rank, world, device, resume, stop_after, log if rank == 0 else None)
+        return _train(cfg, rank, world, device, resume, stop_after, log if rank == 0 else None, on_step)
     finally:
         if created:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg, rank, world, device, resume, stop_after, log) -> dict:
+def _train(cfg, rank, world, device, resume, stop_after, log, on_step) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
@@ -189,13 +190,14 @@ def _train(cfg, rank, world, device, resume, stop_after, log) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / elapsed:.0f}")
             result.update(step=step + 1, loss=loss)
-            stopping = bool(pg.all_reduce_sum(torch.tensor([float(stop.signum is not None)])).item())
+            halt = stop.signum is not None or (on_step is not None and bool(on_step(rec)))
+            stopping = bool(pg.all_reduce_sum(torch.tensor([float(halt)])).item())
             if stopping or step + 1 == end or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 result["checkpoint"] = save(step + 1)
             if stopping:
                 result["interrupted"] = True
                 if log:
-                    log(f"stopped by signal at step {step + 1}; continue with --resume {out}")
+                    log(f"stopped at step {step + 1}; continue with --resume {out}")
                 break
     metrics.close()
     return result
