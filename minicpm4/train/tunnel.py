@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -64,6 +65,7 @@ def sweep(base: TrainConfig, widths: list[int], lrs: list[float], params=PARAMET
             best: list[float] | None = None
             for lr in sorted(lrs):
                 out = work / f"{param}_w{width}_lr{lr:g}"
+                shutil.rmtree(out, ignore_errors=True)  # scratch: a rerun of the sweep starts each proxy afresh
 
                 def hopeless(rec: dict, best=best) -> bool:
                     if not math.isfinite(rec["loss"]):
@@ -113,6 +115,7 @@ def coordinate_check(base: TrainConfig, widths: list[int], lr: float, steps: int
     out: dict[str, dict[int, list[float]]] = {}
     for param in params:
         for width in widths:
+            shutil.rmtree(work / f"{param}_{width}", ignore_errors=True)
             cfg = dataclasses.replace(proxy_config(base, width, min(widths), param, lr, work / f"{param}_{width}"),
                                       steps=steps, warmup_steps=min(base.warmup_steps, steps), decay_steps=0)
             result = train(cfg)
