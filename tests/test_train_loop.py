@@ -109,3 +109,19 @@ def test_accumulation_and_checkpointing_keep_the_step(shards, tmp_path):
                            activation_checkpointing=True))
     a, b, c = (losses(tmp_path / x) for x in "abc")
     assert b == pytest.approx(a, abs=1e-6) and c == b
+
+
+def test_long_context_stage_trains_through_infllm_v2(shards, tmp_path):
+    """seq_len past sparse_config.dense_len: the forward and backward run InfLLM v2 (2 selected blocks + a 32-token
+    window of 128 keys), so the loss curve differs from dense attention's and still falls."""
+    from train_util import TINY_MODEL
+    sparse = dict(TINY_MODEL, sparse_config={"dense_len": 64, "block_size": 16, "kernel_size": 8,
+                                             "kernel_stride": 4, "window_size": 32, "topk": 2})
+    kw = dict(seq_len=128, batch_size=1, micro_batch_size=1, lr=0.05, steps=3, warmup_steps=1, decay_steps=1)
+    result = train(tiny_config(shards, tmp_path / "sparse", model_overrides=sparse, **kw))
+    train(tiny_config(shards, tmp_path / "dense", **kw))
+    sparse_curve, dense_curve = losses(tmp_path / "sparse"), losses(tmp_path / "dense")
+    assert sparse_curve[0] == pytest.approx(dense_curve[0], abs=0.05) and sparse_curve != dense_curve
+    assert sparse_curve[-1] < sparse_curve[0]
+    model, _ = minicpm4.load(result["checkpoint"] / "model", dtype="fp32")
+    assert model.config.sparse_config["dense_len"] == 64
