@@ -327,7 +327,7 @@ class MiniCPM4ForCausalLM(nn.Module):
 
         A document starts where segments[:, i] != segments[:, i-1]; its tokens get positions i - start.
         """
-        b, t = segments.shape
+        t = segments.shape[1]
         idx = torch.arange(t, device=segments.device)
         starts = torch.ones_like(segments, dtype=torch.bool)
         starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
