@@ -255,7 +255,7 @@ def data():
 
 def _register_all() -> None:
     import importlib
-    for area in ("serve", "quant", "data", "spec"):
+    for area in ("serve", "quant", "data", "spec", "train"):
         importlib.import_module(f"minicpm4.cli_{area}").register(cli)
 
 

