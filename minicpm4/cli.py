@@ -222,7 +222,7 @@ def data():
 
 def _register_all() -> None:
     import importlib
-    for area in ("serve", "quant", "data"):
+    for area in ("serve", "quant", "data", "train"):
         importlib.import_module(f"minicpm4.cli_{area}").register(cli)
 
 

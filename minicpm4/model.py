@@ -294,16 +294,28 @@ class MiniCPM4ForCausalLM(nn.Module):
             layer.self_attn.backend = backend
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, logits_to_keep: int = 0,
+                segments: torch.Tensor | None = None, hidden_only: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] in fp32 (only the last `logits_to_keep` positions if > 0).
 
         positions [B, T]: absolute positions (default 0..T-1). With a cache, keys and values are written at
         those positions and queries attend to every cached position <= their own.
+        segments [B, T] (training on packed rows, no cache): the document index of each token, contiguous runs;
+        a token attends only to earlier tokens of its own document and positions restart at 0 per document, so
+        each document is computed as if it were alone.
+        hidden_only: return what lm_head would read, [B, T, H] (final norm, divided by logit_scale), for a fused
+        head + loss in training (minicpm4.train.linear_cross_entropy).
         """
         b, t = input_ids.shape
-        if positions is None:
-            positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        ctx, contiguous_from = self._attn_context(positions, cache)
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("segments (packed documents) are for cache-free training forwards")
+            ctx, contiguous_from = self.packed_context(segments), None
+            positions = ctx.positions
+        else:
+            if positions is None:
+                positions = torch.arange(t, device=input_ids.device).expand(b, t)
+            ctx, contiguous_from = self._attn_context(positions, cache)
         cfg = self.config
         h = self.model.embed_tokens(input_ids)
         if cfg.scale_emb != 1.0:
@@ -319,7 +331,21 @@ class MiniCPM4ForCausalLM(nn.Module):
         h = self.model.norm(h)
         if cfg.logit_scale != 1.0:
             h = h / cfg.logit_scale
-        return self.lm_head(h).float()
+        return h if hidden_only else self.lm_head(h).float()
+
+    @staticmethod
+    def packed_context(segments: torch.Tensor) -> AttnContext:
+        """Block-diagonal causal mask [B, 1, T, T] and per-document positions for packed rows.
+
+        A document starts where segments[:, i] != segments[:, i-1]; its tokens get positions i - start.
+        """
+        b, t = segments.shape
+        idx = torch.arange(t, device=segments.device)
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        positions = idx - torch.where(starts, idx, 0).cummax(dim=1).values  # [B, T]
+        mask = (segments[:, :, None] == segments[:, None, :]) & (idx[:, None] >= idx[None, :])
+        return AttnContext(positions, t, mask[:, None], False)
 
     @staticmethod
     def _attn_context(positions: torch.Tensor, cache: KVCache | None) -> tuple[AttnContext, int | None]:

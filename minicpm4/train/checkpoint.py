@@ -1,0 +1,118 @@
+"""Training checkpoints: an HF model directory plus the state needed to continue exactly where a run stopped.
+
+    OUT/checkpoints/step_0000100/model/      config.json, model.safetensors (fp32), tokenizer: minicpm4.load reads it
+    OUT/checkpoints/step_0000100/state.pt    step, optimizer, data position, RNG states, the run's config
+    OUT/checkpoints/latest                   name of the newest complete checkpoint
+
+A checkpoint is assembled in a temporary sibling directory and renamed into place, and `latest` is replaced
+atomically after that, so a crash at any moment leaves the previous checkpoint intact and `latest` pointing
+at a complete one. The oldest checkpoints beyond `keep` are deleted only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minicpm4.config import ModelConfig
+from minicpm4.errors import CheckpointError, ConfigError
+from minicpm4.fileio import atomic_write_text
+from minicpm4.loader import write_hf_dir
+from minicpm4.tokenizer import Tokenizer
+from minicpm4.weights import checkpoint_files, read_state_dict
+
+STATE = "state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(out_dir: str | os.PathLike, step: int, config: ModelConfig, model_state: dict[str, torch.Tensor],
+                    tokenizer: Tokenizer, train_state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoints/step_NNNNNNN atomically and point `latest` at it; returns its path."""
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
+    try:
+        cfg = config.to_dict()
+        cfg["torch_dtype"] = "float32"
+        state = {k: v.detach().float().cpu() for k, v in model_state.items()}
+        write_hf_dir(tmp / "model", cfg, state, tokenizer, config.tie_word_embeddings)
+        torch.save({**train_state, "step": step}, tmp / STATE)
+        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / "latest", name + "\n")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    root = Path(out_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a run's out_dir (its `latest` checkpoint)."""
+    p = Path(path)
+    if (p / STATE).is_file():
+        return p
+    latest = p / "checkpoints" / "latest"
+    if latest.is_file():
+        return p / "checkpoints" / latest.read_text().strip()
+    raise CheckpointError(f"{p}: neither a checkpoint (no {STATE}) nor a run directory with checkpoints/latest")
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[Path, ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(checkpoint dir, model config, fp32 model state, train state), or a CheckpointError that names the bad
+    checkpoint and the other checkpoints of the run, which are left untouched."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        config = ModelConfig.from_json(ckpt / "model" / "config.json")
+        model_state = read_state_dict(checkpoint_files(ckpt / "model"), torch.float32)
+        try:
+            train_state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+            raise CheckpointError(f"{STATE} is not a readable training state") from None
+        if not isinstance(train_state, dict) or "step" not in train_state:
+            raise CheckpointError(f"{STATE} holds no training state")
+    except (CheckpointError, ConfigError, OSError, RuntimeError, ValueError) as e:
+        others = [str(p) for p in sorted(ckpt.parent.glob("step_*")) if p.is_dir() and p != ckpt]
+        hint = f"; other checkpoints kept: {', '.join(others)} (resume from one with --resume PATH)" if others else ""
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{ckpt}: corrupt or unreadable checkpoint ({msg}){hint}") from None
+    return ckpt, config, model_state, train_state
+
+
+def check_compatible(ckpt: Path, saved: ModelConfig, current: ModelConfig, saved_run: dict, run: dict) -> None:
+    """The model shape and the settings that fix the data order and schedule must be those of the checkpoint."""
+    a, b = saved.to_dict(), current.to_dict()
+    for d in (a, b):
+        d.pop("torch_dtype", None)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        raise CheckpointError(f"{ckpt}: incompatible checkpoint: model config differs in {', '.join(diff)}")
+    fixed = ("task", "seq_len", "batch_size", "steps", "seed", "mup")
+    diff = [f"{k} ({saved_run.get(k)!r} -> {run.get(k)!r})" for k in fixed if saved_run.get(k) != run.get(k)]
+    if diff:
+        raise CheckpointError(f"{ckpt}: incompatible checkpoint: run settings differ: {', '.join(diff)}")
+

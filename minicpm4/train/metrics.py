@@ -1,0 +1,49 @@
+"""Run metrics: one JSON object per optimizer step in OUT/metrics.jsonl, and a tqdm progress bar.
+
+On resume the file keeps the records up to the checkpoint's step and drops later ones (written after the last
+checkpoint by the interrupted run), so the file always holds one record per step of a single loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from minicpm4.fileio import atomic_write_text
+
+
+class MetricsLog:
+    def __init__(self, path: Path, start_step: int, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if start_step > 0 and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    """tqdm over optimizer steps (ETA from its rate); shown only on a terminal of rank 0."""
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                disable=None if enabled else True)
