@@ -10,9 +10,14 @@
 #      --epoch 25 and a 200k-row hash table (see runs/data_demo.sh for why);
 #   2. filter the demo corpus with it (classifier + exact dedup);
 #   3. data verify: anneal the base checkpoint on 30% kept/ + 70% default mix vs the default mix alone;
-#   4. if the filtered output verified (held-out loss lower with a 95% interval below 0), the next round trains on
-#      this round's predictions (kept/ as positives, rejected/quality/ as negatives) plus the previous seeds;
-#      otherwise the loop stops and keeps the last verified classifier. OUT/loop/summary.jsonl gets one line a round.
+#   4. compare with the unfiltered corpus verified the same way once (OUT/loop/raw: the demo's good.jsonl +
+#      bad.jsonl). All runs share the base, the default-mix split and the seeds, so their baseline arms are
+#      identical and the candidate arms pair by seed. The default mix is KJV and the held-out text too, so any
+#      off-domain candidate costs held-out loss against the baseline; the question a round asks is whether the
+#      filtered output costs less than the raw corpus (kept - raw held-out loss with a 95% interval below 0).
+#   5. if it verified, the next round trains on this round's predictions (kept/ as positives, rejected/quality/
+#      as negatives) plus the previous seeds; otherwise the loop stops and keeps the last verified classifier.
+#      OUT/loop/summary.jsonl gets one line a round.
 set -euo pipefail
 OUT=${1:-/tmp/minicpm4-verify-demo}
 ROUNDS=${2:-2}
@@ -22,6 +27,8 @@ BASE=$(ls -d "$OUT"/base/checkpoints/step_* | head -n 1)
 POS=("$OUT/corpus/seeds/pos.jsonl")
 NEG=("$OUT/corpus/seeds/neg.jsonl")
 mkdir -p "$OUT/loop"
+$RUN data verify --base "$BASE" --candidate "$OUT/good.jsonl" --candidate "$OUT/bad.jsonl" \
+  --default-mix "$OUT/default.jsonl" -o "$OUT/loop/raw" --threads 1
 for R in $(seq 1 "$ROUNDS"); do
   D="$OUT/loop/r$R"
   mkdir -p "$D"
@@ -31,16 +38,19 @@ for R in $(seq 1 "$ROUNDS"); do
     2> "$D/filter.log" > "$D/filter.txt"
   echo "round $R kept vs labels: $($RUN data demo-score "$D/filtered")"
   $RUN data verify --base "$BASE" --candidate "$D/filtered/kept" --default-mix "$OUT/default.jsonl" \
-    -o "$D/verify" --threads 1 --json > "$D/verify.json"
-  VERIFIED=$("$PY" - "$D" "$R" "$OUT/loop/summary.jsonl" <<'PYEOF'
+    -o "$D/verify" --threads 1
+  VERIFIED=$("$PY" - "$D" "$R" <<'PYEOF'
 import json, sys
-d, r, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-s = json.load(open(f"{d}/verify.json"))
-loss = s["heldout_loss"]
+from minicpm4.data.verification import summarize
+d, r = sys.argv[1], int(sys.argv[2])
+raw, kept = (json.load(open(f"{p}/results.json"))["runs"] for p in (f"{d}/../raw", f"{d}/verify"))
+vs_default = json.load(open(f"{d}/verify/results.json"))["summary"]
+vs_raw = summarize({s: {"baseline": raw[s]["candidate"], "candidate": kept[s]["candidate"]} for s in kept if s in raw})
+loss = vs_raw["heldout_loss"]
 ok = loss["ci95"] is not None and loss["ci95"][1] < 0
-line = {"round": r, "heldout_loss_diff": loss["diff"], "ci95": loss["ci95"], "mc_accuracy_diff": s["mc_accuracy"]["diff"],
-        "mc_margin_diff": s["mc_margin"]["diff"], "verified": ok}
-open(log, "a").write(json.dumps(line) + "\n")
+line = {"round": r, "verified": ok, **{f"{m}_vs_raw": [e["diff"], e["ci95"]] for m, e in vs_raw.items()},
+        **{f"{m}_vs_default": [e["diff"], e["ci95"]] for m, e in vs_default.items()}}
+open(f"{d}/round.json", "w").write(json.dumps(line) + "\n")
 print(json.dumps(line), file=sys.stderr)
 print("yes" if ok else "no")
 PYEOF
@@ -52,3 +62,4 @@ PYEOF
   POS+=("$D/filtered/kept")
   NEG+=("$D/filtered/rejected/quality")
 done
+cat "$OUT"/loop/r*/round.json > "$OUT/loop/summary.jsonl"

@@ -68,3 +68,14 @@ for CAND in good bad; do
   "$PY" -m minicpm4.cli data verify --base "$BASE" --candidate "$OUT/$CAND.jsonl" \
     --default-mix "$OUT/default.jsonl" -o "$OUT/verify-$CAND" --seeds "$SEEDS" --threads 1 "$@"
 done
+# Both runs share the base, the default-mix split and the seeds, so their baseline arms are identical and the two
+# candidates compare directly, paired by seed: bad - good (positive loss = the bad candidate costs more).
+"$PY" - "$OUT" <<'PYEOF'
+import json, sys
+from minicpm4.data.verification import summarize
+good, bad = (json.load(open(f"{sys.argv[1]}/verify-{c}/results.json"))["runs"] for c in ("good", "bad"))
+runs = {s: {"baseline": good[s]["candidate"], "candidate": bad[s]["candidate"]} for s in good if s in bad}
+for metric, e in summarize(runs).items():
+    print(f"bad - good {metric:<13} {e['diff']:+.4f} ± {e['se'] or 0:.4f}  95% CI [{e['ci95'][0]:+.4f}, "
+          f"{e['ci95'][1]:+.4f}]" if e["ci95"] else "")
+PYEOF
