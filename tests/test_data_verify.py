@@ -174,6 +174,10 @@ def test_bad_input_fails_clearly(setup, tmp_path):
         run_verify(job(setup, tmp_path / "b", candidate=[str(tmp / "nope.jsonl")]))
     with pytest.raises(InputError, match="gone: no such file"):
         run_verify(job(setup, tmp_path / "b", default_mix=[str(tmp / "gone")]))
+    (tmp_path / "short.jsonl").write_text(json.dumps({"text": "Too short to fill a batch."}) + "\n")
+    with pytest.raises(ConfigError, match="candidate/index.json: .* fewer than batch_size 4"):
+        run_verify(job(setup, tmp_path / "s", candidate=[str(tmp_path / "short.jsonl")]))
+    assert not (tmp_path / "s" / "results.json").exists()  # nothing was annealed
     with pytest.raises(CheckpointError, match="missing_ckpt"):
         run_verify(job(setup, tmp_path / "c", base=str(tmp / "missing_ckpt")))
     r = CliRunner().invoke(cli, ["data", "verify", "--base", str(base), "--candidate", str(tmp / "cand.jsonl"),

@@ -192,6 +192,9 @@ def prepare_data(job: VerifyJob, tokenizer: Tokenizer, log=None) -> dict:
     if not mc_path.is_file():
         held = [d for d in read_documents(split["heldout"])]
         items = mc_eval.build_items(held, job.mc_items)
+        if not items:
+            raise ConfigError(f"{split['heldout']}: no cloze question can be built (needs sentences of 8+ words "
+                              "in 2+ documents); raise --heldout or give more default-mix text")
         atomic_write_text(mc_path, "".join(json.dumps(it) + "\n" for it in items))
     data["items"] = [json.loads(line) for line in mc_path.read_text().splitlines() if line.strip()]
     return data
@@ -242,7 +245,7 @@ def run_verify(job: VerifyJob, log=None) -> dict:
 
 def _run(job: VerifyJob, log) -> dict:
     model, tokenizer, train_state, ckpt = load_base(job.base)
-    seq_len = anneal_config(job, train_state, Path(job.out), 0).seq_len  # fails early on a bad schedule
+    cfg = anneal_config(job, train_state, Path(job.out), 0)  # fails early on a bad schedule
     out = Path(job.out)
     path = out / "results.json"
     mine = settings(job, ckpt)
@@ -251,6 +254,9 @@ def _run(job: VerifyJob, log) -> dict:
     if diff:
         raise ConfigError(f"{path} holds a verification with other settings ({', '.join(diff)}); use another -o")
     data = prepare_data(job, tokenizer, log)
+    seq_len = cfg.seq_len
+    for name in ("default", "candidate"):  # too little text for one batch fails here, before any annealing
+        PackedLoader(data[name], seq_len, cfg.batch_size, 0)
 
     def save() -> None:
         results["summary"] = summarize(results["runs"])
