@@ -155,10 +155,12 @@ def demo_score(filter_out):
 @click.option("--eval-tokens", default=32768, show_default=True, help="Held-out tokens scored for the loss.")
 @click.option("--text-key", "text_field", default="text", show_default=True)
 @click.option("--threads", default=0, show_default=True, help="torch threads (0: torch's default).")
+@click.option("--baseline-from", default="", help="Reuse the baseline arms of another verify OUT (same settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 def verify(as_json, **options):
     """Anneal BASE on candidate + default mix vs default mix alone; report paired differences over seeds."""
-    from minicpm4.data.verification import VerifyJob, format_table, run_verify
+    from minicpm4.data.verification import VerifyJob, run_verify
+    from minicpm4.data.verify_report import format_table
 
     options["candidate"], options["default_mix"] = list(options["candidate"]), list(options["default_mix"])
     results = run_verify(VerifyJob(**options), log=lambda m: click.echo(m, err=True))

@@ -72,7 +72,7 @@ done
 # candidates compare directly, paired by seed: bad - good (positive loss = the bad candidate costs more).
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
-from minicpm4.data.verification import summarize
+from minicpm4.data.verify_report import summarize
 good, bad = (json.load(open(f"{sys.argv[1]}/verify-{c}/results.json"))["runs"] for c in ("good", "bad"))
 runs = {s: {"baseline": good[s]["candidate"], "candidate": bad[s]["candidate"]} for s in good if s in bad}
 for metric, e in summarize(runs).items():

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from minicpm4.cli import _register_all, cli
 from minicpm4.config import ModelConfig, preset
 from minicpm4.data import mc_eval
-from minicpm4.data.verification import MixLoader, VerifyJob, run_verify, summarize
+from minicpm4.data.verification import MixLoader, VerifyJob, run_verify
+from minicpm4.data.verify_report import summarize
 from minicpm4.errors import CheckpointError, ConfigError, InputError, MiniCPM4Error
 from minicpm4.model import MiniCPM4ForCausalLM
 from minicpm4.train.shard_writer import FORMAT
@@ -163,6 +164,15 @@ def test_verify_runs_paired_seeds_and_resumes(setup, tmp_path):
     assert more["summary"]["heldout_loss"]["seeds"] == 3
     with pytest.raises(ConfigError, match="other settings \\(ratio\\)"):
         run_verify(job(setup, out, ratio=0.5))
+    # another candidate against the same baselines: only its candidate arms run
+    logs.clear()
+    tmp, _ = setup
+    other = run_verify(job(setup, tmp_path / "w", candidate=[str(tmp / "mix.jsonl")], ratio=0.5, baseline_from=str(out)),
+                       log=logs.append)
+    assert [m.split(":")[0] for m in logs if m.startswith("seed ")] == ["seed 0 candidate", "seed 1 candidate"]
+    assert all(other["runs"][s]["baseline"] == runs[s]["baseline"] for s in "01")
+    with pytest.raises(ConfigError, match="--baseline-from: .* other settings \\(steps\\)"):
+        run_verify(job(setup, tmp_path / "x", steps=2, baseline_from=str(out)))
 
 
 def test_bad_input_fails_clearly(setup, tmp_path):

@@ -18,7 +18,6 @@ add seeds; other settings must match).
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from minicpm4.data import mc_eval
+from minicpm4.data.verify_report import ARMS, summarize
 from minicpm4.errors import ConfigError
 from minicpm4.fileio import atomic_write_text
 from minicpm4.model import MiniCPM4ForCausalLM
@@ -39,12 +39,6 @@ from minicpm4.train.shard_writer import expand_inputs, read_documents, tokenize_
 from minicpm4.train.token_loader import PackedLoader, TokenShards
 from minicpm4.train.train_config import TrainConfig
 from minicpm4.train.trainer import train_step
-
-METRICS = (("heldout_loss", "lower"), ("mc_accuracy", "higher"), ("mc_margin", "higher"))
-ARMS = ("baseline", "candidate")
-# Student t 0.975 quantiles for 1..30 degrees of freedom (two-sided 95% interval)
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 @dataclass
@@ -63,6 +57,7 @@ class VerifyJob:
     eval_tokens: int = 32768  # held-out tokens scored for the loss (at most)
     text_field: str = "text"
     threads: int = 0
+    baseline_from: str = ""  # another verification's OUT: reuse its baseline arms (see reuse_baselines)
 
     def check(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -200,35 +195,28 @@ def prepare_data(job: VerifyJob, tokenizer: Tokenizer, log=None) -> dict:
     return data
 
 
-def t_quantile(df: int) -> float:
-    z = 1.959964
-    return T975[df - 1] if df <= len(T975) else z + (z ** 3 + z) / (4 * df)
-
-
-def summarize(runs: dict) -> dict:
-    """Per metric: paired differences candidate - baseline over finished seeds, mean, std error, 95% t interval."""
-    done = [r for r in runs.values() if all(a in r for a in ARMS)]
-    summary = {}
-    for metric, better in METRICS:
-        d = [r["candidate"][metric] - r["baseline"][metric] for r in done]
-        n = len(d)
-        entry = {"better": better, "seeds": n,
-                 "baseline": sum(r["baseline"][metric] for r in done) / n if n else None,
-                 "candidate": sum(r["candidate"][metric] for r in done) / n if n else None,
-                 "diff": sum(d) / n if n else None, "se": None, "ci95": None, "significant": None}
-        if n >= 2:
-            sd = math.sqrt(sum((x - entry["diff"]) ** 2 for x in d) / (n - 1))
-            entry["se"] = sd / math.sqrt(n)
-            half = t_quantile(n - 1) * entry["se"]
-            entry["ci95"] = [entry["diff"] - half, entry["diff"] + half]
-            entry["significant"] = entry["ci95"][0] > 0 or entry["ci95"][1] < 0
-        summary[metric] = entry
-    return summary
-
-
 def settings(job: VerifyJob, ckpt: Path) -> dict:
-    s = {k: v for k, v in asdict(job).items() if k not in ("seeds", "threads", "out", "base")}
+    s = {k: v for k, v in asdict(job).items() if k not in ("seeds", "threads", "out", "base", "baseline_from")}
     return {**s, "base": str(ckpt.resolve())}
+
+
+def reuse_baselines(job: VerifyJob, mine: dict, results: dict) -> None:
+    """Copy the base evaluation and baseline arms of another verification with the same settings but the candidate
+    and ratio: the baseline arm never sees the candidate, and a seed's run is deterministic (same threads)."""
+    path = Path(job.baseline_from) / "results.json"
+    try:
+        other = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--baseline-from: cannot read {path} ({e})") from None
+    theirs = other.get("settings", {})
+    diff = sorted(k for k in mine if k not in ("candidate", "ratio") and mine[k] != theirs.get(k))
+    if diff:
+        raise ConfigError(f"--baseline-from: {path} has other settings ({', '.join(diff)})")
+    if "base_eval" in other:
+        results.setdefault("base_eval", other["base_eval"])
+    for seed, run in other.get("runs", {}).items():
+        if "baseline" in run and int(seed) < job.seeds:
+            results["runs"].setdefault(seed, {}).setdefault("baseline", run["baseline"])
 
 
 def run_verify(job: VerifyJob, log=None) -> dict:
@@ -253,6 +241,8 @@ def _run(job: VerifyJob, log) -> dict:
     diff = sorted(k for k in set(mine) | set(results["settings"]) if mine.get(k) != results["settings"].get(k))
     if diff:
         raise ConfigError(f"{path} holds a verification with other settings ({', '.join(diff)}); use another -o")
+    if job.baseline_from:
+        reuse_baselines(job, mine, results)
     data = prepare_data(job, tokenizer, log)
     seq_len = cfg.seq_len
     for name in ("default", "candidate"):  # too little text for one batch fails here, before any annealing
@@ -276,19 +266,3 @@ def _run(job: VerifyJob, log) -> dict:
             save()
     save()
     return results
-
-
-def format_table(results: dict) -> str:
-    """The summary as a fixed-width table (diff = candidate - baseline, mean over seeds ± std error)."""
-    base = results.get("base_eval", {})
-    lines = [f"{'metric':<14}{'base':>9}{'baseline':>10}{'candidate':>10}{'diff':>10}{'± se':>9}  95% CI   (better)"]
-    for metric, entry in results["summary"].items():
-        def f(x, w):
-            return f"{x:>{w}.4f}" if isinstance(x, (int, float)) else f"{'-':>{w}}"
-        ci = "[{:+.4f}, {:+.4f}]".format(*entry["ci95"]) if entry["ci95"] else "-"
-        flag = " *" if entry["significant"] else ""
-        lines.append(f"{metric:<14}{f(base.get(metric), 9)}{f(entry['baseline'], 10)}{f(entry['candidate'], 10)}"
-                     f"{f(entry['diff'], 10)}{f(entry['se'], 9)}  {ci} ({entry['better']}){flag}")
-    n = max((e["seeds"] for e in results["summary"].values()), default=0)
-    lines.append(f"{n} seed(s); * = the 95% interval excludes 0")
-    return "\n".join(lines)
