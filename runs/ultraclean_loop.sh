@@ -9,7 +9,8 @@
 #   1. train-classifier on the round's seeds (round 1: the demo's seeds/pos.jsonl and seeds/neg.jsonl),
 #      --epoch 25 and a 200k-row hash table (see runs/data_demo.sh for why);
 #   2. filter the demo corpus with it (classifier + exact dedup);
-#   3. data verify: anneal the base checkpoint on 30% kept/ + 70% default mix vs the default mix alone;
+#   3. data verify: anneal the base checkpoint on 30% kept/ + 70% default mix vs the default mix alone (the
+#      baseline arms are those of the raw-corpus verification below, --baseline-from);
 #   4. compare with the unfiltered corpus verified the same way once (OUT/loop/raw: the demo's good.jsonl +
 #      bad.jsonl). All runs share the base, the default-mix split and the seeds, so their baseline arms are
 #      identical and the candidate arms pair by seed. The default mix is KJV and the held-out text too, so any
@@ -38,10 +39,10 @@ for R in $(seq 1 "$ROUNDS"); do
     2> "$D/filter.log" > "$D/filter.txt"
   echo "round $R kept vs labels: $($RUN data demo-score "$D/filtered")"
   $RUN data verify --base "$BASE" --candidate "$D/filtered/kept" --default-mix "$OUT/default.jsonl" \
-    -o "$D/verify" --threads 1
+    -o "$D/verify" --threads 1 --baseline-from "$OUT/loop/raw"
   VERIFIED=$("$PY" - "$D" "$R" <<'PYEOF'
 import json, sys
-from minicpm4.data.verification import summarize
+from minicpm4.data.verify_report import summarize
 d, r = sys.argv[1], int(sys.argv[2])
 raw, kept = (json.load(open(f"{p}/results.json"))["runs"] for p in (f"{d}/../raw", f"{d}/verify"))
 vs_default = json.load(open(f"{d}/verify/results.json"))["summary"]

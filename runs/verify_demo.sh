@@ -13,7 +13,8 @@
 #    (--stop-after), as the paper's probe anneals a stable-phase checkpoint; its decay_steps become the
 #    annealing length.
 # 4. data verify twice (good, bad): 30% candidate + 70% default mix vs default mix alone, 3 seeds, paired;
-#    held-out loss on 10% of the default mix and a cloze multiple-choice eval built from it.
+#    held-out loss on 10% of the default mix and a cloze multiple-choice eval built from it. The bad run reuses
+#    the good run's baseline arms (--baseline-from), so the two candidates pair by seed against one baseline.
 set -euo pipefail
 OUT=${1:-/tmp/minicpm4-verify-demo}
 shift || true
@@ -64,12 +65,11 @@ BASE="$OUT/base/checkpoints/step_$(printf %07d $((STEPS - DECAY)))"
   --set model_overrides.intermediate_size=256 --set seq_len=128 --set batch_size=16 --set micro_batch_size=16 \
   --set steps="$STEPS" --set warmup_steps=10 --set decay_steps="$DECAY" --set lr=0.03 --set threads=1 \
   --stop-after $((STEPS - DECAY))
-for CAND in good bad; do
-  "$PY" -m minicpm4.cli data verify --base "$BASE" --candidate "$OUT/$CAND.jsonl" \
-    --default-mix "$OUT/default.jsonl" -o "$OUT/verify-$CAND" --seeds "$SEEDS" --threads 1 "$@"
-done
-# Both runs share the base, the default-mix split and the seeds, so their baseline arms are identical and the two
-# candidates compare directly, paired by seed: bad - good (positive loss = the bad candidate costs more).
+"$PY" -m minicpm4.cli data verify --base "$BASE" --candidate "$OUT/good.jsonl" \
+  --default-mix "$OUT/default.jsonl" -o "$OUT/verify-good" --seeds "$SEEDS" --threads 1 "$@"
+"$PY" -m minicpm4.cli data verify --base "$BASE" --candidate "$OUT/bad.jsonl" --baseline-from "$OUT/verify-good" \
+  --default-mix "$OUT/default.jsonl" -o "$OUT/verify-bad" --seeds "$SEEDS" --threads 1 "$@"
+# The two candidates compare directly, paired by seed: bad - good (positive loss = the bad candidate costs more).
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
 from minicpm4.data.verify_report import summarize
