@@ -6,8 +6,8 @@ From a trained checkpoint (its weights and AdamW state), run the WSD decay phase
     baseline arm    the same steps on the default mix alone
 Both start at the base run's peak rate and decay to min_lr_ratio over all the steps (warmup 0, decay = steps,
 train/schedule.py), through the trainer's own train_step. A fixed share `heldout` of the default-mix documents
-(exact duplicates dropped) is set aside before annealing: held-out loss is measured on it, and the cloze multiple-choice eval (mc_eval.py)
-is built from it. Per seed the difference candidate - baseline is paired (same seed, same default-mix order);
+(exact duplicates dropped) is set aside before annealing: held-out loss is measured on it, and the cloze
+multiple-choice eval (mc_eval.py) is built from it. Per seed the difference candidate - baseline is paired (same seed, same default-mix order);
 the summary gives the mean difference, its standard error and a 95% Student-t interval over seeds.
 
 Layout of OUT:  data/{train,heldout}.jsonl (the default-mix split), tokens/{default,candidate,heldout}/ (shards),
@@ -144,7 +144,8 @@ def anneal_config(job: VerifyJob, train_state: dict, data: Path, seed: int) -> T
 
 
 def anneal(job: VerifyJob, arm: str, seed: int, data: dict, log=None) -> tuple[MiniCPM4ForCausalLM, dict]:
-    """One arm for one seed: returns the annealed model and {"steps", "loss", "rows"}."""
+    """One arm for one seed: the annealed model and {"steps", "train_loss" (last step), "rows", "tokens"} (per
+    source; tokens = rows * seq_len input tokens)."""
     model, _, train_state, _ = load_base(job.base)
     cfg = anneal_config(job, train_state, data["default"], seed)
     cfg.check_model(model.config)
