@@ -209,3 +209,17 @@ def test_summary_interval_uses_student_t():
     s = summarize(runs)["heldout_loss"]  # sd 0.02: [-0.25, -0.15]
     assert s["ci95"] == pytest.approx([-0.2 - 4.303 * 0.02 / 3 ** 0.5, -0.2 + 4.303 * 0.02 / 3 ** 0.5])
     assert s["significant"] is True and summarize(runs)["mc_accuracy"]["significant"] is False
+
+
+def test_annealing_is_the_base_runs_decay_phase(setup, tmp_path):
+    from minicpm4.data.verification import anneal_config, load_base
+    from minicpm4.train.trainer import lr_factor
+    _, base = setup
+    _, _, state, _ = load_base(str(base))
+    cfg = anneal_config(job(setup, tmp_path, steps=0), state, tmp_path, seed=5)
+    assert (cfg.steps, cfg.warmup_steps, cfg.decay_steps) == (2, 0, 2)  # the base run's decay_steps=2
+    assert (cfg.lr, cfg.batch_size, cfg.seq_len, cfg.seed) == (state["config"]["lr"], 4, 32, 5)
+    factors = [lr_factor(cfg, s) for s in range(cfg.steps)]  # exponential: peak * r^(s+1)/steps
+    assert factors == pytest.approx([cfg.min_lr_ratio ** 0.5, cfg.min_lr_ratio])
+    with pytest.raises(ConfigError, match="give --steps"):
+        anneal_config(job(setup, tmp_path, steps=0), {"config": {**state["config"], "decay_steps": 0}}, tmp_path, 0)
