@@ -1,4 +1,5 @@
-"""`minicpm4 data ...`: train-classifier, filter, synth, demo-corpus (UltraClean / UltraChat v2), via `register`."""
+"""`minicpm4 data ...`: train-classifier, filter, synth, demo-corpus, verify (UltraClean / UltraChat v2), via
+`register`."""
 
 from __future__ import annotations
 
@@ -139,7 +140,34 @@ def demo_score(filter_out):
     click.echo(json.dumps(kept_quality(filter_out)))
 
 
+@click.command("verify")
+@click.option("--base", required=True, help="Training checkpoint (or run out_dir) to anneal from.")
+@click.option("--candidate", multiple=True, required=True, help="Candidate data (.txt/.jsonl/.parquet, repeatable).")
+@click.option("--default-mix", multiple=True, required=True, help="Default mixture (same formats, repeatable).")
+@click.option("-o", "--out", required=True, help="Output folder (results.json, splits, tokens); rerun to resume.")
+@click.option("--candidate-ratio", "ratio", default=0.3, show_default=True, help="Candidate share of annealing rows.")
+@click.option("--seeds", default=3, show_default=True, help="Data-order seeds per arm (paired).")
+@click.option("--steps", default=0, show_default=True, help="Annealing steps (0: the base run's decay_steps).")
+@click.option("--batch-size", default=0, show_default=True, help="Sequences per step (0: the base run's).")
+@click.option("--seq-len", default=0, show_default=True, help="Tokens per sequence (0: the base run's).")
+@click.option("--heldout", default=0.1, show_default=True, help="Share of default-mix documents held out for eval.")
+@click.option("--mc-items", default=200, show_default=True, help="Cloze multiple-choice questions (at most).")
+@click.option("--eval-tokens", default=32768, show_default=True, help="Held-out tokens scored for the loss.")
+@click.option("--text-key", "text_field", default="text", show_default=True)
+@click.option("--threads", default=0, show_default=True, help="torch threads (0: torch's default).")
+@click.option("--baseline-from", default="", help="Reuse the baseline arms of another verify OUT (same settings).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+def verify(as_json, **options):
+    """Anneal BASE on candidate + default mix vs default mix alone; report paired differences over seeds."""
+    from minicpm4.data.verification import VerifyJob, run_verify
+    from minicpm4.data.verify_report import format_table
+
+    options["candidate"], options["default_mix"] = list(options["candidate"]), list(options["default_mix"])
+    results = run_verify(VerifyJob(**options), log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(results["summary"]) if as_json else format_table(results))
+
+
 def register(cli: click.Group) -> None:
     group = cli.commands["data"]
-    for command in (train_classifier, filter_cmd, synth, demo_corpus, demo_score):
+    for command in (train_classifier, filter_cmd, synth, demo_corpus, demo_score, verify):
         group.add_command(command)

@@ -14,7 +14,7 @@
 #   3. filter the corpus with each model: a Gopher repetition heuristic, the classifier, exact dedup, 2 workers.
 #      Rerunning the same command after an interruption resumes it.
 #   4. demo-score: precision/recall of each run's kept documents against the construction labels.
-# Annealing-based verification of the filtered data (issue 7, part 3) is not part of this script.
+# Verification of the filtered data by annealing: runs/verify_demo.sh, then runs/ultraclean_loop.sh (the loop).
 set -euo pipefail
 OUT=${1:-/tmp/minicpm4-data-demo}
 RUN=${MINICPM4:-python -m minicpm4.cli}
