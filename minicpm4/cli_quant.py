@@ -1,4 +1,5 @@
-"""`minicpm4 quantize`: RTN / GPTQ / P-GPTQ into a GPTQ-layout checkpoint, registered by `register`."""
+"""`minicpm4 quantize` (RTN / GPTQ / P-GPTQ into a GPTQ-layout checkpoint, or ternary into our packed format),
+registered by `register`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import click
 
 @click.command()
 @click.argument("model")
-@click.option("--method", type=click.Choice(["rtn", "gptq", "pgptq"]), default="gptq", show_default=True)
+@click.option("--method", type=click.Choice(["rtn", "gptq", "pgptq", "ternary"]), default="gptq", show_default=True,
+              help="ternary: absmean ternary weights (group 32) in the packed ternary format; --bits ignored.")
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
               help="8 = per output channel (--group-size ignored).")
 @click.option("--group-size", default=128, show_default=True, help="Input columns per scale (4-bit).")
@@ -16,7 +18,12 @@ import click
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration sequence (BOS first).")
 @click.option("-o", "--out", "out_dir", required=True, help="Output directory (GPTQ safetensors layout).")
 def quantize(model, method, bits, group_size, calib, nsamples, seq_len, out_dir):
-    """Quantize MODEL's linear layers (RTN, GPTQ, P-GPTQ) into a GPTQ-format checkpoint directory."""
+    """Quantize MODEL's linear layers (RTN, GPTQ, P-GPTQ) into a GPTQ-format checkpoint directory, or ternarize
+    them (--method ternary) into a packed ternary checkpoint."""
+    if method == "ternary":
+        from minicpm4.ternary_format import export_checkpoint
+        click.echo(export_checkpoint(model, out_dir))
+        return
     from minicpm4.gptq_format import quantize_checkpoint
     text = open(calib, encoding="utf-8").read() if calib else None
     click.echo(quantize_checkpoint(model, out_dir, method, int(bits), group_size, text, nsamples, seq_len,

@@ -27,6 +27,7 @@ from minicpm4.tokenizer import Tokenizer
 from minicpm4.fileio import atomic_write_text
 from minicpm4.int4_linear import Int4Linear
 from minicpm4.int8_linear import Int8Linear
+from minicpm4.ternary_linear import TernaryLinear
 from minicpm4.weights import checkpoint_files, load_into, read_state_dict, save_state_dict
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -52,7 +53,7 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str
 
     q4_1: raw GGUF Q4_1 weights by module name; those nn.Linear modules become Int4Linear, and a float
     lm_head becomes Int8Linear (per-row int8, requantized from the checkpoint's weights).
-    layers: ready quantized modules (Int4Linear / Int8Linear) by name, put in place of those nn.Linear.
+    layers: ready quantized modules (Int4Linear / Int8Linear / TernaryLinear) by name, put in place of those nn.Linear.
     """
     with torch.device("meta"):
         model = MiniCPM4ForCausalLM(config)
@@ -108,7 +109,9 @@ def _load_dir(path: Path, dtype: torch.dtype, overrides: dict | None):
         config = ModelConfig.from_dict(merge_overrides(config.to_dict(), overrides))
     state = read_state_dict(checkpoint_files(path), dtype)
     from minicpm4.gptq_format import gptq_layers
-    layers = gptq_layers(config.extra.get("quantization_config"), state, str(path))
+    from minicpm4.ternary_format import is_ternary, ternary_layers
+    qc = config.extra.get("quantization_config")
+    layers = ternary_layers(qc, state, str(path)) if is_ternary(qc) else gptq_layers(qc, state, str(path))
     model = build_model(config, state, str(path), layers=layers)
     return model, Tokenizer.from_dir(path)
 
@@ -160,7 +163,7 @@ def save_pretrained(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, out_dir: s
     an interrupted write never leaves a half-converted model behind.
     """
     out = Path(out_dir)
-    if model.fused or any(isinstance(m, (Int4Linear, Int8Linear)) for m in model.modules()):
+    if model.fused or any(isinstance(m, (Int4Linear, Int8Linear, TernaryLinear)) for m in model.modules()):
         raise ConfigError("save_pretrained writes float HF weights; this model has fused or quantized layers "
                           "(fuse_projections, int4): load the checkpoint again without them to convert it")
     cfg = model.config.to_dict()

@@ -6,7 +6,7 @@ columns. They are held in 2.25 bits per weight:
     planes   int32 [N, K/32, 2]   two bit planes per group: bit j of plane 0 marks c = +1, of plane 1 c = -1
                                   (2 bits per weight; 00 = 0, never 11)
     qscale   uint8 [N, K/32]      the group scale as an integer multiple of the row's step:
-    dscale   fp32  [N]                s[n, g] ~= dscale[n] * qscale[n, g],  dscale[n] = max_g s[n, g] / 255
+    dscale   fp32  [N]                s[n, g] ~= dscale[n] * qscale[n, g],  dscale[n] ~= max_g s[n, g] / 254
 
 so w[n, k] = dscale[n] * qscale[n, k // 32] * c[n, k]. The 8-bit group scale is this layer's one loss against
 `quant.dequantize` (relative error <= 1 / (2 * qscale), i.e. <= 0.2% for groups within 2.5x of the row's
@@ -48,10 +48,12 @@ def unpack_planes(planes: torch.Tensor) -> torch.Tensor:
 
 
 def split_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group scales fp32 [N, G] -> (qscale uint8 [N, G], dscale fp32 [N]) with s ~= dscale * qscale."""
-    d = scales.float().amax(dim=1) / 255
+    """Group scales fp32 [N, G] -> (qscale uint8 [N, G], dscale fp32 [N]) with s ~= dscale * qscale.
+    dscale is max_g s / 254 rounded to bf16 (so checkpoints store it exactly in bf16): the 0.4% of bf16 rounding
+    cannot push the largest group past 255."""
+    d = (scales.float().amax(dim=1) / 254).to(torch.bfloat16).float()
     d = torch.where(d > 0, d, 1.0)
-    q = (scales.float() / d[:, None]).round().clamp(0, 255)  # 0: a group below 1/510 of the largest
+    q = (scales.float() / d[:, None]).round().clamp(0, 255)  # 0: a group below 1/508 of the row's largest
     return q.to(torch.uint8), d
 
 

@@ -36,8 +36,11 @@ def test_layer_holds_the_quantizer_codes_with_8_bit_group_scales():
     q = quantize_ternary(w, GROUP)
     layer = TernaryLinear.from_qtensor(q)
     assert torch.equal(layer.codes(), q.codes.to(torch.int8))
-    # s ~= dscale * qscale, qscale in 0..255 rounded to nearest: off by at most half a step, dscale = max s / 255
-    step = q.scales.amax(1, keepdim=True) / 255
+    # s ~= dscale * qscale, qscale in 0..255 rounded to nearest: off by at most half a step dscale ~= max s / 254,
+    # and dscale is a bf16 value (checkpoints hold it in bf16 exactly)
+    step = layer.dscale[:, None]
+    assert torch.equal(layer.dscale.to(torch.bfloat16).float(), layer.dscale)
+    assert (step <= q.scales.amax(1, keepdim=True) / 254 * (1 + 2 ** -8)).all()
     assert ((layer.scales() - q.scales).abs() <= step / 2 * (1 + 1e-5) + 1e-12).all()
     rel = (layer.dequantize() - dequantize(q)).abs().sum() / dequantize(q).abs().sum()
     assert rel < 0.01
