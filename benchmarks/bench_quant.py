@@ -11,6 +11,7 @@ Speed and memory (2 threads, Engine.stream greedy decode after a prompt of --con
   RTN group 128 for the 0.5B shape), ternary (TernaryLinear); every quantized variant keeps lm_head as int8 rows
   (as `load(gguf, int4=True)` does), bf16 keeps it bf16. llama.cpp runs the same Q4_1 GGUF in the same run.
   The MiniCPM4-0.5B shape (config.minicpm4_0_5b) has random weights: speed and memory only.
+Per layer: one decode-sized product (1 x K) for each layer kind at the default model's and the 0.5B's shapes.
 Memory = bytes of the linear layers' weights (all decoder projections, no embedding / head) and the ratio to bf16.
 
     python benchmarks/bench_quant.py            # full: ppl on 8 x 512 tokens, 512-token context
@@ -89,6 +90,35 @@ def quantized_variants(fp32: MiniCPM4ForCausalLM, hessians: dict | None) -> dict
     return out
 
 
+LAYER_SHAPES = {"default": [(1728, 576), (576, 576), (3072, 576), (576, 1536)],  # fused qkv, o, gate_up, down
+                "minicpm4-0.5b": [(1280, 1024), (1024, 1024), (8192, 1024), (1024, 4096)]}
+
+
+@torch.no_grad()
+def layer_speed(repeats: int = 200) -> dict:
+    """Median microseconds of one decode-sized (1-row, bf16) product per layer kind and shape, interleaved."""
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for model_name, shapes in LAYER_SHAPES.items():
+        for n, k in shapes:
+            w = torch.randn(n, k, generator=g) * 0.02
+            bf16 = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+            bf16.weight.data = w.to(torch.bfloat16)
+            layers = {"bf16": bf16, "int8": Int8Linear.from_float(w),
+                      "int4": to_int4_linear(quantize_int(w, 4, 64)), "ternary": TernaryLinear.from_float(w)}
+            x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+            times = {name: [] for name in layers}
+            for i in range(repeats + 10):
+                for name, layer in layers.items():
+                    t = time.perf_counter()
+                    layer(x)
+                    if i >= 10:
+                        times[name].append(time.perf_counter() - t)
+            med = {name: statistics.median(ts) * 1e6 for name, ts in times.items()}
+            out[f"{model_name} {n}x{k}"] = {"us": med, "speedup_vs_bf16": {nm: med["bf16"] / v for nm, v in med.items()}}
+    return out
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
     nll = [nn.functional.cross_entropy(model(w[None])[0, :-1].float(), w[1:]).item() for w in windows]
@@ -138,6 +168,10 @@ def main() -> None:
     for name, p in ppl.items():
         print(f"  {name:<13} perplexity {p:8.3f}   x{p / ppl['bf16']:.3f} of bf16", flush=True)
 
+    layers = layer_speed(50 if q else 200)
+    print(f"\none decode-sized product (1 x K bf16), median microseconds, {THREADS} threads:")
+    for shape, r in layers.items():
+        print(f"  {shape:<24}" + "  ".join(f"{nm} {v:7.1f} (x{r['speedup_vs_bf16'][nm]:.2f})" for nm, v in r["us"].items()))
     # speed and memory: the default model (its GGUF Q4_1 for int4, as llama.cpp runs it) ...
     from minicpm4.default_model import default_gguf_path
     gguf = default_gguf_path()
@@ -186,7 +220,7 @@ def main() -> None:
     print(f"load average {load0:.1f} at start, {load1:.1f} at end; {time.perf_counter() - t0:.0f} s")
     print(json.dumps({"quick": q, "context": context, "new_tokens": new_tokens, "repeats": repeats,
                       "threads": THREADS, "ppl_windows": [n_eval, eval_len], "calib": [n_calib, calib_len],
-                      "perplexity": ppl, "speed": results, "loadavg_1min": [load0, load1],
+                      "perplexity": ppl, "layer_us": layers, "speed": results, "loadavg_1min": [load0, load1],
                       "torch": torch.__version__}))
 
 

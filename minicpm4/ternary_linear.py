@@ -12,9 +12,10 @@ so w[n, k] = dscale[n] * qscale[n, k // 32] * c[n, k]. The 8-bit group scale is 
 `quant.dequantize` (relative error <= 1 / (2 * qscale), i.e. <= 0.2% for groups within 2.5x of the row's
 largest scale); it brings the layer to 0.14x the bytes of bf16 instead of the 0.16x a bf16 scale would cost.
 
-Decode (a few rows of x) runs csrc/ternary.cpp's gemv: per group it adds the activations under the +1 mask,
-subtracts them under the -1 mask, and scales the sum once, so no weight multiplies and 1/7 of bf16's bytes are
-read. Prefill unpacks blocks of rows to bf16 (csrc unpack) and multiplies them with torch's bf16 GEMM. Without a
+Decode (a few rows of x) runs csrc/ternary.cpp's gemv: per group it takes the signed sum of the activations
+under the +1 / -1 codes (one bf16 dot product against codes expanded to {-1, 0, 1}, or masked fp32 adds and
+subtracts) and scales it once, reading 1/7 of bf16's bytes; 2.4-2.7x faster than a bf16 nn.Linear at batch 1 on
+the default model's and the 0.5B's shapes (one thread). Prefill unpacks blocks of rows to bf16 (csrc unpack) and multiplies them with torch's bf16 GEMM. Without a
 compiler both fall back to `forward_reference`: unpack in PyTorch, then x @ W^T.
 """
 
