@@ -15,7 +15,8 @@ Per layer: one decode-sized product (1 x K) for each layer kind at the default m
 Memory = bytes of the linear layers' weights (all decoder projections, no embedding / head) and the ratio to bf16.
 
     python benchmarks/bench_quant.py            # full: ppl on 8 x 512 tokens, 512-token context
-    python benchmarks/bench_quant.py --quick    # a few minutes: ppl on 2 x 256, context 128, no 0.5B
+    python benchmarks/bench_quant.py --quick    # a few minutes idle: ppl on 2 x 256, context 128, no 0.5B
+    python benchmarks/bench_quant.py --layers-only   # the per-layer timings alone
 
 Timings on a shared machine are noisy: the 1-minute load average is printed and saved; compare ratios.
 The last line of stdout is one JSON object with every number.
@@ -95,8 +96,12 @@ LAYER_SHAPES = {"default": [(1728, 576), (576, 576), (3072, 576), (576, 1536)], 
 
 
 @torch.no_grad()
-def layer_speed(repeats: int = 200) -> dict:
-    """Median microseconds of one decode-sized (1-row, bf16) product per layer kind and shape, interleaved."""
+def layer_speed(repeats: int = 200, threads: int = 1) -> dict:
+    """Median microseconds of one decode-sized (1-row, bf16) product per layer kind and shape, interleaved.
+    One thread by default: on a shared machine a 2-thread product of tens of microseconds is dominated by
+    barrier stalls whenever another process takes a core."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     out = {}
     g = torch.Generator().manual_seed(0)
     for model_name, shapes in LAYER_SHAPES.items():
@@ -116,7 +121,16 @@ def layer_speed(repeats: int = 200) -> dict:
                         times[name].append(time.perf_counter() - t)
             med = {name: statistics.median(ts) * 1e6 for name, ts in times.items()}
             out[f"{model_name} {n}x{k}"] = {"us": med, "speedup_vs_bf16": {nm: med["bf16"] / v for nm, v in med.items()}}
+    torch.set_num_threads(saved)
     return out
+
+
+def report_layers(repeats: int, threads: int) -> dict:
+    layers = layer_speed(repeats, threads)
+    print(f"\none decode-sized product (1 x K bf16), median microseconds (x speed-up over bf16), {threads} thread(s):")
+    for shape, r in layers.items():
+        print(f"  {shape:<24}" + "  ".join(f"{nm} {v:7.1f} (x{r['speedup_vs_bf16'][nm]:.2f})" for nm, v in r["us"].items()))
+    return layers
 
 
 @torch.no_grad()
@@ -143,6 +157,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--skip-05b", action="store_true", help="no MiniCPM4-0.5B-shape speed run")
+    ap.add_argument("--layer-threads", type=int, default=1, help="threads for the per-layer timings")
+    ap.add_argument("--layers-only", action="store_true", help="only the per-layer timings (a minute)")
     args = ap.parse_args()
     q = args.quick
     context = args.context or (128 if q else 512)
@@ -153,6 +169,11 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
 
+    if args.layers_only:
+        layers = report_layers(200, args.layer_threads)
+        print(json.dumps({"layer_us": layers, "layer_threads": args.layer_threads,
+                          "loadavg_1min": [load0, os.getloadavg()[0]], "torch": torch.__version__}))
+        return
     fp32, tok = minicpm4.load("default", dtype="fp32")
     verses = kjv_text().split("\n")
     calib_ids = tok.encode("\n".join(verses[:3000]))
@@ -168,10 +189,7 @@ def main() -> None:
     for name, p in ppl.items():
         print(f"  {name:<13} perplexity {p:8.3f}   x{p / ppl['bf16']:.3f} of bf16", flush=True)
 
-    layers = layer_speed(50 if q else 200)
-    print(f"\none decode-sized product (1 x K bf16), median microseconds, {THREADS} threads:")
-    for shape, r in layers.items():
-        print(f"  {shape:<24}" + "  ".join(f"{nm} {v:7.1f} (x{r['speedup_vs_bf16'][nm]:.2f})" for nm, v in r["us"].items()))
+    layers = report_layers(50 if q else 200, args.layer_threads)
     # speed and memory: the default model (its GGUF Q4_1 for int4, as llama.cpp runs it) ...
     from minicpm4.default_model import default_gguf_path
     gguf = default_gguf_path()
