@@ -32,6 +32,7 @@ import tokenizers
 from tqdm import tqdm
 
 from .errors import CheckpointError
+from .gguf_quant import KEPT_TYPES
 from .tokenizer import SPECIAL_TOKEN_KEYS, add_vocab_special_tokens, byte_level_bpe, sentencepiece_bpe
 
 SUPPORTED_ARCHITECTURES = ("llama", "minicpm")
@@ -74,16 +75,18 @@ class GGUFCheckpoint:
     state_dict: dict[str, torch.Tensor]  # HF parameter names, [out_features, in_features] matrices
     tokenizer: tokenizers.Tokenizer
     tokenizer_config: dict[str, Any]  # tokenizer_config.json-style
-    # with keep_q4_1: the raw Q4_1 bytes [out_features, in_features/32*20] of each layer's linear weights,
-    # under the HF module name (e.g. "model.layers.0.self_attn.q_proj"), instead of a float tensor in state_dict
-    q4_1: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # with keep_quantized: (GGML type, raw blocks [out_features, bytes per row]) of each layer linear weight whose
+    # type is in gguf_quant.KEPT_TYPES (Q4_0, Q4_1, Q8_0), under the HF module name (e.g.
+    # "model.layers.0.self_attn.q_proj"), instead of a float tensor in state_dict
+    quantized: dict[str, tuple[int, np.ndarray]] = dataclasses.field(default_factory=dict)
 
 
 def read_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
-              keep_q4_1: bool = False) -> GGUFCheckpoint:
+              keep_quantized: bool = False) -> GGUFCheckpoint:
     """Parse `path` and dequantize every weight to `dtype`; raises CheckpointError on any problem.
 
-    keep_q4_1: leave Q4_1 layer weights as raw blocks (GGUFCheckpoint.q4_1) for int4_linear.Int4Linear.
+    keep_quantized: leave Q4_0 / Q4_1 / Q8_0 layer weights as raw blocks (GGUFCheckpoint.quantized) for
+    gguf_quant.gguf_linear.
     """
     name = os.fspath(path)
     reader = _open_reader(name)
@@ -96,13 +99,13 @@ def read_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
         raise CheckpointError(f"{name}: GGUF architecture {arch!r} is not supported (supported: {supported})")
     config = _config_from_metadata(name, arch, metadata)
-    state_dict, rope_factors, q4_1 = _read_tensors(name, reader, config, dtype, keep_q4_1)
+    state_dict, rope_factors, quantized = _read_tensors(name, reader, config, dtype, keep_quantized)
     config["tie_word_embeddings"] = "lm_head.weight" not in state_dict
     config.setdefault("vocab_size", int(state_dict["model.embed_tokens.weight"].shape[0]))
     if rope_factors:
         config["rope_scaling"] = _longrope_scaling(name, arch, metadata, config, rope_factors)
     tokenizer, tokenizer_config = _tokenizer_from_metadata(name, metadata)
-    return GGUFCheckpoint(config, state_dict, tokenizer, tokenizer_config, q4_1)
+    return GGUFCheckpoint(config, state_dict, tokenizer, tokenizer_config, quantized)
 
 
 def _open_reader(name: str) -> gguf.GGUFReader:
@@ -184,16 +187,17 @@ def _longrope_scaling(name: str, arch: str, metadata: dict[str, Any], config: di
 
 
 def _read_tensors(name: str, reader: gguf.GGUFReader, config: dict[str, Any], dtype: torch.dtype,
-                  keep_q4_1: bool) -> tuple[dict[str, torch.Tensor], dict[str, list[float]], dict[str, np.ndarray]]:
-    """Dequantized weights under HF names, the rope factor lists (config, not weights), and raw Q4_1 layer weights."""
+                  keep_quantized: bool) -> tuple[dict[str, torch.Tensor], dict[str, list[float]], dict]:
+    """Dequantized weights under HF names, the rope factor lists (config, not weights), and raw quantized layer
+    weights (type, blocks)."""
     state_dict: dict[str, torch.Tensor] = {}
     rope_factors: dict[str, list[float]] = {}
-    q4_1: dict[str, np.ndarray] = {}
+    quantized: dict[str, tuple[int, np.ndarray]] = {}
     for tensor in tqdm(reader.tensors, desc=f"reading {os.path.basename(name)}", unit="tensor", disable=None, leave=False):
         hf_name = None if tensor.name in _ROPE_FACTOR_TENSORS else _hf_name(name, tensor.name)
-        raw = keep_q4_1 and tensor.tensor_type == gguf.GGMLQuantizationType.Q4_1 and \
+        raw = keep_quantized and tensor.tensor_type in KEPT_TYPES and \
             hf_name.startswith("model.layers.") and hf_name.endswith("_proj.weight")
-        # rows are whole blocks in raw Q4_1, so the q/k row permutation below applies to the bytes as well
+        # rows are whole blocks in the raw types, so the q/k row permutation below applies to the bytes as well
         array = np.array(tensor.data) if raw else _dequantize(name, tensor)
         if tensor.name in _ROPE_FACTOR_TENSORS:
             rope_factors[_ROPE_FACTOR_TENSORS[tensor.name]] = [_f32(x) for x in array.reshape(-1).tolist()]
@@ -205,12 +209,12 @@ def _read_tensors(name: str, reader: gguf.GGUFReader, config: dict[str, Any], dt
                                       f"split into {n_head} heads")
             array = _unpermute_rope_rows(array, n_head)
         if raw:
-            q4_1[hf_name.removesuffix(".weight")] = array
+            quantized[hf_name.removesuffix(".weight")] = (int(tensor.tensor_type), array)
         else:
             state_dict[hf_name] = torch.from_numpy(array).to(dtype)
     if "model.embed_tokens.weight" not in state_dict:
         raise CheckpointError(f"{name}: has no token_embd.weight tensor")
-    return state_dict, rope_factors, q4_1
+    return state_dict, rope_factors, quantized
 
 
 def _hf_name(name: str, gguf_name: str) -> str:

@@ -108,7 +108,7 @@ def gptq_layers(quant_config: dict | None, state: dict[str, torch.Tensor], sourc
     if not isinstance(quant_config, dict) or quant_config.get("quant_method") != "gptq":
         if isinstance(quant_config, dict):
             raise CheckpointError(f"{source}: quant_method {quant_config.get('quant_method')!r} is not "
-                                  "supported (only gptq)")
+                                  "supported (supported: gptq, minicpm4_ternary)")
         return {}
     bits, group_size = quant_config.get("bits"), quant_config.get("group_size", -1)
     fmt = quant_config.get("checkpoint_format", "gptq")

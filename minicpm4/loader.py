@@ -27,6 +27,7 @@ from minicpm4.tokenizer import Tokenizer
 from minicpm4.fileio import atomic_write_text
 from minicpm4.int4_linear import Int4Linear
 from minicpm4.int8_linear import Int8Linear
+from minicpm4.ternary_linear import TernaryLinear
 from minicpm4.weights import checkpoint_files, load_into, read_state_dict, save_state_dict
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -47,17 +48,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str = "cpu") -> torch
 
 
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str,
-                q4_1: dict | None = None, layers: dict | None = None) -> MiniCPM4ForCausalLM:
+                gguf_raw: dict | None = None, layers: dict | None = None) -> MiniCPM4ForCausalLM:
     """Instantiate without initialising weights, then assign the checkpoint tensors.
 
-    q4_1: raw GGUF Q4_1 weights by module name; those nn.Linear modules become Int4Linear, and a float
-    lm_head becomes Int8Linear (per-row int8, requantized from the checkpoint's weights).
-    layers: ready quantized modules (Int4Linear / Int8Linear) by name, put in place of those nn.Linear.
+    gguf_raw: raw GGUF (type, blocks) weights by module name (gguf_file.GGUFCheckpoint.quantized); those nn.Linear
+    modules become Int4Linear (Q4_0, Q4_1) or Int8Linear (Q8_0), and a float lm_head becomes Int8Linear (per-row
+    int8, requantized from the checkpoint's weights).
+    layers: ready quantized modules (Int4Linear / Int8Linear / TernaryLinear) by name, put in place of those nn.Linear.
     """
     with torch.device("meta"):
         model = MiniCPM4ForCausalLM(config)
     state = dict(state)
-    layers = {**(layers or {}), **{name: Int4Linear.from_q4_1(raw) for name, raw in (q4_1 or {}).items()}}
+    from minicpm4.gguf_quant import gguf_linear
+    layers = {**(layers or {}), **{name: gguf_linear(*kr) for name, kr in (gguf_raw or {}).items()}}
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
         try:
@@ -71,7 +74,7 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str
         state.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
     load_into(model, state, source)
     model.model.rotary_emb = RotaryEmbedding(config)  # its buffers were created on meta; rebuild them
-    if q4_1 and isinstance(model.lm_head, torch.nn.Linear):
+    if gguf_raw and isinstance(model.lm_head, torch.nn.Linear):
         # the head (vocab x hidden) is the largest matmul of a decode step; int8 rows halve what it reads
         model.lm_head = Int8Linear.from_float(model.lm_head.weight)
     return model.eval()
@@ -81,7 +84,8 @@ def load(source: str | os.PathLike | None = None, dtype: str | torch.dtype | Non
          config_overrides: dict | None = None, int4: bool = False) -> tuple[MiniCPM4ForCausalLM, Tokenizer]:
     """Load a model and its tokenizer. config_overrides: HF config keys to change (e.g. sparse_config).
 
-    int4: keep a GGUF's Q4_1 layer weights 4-bit (Int4Linear, bf16 activations) instead of dequantizing them.
+    int4: keep a GGUF's quantized layer weights quantized instead of dequantizing them: Q4_0 / Q4_1 as Int4Linear,
+    Q8_0 as Int8Linear (bf16 activations); see gguf_quant.py.
     """
     dtype = resolve_dtype(dtype)
     if source is None or str(source) == "default":
@@ -108,19 +112,21 @@ def _load_dir(path: Path, dtype: torch.dtype, overrides: dict | None):
         config = ModelConfig.from_dict(merge_overrides(config.to_dict(), overrides))
     state = read_state_dict(checkpoint_files(path), dtype)
     from minicpm4.gptq_format import gptq_layers
-    layers = gptq_layers(config.extra.get("quantization_config"), state, str(path))
+    from minicpm4.ternary_format import is_ternary, ternary_layers
+    qc = config.extra.get("quantization_config")
+    layers = ternary_layers(qc, state, str(path)) if is_ternary(qc) else gptq_layers(qc, state, str(path))
     model = build_model(config, state, str(path), layers=layers)
     return model, Tokenizer.from_dir(path)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, overrides: dict | None, int4: bool = False):
     from minicpm4.gguf_file import read_gguf
-    ckpt = read_gguf(path, dtype=dtype, keep_q4_1=int4)
+    ckpt = read_gguf(path, dtype=dtype, keep_quantized=int4)
     try:
         config = ModelConfig.from_dict(merge_overrides(ckpt.config, overrides or {}))
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    model = build_model(config, ckpt.state_dict, str(path), ckpt.q4_1)
+    model = build_model(config, ckpt.state_dict, str(path), ckpt.quantized)
     return model, Tokenizer.from_gguf(ckpt)
 
 
@@ -160,7 +166,7 @@ def save_pretrained(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, out_dir: s
     an interrupted write never leaves a half-converted model behind.
     """
     out = Path(out_dir)
-    if model.fused or any(isinstance(m, (Int4Linear, Int8Linear)) for m in model.modules()):
+    if model.fused or any(isinstance(m, (Int4Linear, Int8Linear, TernaryLinear)) for m in model.modules()):
         raise ConfigError("save_pretrained writes float HF weights; this model has fused or quantized layers "
                           "(fuse_projections, int4): load the checkpoint again without them to convert it")
     cfg = model.config.to_dict()

@@ -1,61 +1,93 @@
-"""C++ kernels in minicpm4/csrc/, compiled on first use with torch's cpp_extension and cached.
+"""Native CPU kernels: `extension(name)` compiles minicpm4/csrc/<name>.cpp once and returns the loaded module.
 
-    mod = extension("decode")   # the compiled module of csrc/decode.cpp, or None (with one warning)
+The build goes through torch.utils.cpp_extension.load (ninja), into a cache directory under
+~/.cache/minicpm4/native (MINICPM4_NATIVE_CACHE overrides it) named after a hash of the source, the flags, the
+torch version and the CPU's instruction-set flags, so an edited kernel or another machine never reuses a stale
+build. Flags: -O3, OpenMP (at::parallel_for runs on torch's own OpenMP pool), and -march=native where the
+compiler accepts it (the kernels pick AVX-512 paths with #ifdef and keep a portable scalar path otherwise).
 
-Each kernel has a pure-PyTorch reference that runs when the extension is unavailable (no compiler, no ninja,
-MINICPM4_NATIVE=0), so nothing depends on a build succeeding; tests compare the two. Builds go to
-$MINICPM4_HOME/native (default ~/.cache/minicpm4/native), one folder per source hash and torch version, so an
-edited source or another torch rebuilds instead of loading a stale binary. Compilation takes ~30-60 s once.
+Where no C++ compiler or ninja is found, or the build fails, `extension` warns once per name and returns None;
+callers then run their pure-PyTorch reference path. MINICPM4_NATIVE=0 disables native kernels altogether.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import shutil
+import subprocess
 import sys
-import threading
+import tempfile
 import warnings
 from pathlib import Path
-
-import torch
+from types import ModuleType
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-_cache: dict[str, object] = {}
-_lock = threading.Lock()
 
 
-def _build_root() -> Path:
-    return Path(os.environ.get("MINICPM4_HOME", Path.home() / ".cache" / "minicpm4")) / "native"
+def cache_root() -> Path:
+    return Path(os.environ.get("MINICPM4_NATIVE_CACHE", Path.home() / ".cache" / "minicpm4" / "native"))
 
 
-def enabled() -> bool:
-    return os.environ.get("MINICPM4_NATIVE", "1") != "0"
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX", "c++")
+    return cxx if shutil.which(cxx) else None
 
 
-def extension(name: str):
-    """The compiled module for csrc/<name>.cpp, or None when it cannot be built (warned once)."""
-    if not enabled():
-        return None
-    with _lock:
-        if name not in _cache:
-            _cache[name] = _build(name)
-        return _cache[name]
+@functools.cache
+def _march_native(cxx: str) -> bool:
+    """Whether `cxx` accepts -march=native (clang on some targets and old gcc do not)."""
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "t.cpp"
+        src.write_text("int main() { return 0; }\n")
+        return subprocess.run([cxx, "-march=native", "-c", str(src), "-o", str(Path(d) / "t.o")],
+                              capture_output=True).returncode == 0
 
 
-def _build(name: str):
-    src = CSRC / f"{name}.cpp"
-    digest = hashlib.sha256(src.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
-    build_dir = _build_root() / f"{name}-{digest}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    # the `ninja` wheel puts its binary next to the interpreter, which is not on PATH without an activated venv
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+def _cpu_flags() -> str:
     try:
-        from torch.utils import cpp_extension
-        # -march=native: the build happens on the machine that runs it; AVX-512 where the CPU has it
-        return cpp_extension.load(name=f"minicpm4_{name}_{digest}", sources=[str(src)], build_directory=str(build_dir),
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
-    except Exception as e:  # no compiler, no ninja, a failed build: fall back to the PyTorch reference
-        warnings.warn(f"minicpm4: could not build the native '{name}' kernels ({type(e).__name__}: "
-                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using the PyTorch path",
-                      RuntimeWarning, stacklevel=3)
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+    return platform.processor()
+
+
+def _build_dir(name: str, source: bytes, flags: list[str]) -> Path:
+    import torch
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), torch.__version__.encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    return cache_root() / f"{name}-{key}"
+
+
+@functools.cache
+def extension(name: str) -> ModuleType | None:
+    """The compiled module of minicpm4/csrc/<name>.cpp, or None (with one warning) where it cannot be built."""
+    if os.environ.get("MINICPM4_NATIVE", "1") == "0":
+        return None
+    src = CSRC / f"{name}.cpp"
+    if not src.is_file():
+        raise FileNotFoundError(f"no native source {src}")
+    # the `ninja` wheel installs its binary next to the interpreter, which is not on PATH without an activated venv
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    cxx = _compiler()
+    if cxx is None or shutil.which("ninja") is None:
+        missing = "a C++ compiler (c++ / $CXX)" if cxx is None else "ninja (pip install ninja)"
+        warnings.warn(f"minicpm4 native kernel {name!r} unavailable: {missing} not found; using the slower "
+                      "pure-PyTorch path", RuntimeWarning, stacklevel=2)
+        return None
+    flags = ["-O3", "-fopenmp"] + (["-march=native"] if _march_native(cxx) else [])
+    build = _build_dir(name, src.read_bytes(), flags)
+    build.mkdir(parents=True, exist_ok=True)
+    from torch.utils import cpp_extension
+    try:
+        return cpp_extension.load(name=f"minicpm4_{name}", sources=[str(src)], extra_cflags=flags,
+                                  extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+    except Exception as e:  # compiler errors, missing headers: fall back rather than fail the caller
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"minicpm4 native kernel {name!r} failed to build in {build} ({first}); using the slower "
+                      "pure-PyTorch path", RuntimeWarning, stacklevel=2)
         return None

@@ -213,6 +213,15 @@ def test_tool_use_calls_are_validated_against_the_schema(tmp_path):
     call = assistant["tool_calls"][0]["function"]
     assert assistant["content"] == "I need the forecast." and call["name"] == "get_weather"
     assert json.loads(call["arguments"]) == {"city": "Paris", "days": 3} and sample["tools"] == tools
+    # the output is what `minicpm4 train sft` reads: the call is rendered into the chat and is the SFT target
+    from minicpm4.default_model import default_model_dir
+    from minicpm4.tokenizer import Tokenizer
+    from minicpm4.train.chat_data import read_chat_jsonl
+    from minicpm4.train.linear_cross_entropy import IGNORE
+    tok = Tokenizer.from_dir(default_model_dir())
+    ((ids, labels),) = read_chat_jsonl(tmp_path / "tu.jsonl", tok, 512)
+    target = tok.decode(labels[labels != IGNORE].tolist())
+    assert "get_weather" in target and "Paris" in target and "Weather in Paris?" not in target
 
 
 def _cli():
