@@ -63,11 +63,16 @@ def _build_dir(name: str, source: bytes, flags: list[str]) -> Path:
     return cache_root() / f"{name}-{key}"
 
 
-@functools.cache
 def extension(name: str) -> ModuleType | None:
-    """The compiled module of minicpm4/csrc/<name>.cpp, or None (with one warning) where it cannot be built."""
+    """The compiled module of minicpm4/csrc/<name>.cpp, or None (with one warning) where it cannot be built.
+    MINICPM4_NATIVE=0 is read at every call, so it can be switched off after a build."""
     if os.environ.get("MINICPM4_NATIVE", "1") == "0":
         return None
+    return _build(name)
+
+
+@functools.cache
+def _build(name: str) -> ModuleType | None:
     src = CSRC / f"{name}.cpp"
     if not src.is_file():
         raise FileNotFoundError(f"no native source {src}")

@@ -91,17 +91,17 @@ def test_loader_falls_back_to_reference_when_disabled(monkeypatch):
     x = torch.randn(1, 64)
     fast = layer(x)
     monkeypatch.setenv("MINICPM4_NATIVE", "0")
-    native.extension.cache_clear()
+    native._build.cache_clear()
     try:
         assert native.extension("ternary") is None
         assert torch.allclose(layer(x), fast, rtol=1e-5, atol=1e-6)
     finally:
-        native.extension.cache_clear()
+        native._build.cache_clear()
 
 
 def test_loader_warns_once_without_a_compiler(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-minicpm4")
-    native.extension.cache_clear()
+    native._build.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -109,4 +109,4 @@ def test_loader_warns_once_without_a_compiler(monkeypatch):
             assert native.extension("ternary") is None
         assert len(caught) == 1 and "C++ compiler" in str(caught[0].message)
     finally:
-        native.extension.cache_clear()
+        native._build.cache_clear()
