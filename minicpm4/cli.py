@@ -115,7 +115,7 @@ def _load(model_path, dtype, int4=False, sparse=None, sparse_config=None, draft=
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
-    """MiniCPM4 on CPU: exact model, generation, chat."""
+    """MiniCPM4 on CPU: generation, chat, serving, quantization, training and data recipes."""
 
 
 @cli.command()
