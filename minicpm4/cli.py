@@ -68,16 +68,15 @@ def draft_options(f):
     return f
 
 
-def _spec_options(spec_json) -> dict | None:
-    if spec_json is None:
-        return None
+def _json_object(text: str, option: str) -> dict:
+    """The JSON object given to `option`, or a usage error naming it."""
     try:
-        spec = json.loads(spec_json)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise click.BadParameter(f"not valid JSON ({e})", param_hint="--spec") from None
-    if not isinstance(spec, dict):
-        raise click.BadParameter("must be a JSON object", param_hint="--spec")
-    return spec
+        raise click.BadParameter(f"not valid JSON ({e})", param_hint=option) from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object", param_hint=option)
+    return value
 
 
 def _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed):
@@ -88,14 +87,7 @@ def _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty
 
 def _overrides(sparse, sparse_config) -> dict | None:
     """config.json overrides from the sparse flags (shipped MiniCPM4 configs omit sparse_config)."""
-    fields = {}
-    if sparse_config is not None:
-        try:
-            fields = json.loads(sparse_config)
-        except json.JSONDecodeError as e:
-            raise click.BadParameter(f"not valid JSON ({e})", param_hint="--sparse-config") from None
-        if not isinstance(fields, dict):
-            raise click.BadParameter("must be a JSON object", param_hint="--sparse-config")
+    fields = {} if sparse_config is None else _json_object(sparse_config, "--sparse-config")
     if sparse is False:
         return {"sparse_config": None}
     return {"sparse_config": fields} if sparse or sparse_config is not None else None
@@ -105,7 +97,7 @@ def _load(model_path, dtype, int4=False, sparse=None, sparse_config=None, draft=
           **engine_kwargs):
     from minicpm4.llm import LLM
     overrides = _overrides(sparse, sparse_config)
-    spec = _spec_options(spec_json)
+    spec = None if spec_json is None else _json_object(spec_json, "--spec")
     t0 = time.perf_counter()
     llm = LLM.load(model_path, dtype=dtype, config_overrides=overrides, int4=int4, draft=draft, frspec=frspec,
                    spec=spec, **engine_kwargs)

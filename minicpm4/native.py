@@ -77,7 +77,9 @@ def _build(name: str) -> ModuleType | None:
     if not src.is_file():
         raise FileNotFoundError(f"no native source {src}")
     # the `ninja` wheel installs its binary next to the interpreter, which is not on PATH without an activated venv
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
     cxx = _compiler()
     if cxx is None or shutil.which("ninja") is None:
         missing = "a C++ compiler (c++ / $CXX)" if cxx is None else "ninja (pip install ninja)"

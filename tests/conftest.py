@@ -11,6 +11,17 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and matmuls run faster on one thread: a second one mostly adds an OpenMP barrier per op, and
+    stalls ~10x whenever another process holds a core. Modules opt in with
+    pytestmark = pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm_gguf() -> Path:
     """Path to SmolLM2-135M-Instruct.Q4_1.gguf; MINICPM4_TEST_GGUF overrides the default model cache."""

@@ -23,13 +23,7 @@ from train_util import TINY_MODEL, make_shards, paragraphs, small_tokenizer, tin
 _register_all()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: a second thread on shared cores costs far more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def constant_shards(root, token, n):

@@ -125,14 +125,7 @@ def assert_close(a, b, atol, name):
 
 
 # ---------- tests ----------
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small shapes and thousands of tiny reference matmuls: a second thread mostly adds OpenMP sync stalls
-    (10x slower when another process holds a core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("g,d,t,cfg", [(8, 64, 777, SMALL), (16, 128, 1001, REAL)])

@@ -99,7 +99,6 @@ class DecodeStack {
     Tensor q = at::empty({B, nkv_, G, D}, h.options());
     BFloat16* hp = h.data_ptr<BFloat16>();
     const float rs = static_cast<float>(rs_), eps = static_cast<float>(eps_);
-    c10::optional<Tensor> mask = bias;
 
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
@@ -129,7 +128,7 @@ class DecodeStack {
           std::copy(xh, xh + D, dst);
         }
       }
-      Tensor a = at::scaled_dot_product_attention(q, kl.narrow(2, 0, kv_len), vl.narrow(2, 0, kv_len), mask);
+      Tensor a = at::scaled_dot_product_attention(q, kl.narrow(2, 0, kv_len), vl.narrow(2, 0, kv_len), bias);
       Tensor o = L.o(a.reshape({B, nh_ * D}));
       add_scaled(hp, o.data_ptr<BFloat16>(), B * hid, rs);
 

@@ -14,15 +14,16 @@ and carries no loss. State and rank split work as in token_loader.PackedLoader, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from minicpm4.errors import CheckpointError, ConfigError, InputError
+from minicpm4.errors import ConfigError, InputError
 from minicpm4.tokenizer import Tokenizer
 from minicpm4.tools import render_messages
 from minicpm4.train.linear_cross_entropy import IGNORE
+from minicpm4.train.shard_writer import jsonl_rows
+from minicpm4.train.token_loader import check_data_state
 
 
 def encode_conversation(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None = None,
@@ -66,22 +67,16 @@ def read_chat_jsonl(path: str | Path, tokenizer: Tokenizer, seq_len: int, fmt: s
     if not path.is_file():
         raise ConfigError(f"{path}: chat JSONL file not found")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-                    raise InputError('each line must be an object with a "messages" list')
-                ids, assistant = encode_conversation(tokenizer, row["messages"], row.get("tools"), fmt)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
-            except InputError as e:
-                raise InputError(f"{path}:{n}: {e}") from None
-            x, labels = example_tensors(ids[:seq_len], assistant[:seq_len])
-            if (labels != IGNORE).any():
-                examples.append((x, labels))
+    for n, row in jsonl_rows(path):
+        try:
+            if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+                raise InputError('each line must be an object with a "messages" list')
+            ids, assistant = encode_conversation(tokenizer, row["messages"], row.get("tools"), fmt)
+        except InputError as e:
+            raise InputError(f"{path}:{n}: {e}") from None
+        x, labels = example_tensors(ids[:seq_len], assistant[:seq_len])
+        if (labels != IGNORE).any():
+            examples.append((x, labels))
     if not examples:
         raise ConfigError(f"{path}: no conversation with an assistant turn within seq_len {seq_len}")
     return examples
@@ -147,9 +142,5 @@ class ChatLoader:
                 "seq_len": self.seq_len, "examples": len(self.examples)}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("kind", "seed", "seq_len", "examples"):
-            if state.get(key) != mine[key]:
-                raise CheckpointError(f"data state does not match this run: {key} is {state.get(key)!r} in the "
-                                      f"checkpoint, {mine[key]!r} now (different data or config?)")
+        check_data_state(state, self.state_dict(), ("kind", "seed", "seq_len", "examples"))
         self.epoch, self.position, self._rows = int(state["epoch"]), int(state["position"]), None

@@ -37,6 +37,18 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
+def jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line of a JSONL file; bad JSON -> InputError naming it."""
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
+
+
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     """The documents of one file.
 
@@ -49,18 +61,11 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
         if text.strip():
             yield text
     elif suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
-                text = row.get(text_field) if isinstance(row, dict) else None
-                if not isinstance(text, str):
-                    raise InputError(f"{path}:{n}: no string field {text_field!r}")
-                yield text
+        for n, row in jsonl_rows(path):
+            text = row.get(text_field) if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                raise InputError(f"{path}:{n}: no string field {text_field!r}")
+            yield text
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet as pq

@@ -22,6 +22,14 @@ from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.train.shard_writer import FORMAT, INDEX
 
 
+
+def check_data_state(saved: dict, mine: dict, keys: tuple[str, ...]) -> None:
+    """Refuse a loader state saved for other data or settings: each of `keys` must match this run's value."""
+    for key in keys:
+        if saved.get(key) != mine[key]:
+            raise CheckpointError(f"data state does not match this run: {key} is {saved.get(key)!r} in the "
+                                  f"checkpoint, {mine[key]!r} now (different data or config?)")
+
 class TokenShards:
     """The shards listed in an index.json, memory-mapped, read as one stream of token ids."""
 
@@ -108,11 +116,7 @@ class PackedLoader:
                 "seq_len": self.seq_len, "n_windows": self.n_windows}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("kind", "seed", "seq_len", "n_windows"):
-            if state.get(key) != mine[key]:
-                raise CheckpointError(f"data state does not match this run: {key} is {state.get(key)!r} in the "
-                                      f"checkpoint, {mine[key]!r} now (different data or config?)")
+        check_data_state(state, self.state_dict(), ("kind", "seed", "seq_len", "n_windows"))
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
 
 
