@@ -111,8 +111,10 @@ def check_compatible(ckpt: Path, saved: ModelConfig, current: ModelConfig, saved
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if diff:
         raise CheckpointError(f"{ckpt}: incompatible checkpoint: model config differs in {', '.join(diff)}")
-    fixed = ("task", "seq_len", "batch_size", "steps", "seed", "mup")
-    diff = [f"{k} ({saved_run.get(k)!r} -> {run.get(k)!r})" for k in fixed if saved_run.get(k) != run.get(k)]
+    fixed = {"task": None, "seq_len": None, "batch_size": None, "steps": None, "seed": None, "mup": None,
+             "mtp_depth": 0}  # value of a key missing from an older checkpoint's config
+    diff = [f"{k} ({saved_run.get(k, d)!r} -> {run.get(k, d)!r})" for k, d in fixed.items()
+            if saved_run.get(k, d) != run.get(k, d)]
     if diff:
         raise CheckpointError(f"{ckpt}: incompatible checkpoint: run settings differ: {', '.join(diff)}")
 

@@ -2,6 +2,10 @@
 
 On resume the file keeps the records up to the checkpoint's step and drops later ones (written after the last
 checkpoint by the interrupted run), so the file always holds one record per step of a single loss curve.
+
+With a `tensorboard` directory the numeric fields also go there as scalars `train/<field>` at global step `step`
+(torch.utils.tensorboard; the `tensorboard` package). On resume, events from the checkpoint's step on are purged
+(SummaryWriter's purge_step), the same rule as for the JSONL file.
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ from minicpm4.fileio import atomic_write_text
 
 
 class MetricsLog:
-    def __init__(self, path: Path, start_step: int, enabled: bool = True):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, start_step: int, enabled: bool = True, tensorboard: Path | None = None):
+        self.path, self.enabled, self._tb = path, enabled, None
         if not enabled:
             return
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(tensorboard), purge_step=start_step + 1 if start_step else None)
         kept = []
         if start_step > 0 and path.is_file():
             for line in path.read_text().splitlines():
@@ -32,10 +39,16 @@ class MetricsLog:
         if self.enabled:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"train/{key}", value, record["step"])
 
     def close(self) -> None:
         if self.enabled:
             self._file.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

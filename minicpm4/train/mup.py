@@ -1,7 +1,7 @@
 """muP as MiniCPM applies it, computed in this one place: initialisation and per-role parameter groups.
 
 With m = hidden_size / dim_model_base (the width multiplier over the proxy width):
-    hidden matrices (q/k/v/o, gate/up/down)  init N(0, (init_std / sqrt(m))^2)   lr = base_lr / m
+    hidden matrices (q/k/v/o, gate/up/down, MTP)  init N(0, (init_std / sqrt(m))^2)   lr = base_lr / m
     token embedding, untied lm_head          init N(0, init_std^2)              lr = base_lr
     vectors (RMSNorm weights, biases)        init 1 (norms) / 0 (biases)        lr = base_lr, no weight decay
 The forward-pass multipliers (embedding * scale_emb, residual branches * scale_depth / sqrt(L), final hidden
@@ -45,11 +45,14 @@ def role_scales(config: ModelConfig, init_std: float, mup: bool = True) -> dict[
             "head": (init_std, 1.0), "vector": (0.0, 1.0)}
 
 
-def init_weights(model: nn.Module, init_std: float, mup: bool = True) -> None:
-    """Initialise every parameter by its role (uses torch's global RNG: seed it first)."""
+def init_weights(model: nn.Module, init_std: float, mup: bool = True, prefix: str = "") -> None:
+    """Initialise every parameter (or those whose name starts with `prefix`) by its role (uses torch's global RNG:
+    seed it first)."""
     scales = role_scales(model.config, init_std, mup)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if not name.startswith(prefix):
+                continue
             role = param_role(name, p)
             if role != "vector":
                 p.normal_(0.0, scales[role][0])

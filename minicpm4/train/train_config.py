@@ -56,6 +56,9 @@ class TrainConfig:
     log_every: int = 1
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
     tool_format: str = "json"  # sft: how tool calls are written into assistant turns (minicpm4.tools formats)
+    mtp_depth: int = 0  # multi-token prediction heads (mtp.py): depth k predicts token t+1+k; 0 = off
+    mtp_weight: float = 0.3  # loss = NTP + mtp_weight * mean over depths of the MTP losses
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars to OUT/tensorboard (needs `tensorboard`)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -98,6 +101,8 @@ class TrainConfig:
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                               f"({self.micro_batch_size})")
+
+        _check_extras(self)
 
     def accumulation(self, world: int) -> int:
         """Micro-batches per optimizer step on each of `world` processes."""
@@ -167,6 +172,21 @@ class TrainConfig:
                 d[key] = value
         d.update(fixed)
         return cls.from_dict(d, where)
+
+
+def _check_extras(cfg: TrainConfig) -> None:
+    """The multi-token-prediction and TensorBoard settings."""
+    if cfg.mtp_depth < 0 or cfg.mtp_depth >= cfg.seq_len:
+        raise ConfigError(f"mtp_depth must be in [0, seq_len), got {cfg.mtp_depth}")
+    if cfg.mtp_weight < 0:
+        raise ConfigError(f"mtp_weight must be >= 0, got {cfg.mtp_weight}")
+    if cfg.mtp_depth and cfg.parallel == "fsdp":
+        raise ConfigError("mtp_depth > 0 needs parallel=ddp (under FSDP2 lm_head's weight is sharded outside forward)")
+    if cfg.tensorboard:
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("tensorboard=true needs the `tensorboard` package: pip install tensorboard "
+                              "(or pip install 'minicpm4[train]')")
 
 
 def _check_types(cfg: TrainConfig) -> None:

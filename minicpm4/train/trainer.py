@@ -5,6 +5,8 @@ of micro_batch_size; each runs forward under bf16 autocast (fp32 master weights)
 cross-entropy is scaled by world / (target tokens in the global batch) before backward, so after DDP's gradient
 average the gradient is exactly that of the mean loss over every target token of the global batch, whatever
 the split over processes and micro-batches. Then: global grad-norm clipping, the WSD rate per muP group, AdamW.
+With mtp_depth > 0 the multi-token-prediction heads (mtp.py) add their weighted losses, each scaled the same way by
+its own global target count; the logged `loss` stays the next-token loss, `mtp_loss` is the mean over depths.
 
 Checkpoints (checkpoint.py) every save_every steps, at the end, and when SIGINT/SIGTERM arrives (the step in
 flight finishes first; all ranks agree through an all-reduce so they stop at the same step).
@@ -27,10 +29,11 @@ from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.loader import load, merge_overrides
 from minicpm4.model import MiniCPM4ForCausalLM
 from minicpm4.tokenizer import Tokenizer
+from minicpm4.train import mtp as mtp_heads
 from minicpm4.train import process_group as pg
 from minicpm4.train.checkpoint import (check_compatible, list_checkpoints, load_checkpoint, rng_state,
                                        save_checkpoint, set_rng_state)
-from minicpm4.train.linear_cross_entropy import IGNORE, linear_cross_entropy
+from minicpm4.train.linear_cross_entropy import IGNORE
 from minicpm4.train.metrics import MetricsLog, progress_bar
 from minicpm4.train.mup import init_weights, param_groups
 from minicpm4.train.schedule import wsd_factor
@@ -97,6 +100,8 @@ def prepare(cfg: TrainConfig, rank: int, world: int):
         raise ConfigError(f"the data's vocabulary ({data_vocab}) is larger than the model's vocab_size "
                           f"({model.config.vocab_size})")
     cfg.check_model(model.config)
+    if cfg.mtp_depth:
+        mtp_heads.attach(model, cfg.mtp_depth, cfg.init_std, cfg.mup, cfg.seed)
     return model.train(), tokenizer, loader, accum
 
 
@@ -138,7 +143,7 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step) -> dict:
         check_compatible(ckpt, saved_mc, model.config, ckpt_state.get("config", {}), cfg.to_dict())
         if model.config.tie_word_embeddings:  # the HF file omits the tied head
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        model.load_state_dict(state)
+        model.load_state_dict({**state, **ckpt_state.get("mtp", {})})
         loader.load_state_dict(ckpt_state["data"])
         start = int(ckpt_state["step"])
         if log:
@@ -160,14 +165,16 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step) -> dict:
             raise CheckpointError(f"{resume}: optimizer state does not fit this model ({e})") from None
         set_rng_state(ckpt_state["rng"])
     end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
-    metrics = MetricsLog(out / "metrics.jsonl", start, enabled=rank == 0)
+    metrics = MetricsLog(out / "metrics.jsonl", start, enabled=rank == 0,
+                         tensorboard=out / "tensorboard" if cfg.tensorboard else None)
 
     def save(step: int) -> Path | None:
         path = None
         model_state, opt_state = pg.full_states(model, opt)  # every rank: a collective under FSDP
         if rank == 0:
+            model_state, mtp_state = mtp_heads.split_state(model_state)  # MTP heads: state.pt, not the HF model
             state = {"optimizer": opt_state, "optimizer_layout": layout, "data": loader.state_dict(),
-                     "rng": rng_state(), "config": cfg.to_dict()}
+                     "rng": rng_state(), "config": cfg.to_dict(), "mtp": mtp_state}
             path = save_checkpoint(out, step, model.config, model_state, tokenizer, state, cfg.keep_checkpoints)
             if log:
                 log(f"checkpoint {path}")
@@ -178,11 +185,11 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step) -> dict:
     with StopFlag() as stop, progress_bar(cfg.steps, start, rank == 0) as bar:
         t0, tokens = time.perf_counter(), 0
         for step in range(start, end):
-            loss, grad_norm, n_tokens = train_step(cfg, net, model, opt, loader, step, accum, world, device)
+            loss, grad_norm, n_tokens, extra = train_step(cfg, net, model, opt, loader, step, accum, world, device)
             tokens += n_tokens
             elapsed = time.perf_counter() - t0
             rec = {"step": step + 1, "loss": loss, "lr": cfg.lr * lr_factor(cfg, step), "grad_norm": grad_norm,
-                   "tokens": n_tokens, "tok_per_s": tokens / elapsed}
+                   "tokens": n_tokens, "tok_per_s": tokens / elapsed, **extra}
             if (step + 1) % cfg.log_every == 0 or step + 1 == end:
                 metrics.write(rec)
             bar.update(1)
@@ -205,8 +212,9 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return wsd_factor(step, cfg.steps, cfg.warmup_steps, cfg.decay_steps, cfg.decay_shape, cfg.min_lr_ratio)
 
 
-def train_step(cfg, net, model, opt, loader, step, accum, world, device) -> tuple[float, float, int]:
-    """One optimizer step; returns (mean loss over the global batch's target tokens, grad norm, input tokens)."""
+def train_step(cfg, net, model, opt, loader, step, accum, world, device) -> tuple[float, float, int, dict]:
+    """One optimizer step; returns (mean loss over the global batch's target tokens, grad norm, input tokens,
+    extra metrics: {"mtp_loss"} with MTP heads)."""
     factor = lr_factor(cfg, step)
     for g in opt.param_groups:
         g["lr"] = g["base_lr"] * factor
@@ -214,26 +222,39 @@ def train_step(cfg, net, model, opt, loader, step, accum, world, device) -> tupl
     n_targets = pg.all_reduce_sum((batch["labels"] != IGNORE).sum().double())
     if n_targets.item() == 0:
         raise ConfigError(f"step {step + 1}: the batch has no target tokens (every label masked)")
+    depths = range(1, cfg.mtp_depth + 1)
+    n_mtp = [pg.all_reduce_sum((mtp_heads.mtp_labels(batch["labels"], batch.get("segments"), k) != IGNORE)
+                               .sum().double()).clamp(min=1) for k in depths]
     total = torch.zeros((), dtype=torch.float64, device=device)
+    total_mtp = torch.zeros(cfg.mtp_depth, dtype=torch.float64, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
     fused = cfg.fused_loss and not pg.sharded(model)  # FSDP2: lm_head's weight is sharded outside forward
     for i, mb in enumerate(split(batch, accum)):
         with pg.gradient_sync(net, i == accum - 1):
             with autocast:
-                if fused:  # head + loss in chunks (linear_cross_entropy.py), no fp32 [B, T, V]
+                if fused or cfg.mtp_depth:  # fused: head + loss in chunks (linear_cross_entropy.py)
                     h = net(mb["input_ids"], segments=mb.get("segments"), hidden_only=True)
-                    ce = linear_cross_entropy(h, model.lm_head.weight, mb["labels"])
+                    ce = mtp_heads.head_loss(h, model.lm_head.weight, mb["labels"], fused)
                 else:
                     logits = net(mb["input_ids"], segments=mb.get("segments"))
                     ce = F.cross_entropy(logits.flatten(0, 1), mb["labels"].flatten(), ignore_index=IGNORE,
                                          reduction="sum")
-            (ce * (world / n_targets.float())).backward()
+                objective = ce * (world / n_targets.float())
+                if cfg.mtp_depth:
+                    hs = model.mtp(model, h, mb["input_ids"], mb.get("segments"))
+                    for k, hk in zip(depths, hs):
+                        ce_k = mtp_heads.head_loss(hk, model.lm_head.weight,
+                                                   mtp_heads.mtp_labels(mb["labels"], mb.get("segments"), k), fused)
+                        objective = objective + ce_k * (cfg.mtp_weight / cfg.mtp_depth * world / n_mtp[k - 1].float())
+                        total_mtp[k - 1] += ce_k.detach().double()
+            objective.backward()
         total += ce.detach().double()
     loss = (pg.all_reduce_sum(total) / n_targets).item()
+    extra = {"mtp_loss": (pg.all_reduce_sum(total_mtp) / torch.stack(n_mtp)).mean().item()} if cfg.mtp_depth else {}
     params = [p for g in opt.param_groups for p in g["params"]]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: DTensor
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss, grad_norm, int(batch["input_ids"].numel()) * world
+    return loss, grad_norm, int(batch["input_ids"].numel()) * world, extra
