@@ -97,8 +97,10 @@ def _floats(text: str) -> list[float]:
 @click.option("--params", default="mup,sp", show_default=True, help="Parametrisations: mup, sp or both.")
 @click.option("--coord-lr", type=float, default=0.01, show_default=True, help="Rate of the coordinate check.")
 @click.option("--coord-steps", type=int, default=10, show_default=True, help="Steps of the coordinate check (0: off).")
+@click.option("--bench", "bench_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="ScalingBench-style items (JSONL: question, answer, choices, label) scored after every run.")
 @click.option("-o", "--out", "out_dir", required=True, help="Report directory (results, summary, plot).")
-def tunnel(config, overrides, widths, lrs, params, coord_lr, coord_steps, out_dir):
+def tunnel(config, overrides, widths, lrs, params, coord_lr, coord_steps, bench_path, out_dir):
     """ModelTunnel-style search: best learning rate per proxy width under muP and standard parametrisation."""
     from minicpm4.errors import ConfigError
     from minicpm4.train.train_config import TrainConfig
@@ -110,7 +112,11 @@ def tunnel(config, overrides, widths, lrs, params, coord_lr, coord_steps, out_di
     ws = [int(w) for w in _floats(widths)]
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     out = Path(out_dir)
-    results = sweep(cfg, ws, _floats(lrs), chosen, work=out / "runs", log=log)
+    bench = None
+    if bench_path:
+        from minicpm4.train.scaling_bench import read_items
+        bench = read_items(bench_path)
+    results = sweep(cfg, ws, _floats(lrs), chosen, work=out / "runs", log=log, bench=bench)
     coord = coordinate_check(cfg, ws, coord_lr, coord_steps, chosen, out / "coord") if coord_steps else None
     click.echo(json.dumps(write_report(out, results, coord)))
 

@@ -14,6 +14,8 @@ from minicpm4.model import MiniCPM4ForCausalLM
 from minicpm4.config import ModelConfig, preset
 from train_util import TINY_MODEL, make_shards, small_tokenizer, tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, real_text):

@@ -46,3 +46,12 @@ def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
                 threads=1)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def bench_items(text: str, n: int = 12) -> list[dict]:
+    """ScalingBench-style items from real paragraphs: 8 words of question, the next 8 as the answer, and the
+    answers of the two following items as the other choices (the answer is choice 1)."""
+    pairs = [(" ".join(p.split()[:8]), " ".join(p.split()[8:16])) for p in paragraphs(text)[:n]]
+    answers = [a for _, a in pairs]
+    return [{"question": q, "answer": a, "label": 1,
+             "choices": [answers[(i + 1) % n], a, answers[(i + 2) % n]]} for i, (q, a) in enumerate(pairs)]

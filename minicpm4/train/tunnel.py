@@ -12,6 +12,11 @@ the best finished run of the same width at the same step by `margin` nats (it ca
 A run's score is the mean of its last `tail` logged losses (training loss on unseen windows: the data is not
 repeated in these short runs). The coordinate check records each decoder layer's output RMS after a few steps at
 one rate: under muP it stays flat across widths, under sp it grows with width.
+
+ScalingBench-style scoring (scaling_bench.py), with `bench` items: every finished run's final model gets the
+conditional loss on the items' answers and its accuracy on them; a sigmoid fitted to all runs' (loss, accuracy)
+pairs maps each run's conditional loss to a predicted accuracy, and the report gives the best rate per width by
+training loss and by that predicted accuracy.
 """
 
 from __future__ import annotations
@@ -55,8 +60,10 @@ def proxy_config(base: TrainConfig, width: int, smallest: int, param: str, lr: f
 
 
 def sweep(base: TrainConfig, widths: list[int], lrs: list[float], params=PARAMETRISATIONS, margin: float = 0.5,
-          grace: float = 0.3, tail: int = 5, work: Path | None = None, log: Callable[[str], None] | None = None):
-    """Every (parametrisation, width, lr) run: a list of {param, width, lr, loss, steps, stopped, curve}."""
+          grace: float = 0.3, tail: int = 5, work: Path | None = None, log: Callable[[str], None] | None = None,
+          bench: list[dict] | None = None):
+    """Every (parametrisation, width, lr) run: a list of {param, width, lr, loss, steps, stopped, curve}, plus
+    bench_loss and bench_acc for finished runs when `bench` items are given."""
     from minicpm4.train.trainer import train
     work = Path(work or tempfile.mkdtemp(prefix="tunnel."))
     results = []
@@ -82,10 +89,40 @@ def sweep(base: TrainConfig, widths: list[int], lrs: list[float], params=PARAMET
                     best = curve
                 results.append({"param": param, "width": width, "lr": lr, "loss": score, "steps": result["step"],
                                 "stopped": not finished, "curve": curve})
+                if bench and finished:
+                    results[-1].update(bench_scores(result["checkpoint"] / "model", bench))
                 if log:
                     log(f"{param} width {width} lr {lr:g}: " + (f"loss {score:.4f}" if finished else
-                                                               f"stopped early at step {result['step']}"))
+                                                               f"stopped early at step {result['step']}")
+                        + (f", bench loss {results[-1]['bench_loss']:.4f} acc {results[-1]['bench_acc']:.3f}"
+                           if "bench_loss" in results[-1] else ""))
     return results
+
+
+def bench_scores(model_dir: Path, items: list[dict]) -> dict:
+    """{"bench_loss", "bench_acc"} of a checkpoint's model on ScalingBench-style items."""
+    from minicpm4.loader import load
+    from minicpm4.train.scaling_bench import evaluate
+    model, tokenizer = load(model_dir, dtype="fp32")
+    r = evaluate(model, tokenizer, items)
+    return {"bench_loss": r["cond_loss"], "bench_acc": r["accuracy"]}
+
+
+def scaling_bench(results: list[dict]) -> dict | None:
+    """Fit the loss -> accuracy sigmoid on every scored run, add pred_acc to each, and pick per parametrisation and
+    width the rate with the best predicted accuracy: {"fit", "best": {param: {width: {lr, bench_loss, ...}}}}."""
+    from minicpm4.train.scaling_bench import fit_sigmoid, predict
+    scored = [r for r in results if "bench_loss" in r]
+    if len(scored) < 3:
+        return None
+    fit = fit_sigmoid([r["bench_loss"] for r in scored], [r["bench_acc"] for r in scored])
+    best: dict[str, dict[int, dict]] = {}
+    for r in scored:
+        r["pred_acc"] = predict(fit, r["bench_loss"])
+        cur = best.setdefault(r["param"], {}).get(r["width"])
+        if cur is None or r["pred_acc"] > cur["pred_acc"]:
+            best[r["param"]][r["width"]] = {k: r[k] for k in ("lr", "bench_loss", "bench_acc", "pred_acc")}
+    return {"fit": fit, "best": best}
 
 
 def best_rates(results: list[dict]) -> dict[str, dict[int, dict]]:
@@ -161,13 +198,23 @@ def plot(results: list[dict], coord: dict | None, path: Path) -> Path | None:
 
 
 def write_report(out: Path, results: list[dict], coord: dict | None, with_plot: bool = True) -> dict:
-    """results.jsonl, summary.json (best rate per width, drift) and tunnel.png into out; returns the summary."""
+    """results.jsonl, summary.json (best rate per width, drift; ScalingBench fit and best rates when the runs were
+    scored) and the plots tunnel.png (+ scaling_bench.png) into out; returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
     from minicpm4.fileio import atomic_write_text
+    bench = scaling_bench(results)
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results))
     best = best_rates(results)
     summary = {"best": {p: {str(w): v for w, v in b.items()} for p, b in best.items()},
                "lr_drift": {p: drift(b) for p, b in best.items()}, "coordinate_check": coord}
+    if bench:
+        summary["scaling_bench"] = {"fit": bench["fit"],
+                                    "best": {p: {str(w): v for w, v in b.items()} for p, b in bench["best"].items()},
+                                    "lr_drift": {p: drift(b) for p, b in bench["best"].items()}}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     summary["plot"] = str(plot(results, coord, out / "tunnel.png")) if with_plot else None
+    if bench and with_plot:
+        from minicpm4.train.scaling_bench import plot_fit
+        points = [(r["bench_loss"], r["bench_acc"], f"{r['param']} w{r['width']}") for r in results if "bench_loss" in r]
+        summary["bench_plot"] = str(plot_fit(points, bench["fit"], out / "scaling_bench.png"))
     return summary
