@@ -137,6 +137,7 @@ def anneal_config(job: VerifyJob, train_state: dict, data: Path, seed: int) -> T
         raise ConfigError("the base run has no decay_steps to copy: give --steps")
     batch = job.batch_size or run.get("batch_size", 8)
     micro = min(run.get("micro_batch_size", batch), batch)
+    run.update(mtp_depth=0, tensorboard=False)  # the annealing arms train the main model alone, log to JSONL only
     run.update(task="pretrain", data=str(data), decay_data="", decay_mix=0.0, steps=steps, warmup_steps=0,
                decay_steps=steps, seed=seed, batch_size=batch, seq_len=job.seq_len or run.get("seq_len", 256),
                micro_batch_size=micro if batch % micro == 0 else 1, threads=job.threads, out_dir=job.out)
@@ -154,11 +155,12 @@ def anneal(job: VerifyJob, arm: str, seed: int, data: dict, log=None) -> tuple[M
     loader = MixLoader(default, cand, job.ratio)
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, cfg.init_std, cfg.mup),
                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    if train_state.get("optimizer_layout", "torch") == "torch" and "optimizer" in train_state:
+    base_mtp = (train_state.get("config") or {}).get("mtp_depth", 0)  # its moments include the MTP heads': skipped
+    if train_state.get("optimizer_layout", "torch") == "torch" and "optimizer" in train_state and not base_mtp:
         pg.load_optimizer_state(model, opt, train_state["optimizer"])  # continue the stable phase's moments
     device, accum, loss = torch.device("cpu"), cfg.accumulation(1), float("nan")
     for step in range(cfg.steps):
-        loss, _, _ = train_step(cfg, model, model, opt, loader, step, accum, 1, device)
+        loss = train_step(cfg, model, model, opt, loader, step, accum, 1, device)[0]
     if log:
         log(f"seed {seed} {arm}: {cfg.steps} steps, last loss {loss:.4f}, rows {loader.rows}")
     return model, {"steps": cfg.steps, "train_loss": loss, "rows": dict(loader.rows),
