@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import re
 
-import torch
+from minicpm4.train.scaling_bench import encode, score_rows
 
 SENTENCE = re.compile(r"(?<=[.!?;:])\s+")
 
@@ -54,21 +54,11 @@ def build_items(docs: list[str], n_items: int, seed: int = 0, options: int = 4, 
     return items
 
 
-@torch.no_grad()
 def option_logprobs(model, tokenizer, question: str, options: list[str]) -> list[float]:
-    """log p(option | question) for each option: the question encoded with BOS, each option as " " + option.
-    All options run as one right-padded batch [options, n + max m]: causal attention keeps the padding after an
-    option from changing its log-probs."""
-    q = tokenizer.encode(question, add_special_tokens=True)
-    opts = [tokenizer.encode(" " + option, add_special_tokens=False) for option in options]
-    width = len(q) + max(len(o) for o in opts)
-    ids = torch.tensor([q + o + [0] * (width - len(q) - len(o)) for o in opts])
-    logp = torch.log_softmax(model(ids).float(), dim=-1)  # [options, width, V]
-    scores = []
-    for row, o in enumerate(opts):  # the logits at position t predict token t + 1
-        picked = logp[row, len(q) - 1:len(q) + len(o) - 1].gather(1, torch.tensor(o)[:, None])
-        scores.append(float(picked.sum()))
-    return scores
+    """log p(option | question) for each option: the question encoded with BOS, each option as " " + option, all
+    options in one right-padded batch (the training side's ScalingBench scorer, train/scaling_bench.py)."""
+    rows = [encode(tokenizer, question, option) for option in options]
+    return [logp for logp, _, _ in score_rows(model, rows, batch=len(rows))]
 
 
 def score_items(model, tokenizer, items: list[dict]) -> dict:

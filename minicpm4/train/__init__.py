@@ -6,4 +6,5 @@
     trainer        the loop (train)                         checkpoint    atomic, resumable checkpoints
     metrics        metrics.jsonl and the progress bar       process_group torchrun, DDP / FSDP2 helpers
     linear_cross_entropy  chunked head + loss (fast path)   tunnel        muP proxy LR search, coordinate check
+    mtp            multi-token-prediction heads (optional)  scaling_bench answer-only loss, accuracy, sigmoid fit
 """

@@ -65,8 +65,9 @@ def answer_labels(ids: torch.Tensor, n_question: torch.Tensor, lengths: torch.Te
 
 
 @torch.no_grad()
-def _score(model, rows: list[tuple[list[int], int]], batch: int) -> list[tuple[float, int, bool]]:
-    """Per row: (summed answer log-likelihood, answer tokens, every answer token is the argmax)."""
+def score_rows(model, rows: list[tuple[list[int], int]], batch: int = 32) -> list[tuple[float, int, bool]]:
+    """Rows (token ids, question tokens) scored in right-padded batches. Per row: (answer log-likelihood
+    log p(answer | question) = sum over answer tokens, answer tokens, every answer token is the argmax)."""
     out = []
     for s in range(0, len(rows), batch):
         part = rows[s:s + batch]
@@ -90,7 +91,7 @@ def evaluate(model, tokenizer, items: list[dict], batch: int = 32) -> dict:
         for c in item.get("choices") or [item["answer"]]:
             rows.append(encode(tokenizer, item["question"], c))
             owners.append(i)
-    scores = _score(model.eval(), rows, batch)
+    scores = score_rows(model.eval(), rows, batch)
     per_item: dict[int, list[tuple[float, int, bool]]] = {}
     for i, sc in zip(owners, scores):
         per_item.setdefault(i, []).append(sc)
