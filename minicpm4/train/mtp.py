@@ -22,6 +22,7 @@ from torch import nn
 
 from minicpm4.config import ModelConfig
 from minicpm4.model import AttnContext, DecoderLayer, MiniCPM4ForCausalLM, RMSNorm
+from minicpm4.train import process_group as pg
 from minicpm4.train.linear_cross_entropy import IGNORE, linear_cross_entropy, reference_loss
 from minicpm4.train.mup import init_weights
 
@@ -71,6 +72,24 @@ def mtp_labels(labels: torch.Tensor, segments: torch.Tensor | None, k: int) -> t
         t = labels.shape[1] - k
         out = torch.where(segments[:, :t] == segments[:, k:], out, IGNORE)
     return out
+
+
+def target_counts(batch: dict[str, torch.Tensor], depth: int) -> torch.Tensor:
+    """Targets of each depth over the global batch (all ranks), [depth] float64, at least 1."""
+    counts = [(mtp_labels(batch["labels"], batch.get("segments"), k) != IGNORE).sum() for k in range(1, depth + 1)]
+    return pg.all_reduce_sum(torch.stack(counts).double()).clamp(min=1) if counts else torch.zeros(0)
+
+
+def objective(model: MiniCPM4ForCausalLM, h: torch.Tensor, batch: dict[str, torch.Tensor], counts: torch.Tensor,
+              weight: float, world: int, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MTP term of one micro-batch's objective, sum_k weight / D * CE_k * world / counts[k] (scaled like the
+    next-token loss, so DDP's gradient average gives the global batch's mean), and the detached summed CE_k [D]."""
+    depth = len(model.mtp.layers)
+    hs = model.mtp(model, h, batch["input_ids"], batch.get("segments"))
+    ces = torch.stack([head_loss(hk, model.lm_head.weight, mtp_labels(batch["labels"], batch.get("segments"), k), fused)
+                       for k, hk in enumerate(hs, start=1)])
+    term = (ces * (weight / depth * world / counts.to(ces.device).float())).sum()
+    return term, ces.detach().double()
 
 
 def head_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, fused: bool) -> torch.Tensor:

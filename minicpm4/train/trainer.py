@@ -222,9 +222,7 @@ def train_step(cfg, net, model, opt, loader, step, accum, world, device) -> tupl
     n_targets = pg.all_reduce_sum((batch["labels"] != IGNORE).sum().double())
     if n_targets.item() == 0:
         raise ConfigError(f"step {step + 1}: the batch has no target tokens (every label masked)")
-    depths = range(1, cfg.mtp_depth + 1)
-    n_mtp = [pg.all_reduce_sum((mtp_heads.mtp_labels(batch["labels"], batch.get("segments"), k) != IGNORE)
-                               .sum().double()).clamp(min=1) for k in depths]
+    n_mtp = mtp_heads.target_counts(batch, cfg.mtp_depth)
     total = torch.zeros((), dtype=torch.float64, device=device)
     total_mtp = torch.zeros(cfg.mtp_depth, dtype=torch.float64, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
@@ -241,16 +239,12 @@ def train_step(cfg, net, model, opt, loader, step, accum, world, device) -> tupl
                                          reduction="sum")
                 objective = ce * (world / n_targets.float())
                 if cfg.mtp_depth:
-                    hs = model.mtp(model, h, mb["input_ids"], mb.get("segments"))
-                    for k, hk in zip(depths, hs):
-                        ce_k = mtp_heads.head_loss(hk, model.lm_head.weight,
-                                                   mtp_heads.mtp_labels(mb["labels"], mb.get("segments"), k), fused)
-                        objective = objective + ce_k * (cfg.mtp_weight / cfg.mtp_depth * world / n_mtp[k - 1].float())
-                        total_mtp[k - 1] += ce_k.detach().double()
+                    term, sums = mtp_heads.objective(model, h, mb, n_mtp, cfg.mtp_weight, world, fused)
+                    objective, total_mtp = objective + term, total_mtp + sums
             objective.backward()
         total += ce.detach().double()
     loss = (pg.all_reduce_sum(total) / n_targets).item()
-    extra = {"mtp_loss": (pg.all_reduce_sum(total_mtp) / torch.stack(n_mtp)).mean().item()} if cfg.mtp_depth else {}
+    extra = {"mtp_loss": (pg.all_reduce_sum(total_mtp) / n_mtp).mean().item()} if cfg.mtp_depth else {}
     params = [p for g in opt.param_groups for p in g["params"]]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
