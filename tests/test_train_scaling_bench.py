@@ -3,6 +3,8 @@ the tunnel report's best rates by predicted accuracy."""
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -93,3 +95,12 @@ def test_report_gives_best_rates_by_predicted_accuracy(tmp_path):
     assert {w: v["lr"] for w, v in sb["best"]["mup"].items()} == {"64": 0.01, "128": 0.02}
     rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert all(math.isclose(r["pred_acc"], r["bench_acc"], abs_tol=0.01) for r in rows)
+
+
+def test_tunnel_cli_rejects_bad_items_before_training(tmp_path):
+    bad = tmp_path / "items.jsonl"
+    bad.write_text('{"question": "In the beginning"}\n')
+    r = subprocess.run([sys.executable, "-m", "minicpm4.cli", "tunnel", "--bench", str(bad), "--set", "data=none",
+                        "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"error: {bad}:1: an item needs string fields question and answer" in r.stderr
+    assert not (tmp_path / "out").exists()
