@@ -9,7 +9,9 @@ dense_len = -1 (always sparse).
   decode   one query at position S-1 over a cache of S keys (a slice of a larger buffer, as KVCache returns).
            dense: SDPA with the G query heads of a KV head folded into query rows (faster than enable_gqa,
            which copies k and v G times), as the model's dense decode runs it. sparse: infllmv2_attention
-           given cached compressed keys (compressed=(C1, C2)), as the model's KVCache.compressed provides them.
+           given cached compressed keys (compressed=(C1, C2)), as the model's KVCache.compressed provides them:
+           the C++ step (csrc/sparse_attention.cpp). `torch` is the same call with MINICPM4_NATIVE=0, the
+           pure-PyTorch reference (sparse_decode.select_one + attend_one), timed in the same rounds.
 
 Data: random q, k, v (iid normal), the worst case for the sparse prefill: stage 2 attends a chunk of 64 queries
 to the union of their selected blocks, and iid queries select unrelated blocks, so the union approaches every
@@ -118,11 +120,13 @@ def paired_decode(s: int, data: str, repeats: int) -> dict:
     time, which with 1 thread (ops run inline) excludes the time other jobs hold the core: on a shared machine
     with more runnable jobs than cores, a 3 ms call is preempted most times and its wall time says little."""
     with torch.inference_mode():
-        calls = {impl: make_call("decode", impl, s, data) for impl in ("dense", "sparse")}
+        calls = {impl: make_call("decode", "sparse" if impl == "torch" else impl, s, data)
+                 for impl in ("dense", "sparse", "torch")}
         wall = {impl: [] for impl in calls}
         cpu = {impl: [] for impl in calls}
         for i in range(repeats + 1):  # the first round is a warm-up
             for impl, call in calls.items():
+                os.environ["MINICPM4_NATIVE"] = "0" if impl == "torch" else "1"  # read at every call
                 t0, c0 = time.perf_counter(), time.thread_time()
                 call()
                 if i:
@@ -198,6 +202,7 @@ def main() -> None:
                                             **run_case(mode, impl, s, data, repeats, a.threads, ("memory",))}
                                            for impl in ("dense", "sparse"))
             row["speedup_cpu"] = round(paired["dense_cpu"] / paired["sparse_cpu"], 2)
+            row["torch"] = {"ms": paired["torch"], "cpu_ms": paired["torch_cpu"]}
         elif (mode, s) not in dense:  # dense attention costs the same whatever the data: measured once
             dense[mode, s] = run_case(mode, "dense", s, data, repeats, a.threads)
         if mode == "prefill":
@@ -217,7 +222,7 @@ def main() -> None:
               f"{r['speedup']:>8.2f}x{r['dense']['peak_mib']:>11.1f}{r['sparse']['peak_mib']:>11.1f}"
               f"{'' if union is None else f'{union:.2f}':>9}"
               + (f"   thread CPU: {r['dense']['cpu_ms']:.2f} / {r['sparse']['cpu_ms']:.2f} ms = {r['speedup_cpu']:.2f}x"
-                 if "speedup_cpu" in r else ""))
+                 f" (pure-PyTorch sparse {r['torch']['cpu_ms']:.2f} ms)" if "speedup_cpu" in r else ""))
     print(json.dumps({"bench": "sparse_attention", "shape": {"heads": HEADS, "kv_heads": KV_HEADS,
                       "head_dim": HEAD_DIM, "dtype": "bfloat16", "batch": 1}, "sparse_config": SPARSE_DEFAULTS
                       | {"dense_len": -1}, "threads": a.threads, "repeats": a.repeats, "load_avg": os.getloadavg(),

@@ -1,0 +1,96 @@
+"""The C++ InfLLM v2 decode step (csrc/sparse_attention.cpp via sparse_decode.native_step) against its pure-PyTorch
+reference (sparse_decode.select_one + attend_one), bf16.
+
+Both round where the other rounds (bf16 stage-1 dot products, fp32 softmax, bf16 probabilities and output) and
+differ only in summation order, so selections are equal and outputs agree to a bf16 ulp or two."""
+
+import pytest
+import torch
+
+from minicpm4 import native
+from minicpm4.sparse import infllmv2_attention
+from minicpm4.sparse_decode import attend_one, select_one
+from minicpm4.sparse_select import SparseConfig, compress_both, pad_kernels
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = dict(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, init_blocks=1, topk=6, dense_len=-1)
+PAPER = dict(kernel_size=32, kernel_stride=16, block_size=64, window_size=256, init_blocks=1, topk=8, dense_len=-1)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    ext = native.extension("sparse_attention")
+    assert ext is not None, "the C++ sparse kernel did not build (needs a C++ compiler and ninja)"
+    return ext
+
+
+def _case(b, h, kvh, s, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, qs = (torch.randn(b, h, 1, d, generator=g).bfloat16() for _ in range(2))
+    # cache slices of a longer buffer, as KVCache hands them out (non-contiguous rows)
+    k, v = (torch.randn(b, kvh, s + 40, d, generator=g).bfloat16()[:, :, :s] for _ in range(2))
+    return q, qs, k, v
+
+
+def _both(ext, q, qs, k, v, t, cfg):
+    cfg = SparseConfig(**cfg)
+    c1, c2 = (pad_kernels(c) for c in compress_both(k, cfg))
+    k_sel = cfg.n_select(-(-int(t.max() + 1) // cfg.block_size))
+    idx_ref = select_one(qs, t, c1, c2, cfg, k_sel)
+    out_ref = attend_one(q, k, v, t, idx_ref, cfg.block_size)
+    bsz, h, _, d = q.shape
+    out, idx = ext.decode(q.reshape(bsz, h, d).contiguous(), qs.reshape(bsz, h, d).contiguous(), k, v, c1, c2, t,
+                          cfg.kernel_size, cfg.kernel_stride, cfg.block_size, cfg.init_blocks, cfg.local_blocks, k_sel)
+    return (out.view_as(out_ref), idx), (out_ref, idx_ref)
+
+
+def _assert_close(out, ref):
+    diff = (out.float() - ref.float()).abs()
+    # 2 bf16 ulps of the largest output: summation order is the only difference
+    assert diff.max() <= 2 * 2.0 ** -8 * ref.float().abs().max(), diff.max()
+
+
+@pytest.mark.parametrize("h,kvh,d,s,cfg", [
+    (16, 2, 64, 3001, PAPER),   # MiniCPM4-0.5B: group 8
+    (16, 1, 128, 1500, PAPER),  # group 16, head_dim 128
+    (9, 3, 64, 777, SMALL),     # the default model: group 3; odd length
+    (4, 4, 80, 300, SMALL),     # no GQA; head_dim not a multiple of 32 (the scalar loops)
+])
+def test_native_step_equals_reference(ext, h, kvh, d, s, cfg):
+    q, qs, k, v = _case(1, h, kvh, s, d, seed=s)
+    t = torch.tensor([s - 1])
+    (out, idx), (out_ref, idx_ref) = _both(ext, q, qs, k, v, t, cfg)
+    assert torch.equal(idx, idx_ref)
+    _assert_close(out, out_ref)
+
+
+def test_native_ragged_rows_and_threads(ext):
+    """Rows at different positions (one short enough that no coarse kernel is complete, so every block scores 0
+    and ties decide), on two threads."""
+    q, qs, k, v = _case(3, 16, 2, 900, 64, seed=5)
+    t = torch.tensor([899, 517, 40])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        (out, idx), (out_ref, idx_ref) = _both(ext, q, qs, k, v, t, SMALL)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(idx, idx_ref)
+    assert (idx[2] == -1).any()  # the 41-key row has fewer blocks than the selection size
+    _assert_close(out, out_ref)
+
+
+def test_infllmv2_decode_uses_native_and_falls_back(ext, monkeypatch):
+    """infllmv2_attention's decode step: the native kernel and the MINICPM4_NATIVE=0 fallback agree; with
+    use_nope the stage-1 inputs are the pre-RoPE ones."""
+    q, qs, k, v = _case(1, 16, 2, 2000, 64, seed=1)
+    cfg = dict(PAPER, use_nope=True)
+    k_nope = torch.randn_like(k)
+    with torch.no_grad():
+        fast = infllmv2_attention(q, k, v, q_nope=qs, k_nope=k_nope, **cfg)
+        monkeypatch.setenv("MINICPM4_NATIVE", "0")
+        slow = infllmv2_attention(q, k, v, q_nope=qs, k_nope=k_nope, **cfg)
+        other = infllmv2_attention(q, k, v, q_nope=q, k_nope=k, **cfg)
+    _assert_close(fast, slow)
+    assert not torch.equal(slow, other)  # the stage-1 inputs matter, so the check above is not vacuous
