@@ -203,4 +203,5 @@ def make_backend(config: SparseConfig | dict | None = None):
         return infllmv2_attention(q, k, v, ctx.positions, config=cfg, compressed=compressed, q_nope=q_nope,
                                   k_nope=k_nope)
     backend.uses_nope = cfg.use_nope
+    backend.sparse_config = cfg  # native_decode.py's C++ stack runs the same step
     return backend

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from minicpm4 import native
+from minicpm4.config import ModelConfig, tiny
+from minicpm4.kv_cache import KVCache
+from minicpm4.model import MiniCPM4ForCausalLM, dense_attention
 from minicpm4.sparse import infllmv2_attention
 from minicpm4.sparse_decode import attend_one, select_one
 from minicpm4.sparse_select import SparseConfig, compress_both, pad_kernels
@@ -94,3 +97,48 @@ def test_infllmv2_decode_uses_native_and_falls_back(ext, monkeypatch):
         other = infllmv2_attention(q, k, v, q_nope=q, k_nope=k, **cfg)
     _assert_close(fast, slow)
     assert not torch.equal(slow, other)  # the stage-1 inputs matter, so the check above is not vacuous
+
+
+def _decode(model, ids, n, steps, cfg):
+    """Prefill ids[:, :n] (2 rows), then one token per row per step, row 1 five positions behind (it rewrites
+    cached keys, so the compressed keys must follow). -> (logits [2, steps, V], cache)."""
+    cache = KVCache(cfg, 2, ids.shape[1], dtype=torch.bfloat16)
+    out = []
+    with torch.no_grad():
+        model(ids[:, :n], cache=cache)
+        for s in range(steps):
+            pos = torch.tensor([[n + s], [n + s - 5]])
+            out.append(model(torch.stack([ids[0, n + s], ids[1, n + s - 5]])[:, None], positions=pos, cache=cache)[:, -1])
+    return torch.stack(out, 1), cache
+
+
+def test_native_model_decode_runs_sparse_and_keeps_compressed_keys():
+    """A bf16 InfLLM v2 model's decode steps through the C++ stack (dense below dense_len, the sparse step from
+    then on) agree with the Python layers, and the compressed keys the stack maintains equal pooling the cache."""
+    sparse = dict(SMALL, topk=3, window_size=16, dense_len=200)  # 4 blocks of 16 keys: far from dense
+    cfg = ModelConfig.from_dict({**tiny().to_dict(), "sparse_config": sparse})
+    torch.manual_seed(0)
+    model = MiniCPM4ForCausalLM(cfg).eval().to(torch.bfloat16).fuse_projections()
+    assert model.native is not None and model.native.sparse is not None, "the C++ decode stack did not build"
+    ids = torch.randint(0, 512, (2, 270))
+    native_logits, cache = _decode(model, ids, 150, 115, cfg)
+    stack = model.native
+    model.native = None
+    python_logits, _ = _decode(model, ids, 150, 115, cfg)
+    scale = python_logits.abs().mean()
+    assert (native_logits - python_logits).abs().mean() < 0.02 * scale
+    assert (native_logits.argmax(-1) == python_logits.argmax(-1)).float().mean() >= 0.9
+    # keys each row holds after the last step; `covered` reaches them only through the stack's sparse step (the
+    # prefill ran below dense_len, and dense steps only lower it)
+    store, lens = cache.compressed, [265, 260]
+    for layer in range(cfg.num_hidden_layers):
+        assert store.covered[layer].tolist() == lens
+        for b, n in enumerate(lens):
+            for c, ref in zip(store.c, compress_both(cache.k[layer, b:b + 1, :, :n], SparseConfig(**sparse))):
+                torch.testing.assert_close(c[layer, b:b + 1, :, :ref.shape[2]], ref, atol=0, rtol=0)
+    # the same weights, dense attention: the steps below dense_len are the same dense steps
+    model.set_attention_backend(dense_attention)
+    model.fuse_projections()
+    assert model.native is not None and model.native.sparse is None and stack.sparse is not None
+    dense_logits, _ = _decode(model, ids, 150, 115, cfg)
+    assert torch.equal(dense_logits[:, :40], native_logits[:, :40])
