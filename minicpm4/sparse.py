@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from minicpm4.sparse_decode import attend_one, native_step, select_one
+from minicpm4.sparse_decode import attend_one, select_one
+from minicpm4.sparse_native import native_chunk, native_step
 from minicpm4.sparse_select import (SparseConfig, as_config, block_scores, clamp_positions, compress_both,
                                     compress_keys, extend_compressed, pad_kernels, select_blocks,
                                     select_chunk)
@@ -152,6 +153,10 @@ def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
                 return out
             idx = select_one(qs, pos[:, 0], c1, c2, cfg, k_sel)
         return attend_one(q, k, v, pos[:, 0], idx, block)
+    if topk_idx is None and not grad:  # the C++ kernel: each query over its own blocks, no union, no gathers
+        out = native_chunk(q, qs, k, v, pos, c1, c2, cfg, k_sel)
+        if out is not None:
+            return out
     gather = _token_gather(k, v, block) if t <= ATTN_CHUNK else _block_gather(k, v, n_blocks, block)
     attend = _attend_chunk
     if grad:

@@ -15,8 +15,7 @@ fp32-accumulating kernel), fp32 softmax, and probabilities in v's dtype for P V,
 kernel does for bf16 too; for one query of G heads against ~6K keys it is ~2x faster than SDPA. The result is the
 general path's output at that query (tests/test_sparse.py checks it).
 
-`native_step` runs selection and attention in one C++ call (csrc/sparse_attention.cpp) for bf16 inputs, reading
-the selected keys and values in place; select_one + attend_one are its reference (tests/test_sparse_native.py).
+select_one + attend_one are also the reference of the C++ step (sparse_native.py, tests/test_sparse_native.py).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import threading
 
 import torch
 
-from minicpm4 import native
 from minicpm4.sparse_cache import n_kernels
 from minicpm4.sparse_select import SparseConfig
 
@@ -130,22 +128,3 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: torch.Tenso
     p = scores if v.dtype == sdt else _buffer("p", scores.shape, v.dtype, v.device).copy_(scores)
     return torch.bmm(p, vg.view(bsz * kvh, n, d)).view(bsz, h, 1, d)
 
-
-def native_step(q: torch.Tensor, qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
-                c1: torch.Tensor, c2: torch.Tensor, cfg: SparseConfig, k_sel: int) -> torch.Tensor | None:
-    """select_one + attend_one in one C++ call: q/qs [B, H, 1, D] (stage-2 / stage-1 queries), k/v [B, KVH, S, D],
-    t [B], c1/c2 as for select_one. Returns [B, H, 1, D], or None where the kernel does not apply (not bf16 on
-    CPU, GQA group over 16, head_dim over 256, no compiler, MINICPM4_NATIVE=0)."""
-    bsz, h, _, d = q.shape
-    kvh = k.shape[1]
-    tensors = (q, qs, k, v, c1, c2)
-    if (any(x.dtype != torch.bfloat16 or x.device.type != "cpu" for x in tensors) or h % kvh or h // kvh > 16
-            or d > 256 or torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
-        return None
-    ext = native.extension("sparse_attention")
-    if ext is None:
-        return None
-    k, v, c1, c2 = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v, c1, c2))
-    out, _ = ext.decode(q.reshape(bsz, h, d).contiguous(), qs.reshape(bsz, h, d).contiguous(), k, v, c1, c2, t,
-                        cfg.kernel_size, cfg.kernel_stride, cfg.block_size, cfg.init_blocks, cfg.local_blocks, k_sel)
-    return out.view(bsz, h, 1, d)

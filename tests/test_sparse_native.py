@@ -1,5 +1,5 @@
-"""The C++ InfLLM v2 decode step (csrc/sparse_attention.cpp via sparse_decode.native_step) against its pure-PyTorch
-reference (sparse_decode.select_one + attend_one), bf16.
+"""The C++ InfLLM v2 kernels (csrc/sparse_attention.*, sparse_native.py) against their pure-PyTorch references
+(sparse_decode.select_one + attend_one; the chunked path of sparse.infllmv2_attention), bf16.
 
 Both round where the other rounds (bf16 stage-1 dot products, fp32 softmax, bf16 probabilities and output) and
 differ only in summation order, so selections are equal and outputs agree to a bf16 ulp or two."""
@@ -13,7 +13,7 @@ from minicpm4.kv_cache import KVCache
 from minicpm4.model import MiniCPM4ForCausalLM, dense_attention
 from minicpm4.sparse import infllmv2_attention
 from minicpm4.sparse_decode import attend_one, select_one
-from minicpm4.sparse_select import SparseConfig, compress_both, pad_kernels
+from minicpm4.sparse_select import SparseConfig, compress_both, pad_kernels, select_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,3 +142,26 @@ def test_native_model_decode_runs_sparse_and_keeps_compressed_keys():
     assert model.native is not None and model.native.sparse is None and stack.sparse is not None
     dense_logits, _ = _decode(model, ids, 150, 115, cfg)
     assert torch.equal(dense_logits[:, :40], native_logits[:, :40])
+
+
+@pytest.mark.parametrize("h,kvh,d,cfg", [(16, 2, 64, SMALL), (9, 3, 128, SMALL), (16, 1, 64, PAPER)])
+def test_native_chunk_equals_the_chunked_reference(ext, h, kvh, d, cfg, monkeypatch):
+    """Queries after a cached prefix, two rows of different lengths: each query's blocks equal select_blocks', and
+    the output equals the reference's union-of-blocks attention."""
+    g = torch.Generator().manual_seed(d)
+    s, t = 700, 260
+    q = torch.randn(2, h, t, d, generator=g).bfloat16()
+    k, v = (torch.randn(2, kvh, s, d, generator=g).bfloat16() for _ in range(2))
+    positions = torch.stack([torch.arange(s - t, s), torch.arange(s - t - 93, s - 93)])
+    kv_lens = torch.tensor([s, s - 93])
+    conf = SparseConfig(**cfg)
+    c1, c2 = (pad_kernels(c) for c in compress_both(k, conf))
+    k_sel = conf.n_select(-(-s // conf.block_size))
+    _, idx = ext.prefill(q, q, k, v, c1, c2, positions, conf.kernel_size, conf.kernel_stride, conf.block_size,
+                         conf.init_blocks, conf.local_blocks, k_sel)
+    assert torch.equal(idx, select_blocks(q, k, positions, conf, kv_lens=kv_lens).long())
+    with torch.no_grad():
+        fast = infllmv2_attention(q, k, v, positions, kv_lens=kv_lens, **cfg)
+        monkeypatch.setenv("MINICPM4_NATIVE", "0")
+        slow = infllmv2_attention(q, k, v, positions, kv_lens=kv_lens, **cfg)
+    _assert_close(fast, slow)

@@ -316,6 +316,40 @@ inline void decode_into(const Tensor& q, const Tensor& qs, const Tensor& k, cons
   });
 }
 
+// Prefill / chunked queries: every query runs the decode step's selection and attention at its own position, so
+// stage 2 costs O(selected keys) per query, never the union of a chunk's blocks. q, qs [B, H, T, D] bf16
+// (contiguous last dim); pos [B, T] int64 contiguous (query positions, clamped to the rows' lengths); k, v, c1,
+// c2 as for decode_into (c1, c2 pooled from the keys up to the longest row). out [B, H, T, D] contiguous;
+// idx [B, KVH, T, k_sel] contiguous. Tasks are (row, KV head, query); scratch is O(selected keys) per thread.
+inline void prefill_into(const Tensor& q, const Tensor& qs, const Tensor& k, const Tensor& v, const Tensor& c1,
+                         const Tensor& c2, const int64_t* pos, const Params& P, BFloat16* op, int64_t* ip) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KVH = k.size(1), G = H / KVH;
+  StepFn fn = pick(G, std::make_integer_sequence<int, 16>{});
+  TORCH_CHECK(fn != nullptr && H % KVH == 0, "InfLLM v2 prefill: GQA group size must be 1..16");
+  TORCH_CHECK(D <= 256 && P.block % P.stride == 0, "InfLLM v2 prefill: unsupported shape");
+  const BFloat16 *qp = q.data_ptr<BFloat16>(), *qsp = qs.data_ptr<BFloat16>();
+  const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
+  const BFloat16 *c1p = c1.data_ptr<BFloat16>(), *c2p = c2.data_ptr<BFloat16>();
+  at::parallel_for(0, B * KVH * T, 16, [&](int64_t begin, int64_t end) {
+    thread_local Scratch w;
+    thread_local std::vector<BFloat16> qg, qsg, og;  // the G heads of one query, contiguous [G, D]
+    qg.resize(G * D); qsg.resize(G * D); og.resize(G * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (KVH * T), g = task / T % KVH, t = task % T;
+      for (int64_t i = 0; i < G; ++i) {
+        const int64_t h = g * G + i;
+        std::copy_n(qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2), D, qg.data() + i * D);
+        std::copy_n(qsp + b * qs.stride(0) + h * qs.stride(1) + t * qs.stride(2), D, qsg.data() + i * D);
+      }
+      fn(qg.data(), qsg.data(), kp + b * k.stride(0) + g * k.stride(1), vp + b * v.stride(0) + g * v.stride(1),
+         k.stride(2), v.stride(2), c1p + b * c1.stride(0) + g * c1.stride(1), c1.stride(2),
+         c2p + b * c2.stride(0) + g * c2.stride(1), c2.stride(2), pos[b * T + t], D, P, ip + task * P.k_sel,
+         og.data(), w);
+      for (int64_t i = 0; i < G; ++i) std::copy_n(og.data() + i * D, D, op + ((b * H + g * G + i) * T + t) * D);
+    }
+  });
+}
+
 // Kernels [lo, hi) of size/stride of one row's keys k [KVH, S, D] into c [KVH, N, D]: the mean of each kernel's
 // keys, summed as stride-long segments in fp32 as sparse_select.compress_keys does, rounded to bf16 once.
 inline void pool(const Tensor& k, const Tensor& c, int64_t lo, int64_t hi, int64_t size, int64_t stride) {
