@@ -148,12 +148,13 @@ def worker(mode: str, impl: str, s: int, data: str, repeats: int, measure: str) 
             rss0 = reset_peak_rss()
             call()
             return {"peak_mib": round((peak_rss() - rss0) / 1024, 1)}
-        times = []
+        times, cpu = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             call()
             times.append(time.perf_counter() - t0)
-    out = {"ms": 1e3 * statistics.median(times)}
+            cpu.append(time.thread_time() - c0)
+    out = {"ms": 1e3 * statistics.median(times), "cpu_ms": 1e3 * statistics.median(cpu)}
     if impl == "sparse" and mode == "prefill":
         cfg = SparseConfig.from_dict({**SPARSE_DEFAULTS, "dense_len": -1})
         q, k, _ = make_inputs(s, s, data)
@@ -208,6 +209,7 @@ def main() -> None:
         if mode == "prefill":
             row["dense"] = dense[mode, s]
             row["sparse"] = run_case(mode, "sparse", s, data, repeats, a.threads)
+            row["speedup_cpu"] = round(row["dense"]["cpu_ms"] / row["sparse"]["cpu_ms"], 2)
         row["speedup"] = round(row["dense"]["ms"] / row["sparse"]["ms"], 2)
         rows.append(row)
         print(f"  {mode} {s} {data}: dense {row['dense']['ms']:.1f} ms, sparse {row['sparse']['ms']:.1f} ms",
@@ -222,7 +224,8 @@ def main() -> None:
               f"{r['speedup']:>8.2f}x{r['dense']['peak_mib']:>11.1f}{r['sparse']['peak_mib']:>11.1f}"
               f"{'' if union is None else f'{union:.2f}':>9}"
               + (f"   thread CPU: {r['dense']['cpu_ms']:.2f} / {r['sparse']['cpu_ms']:.2f} ms = {r['speedup_cpu']:.2f}x"
-                 f" (pure-PyTorch sparse {r['torch']['cpu_ms']:.2f} ms)" if "speedup_cpu" in r else ""))
+                 + (f" (pure-PyTorch sparse {r['torch']['cpu_ms']:.2f} ms)" if "torch" in r else "")
+                 if "speedup_cpu" in r else ""))
     print(json.dumps({"bench": "sparse_attention", "shape": {"heads": HEADS, "kv_heads": KV_HEADS,
                       "head_dim": HEAD_DIM, "dtype": "bfloat16", "batch": 1}, "sparse_config": SPARSE_DEFAULTS
                       | {"dense_len": -1}, "threads": a.threads, "repeats": a.repeats, "load_avg": os.getloadavg(),

@@ -55,5 +55,5 @@ def native_chunk(q: torch.Tensor, qs: torch.Tensor, k: torch.Tensor, v: torch.Te
     ext = _ext(q, (q, qs, k, v, c1, c2), k.shape[1])
     if ext is None:
         return None
-    out, _ = ext.prefill(*_last_dim_contiguous(q, qs, k, v, c1, c2), positions, *_args(cfg, k_sel))
+    out, _ = ext.prefill(*_last_dim_contiguous(q, qs, k, v, c1, c2), positions, *_args(cfg, k_sel), False)
     return out

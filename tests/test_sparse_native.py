@@ -158,7 +158,7 @@ def test_native_chunk_equals_the_chunked_reference(ext, h, kvh, d, cfg, monkeypa
     c1, c2 = (pad_kernels(c) for c in compress_both(k, conf))
     k_sel = conf.n_select(-(-s // conf.block_size))
     _, idx = ext.prefill(q, q, k, v, c1, c2, positions, conf.kernel_size, conf.kernel_stride, conf.block_size,
-                         conf.init_blocks, conf.local_blocks, k_sel)
+                         conf.init_blocks, conf.local_blocks, k_sel, True)
     assert torch.equal(idx, select_blocks(q, k, positions, conf, kv_lens=kv_lens).long())
     with torch.no_grad():
         fast = infllmv2_attention(q, k, v, positions, kv_lens=kv_lens, **cfg)

@@ -26,20 +26,20 @@ std::tuple<Tensor, Tensor> decode(Tensor q, Tensor qs, Tensor k, Tensor v, Tenso
 }
 
 // q, qs [B, H, T, D] bf16 (contiguous last dim); pos [B, T] positions, clamped to the rows' lengths; k, v, c1,
-// c2 as for decode. Returns (out [B, H, T, D] bf16, idx [B, KVH, T, k_sel] int64).
+// c2 as for decode. Returns (out [B, H, T, D] bf16, idx [B, KVH, T, k_sel] int64 when with_idx, else empty).
 std::tuple<Tensor, Tensor> prefill(Tensor q, Tensor qs, Tensor k, Tensor v, Tensor c1, Tensor c2, Tensor pos,
                                    int64_t kernel_size, int64_t stride, int64_t block, int64_t init_blocks,
-                                   int64_t local_blocks, int64_t k_sel) {
+                                   int64_t local_blocks, int64_t k_sel, bool with_idx) {
   for (const Tensor* x : {&q, &qs, &k, &v, &c1, &c2})
     TORCH_CHECK(x->scalar_type() == at::kBFloat16 && x->stride(-1) == 1,
                 "sparse prefill: bf16 tensors with a contiguous last dim");
   TORCH_CHECK(q.dim() == 4 && qs.sizes() == q.sizes() && k.dim() == 4, "sparse prefill: q [B, H, T, D]");
   pos = pos.to(at::kLong).contiguous();
   Tensor out = at::empty(q.sizes(), q.options());
-  Tensor idx = at::empty({q.size(0), k.size(1), q.size(2), k_sel}, q.options().dtype(at::kLong));
+  Tensor idx = at::empty({with_idx ? q.size(0) : 0, k.size(1), q.size(2), k_sel}, q.options().dtype(at::kLong));
   const infllm::Params P{kernel_size, stride, block, init_blocks, local_blocks, k_sel, k_sel};
   infllm::prefill_into(q, qs, k, v, c1, c2, pos.data_ptr<int64_t>(), P, out.data_ptr<at::BFloat16>(),
-                       idx.data_ptr<int64_t>());
+                       with_idx ? idx.data_ptr<int64_t>() : nullptr);
   return {out, idx};
 }
 

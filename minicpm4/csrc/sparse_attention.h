@@ -320,7 +320,8 @@ inline void decode_into(const Tensor& q, const Tensor& qs, const Tensor& k, cons
 // stage 2 costs O(selected keys) per query, never the union of a chunk's blocks. q, qs [B, H, T, D] bf16
 // (contiguous last dim); pos [B, T] int64 contiguous (query positions, clamped to the rows' lengths); k, v, c1,
 // c2 as for decode_into (c1, c2 pooled from the keys up to the longest row). out [B, H, T, D] contiguous;
-// idx [B, KVH, T, k_sel] contiguous. Tasks are (row, KV head, query); scratch is O(selected keys) per thread.
+// idx [B, KVH, T, k_sel] contiguous, or nullptr (not kept: at 32K queries it would be 48 MiB).
+// Tasks are (row, KV head, query); scratch is O(selected keys) per thread.
 inline void prefill_into(const Tensor& q, const Tensor& qs, const Tensor& k, const Tensor& v, const Tensor& c1,
                          const Tensor& c2, const int64_t* pos, const Params& P, BFloat16* op, int64_t* ip) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KVH = k.size(1), G = H / KVH;
@@ -333,7 +334,8 @@ inline void prefill_into(const Tensor& q, const Tensor& qs, const Tensor& k, con
   at::parallel_for(0, B * KVH * T, 16, [&](int64_t begin, int64_t end) {
     thread_local Scratch w;
     thread_local std::vector<BFloat16> qg, qsg, og;  // the G heads of one query, contiguous [G, D]
-    qg.resize(G * D); qsg.resize(G * D); og.resize(G * D);
+    thread_local std::vector<int64_t> sel;
+    qg.resize(G * D); qsg.resize(G * D); og.resize(G * D); sel.resize(P.k_sel);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (KVH * T), g = task / T % KVH, t = task % T;
       for (int64_t i = 0; i < G; ++i) {
@@ -343,7 +345,7 @@ inline void prefill_into(const Tensor& q, const Tensor& qs, const Tensor& k, con
       }
       fn(qg.data(), qsg.data(), kp + b * k.stride(0) + g * k.stride(1), vp + b * v.stride(0) + g * v.stride(1),
          k.stride(2), v.stride(2), c1p + b * c1.stride(0) + g * c1.stride(1), c1.stride(2),
-         c2p + b * c2.stride(0) + g * c2.stride(1), c2.stride(2), pos[b * T + t], D, P, ip + task * P.k_sel,
+         c2p + b * c2.stride(0) + g * c2.stride(1), c2.stride(2), pos[b * T + t], D, P, ip ? ip + task * P.k_sel : sel.data(),
          og.data(), w);
       for (int64_t i = 0; i < G; ++i) std::copy_n(og.data() + i * D, D, op + ((b * H + g * G + i) * T + t) * D);
     }
