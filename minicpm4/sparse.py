@@ -12,6 +12,9 @@ are gathered into [B*KVH, U*block, D] and attended with SDPA under a per-query m
 O(chunk * selected keys) and a 64K prefill never builds a [T, S] matrix. Cost is proportional to the union:
 close to topk + window blocks per query when neighbouring queries pick similar blocks, about dense causal cost
 when they pick unrelated ones (iid random queries). Decode (one query) reads only its own ~K blocks.
+
+Without autograd, bf16 on CPU, both run in C++ instead (sparse_native.py): each query selects and attends only
+its own blocks, so prefill costs O(T * selected keys) whatever the queries; this module is their reference.
 """
 
 from __future__ import annotations
