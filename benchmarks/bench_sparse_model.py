@@ -133,9 +133,10 @@ def prefill_times(model, s: int) -> dict:
         if name.endswith("_py"):
             continue  # prefill never runs the decode stack
         model.set_attention_backend(backend)
-        t0 = time.perf_counter()
+        w0, c0 = clock()
         model(ids, logits_to_keep=1)
-        out[name] = time.perf_counter() - t0
+        w1, c1 = clock()
+        out[name], out[f"{name}_cpu"] = w1 - w0, c1 - c0
     return out
 
 
@@ -223,10 +224,12 @@ def main() -> None:
         for s in lengths["prefill"]:
             t = prefill_times(model, s)
             row = {"s": s, "dense_s": t["dense"], "sparse_s": t["sparse"], "speedup": t["dense"] / t["sparse"],
-                   "load_avg": os.getloadavg()[0]}
+                   "dense_cpu_s": t["dense_cpu"], "sparse_cpu_s": t["sparse_cpu"],
+                   "speedup_cpu": t["dense_cpu"] / t["sparse_cpu"], "load_avg": os.getloadavg()[0]}
             result["prefill"].append(row)
             print(f"prefill {s:>6} ({a.prefill_layers} layers): dense {t['dense']:.1f} s  sparse {t['sparse']:.1f} s  "
-                  f"x{row['speedup']:.2f}", flush=True)
+                  f"x{row['speedup']:.2f} (thread CPU {t['dense_cpu']:.1f} / {t['sparse_cpu']:.1f} s "
+                  f"x{row['speedup_cpu']:.2f})", flush=True)
         del model
     if a.llama_context:
         r = result["llama"] = llama_comparison(a.llama_context, a.steps, a.threads)
