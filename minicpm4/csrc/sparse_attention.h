@@ -1,6 +1,8 @@
 #pragma once
 
-// InfLLM v2 decode step for one layer in one call (bf16): block selection and sparse attention, no gathers.
+// InfLLM v2 in C++ (bf16): block selection and sparse attention for one query of one KV group per task, no
+// gathers. decode_into runs a decode step of one layer in one call; prefill_into runs it for every query of a
+// chunk (each query over its own blocks, so the cost is O(queries x selected keys)).
 //
 // Why: the pure-PyTorch step (sparse_decode.py select_one + attend_one, the reference) is ~40 small torch ops
 // plus a gather copy of the selected keys and values; at 32K keys its fixed cost is most of the step. Here
