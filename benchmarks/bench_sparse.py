@@ -5,7 +5,8 @@ SPARSE_DEFAULTS (kernel 32/16, block 64, window 2048, topk 64, so 96 blocks = 61
 dense_len = -1 (always sparse).
 
   prefill  q_len = S. dense: SDPA is_causal with enable_gqa. sparse: infllmv2_attention, compressed keys,
-           selection and attention included.
+           selection and attention included (the C++ chunk kernel: every query over its own blocks; with
+           MINICPM4_NATIVE=0 in the environment, the PyTorch reference instead).
   decode   one query at position S-1 over a cache of S keys (a slice of a larger buffer, as KVCache returns).
            dense: SDPA with the G query heads of a KV head folded into query rows (faster than enable_gqa,
            which copies k and v G times), as the model's dense decode runs it. sparse: infllmv2_attention
@@ -13,9 +14,9 @@ dense_len = -1 (always sparse).
            the C++ step (csrc/sparse_attention.cpp). `torch` is the same call with MINICPM4_NATIVE=0, the
            pure-PyTorch reference (sparse_decode.select_one + attend_one), timed in the same rounds.
 
-Data: random q, k, v (iid normal), the worst case for the sparse prefill: stage 2 attends a chunk of 64 queries
-to the union of their selected blocks, and iid queries select unrelated blocks, so the union approaches every
-past block. `clustered` queries (a shared direction per 64-token block plus noise) select more alike. Where real
+Data: random q, k, v (iid normal), the worst case for the PyTorch reference's prefill: its stage 2 attends a chunk
+of 64 queries to the union of their selected blocks, and iid queries select unrelated blocks, so the union
+approaches every past block (the C++ kernel's cost does not depend on the union). `clustered` queries (a shared direction per 64-token block plus noise) select more alike. Where real
 model queries fall between the two is not measured here. The union/K column is the mean union size over the
 selection size K, per chunk and KV head (below 1 where a query has fewer than K blocks to pick from).
 Decode cost does not depend on the data.
