@@ -5,15 +5,18 @@ SPARSE_DEFAULTS (kernel 32/16, block 64, window 2048, topk 64, so 96 blocks = 61
 dense_len = -1 (always sparse).
 
   prefill  q_len = S. dense: SDPA is_causal with enable_gqa. sparse: infllmv2_attention, compressed keys,
-           selection and attention included.
+           selection and attention included (the C++ chunk kernel: every query over its own blocks; with
+           MINICPM4_NATIVE=0 in the environment, the PyTorch reference instead).
   decode   one query at position S-1 over a cache of S keys (a slice of a larger buffer, as KVCache returns).
            dense: SDPA with the G query heads of a KV head folded into query rows (faster than enable_gqa,
            which copies k and v G times), as the model's dense decode runs it. sparse: infllmv2_attention
-           given cached compressed keys (compressed=(C1, C2)), as the model's KVCache.compressed provides them.
+           given cached compressed keys (compressed=(C1, C2)), as the model's KVCache.compressed provides them:
+           the C++ step (csrc/sparse_attention.cpp). `torch` is the same call with MINICPM4_NATIVE=0, the
+           pure-PyTorch reference (sparse_decode.select_one + attend_one), timed in the same rounds.
 
-Data: random q, k, v (iid normal), the worst case for the sparse prefill: stage 2 attends a chunk of 64 queries
-to the union of their selected blocks, and iid queries select unrelated blocks, so the union approaches every
-past block. `clustered` queries (a shared direction per 64-token block plus noise) select more alike. Where real
+Data: random q, k, v (iid normal), the worst case for the PyTorch reference's prefill: its stage 2 attends a chunk
+of 64 queries to the union of their selected blocks, and iid queries select unrelated blocks, so the union
+approaches every past block (the C++ kernel's cost does not depend on the union). `clustered` queries (a shared direction per 64-token block plus noise) select more alike. Where real
 model queries fall between the two is not measured here. The union/K column is the mean union size over the
 selection size K, per chunk and KV head (below 1 where a query has fewer than K blocks to pick from).
 Decode cost does not depend on the data.
@@ -118,11 +121,13 @@ def paired_decode(s: int, data: str, repeats: int) -> dict:
     time, which with 1 thread (ops run inline) excludes the time other jobs hold the core: on a shared machine
     with more runnable jobs than cores, a 3 ms call is preempted most times and its wall time says little."""
     with torch.inference_mode():
-        calls = {impl: make_call("decode", impl, s, data) for impl in ("dense", "sparse")}
+        calls = {impl: make_call("decode", "sparse" if impl == "torch" else impl, s, data)
+                 for impl in ("dense", "sparse", "torch")}
         wall = {impl: [] for impl in calls}
         cpu = {impl: [] for impl in calls}
         for i in range(repeats + 1):  # the first round is a warm-up
             for impl, call in calls.items():
+                os.environ["MINICPM4_NATIVE"] = "0" if impl == "torch" else "1"  # read at every call
                 t0, c0 = time.perf_counter(), time.thread_time()
                 call()
                 if i:
@@ -144,12 +149,13 @@ def worker(mode: str, impl: str, s: int, data: str, repeats: int, measure: str) 
             rss0 = reset_peak_rss()
             call()
             return {"peak_mib": round((peak_rss() - rss0) / 1024, 1)}
-        times = []
+        times, cpu = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             call()
             times.append(time.perf_counter() - t0)
-    out = {"ms": 1e3 * statistics.median(times)}
+            cpu.append(time.thread_time() - c0)
+    out = {"ms": 1e3 * statistics.median(times), "cpu_ms": 1e3 * statistics.median(cpu)}
     if impl == "sparse" and mode == "prefill":
         cfg = SparseConfig.from_dict({**SPARSE_DEFAULTS, "dense_len": -1})
         q, k, _ = make_inputs(s, s, data)
@@ -198,11 +204,13 @@ def main() -> None:
                                             **run_case(mode, impl, s, data, repeats, a.threads, ("memory",))}
                                            for impl in ("dense", "sparse"))
             row["speedup_cpu"] = round(paired["dense_cpu"] / paired["sparse_cpu"], 2)
+            row["torch"] = {"ms": paired["torch"], "cpu_ms": paired["torch_cpu"]}
         elif (mode, s) not in dense:  # dense attention costs the same whatever the data: measured once
             dense[mode, s] = run_case(mode, "dense", s, data, repeats, a.threads)
         if mode == "prefill":
             row["dense"] = dense[mode, s]
             row["sparse"] = run_case(mode, "sparse", s, data, repeats, a.threads)
+            row["speedup_cpu"] = round(row["dense"]["cpu_ms"] / row["sparse"]["cpu_ms"], 2)
         row["speedup"] = round(row["dense"]["ms"] / row["sparse"]["ms"], 2)
         rows.append(row)
         print(f"  {mode} {s} {data}: dense {row['dense']['ms']:.1f} ms, sparse {row['sparse']['ms']:.1f} ms",
@@ -217,6 +225,7 @@ def main() -> None:
               f"{r['speedup']:>8.2f}x{r['dense']['peak_mib']:>11.1f}{r['sparse']['peak_mib']:>11.1f}"
               f"{'' if union is None else f'{union:.2f}':>9}"
               + (f"   thread CPU: {r['dense']['cpu_ms']:.2f} / {r['sparse']['cpu_ms']:.2f} ms = {r['speedup_cpu']:.2f}x"
+                 + (f" (pure-PyTorch sparse {r['torch']['cpu_ms']:.2f} ms)" if "torch" in r else "")
                  if "speedup_cpu" in r else ""))
     print(json.dumps({"bench": "sparse_attention", "shape": {"heads": HEADS, "kv_heads": KV_HEADS,
                       "head_dim": HEAD_DIM, "dtype": "bfloat16", "batch": 1}, "sparse_config": SPARSE_DEFAULTS

@@ -4,7 +4,8 @@
            A KV cache of S tokens is filled with random keys and values (a decode step's cost does not depend on
            them: dense reads every key, sparse always K = topk + window/block blocks), then steps at positions
            S, S+1, ... alternate between the dense backend (SDPA) and the sparse one (default sparse_config, so
-           sparse from 8192 keys on) on the same model and cache. The first sparse step pools every compressed
+           sparse from 8192 keys on) on the same model and cache, each in its C++ decode stack (native_decode.py;
+           `sparse_py`: the sparse backend through the Python layers, also timed). The first sparse step pools every compressed
            key (untimed); later ones pool at most one new kernel each, as in generation. Median per step.
   memory   in a child process (glibc maps every allocation >= 64 KiB on its own, so RSS follows live tensors):
            peak RSS during one step above the RSS before it, i.e. the step's working memory; the cache itself
@@ -61,7 +62,18 @@ def filled_cache(model: MiniCPM4ForCausalLM, s: int, extra: int) -> KVCache:
 
 
 def backends(model: MiniCPM4ForCausalLM) -> dict:
-    return {"dense": dense_attention, "sparse": make_backend(model.config.sparse_config)}
+    """dense and sparse each run in the C++ decode stack built for them (native_decode.py); sparse_py is the
+    sparse backend through the Python layers (the stack off), the reference path."""
+    sparse = make_backend(model.config.sparse_config)
+    return {"dense": dense_attention, "sparse": sparse, "sparse_py": sparse}
+
+
+def use(model: MiniCPM4ForCausalLM, name: str, backend, stacks: dict) -> None:
+    """Switch model to `backend`, with the C++ stack fuse_projections() builds for it (kept in `stacks`)."""
+    model.set_attention_backend(backend)
+    if name not in stacks:
+        stacks[name] = None if name.endswith("_py") else model.fuse_projections().native
+    model.native = stacks[name]
 
 
 def step(model, cache, pos: int) -> None:
@@ -81,9 +93,10 @@ def decode_times(model, s: int, steps: int) -> dict:
     """Median wall and thread-CPU seconds per step of each backend, interleaved on one cache."""
     cache = filled_cache(model, s, steps + 2)
     times = {name: ([], []) for name in backends(model)}
+    stacks = {}
     for i in range(-1, steps):  # i = -1: untimed warm-up (the sparse one pools every kernel)
         for name, backend in backends(model).items():
-            model.set_attention_backend(backend)
+            use(model, name, backend, stacks)
             w0, c0 = clock()
             step(model, cache, s + i + 1)
             w1, c1 = clock()
@@ -99,8 +112,9 @@ def decode_memory(model, s: int) -> dict:
     cache = filled_cache(model, s, 4)
     out = {"kv_cache_mib": round((cache.k.numel() + cache.v.numel()) * 2 / 2**20, 1),
            "compressed_cache_mib": round(sum(c.numel() for c in cache.compressed.c) * 2 / 2**20, 1)}
+    stacks = {}
     for name, backend in backends(model).items():
-        model.set_attention_backend(backend)
+        use(model, name, backend, stacks)
         # the first step: sparse pools every compressed key and allocates its reused scratch buffers here
         rss0 = reset_peak_rss()
         step(model, cache, s)
@@ -116,10 +130,13 @@ def prefill_times(model, s: int) -> dict:
     ids = torch.randint(100, 70000, (1, s), generator=torch.Generator().manual_seed(2))
     out = {}
     for name, backend in backends(model).items():
+        if name.endswith("_py"):
+            continue  # prefill never runs the decode stack
         model.set_attention_backend(backend)
-        t0 = time.perf_counter()
+        w0, c0 = clock()
         model(ids, logits_to_keep=1)
-        out[name] = time.perf_counter() - t0
+        w1, c1 = clock()
+        out[name], out[f"{name}_cpu"] = w1 - w0, c1 - c0
     return out
 
 
@@ -155,7 +172,7 @@ def llama_comparison(s: int, steps: int, threads: int) -> dict:
             wall.append(w1 - w0)
             cpu.append(c1 - c0)
     out = {"context": s, "llamacpp_prefill_s": prefill_s}
-    for key, (mine, cpp) in {"": (ours, statistics.median(wall)),
+    for key, (mine, cpp) in {"": ({k: v for k, v in ours.items() if not k.endswith("_cpu")}, statistics.median(wall)),
                              "_cpu": ({k[:-4]: v for k, v in ours.items() if k.endswith("_cpu")},
                                       statistics.median(cpu))}.items():
         out |= {f"ours_dense_ms{key}": 1e3 * mine["dense"], f"ours_sparse_ms{key}": 1e3 * mine["sparse"],
@@ -190,13 +207,15 @@ def main() -> None:
             proc = subprocess.run([sys.executable, __file__, "--memory-worker", str(s), "--layers", str(a.layers),
                                    "--threads", str(a.threads)], capture_output=True, text=True, check=True, env=env)
             row = {"s": s, "dense_ms": 1e3 * t["dense"], "sparse_ms": 1e3 * t["sparse"],
+                   "sparse_py_ms": 1e3 * t["sparse_py"], "sparse_py_cpu_ms": 1e3 * t["sparse_py_cpu"],
                    "speedup": t["dense"] / t["sparse"], "dense_cpu_ms": 1e3 * t["dense_cpu"],
                    "sparse_cpu_ms": 1e3 * t["sparse_cpu"], "speedup_cpu": t["dense_cpu"] / t["sparse_cpu"], **json.loads(proc.stdout.strip().splitlines()[-1]),
                    "load_avg": os.getloadavg()[0]}
             result["decode"].append(row)
             print(f"decode {s:>6}: dense {row['dense_ms']:8.1f} ms  sparse {row['sparse_ms']:8.1f} ms  "
                   f"x{row['speedup']:.2f} (thread CPU {row['dense_cpu_ms']:.1f} / {row['sparse_cpu_ms']:.1f} ms "
-                  f"x{row['speedup_cpu']:.2f})  MiB first/next step: dense {row['dense_first_step_mib']}/{row['dense_step_mib']} "
+                  f"x{row['speedup_cpu']:.2f}; sparse through the Python layers {row['sparse_py_cpu_ms']:.1f} ms)  "
+                  f"MiB first/next step: dense {row['dense_first_step_mib']}/{row['dense_step_mib']} "
                   f"sparse {row['sparse_first_step_mib']}/{row['sparse_step_mib']}  "
                   f"(KV {row['kv_cache_mib']} MiB + compressed {row['compressed_cache_mib']} MiB)", flush=True)
         del model
@@ -205,10 +224,12 @@ def main() -> None:
         for s in lengths["prefill"]:
             t = prefill_times(model, s)
             row = {"s": s, "dense_s": t["dense"], "sparse_s": t["sparse"], "speedup": t["dense"] / t["sparse"],
-                   "load_avg": os.getloadavg()[0]}
+                   "dense_cpu_s": t["dense_cpu"], "sparse_cpu_s": t["sparse_cpu"],
+                   "speedup_cpu": t["dense_cpu"] / t["sparse_cpu"], "load_avg": os.getloadavg()[0]}
             result["prefill"].append(row)
             print(f"prefill {s:>6} ({a.prefill_layers} layers): dense {t['dense']:.1f} s  sparse {t['sparse']:.1f} s  "
-                  f"x{row['speedup']:.2f}", flush=True)
+                  f"x{row['speedup']:.2f} (thread CPU {t['dense_cpu']:.1f} / {t['sparse_cpu']:.1f} s "
+                  f"x{row['speedup_cpu']:.2f})", flush=True)
         del model
     if a.llama_context:
         r = result["llama"] = llama_comparison(a.llama_context, a.steps, a.threads)

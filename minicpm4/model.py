@@ -272,15 +272,18 @@ class MiniCPM4ForCausalLM(nn.Module):
         fresh copy for that. Idempotent.
 
         It also builds the C++ decode stack (native_decode.py) when the extension is available, the weights are
-        bf16 and attention is dense: decode steps (one token per row, no autograd) then run in one native call.
+        bf16 and attention is dense or InfLLM v2 (without use_nope): decode steps (one token per row, no
+        autograd) then run in one native call.
         """
         for layer in self.model.layers:
             if layer.self_attn.qkv_proj is None:
                 layer.self_attn.fuse()
             if layer.mlp.gate_up_proj is None:
                 layer.mlp.fuse()
-        dense = all(layer.self_attn.backend is dense_attention for layer in self.model.layers)
-        self.native = NativeDecoder.build(self) if dense else None
+        backend = self.model.layers[0].self_attn.backend
+        sparse = getattr(backend, "sparse_config", None)  # sparse.make_backend's InfLLM v2 backend
+        same = all(layer.self_attn.backend is backend for layer in self.model.layers)
+        self.native = NativeDecoder.build(self, sparse) if same and (backend is dense_attention or sparse) else None
         return self
 
     @property
@@ -289,8 +292,8 @@ class MiniCPM4ForCausalLM(nn.Module):
                    for layer in self.model.layers)
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
-        if backend is not dense_attention:
-            self.native = None  # the C++ stack runs dense attention only
+        if backend is not dense_attention or (self.native is not None and self.native.sparse is not None):
+            self.native = None  # the C++ stack is built for the backend fuse_projections() found
         for layer in self.model.layers:
             layer.self_attn.backend = backend
 

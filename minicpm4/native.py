@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,7 +88,10 @@ def _build(name: str) -> ModuleType | None:
                       "pure-PyTorch path", RuntimeWarning, stacklevel=2)
         return None
     flags = ["-O3", "-fopenmp"] + (["-march=native"] if _march_native(cxx) else [])
-    build = _build_dir(name, src.read_bytes(), flags)
+    # the csrc/ headers it includes count too: a kernel shared through a header rebuilds every includer
+    source = src.read_bytes()
+    source += b"".join((CSRC / h).read_bytes() for h in re.findall(r'^#include "(\w+\.h)"', source.decode(), re.M))
+    build = _build_dir(name, source, flags)
     build.mkdir(parents=True, exist_ok=True)
     from torch.utils import cpp_extension
     try:

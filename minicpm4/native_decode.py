@@ -6,6 +6,10 @@ layer, rounding exactly where model.py rounds. It holds references to the model'
 
 Used by MiniCPM4ForCausalLM.forward when every condition of `NativeDecoder.build` and `usable` holds, the
 Python layers otherwise; model.py's DecoderLayer is the reference (tests/test_native.py compares them).
+
+InfLLM v2 models (sparse_config without use_nope) run the same stack: attention becomes the C++ sparse step
+(csrc/sparse_attention.h) from dense_len keys on, and the stack keeps the cache's compressed keys up to date as
+the Python backend would (tests/test_sparse_native.py compares them).
 """
 
 from __future__ import annotations
@@ -32,14 +36,19 @@ def _linear_args(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int, int] | 
 
 
 class NativeDecoder:
-    def __init__(self, stack):
+    def __init__(self, stack, sparse=None):
         self.stack = stack
+        self.sparse = sparse  # the SparseConfig the stack runs, or None (dense)
 
     @classmethod
-    def build(cls, model) -> "NativeDecoder | None":
+    def build(cls, model, sparse=None) -> "NativeDecoder | None":
         """A decoder over `model`'s layers, or None when the extension is unavailable or a layer does not fit
-        (not fused, not bf16, biases, another linear type)."""
+        (not fused, not bf16, biases, another linear type). sparse: the SparseConfig of the layers' InfLLM v2
+        backend (None: dense attention)."""
         cfg = model.config
+        if sparse is not None and (sparse.use_nope or cfg.num_attention_heads // cfg.num_key_value_heads > 16
+                                   or cfg.head_dim > 256):
+            return None  # use_nope needs the pre-RoPE keys, which the C++ stack does not keep
         layers = model.model.layers
         attn0 = layers[0].self_attn
         if attn0.qkv_proj is None or cfg.head_dim % 2:
@@ -59,19 +68,29 @@ class NativeDecoder:
                 return None
             w, s, kinds, groups = (list(x) for x in zip(*args))
             stack.add_layer(norms[0].detach(), norms[1].detach(), w, s, kinds, groups)
-        return cls(stack)
+        if sparse is not None:
+            stack.set_sparse(sparse.kernel_size, sparse.kernel_stride, sparse.block_size, sparse.init_blocks,
+                             sparse.local_blocks, sparse.topk, sparse.dense_len)
+        return cls(stack, sparse)
 
-    @staticmethod
-    def usable(h: torch.Tensor, ctx) -> bool:
-        """One new token per row, bf16, a bf16 cache without InfLLM v2 compressed keys (the C++ stack writes
-        keys without updating them), no autograd."""
-        return (h.shape[1] == 1 and h.dtype == torch.bfloat16 and ctx.cache is not None
-                and ctx.cache.k.dtype == torch.bfloat16 and ctx.cache.compressed is None
-                and not torch.is_grad_enabled())
+    def usable(self, h: torch.Tensor, ctx) -> bool:
+        """One new token per row, bf16, a bf16 cache, no autograd; InfLLM v2 compressed keys in the cache exactly
+        when the stack is sparse, laid out for its kernel sizes (a dense stack writes keys without updating them)."""
+        if not (h.shape[1] == 1 and h.dtype == torch.bfloat16 and ctx.cache is not None
+                and ctx.cache.k.dtype == torch.bfloat16 and not torch.is_grad_enabled()):
+            return False
+        store = ctx.cache.compressed
+        if self.sparse is None or store is None:
+            return self.sparse is None and store is None
+        return ((store.cfg.kernel_size, store.cfg.kernel_stride, store.cfg.use_nope)
+                == (self.sparse.kernel_size, self.sparse.kernel_stride, False) and store.c[0].dtype == torch.bfloat16)
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
         """h [B, 1, hidden] bf16 -> h after every layer; cos, sin [B, 1, 1, D] fp32 (model.RotaryEmbedding)."""
         b = h.shape[0]
+        if self.sparse is not None:
+            store = ctx.cache.compressed
+            self.stack.attach_sparse(store.c[0], store.c[1], store.covered)
         out = self.stack.forward(h.reshape(b, -1).contiguous(), cos.reshape(b, -1), sin.reshape(b, -1),
                                  ctx.cache.k, ctx.cache.v, ctx.positions[:, 0], ctx.kv_len,
                                  ctx.decode_bias(torch.bfloat16))

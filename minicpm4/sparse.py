@@ -12,6 +12,9 @@ are gathered into [B*KVH, U*block, D] and attended with SDPA under a per-query m
 O(chunk * selected keys) and a 64K prefill never builds a [T, S] matrix. Cost is proportional to the union:
 close to topk + window blocks per query when neighbouring queries pick similar blocks, about dense causal cost
 when they pick unrelated ones (iid random queries). Decode (one query) reads only its own ~K blocks.
+
+Without autograd, bf16 on CPU, both run in C++ instead (sparse_native.py): each query selects and attends only
+its own blocks, so prefill costs O(T * selected keys) whatever the queries; this module is their reference.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minicpm4.sparse_decode import attend_one, select_one
+from minicpm4.sparse_native import native_chunk, native_step
 from minicpm4.sparse_select import (SparseConfig, as_config, block_scores, clamp_positions, compress_both,
                                     compress_keys, extend_compressed, pad_kernels, select_blocks,
                                     select_chunk)
@@ -147,8 +151,15 @@ def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
         if topk_idx is not None:
             idx = topk_idx[:, :, 0].long()
         else:
+            out = native_step(q, qs, k, v, pos[:, 0], c1, c2, cfg, k_sel)
+            if out is not None:
+                return out
             idx = select_one(qs, pos[:, 0], c1, c2, cfg, k_sel)
         return attend_one(q, k, v, pos[:, 0], idx, block)
+    if topk_idx is None and not grad:  # the C++ kernel: each query over its own blocks, no union, no gathers
+        out = native_chunk(q, qs, k, v, pos, c1, c2, cfg, k_sel)
+        if out is not None:
+            return out
     gather = _token_gather(k, v, block) if t <= ATTN_CHUNK else _block_gather(k, v, n_blocks, block)
     attend = _attend_chunk
     if grad:
@@ -200,4 +211,5 @@ def make_backend(config: SparseConfig | dict | None = None):
         return infllmv2_attention(q, k, v, ctx.positions, config=cfg, compressed=compressed, q_nope=q_nope,
                                   k_nope=k_nope)
     backend.uses_nope = cfg.use_nope
+    backend.sparse_config = cfg  # native_decode.py's C++ stack runs the same step
     return backend

@@ -14,6 +14,8 @@ Stage 2 runs as fp32 scores (q and the gathered keys in fp32: bf16 products are 
 fp32-accumulating kernel), fp32 softmax, and probabilities in v's dtype for P V, which is what SDPA's CPU flash
 kernel does for bf16 too; for one query of G heads against ~6K keys it is ~2x faster than SDPA. The result is the
 general path's output at that query (tests/test_sparse.py checks it).
+
+select_one + attend_one are also the reference of the C++ step (sparse_native.py, tests/test_sparse_native.py).
 """
 
 from __future__ import annotations
@@ -125,3 +127,4 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: torch.Tenso
     scores.div_(scores.sum(-1, keepdim=True))
     p = scores if v.dtype == sdt else _buffer("p", scores.shape, v.dtype, v.device).copy_(scores)
     return torch.bmm(p, vg.view(bsz * kvh, n, d)).view(bsz, h, 1, d)
+

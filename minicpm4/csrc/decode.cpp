@@ -13,7 +13,12 @@
 //   h   = bf16(h + bf16(a @ Wo^T * rs))                                       rs = scale_depth / sqrt(L)
 //   h   = bf16(h + bf16(down(bf16(bf16(silu(gate)) * up)) * rs))             SiLU-gated MLP
 // model.py's DecoderLayer is the reference; tests/test_native.py checks that both agree.
+// InfLLM v2 models: attention is sparse_attention.h's step instead of SDPA once kv_len >= dense_len, with the
+// cache's compressed keys kept up to date as the Python backend keeps them (tests/test_sparse_native.py).
 
+#include "sparse_attention.h"
+
+#include <optional>
 #include <torch/extension.h>
 
 #include <cmath>
@@ -128,7 +133,10 @@ class DecodeStack {
           std::copy(xh, xh + D, dst);
         }
       }
-      Tensor a = at::scaled_dot_product_attention(q, kl.narrow(2, 0, kv_len), vl.narrow(2, 0, kv_len), bias);
+      if (sparse_) sparse_->truncate(li, pp, B);  // keys at pp were just written
+      Tensor a = sparse_ && sparse_->active(kv_len)
+                     ? sparse_->attend(li, q.view({B, nh_, D}), kl, vl, pp, kv_len)
+                     : at::scaled_dot_product_attention(q, kl.narrow(2, 0, kv_len), vl.narrow(2, 0, kv_len), bias);
       Tensor o = L.o(a.reshape({B, nh_ * D}));
       add_scaled(hp, o.data_ptr<BFloat16>(), B * hid, rs);
 
@@ -150,7 +158,24 @@ class DecodeStack {
     return h;
   }
 
+  // InfLLM v2 (sparse_config): set once; attach_sparse() hands over the compressed keys of the cache each
+  // forward() runs on ([L, B, KVH, N, D] bf16 x2, covered [L, B] int64), as sparse_cache.CompressedKeys holds them.
+  void set_sparse(int64_t kernel_size, int64_t stride, int64_t block, int64_t init_blocks, int64_t local_blocks,
+                  int64_t topk, int64_t dense_len) {
+    const int64_t topk_local = topk + local_blocks;
+    sparse_ = infllm::CacheStep{{kernel_size, stride, block, init_blocks, local_blocks, topk_local, topk_local},
+                                dense_len, Tensor(), Tensor(), Tensor()};
+  }
+
+  void attach_sparse(Tensor c1, Tensor c2, Tensor covered) {
+    TORCH_CHECK(sparse_ && c1.scalar_type() == at::kBFloat16 && c2.scalar_type() == at::kBFloat16 &&
+                    covered.scalar_type() == at::kLong && c1.stride(-1) == 1 && c2.stride(-1) == 1,
+                "attach_sparse: bf16 compressed keys and int64 covered after set_sparse");
+    sparse_->c1 = c1; sparse_->c2 = c2; sparse_->covered = covered;
+  }
+
  private:
+  std::optional<infllm::CacheStep> sparse_;
   int64_t nh_, nkv_, d_;
   double eps_, rs_;
   std::vector<Layer> layers_;
@@ -160,5 +185,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<int64_t, int64_t, int64_t, double, double>())
       .def("add_layer", &DecodeStack::add_layer)
-      .def("forward", &DecodeStack::forward);
+      .def("forward", &DecodeStack::forward)
+      .def("set_sparse", &DecodeStack::set_sparse)
+      .def("attach_sparse", &DecodeStack::attach_sparse);
 }
