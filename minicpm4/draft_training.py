@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from minicpm4.draft import EagleDraft
+from minicpm4.engine import Engine
 from minicpm4.errors import InputError
+from minicpm4.sampling import SamplingParams
 from minicpm4.fileio import atomic_write
 from minicpm4.model import MiniCPM4ForCausalLM
 
@@ -153,6 +155,27 @@ def train_draft(target: MiniCPM4ForCausalLM, tokens: list[int], out_dir: str | P
         if step % args.save_every == 0 or step == args.steps:
             save()
     return draft.save(out)
+
+
+def self_distill(target: MiniCPM4ForCausalLM, tokens: list[int], prompt_len: int, new_tokens: int,
+                 count: int, batch: int = 16) -> list[list[int]]:
+    """Training sequences in the target's own words: `count` prompts of prompt_len tokens cut from `tokens`
+    (evenly spaced), each followed by the target's greedy continuation of new_tokens (EOS ignored).
+
+    EAGLE trains on the target's generations rather than on fixed text: at inference the draft reads tokens the
+    target chose, and greedy verification accepts only the target's argmax, so that is the distribution to fit.
+    """
+    span = len(tokens) - prompt_len
+    if span < 0 or count < 1:
+        raise InputError(f"self-distillation needs >= 1 prompt of {prompt_len} tokens; the text has {len(tokens)}")
+    starts = [span * i // count for i in range(count)]
+    engine = Engine(target.eval(), max_len=prompt_len + new_tokens + 1, max_slots=batch)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    out = []
+    for b in range(0, count, batch):
+        prompts = [tokens[s:s + prompt_len] for s in starts[b:b + batch]]
+        out += [p + g.token_ids for p, g in zip(prompts, engine.generate(prompts, params))]
+    return out
 
 
 @torch.inference_mode()

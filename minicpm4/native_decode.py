@@ -4,8 +4,12 @@ A batch-1 decode step of a small model is bound by per-op overhead: the Python l
 layer. `NativeDecoder` hands the whole stack to one C++ call that runs 4 matmuls, 1 SDPA and 4 fused loops per
 layer, rounding exactly where model.py rounds. It holds references to the model's own weight tensors (no copy).
 
-Used by MiniCPM4ForCausalLM.forward when every condition of `NativeDecoder.build` and `usable` holds, the
-Python layers otherwise; model.py's DecoderLayer is the reference (tests/test_native.py compares them).
+The same call takes T > 1 new tokens with explicit cache slots and an attention mask: a speculative round's tree
+verification (MiniCPM4ForCausalLM.forward_masked) and the EAGLE draft layer's passes (draft.py) run through it.
+
+Used by MiniCPM4ForCausalLM.forward (T = 1) and forward_masked when every condition of `NativeDecoder.build` and
+`usable` holds, the Python layers otherwise; model.py's DecoderLayer is the reference (tests/test_native.py and
+tests/test_native_masked.py compare them).
 """
 
 from __future__ import annotations
@@ -39,8 +43,11 @@ class NativeDecoder:
     def build(cls, model) -> "NativeDecoder | None":
         """A decoder over `model`'s layers, or None when the extension is unavailable or a layer does not fit
         (not fused, not bf16, biases, another linear type)."""
-        cfg = model.config
-        layers = model.model.layers
+        return cls.for_layers(model.config, model.model.layers)
+
+    @classmethod
+    def for_layers(cls, cfg, layers) -> "NativeDecoder | None":
+        """A decoder over a list of model.DecoderLayer sharing `cfg`'s head shapes (a model's, or a draft's)."""
         attn0 = layers[0].self_attn
         if attn0.qkv_proj is None or cfg.head_dim % 2:
             return None
@@ -63,16 +70,17 @@ class NativeDecoder:
 
     @staticmethod
     def usable(h: torch.Tensor, ctx) -> bool:
-        """One new token per row, bf16, a bf16 cache without InfLLM v2 compressed keys (the C++ stack writes
-        keys without updating them), no autograd."""
-        return (h.shape[1] == 1 and h.dtype == torch.bfloat16 and ctx.cache is not None
+        """bf16, one new token per row or an explicit mask, a bf16 cache without InfLLM v2 compressed keys (the
+        C++ stack writes keys without updating them), no autograd."""
+        return ((h.shape[1] == 1 or ctx.mask is not None) and h.dtype == torch.bfloat16 and ctx.cache is not None
                 and ctx.cache.k.dtype == torch.bfloat16 and ctx.cache.compressed is None
                 and not torch.is_grad_enabled())
 
-    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
-        """h [B, 1, hidden] bf16 -> h after every layer; cos, sin [B, 1, 1, D] fp32 (model.RotaryEmbedding)."""
-        b = h.shape[0]
-        out = self.stack.forward(h.reshape(b, -1).contiguous(), cos.reshape(b, -1), sin.reshape(b, -1),
-                                 ctx.cache.k, ctx.cache.v, ctx.positions[:, 0], ctx.kv_len,
-                                 ctx.decode_bias(torch.bfloat16))
-        return out.view(b, 1, -1)
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx,
+                 slots: torch.Tensor | None = None) -> torch.Tensor:
+        """h [B, T, hidden] bf16 -> h after every layer; cos, sin [B, T, 1, D] fp32 (model.RotaryEmbedding);
+        slots [B, T]: the cache slot of each token (default: its position)."""
+        b, t, _ = h.shape
+        slots = ctx.positions if slots is None else slots
+        return self.stack.forward(h.contiguous(), cos.reshape(b, t, -1), sin.reshape(b, t, -1), ctx.cache.k,
+                                  ctx.cache.v, slots.expand(b, t), ctx.kv_len, ctx.decode_bias(torch.bfloat16))
