@@ -79,7 +79,8 @@ def draft_data(model_path, data, out_path, count, prompt_len, new_tokens, batch_
     for path in data:
         with open(path, encoding="utf-8", errors="replace") as f:
             tokens += tok.encode(f.read())
-    seqs = self_distill(target, tokens, prompt_len, new_tokens, count, batch_size)
+    seqs = self_distill(target, tokens, prompt_len, new_tokens, count, batch_size,
+                        log=lambda m: click.echo(m, err=True))
     atomic_write_text(Path(out_path), "\n".join(tok.decode(s) for s in seqs) + "\n")
     click.echo(f"{out_path}: {len(seqs)} sequences of {prompt_len} + {new_tokens} tokens")
 

@@ -158,7 +158,7 @@ def train_draft(target: MiniCPM4ForCausalLM, tokens: list[int], out_dir: str | P
 
 
 def self_distill(target: MiniCPM4ForCausalLM, tokens: list[int], prompt_len: int, new_tokens: int,
-                 count: int, batch: int = 16) -> list[list[int]]:
+                 count: int, batch: int = 16, log: Callable[[str], None] = print) -> list[list[int]]:
     """Training sequences in the target's own words: `count` prompts of prompt_len tokens cut from `tokens`
     (evenly spaced), each followed by the target's greedy continuation of new_tokens (EOS ignored).
 
@@ -175,6 +175,7 @@ def self_distill(target: MiniCPM4ForCausalLM, tokens: list[int], prompt_len: int
     for b in range(0, count, batch):
         prompts = [tokens[s:s + prompt_len] for s in starts[b:b + batch]]
         out += [p + g.token_ids for p, g in zip(prompts, engine.generate(prompts, params))]
+        log(f"{len(out)}/{count} sequences")
     return out
 
 
