@@ -41,8 +41,10 @@ def frspec(model_path, corpus, size, out_path):
 @click.option("--ce-weight", default=0.1, show_default=True, help="Weight of the token cross-entropy term.")
 @click.option("--save-every", default=50, show_default=True)
 @click.option("--dtype", default="bf16", show_default=True, help="Target dtype (the draft trains in fp32).")
+@click.option("--init", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Start from this draft directory (fine-tune) instead of a copy of the target's last layer.")
 def draft(model_path, data, out_dir, frspec, steps, seq_len, batch_size, lr, max_windows, ce_weight, save_every,
-          dtype):
+          dtype, init):
     """Train an EAGLE draft head for a frozen target on text (regression to the next feature + token CE)."""
     from minicpm4.draft_training import DraftTrainArgs, train_draft
     from minicpm4.frspec import load_vocab
@@ -56,7 +58,7 @@ def draft(model_path, data, out_dir, frspec, steps, seq_len, batch_size, lr, max
             tokens += tok.encode(f.read(need * 8))  # a token is rarely over 8 characters
     args = DraftTrainArgs(seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr, warmup=min(10, steps),
                           ce_weight=ce_weight, max_windows=max_windows, save_every=save_every)
-    click.echo(train_draft(target, tokens, out_dir, args, vocab, log=lambda m: click.echo(m, err=True)))
+    click.echo(train_draft(target, tokens, out_dir, args, vocab, log=lambda m: click.echo(m, err=True), init=init))
 
 
 @click.command("draft-data")

@@ -25,12 +25,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from minicpm4.draft import EagleDraft
+from minicpm4.draft import SHARED, EagleDraft
 from minicpm4.engine import Engine
 from minicpm4.errors import InputError
 from minicpm4.sampling import SamplingParams
 from minicpm4.fileio import atomic_write
 from minicpm4.model import MiniCPM4ForCausalLM
+from minicpm4.weights import checkpoint_files, read_state_dict
 
 
 @dataclass
@@ -112,7 +113,9 @@ def batch_indices(step: int, args: DraftTrainArgs, n: int) -> list[int]:
 
 
 def train_draft(target: MiniCPM4ForCausalLM, tokens: list[int], out_dir: str | Path, args: DraftTrainArgs,
-                vocab: torch.Tensor | None = None, log: Callable[[str], None] = print) -> Path:
+                vocab: torch.Tensor | None = None, log: Callable[[str], None] = print,
+                init: str | Path | None = None) -> Path:
+    """init: a draft directory to start from (fine-tuning on new text) instead of the target's last layer."""
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"
     target.eval().requires_grad_(False)
@@ -121,6 +124,9 @@ def train_draft(target: MiniCPM4ForCausalLM, tokens: list[int], out_dir: str | P
     torch.manual_seed(args.seed)
     draft = EagleDraft.for_target(target, seed=args.seed)
     draft.bind(target, vocab)
+    if init is not None:
+        state = read_state_dict(checkpoint_files(Path(init)), torch.float32)
+        draft.load_state_dict({k: v for k, v in state.items() if k not in SHARED})
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step = 0

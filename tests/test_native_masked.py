@@ -81,3 +81,19 @@ def test_native_draft_layer_agrees_with_the_python_layer(models):
     python = run(d16, torch.bfloat16)
     assert (native - truth).abs().mean() <= 1.25 * (python - truth).abs().mean()
     assert (native - python).abs().mean() <= 1.5 * (python - truth).abs().mean()
+
+
+def test_native_tree_verification_runs_int4_layers(smollm_gguf, real_text):
+    """The default GGUF with Q4_1 layers kept quantized (Int4Linear, Int8Linear head): the speculative path of
+    `generate --int4 --draft`, native against the Python layers on the same weights."""
+    import minicpm4
+    m, tok = minicpm4.load(smollm_gguf, dtype="bf16", int4=True)
+    m.fuse_projections()
+    assert m.native is not None
+    ids = tok.encode(real_text)
+    tree = DraftTree(torch.tensor(ids[40:40 + len(PARENTS)]), PARENTS)
+    native, _ = _verify(m, torch.tensor(ids[:40]), tree, torch.bfloat16)
+    m.native = None
+    python, _ = _verify(m, torch.tensor(ids[:40]), tree, torch.bfloat16)
+    assert (native.argmax(-1) == python.argmax(-1)).float().mean() >= 0.9
+    assert (native - python).abs().mean() < 0.1 * python.abs().mean()
