@@ -34,6 +34,7 @@ import time
 
 import torch
 
+import bench_decode
 import minicpm4
 from bench_decode import THREADS, agree, cpu_name, default_gguf, llamacpp_runner, prompt_text
 from minicpm4.engine import Engine
@@ -114,11 +115,14 @@ def main() -> None:
     ap.add_argument("--int4", action="store_true", help="target = the default GGUF's Q4_1 weights kept quantized")
     ap.add_argument("--ablate", action="store_true", help="add spec-frspec on the Python layers (no C++ stack)")
     ap.add_argument("--no-full-head", action="store_true", help="skip the full-vocabulary-head spec peer")
+    ap.add_argument("--threads", type=int, default=THREADS,
+                    help="torch threads (1 on a loaded machine: 2 threads stall at every OpenMP barrier)")
     ap.add_argument("--quick", action="store_true", help="128-token prompt, 32 new tokens, 1 repeat")
     args = ap.parse_args()
     if args.quick:
         args.length, args.new_tokens, args.repeats = 128, 32, 1
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
+    bench_decode.THREADS = args.threads  # llama.cpp's n_threads
     topk, num_iter, tree_size = (int(x) for x in args.tree.split(","))
     spec_opts = {"topk": topk, "num_iter": num_iter, "tree_size": tree_size}
 
@@ -145,7 +149,7 @@ def main() -> None:
     step_ms, verify_ms = pass_times(model, prompt, tree_size)
     print(f"target passes at {len(prompt)} tokens: 1-token decode step {step_ms:.1f} ms, {tree_size}-token "
           f"verification {verify_ms:.1f} ms ({verify_ms / step_ms:.2f}x)", flush=True)
-    print(f"default model {weights}; peers {', '.join(runners)}; {THREADS} threads; prompt {len(prompt)} tokens of "
+    print(f"default model {weights}; peers {', '.join(runners)}; {args.threads} threads; prompt {len(prompt)} tokens of "
           f"{source}; {args.new_tokens} new tokens; tree {spec_opts}; median of {args.repeats} after 1 warm-up; "
           f"load average {load_before:.1f}", flush=True)
     runs: dict[str, list] = {name: [] for name in runners}
@@ -179,7 +183,7 @@ def main() -> None:
               f"{r['tokens_agree_with_plain']:>5}/{args.new_tokens}")
     for note in notes:
         print("NOTE:", note)
-    print(json.dumps({"cpu": cpu_name(), "threads": THREADS, "weights": weights, "step_ms": step_ms,
+    print(json.dumps({"cpu": cpu_name(), "threads": args.threads, "weights": weights, "step_ms": step_ms,
                       "verify_ms": verify_ms, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
                       "repeats": args.repeats, "tree": spec_opts, "draft": args.draft, "frspec": args.frspec,
                       "loadavg_1min": [load_before, os.getloadavg()[0]], "notes": notes, "results": results}))
