@@ -32,6 +32,7 @@ from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.fileio import atomic_write_text
 from minicpm4.kv_cache import KVCache
 from minicpm4.model import AttnContext, DecoderLayer, MiniCPM4ForCausalLM, RMSNorm, RotaryEmbedding
+from minicpm4.native_decode import NativeDecoder
 from minicpm4.weights import checkpoint_files, load_into, read_state_dict, save_state_dict
 
 DRAFT_ARCH = "EagleMiniCPMForCausalLM"
@@ -63,6 +64,7 @@ class EagleDraft(nn.Module):
         self.model = EagleBody(config, layer_config)
         self.vocab: torch.Tensor | None = None  # FR-Spec token ids of the head rows, or None (full vocabulary)
         self._shared: tuple = ()  # (embed_tokens, head, scale_emb): the target's, kept out of state_dict
+        self.native: NativeDecoder | None = None  # set by fuse() when the C++ stack fits
 
     # ---- construction ----
     @classmethod
@@ -102,10 +104,12 @@ class EagleDraft(nn.Module):
         return self
 
     def fuse(self) -> "EagleDraft":
-        """Inference only: q/k/v and gate/up in one weight each (see MiniCPM4ForCausalLM.fuse_projections)."""
+        """Inference only: q/k/v and gate/up in one weight each (see MiniCPM4ForCausalLM.fuse_projections), and
+        the layers as one C++ call (native_decode.py) for cached passes when the weights are bf16."""
         for layer in self.model.eagle_layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        self.native = NativeDecoder.for_layers(self.config, self.model.eagle_layers)
         return self
 
     def full_ids(self, idx: torch.Tensor) -> torch.Tensor:
@@ -133,8 +137,11 @@ class EagleDraft(nn.Module):
         else:
             ctx, contiguous_from, kv_len = AttnContext(positions, start + t, mask[:, None], False, cache), start, start + t
         cos, sin = m.rotary_emb(positions, kv_len)
-        for layer in m.eagle_layers:
-            h = layer(h, cos, sin, ctx, contiguous_from)
+        if cache is not None and self.native is not None and self.native.usable(h, ctx):
+            h = self.native(h, cos, sin, ctx, torch.arange(start, start + t)[None])
+        else:
+            for layer in m.eagle_layers:
+                h = layer(h, cos, sin, ctx, contiguous_from)
         x = h if self.config.logit_scale == 1.0 else h / self.config.logit_scale
         return head(x.to(embed.weight.dtype)).float(), h
 

@@ -25,10 +25,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from minicpm4.draft import EagleDraft
+from minicpm4.draft import SHARED, EagleDraft
+from minicpm4.engine import Engine
 from minicpm4.errors import InputError
+from minicpm4.sampling import SamplingParams
 from minicpm4.fileio import atomic_write
 from minicpm4.model import MiniCPM4ForCausalLM
+from minicpm4.weights import checkpoint_files, read_state_dict
 
 
 @dataclass
@@ -110,7 +113,9 @@ def batch_indices(step: int, args: DraftTrainArgs, n: int) -> list[int]:
 
 
 def train_draft(target: MiniCPM4ForCausalLM, tokens: list[int], out_dir: str | Path, args: DraftTrainArgs,
-                vocab: torch.Tensor | None = None, log: Callable[[str], None] = print) -> Path:
+                vocab: torch.Tensor | None = None, log: Callable[[str], None] = print,
+                init: str | Path | None = None) -> Path:
+    """init: a draft directory to start from (fine-tuning on new text) instead of the target's last layer."""
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"
     target.eval().requires_grad_(False)
@@ -119,6 +124,9 @@ def train_draft(target: MiniCPM4ForCausalLM, tokens: list[int], out_dir: str | P
     torch.manual_seed(args.seed)
     draft = EagleDraft.for_target(target, seed=args.seed)
     draft.bind(target, vocab)
+    if init is not None:
+        state = read_state_dict(checkpoint_files(Path(init)), torch.float32)
+        draft.load_state_dict({k: v for k, v in state.items() if k not in SHARED})
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step = 0
@@ -153,6 +161,28 @@ def train_draft(target: MiniCPM4ForCausalLM, tokens: list[int], out_dir: str | P
         if step % args.save_every == 0 or step == args.steps:
             save()
     return draft.save(out)
+
+
+def self_distill(target: MiniCPM4ForCausalLM, tokens: list[int], prompt_len: int, new_tokens: int,
+                 count: int, batch: int = 16, log: Callable[[str], None] = print) -> list[list[int]]:
+    """Training sequences in the target's own words: `count` prompts of prompt_len tokens cut from `tokens`
+    (evenly spaced), each followed by the target's greedy continuation of new_tokens (EOS ignored).
+
+    EAGLE trains on the target's generations rather than on fixed text: at inference the draft reads tokens the
+    target chose, and greedy verification accepts only the target's argmax, so that is the distribution to fit.
+    """
+    span = len(tokens) - prompt_len
+    if span < 0 or count < 1:
+        raise InputError(f"self-distillation needs >= 1 prompt of {prompt_len} tokens; the text has {len(tokens)}")
+    starts = [span * i // count for i in range(count)]
+    engine = Engine(target.eval(), max_len=prompt_len + new_tokens + 1, max_slots=batch)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    out = []
+    for b in range(0, count, batch):
+        prompts = [tokens[s:s + prompt_len] for s in starts[b:b + batch]]
+        out += [p + g.token_ids for p, g in zip(prompts, engine.generate(prompts, params))]
+        log(f"{len(out)}/{count} sequences")
+    return out
 
 
 @torch.inference_mode()

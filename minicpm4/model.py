@@ -325,7 +325,7 @@ class MiniCPM4ForCausalLM(nn.Module):
         if cfg.scale_emb != 1.0:
             h = h * cfg.scale_emb
         cos, sin = self.model.rotary_emb(positions, ctx.kv_len)
-        if self.native is not None and self.native.usable(h, ctx):
+        if t == 1 and self.native is not None and self.native.usable(h, ctx):
             h = self.native(h, cos, sin, ctx)
         else:
             for layer in self.model.layers:
@@ -370,8 +370,11 @@ class MiniCPM4ForCausalLM(nn.Module):
         if cfg.scale_emb != 1.0:
             h = h * cfg.scale_emb
         cos, sin = self.model.rotary_emb(positions, start + t)
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, ctx, start)
+        if self.native is not None and self.native.usable(h, ctx):  # one C++ call, slots start..start+T-1
+            h = self.native(h, cos, sin, ctx, torch.arange(start, start + t)[None])
+        else:
+            for layer in self.model.layers:
+                h = layer(h, cos, sin, ctx, start)
         h = self.model.norm(h)
         return self.lm_head(h if cfg.logit_scale == 1.0 else h / cfg.logit_scale).float(), h
 

@@ -4,12 +4,16 @@ A batch-1 decode step of a small model is bound by per-op overhead: the Python l
 layer. `NativeDecoder` hands the whole stack to one C++ call that runs 4 matmuls, 1 SDPA and 4 fused loops per
 layer, rounding exactly where model.py rounds. It holds references to the model's own weight tensors (no copy).
 
-Used by MiniCPM4ForCausalLM.forward when every condition of `NativeDecoder.build` and `usable` holds, the
-Python layers otherwise; model.py's DecoderLayer is the reference (tests/test_native.py compares them).
+The same call takes T > 1 new tokens with explicit cache slots and an attention mask: a speculative round's tree
+verification (MiniCPM4ForCausalLM.forward_masked) and the EAGLE draft layer's passes (draft.py) run through it.
 
-InfLLM v2 models (sparse_config without use_nope) run the same stack: attention becomes the C++ sparse step
-(csrc/sparse_attention.h) from dense_len keys on, and the stack keeps the cache's compressed keys up to date as
-the Python backend would (tests/test_sparse_native.py compares them).
+InfLLM v2 models (sparse_config without use_nope) run the same stack for decode steps (T = 1): attention becomes the
+C++ sparse step (csrc/sparse_attention.h) from dense_len keys on, and the stack keeps the cache's compressed keys
+up to date as the Python backend would (tests/test_sparse_native.py compares them).
+
+Used by MiniCPM4ForCausalLM.forward (T = 1) and forward_masked when every condition of `NativeDecoder.build` and
+`usable` holds, the Python layers otherwise; model.py's DecoderLayer is the reference (tests/test_native.py and
+tests/test_native_masked.py compare them).
 """
 
 from __future__ import annotations
@@ -49,7 +53,11 @@ class NativeDecoder:
         if sparse is not None and (sparse.use_nope or cfg.num_attention_heads // cfg.num_key_value_heads > 16
                                    or cfg.head_dim > 256):
             return None  # use_nope needs the pre-RoPE keys, which the C++ stack does not keep
-        layers = model.model.layers
+        return cls.for_layers(cfg, model.model.layers, sparse)
+
+    @classmethod
+    def for_layers(cls, cfg, layers, sparse=None) -> "NativeDecoder | None":
+        """A decoder over a list of model.DecoderLayer sharing `cfg`'s head shapes (a model's, or a draft's)."""
         attn0 = layers[0].self_attn
         if attn0.qkv_proj is None or cfg.head_dim % 2:
             return None
@@ -74,10 +82,11 @@ class NativeDecoder:
         return cls(stack, sparse)
 
     def usable(self, h: torch.Tensor, ctx) -> bool:
-        """One new token per row, bf16, a bf16 cache, no autograd; InfLLM v2 compressed keys in the cache exactly
-        when the stack is sparse, laid out for its kernel sizes (a dense stack writes keys without updating them)."""
-        if not (h.shape[1] == 1 and h.dtype == torch.bfloat16 and ctx.cache is not None
-                and ctx.cache.k.dtype == torch.bfloat16 and not torch.is_grad_enabled()):
+        """bf16, one new token per row or (dense stacks) an explicit mask, a bf16 cache, no autograd; InfLLM v2
+        compressed keys in the cache exactly when the stack is sparse, laid out for its kernel sizes (a dense stack
+        writes keys without updating them)."""
+        if not ((h.shape[1] == 1 or ctx.mask is not None and self.sparse is None) and h.dtype == torch.bfloat16
+                and ctx.cache is not None and ctx.cache.k.dtype == torch.bfloat16 and not torch.is_grad_enabled()):
             return False
         store = ctx.cache.compressed
         if self.sparse is None or store is None:
@@ -85,13 +94,14 @@ class NativeDecoder:
         return ((store.cfg.kernel_size, store.cfg.kernel_stride, store.cfg.use_nope)
                 == (self.sparse.kernel_size, self.sparse.kernel_stride, False) and store.c[0].dtype == torch.bfloat16)
 
-    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
-        """h [B, 1, hidden] bf16 -> h after every layer; cos, sin [B, 1, 1, D] fp32 (model.RotaryEmbedding)."""
-        b = h.shape[0]
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx,
+                 slots: torch.Tensor | None = None) -> torch.Tensor:
+        """h [B, T, hidden] bf16 -> h after every layer; cos, sin [B, T, 1, D] fp32 (model.RotaryEmbedding);
+        slots [B, T]: the cache slot of each token (default: its position)."""
+        b, t, _ = h.shape
+        slots = ctx.positions if slots is None else slots
         if self.sparse is not None:
             store = ctx.cache.compressed
             self.stack.attach_sparse(store.c[0], store.c[1], store.covered)
-        out = self.stack.forward(h.reshape(b, -1).contiguous(), cos.reshape(b, -1), sin.reshape(b, -1),
-                                 ctx.cache.k, ctx.cache.v, ctx.positions[:, 0], ctx.kv_len,
-                                 ctx.decode_bias(torch.bfloat16))
-        return out.view(b, 1, -1)
+        return self.stack.forward(h.contiguous(), cos.reshape(b, t, -1), sin.reshape(b, t, -1), ctx.cache.k,
+                                  ctx.cache.v, slots.expand(b, t), ctx.kv_len, ctx.decode_bias(torch.bfloat16))

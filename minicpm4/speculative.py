@@ -39,6 +39,8 @@ PREFILL_CHUNK = 512
 @dataclass
 class SpecGeneration(Generation):
     accepted: list[int] = field(default_factory=list)  # tokens committed per target verification pass
+    draft_s: float = 0.0  # time in drafter.propose (all rounds)
+    verify_s: float = 0.0  # time in the target's verification passes (all rounds)
 
     @property
     def mean_accept_length(self) -> float:
@@ -157,12 +159,16 @@ class SpeculativeDecoder:
     def _round(self, req: Request, ids: list[int]) -> tuple[list[int], list[int], torch.Tensor]:
         """One draft + verify round: (tokens to commit, accepted node indices from the root, their features)."""
         m = len(ids) - 1
+        t0 = time.perf_counter()
         tree: DraftTree = self.drafter.propose(ids, req.params, req.generator)
+        t1 = time.perf_counter()
         room = self._cache.max_len - m
         if len(tree) > room:  # near the end of the context: verify only the nodes that fit (ancestors first)
             tree = DraftTree(tree.tokens[:room], tree.parents[:room], None if tree.q is None else tree.q[:room])
         positions = (m + tree.depths)[None]
         logits, h = self.model.forward_masked(tree.tokens[None], positions, self._cache, m, tree_mask(tree, m)[None])
+        req.out.draft_s += t1 - t0
+        req.out.verify_s += time.perf_counter() - t1
         path, new, node = [0], [], 0
         tokens = tree.tokens.tolist()
         seen = req.seen  # the penalty counts committed tokens and the path's accepted draft tokens

@@ -7,7 +7,7 @@ import torch
 
 from minicpm4.config import tiny
 from minicpm4.draft import EagleDraft, is_draft_dir, load_draft
-from minicpm4.draft_training import DraftTrainArgs, evaluate_draft, train_draft
+from minicpm4.draft_training import DraftTrainArgs, evaluate_draft, self_distill, train_draft
 from minicpm4.engine import Engine
 from minicpm4.sampling import SamplingParams
 from minicpm4.weights import save_state_dict
@@ -42,6 +42,26 @@ def test_training_teaches_the_draft_the_target_next_tokens(target, tokens, tmp_p
     assert after["top1"] > before["top1"] + 0.3, (before, after)
     assert after["reg"] < before["reg"]
     assert is_draft_dir(out) and (out / "checkpoint.pt").is_file()
+
+
+def test_training_from_init_starts_at_the_given_draft(target, tokens, tmp_path):
+    trained = train_draft(target, tokens, tmp_path / "d", DraftTrainArgs(steps=30, **ARGS), log=lambda m: None)
+    args = DraftTrainArgs(steps=1, **{**ARGS, "lr": 1e-9})
+    tuned = train_draft(target, tokens, tmp_path / "t", args, log=lambda m: None, init=trained)
+    fresh = train_draft(target, tokens, tmp_path / "f", args, log=lambda m: None)
+    a, b, c = (load_draft(p, target).state_dict() for p in (trained, tuned, fresh))
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert not all(torch.allclose(a[k], c[k], atol=1e-4) for k in a)
+
+
+def test_self_distill_continues_prompts_with_the_target_greedy_output(target, tokens):
+    seqs = self_distill(target, tokens, prompt_len=6, new_tokens=8, count=3, batch=2, log=lambda m: None)
+    assert len(seqs) == 3
+    starts = [(len(tokens) - 6) * i // 3 for i in range(3)]
+    for s, seq in zip(starts, seqs):
+        prompt = tokens[s:s + 6]
+        alone = Engine(target).generate([prompt], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
+        assert seq == prompt + alone
 
 
 def test_interrupted_training_resumes_to_the_same_weights(target, tokens, tmp_path):
