@@ -56,6 +56,8 @@ class TrainConfig:
     log_every: int = 1
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
     tool_format: str = "json"  # sft: how tool calls are written into assistant turns (minicpm4.tools formats)
+    length_buckets: list = field(default_factory=list)  # pretrain: bucket bounds ending at seq_len (length_buckets.py)
+    longrope_from: int = 0  # > 0: LongRoPE factors stretching this trained length to max_position_embeddings
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -98,6 +100,13 @@ class TrainConfig:
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                               f"({self.micro_batch_size})")
+        if self.length_buckets:
+            from minicpm4.train.length_buckets import check_bounds
+            check_bounds(self.length_buckets, self.seq_len)
+            if self.task != "pretrain" or self.decay_data:
+                raise ConfigError("length_buckets are for pretraining without decay_data (sft packs its own rows)")
+        if self.longrope_from < 0:
+            raise ConfigError(f"longrope_from must be >= 0, got {self.longrope_from}")
 
     def accumulation(self, world: int) -> int:
         """Micro-batches per optimizer step on each of `world` processes."""
@@ -119,6 +128,9 @@ class TrainConfig:
             if dense_len >= self.seq_len:
                 raise ConfigError(f"sparse_config.dense_len ({dense_len}) >= seq_len ({self.seq_len}): InfLLM v2 "
                                   "would never engage; lower dense_len or remove sparse_config")
+        if self.longrope_from and self.seq_len <= self.longrope_from:
+            raise ConfigError(f"seq_len ({self.seq_len}) <= longrope_from ({self.longrope_from}): the stage would "
+                              "never train past the original length it extends")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

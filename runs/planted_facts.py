@@ -1,0 +1,184 @@
+"""Planted-fact retrieval for the long-context stage of runs/tiny_pipeline.sh: training documents, held-out tests,
+and the retrieval score of a model.
+
+A document is KJV text (runs/kjv_corpus.py's books) with facts "The secret number of Abner is 4821." planted in its
+first three quarters and, at its end, the same sentences again for the planted names in a new order: the answer is
+an induction-style copy of the four digits that followed the same key phrase hundreds of tokens earlier.
+
+    python runs/planted_facts.py data OUT [--tokens 3000000]   OUT/long/{train.jsonl, test.jsonl}
+    python runs/planted_facts.py eval OUT NAME=MODEL_DIR ... [--sparse JSON] [--dense]   -> OUT/long/retrieval.json
+
+Training documents (train.jsonl, one JSON {"text"} per line, for `minicpm4 data tokenize`) come in three length
+ranges, about the same number of tokens each (up to ~250, ~500, ~1000 tokens: the length buckets of the stage),
+with one fact per ~100 tokens. Tests (test.jsonl) hold other names' numbers and text from held-out books: ~1000
+tokens, 4 facts, all in the first half, then one question "The secret number of X is" for one of them; the answer
+must come more than 500 tokens after its fact.
+
+eval: one forward per test of prompt + answer (sparse_config switched on, as in the stage; --dense adds a dense
+run). Greedy decoding gives the exact number iff the argmax after the prompt and after each of its digits is the
+next digit, so `exact` is greedy exact-match accuracy from that one pass; `digits` is per-digit accuracy and
+`nll` the answer's mean negative log-likelihood per token. Chance: exact 1e-4, digits 0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+NAMES = ("Abner Asher Azariah Balaam Barak Baruch Benaiah Boaz Caleb Eleazar Eliakim Elkanah Enoch Ephraim Esau "
+         "Gideon Hanani Hezekiah Hiram Hophni Hushai Ithamar Jabin Jehu Jephthah Jethro Joab Jonathan Josiah "
+         "Kohath Korah Laban Levi Lot Machir Merari Micah Mordecai Naaman Nabal Nahor Nathan Obed Omri Othniel "
+         "Phinehas Reuben Shimei Sihon Tobiah Uriah Uzziah Zadok Zebulun Zerubbabel Ziba Amasa Gershon Heman "
+         "Ahijah Asaph Elihu Gaal Hobab").split()
+TEST_NAMES = 48  # names [:48] are used in training, [48:] only in tests (held-out keys)
+TEST_BOOKS = 3  # the last books (of kjv_corpus.py's text/) give the tests' text
+
+
+def fact(name: str, number: int) -> str:
+    return f"The secret number of {name} is {number}."
+
+
+def document(rng: random.Random, words: list[str], n_words: int, n_facts: int, names: list[str]) -> str:
+    """n_words of text from a random place in `words`, n_facts planted in the first 3/4, then every fact repeated
+    in a shuffled order."""
+    start = rng.randrange(len(words) - n_words)
+    text = words[start:start + n_words]
+    keys = rng.sample(names, n_facts)
+    numbers = [rng.randrange(1000, 10000) for _ in keys]
+    spots = sorted(rng.randrange(n_words * 3 // 4) for _ in keys)
+    for offset, (spot, key, num) in enumerate(zip(spots, keys, numbers)):
+        text.insert(spot + offset, fact(key, num))
+    order = rng.sample(range(n_facts), n_facts)
+    return " ".join(text + [fact(keys[i], numbers[i]) for i in order])
+
+
+def book_words(out: Path) -> tuple[list[str], list[str]]:
+    """(training words, test words): kjv_corpus.py's books, the last TEST_BOOKS held out."""
+    books = sorted((out / "text").glob("*.txt"))
+    split = [" ".join(p.read_text().split()[:200000]) for p in books]
+    return " ".join(split[:-TEST_BOOKS]).split(), " ".join(split[-TEST_BOOKS:]).split()
+
+
+def make_data(out: Path, tokens: int, n_tests: int, seed: int) -> None:
+    rng = random.Random(seed)
+    train_words, test_words = book_words(out)
+    words_per_token = 0.75  # KJV words per token of the 4096-token BPE, about
+    dest = out / "long"
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(dest / "train.jsonl", "w") as f:
+        for bound in (256, 512, 1024):  # ~tokens/3 in each length range
+            made = 0
+            while made < tokens // 3:
+                n_tok = rng.randrange(bound // 2, bound - bound // 8)
+                n_facts = max(1, n_tok // 100)
+                text = document(rng, train_words, int((n_tok - 24 * n_facts) * words_per_token), n_facts,
+                                NAMES[:TEST_NAMES])
+                f.write(json.dumps({"text": text}) + "\n")
+                made += n_tok
+    with open(dest / "test.jsonl", "w") as f:
+        for _ in range(n_tests):
+            n_words = int(900 * words_per_token)
+            start = rng.randrange(len(test_words) - n_words)
+            text = test_words[start:start + n_words]
+            keys = rng.sample(NAMES[TEST_NAMES:], 4)
+            numbers = [rng.randrange(1000, 10000) for _ in keys]
+            spots = sorted(rng.randrange(n_words // 2) for _ in keys)
+            for offset, (spot, key, num) in enumerate(zip(spots, keys, numbers)):
+                text.insert(spot + offset, fact(key, num))
+            ask = rng.randrange(4)
+            prompt = " ".join(text) + f" The secret number of {keys[ask]} is"
+            f.write(json.dumps({"prompt": prompt, "answer": f" {numbers[ask]}"}) + "\n")
+
+
+def encode_tests(tok, path: Path) -> list[tuple[list[int], int]]:
+    """(ids of prompt + answer, number of answer tokens) per test; the answer's digits are the last tokens."""
+    tests = []
+    for line in path.read_text().splitlines():
+        t = json.loads(line)
+        prompt = tok.encode(t["prompt"], add_special_tokens=True)
+        full = tok.encode(t["prompt"] + t["answer"], add_special_tokens=True)
+        assert full[:len(prompt)] == prompt, "the answer must tokenize apart from the prompt"
+        tests.append((full, len(full) - len(prompt)))
+    return tests
+
+
+def score(model, tests: list[tuple[list[int], int]], batch: int = 4) -> dict:
+    """Teacher-forced answer tokens: exact (all argmax right = greedy exact match), per-token accuracy, mean NLL."""
+    import torch
+    import torch.nn.functional as F
+    exact = right = total = 0
+    nll = 0.0
+    for i in range(0, len(tests), batch):
+        rows = tests[i:i + batch]
+        width = max(len(ids) for ids, _ in rows) - 1
+        x = torch.full((len(rows), width), 0, dtype=torch.int64)
+        for r, (ids, _) in enumerate(rows):
+            x[r, :len(ids) - 1] = torch.tensor(ids[:-1])  # padding after the row never reaches it (causal)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            h = model(x, hidden_only=True)
+        for r, (ids, n) in enumerate(rows):
+            at = torch.arange(len(ids) - 1 - n, len(ids) - 1)  # positions whose next token is an answer token
+            logits = model.lm_head(h[r, at].float())
+            target = torch.tensor(ids[-n:])
+            ok = logits.argmax(-1) == target
+            exact += bool(ok.all())
+            right += int(ok.sum())
+            total += n
+            nll += float(F.cross_entropy(logits, target))
+    return {"exact": exact / len(tests), "digits": right / total, "nll": nll / len(tests), "tests": len(tests)}
+
+
+def evaluate(out: Path, models: list[str], sparse: dict, dense: bool) -> dict:
+    import dataclasses
+    import os
+    import minicpm4
+    from minicpm4.model import dense_attention
+    from minicpm4.sparse import make_backend
+    results = {}
+    for item in models:
+        name, _, path = item.partition("=")
+        model, tok = minicpm4.load(path, dtype="fp32")
+        tests = encode_tests(tok, out / "long" / "test.jsonl")
+        runs = {"sparse": sparse, **({"dense": None} if dense else {})}
+        for mode, setting in runs.items():
+            model.config = dataclasses.replace(model.config, sparse_config=setting)
+            model.set_attention_backend(dense_attention if setting is None else make_backend(setting))
+            results[f"{name} ({mode})"] = r = score(model.eval(), tests)
+            print(f"{name:>12} {mode:<6} exact {r['exact']:.3f}  digits {r['digits']:.3f}  nll {r['nll']:.3f}",
+                  flush=True)
+    lengths = [len(ids) for ids, _ in tests]
+    report = {"results": results, "sparse_config": sparse, "prompt_tokens": [min(lengths), max(lengths)],
+              "load_avg": os.getloadavg()}
+    (out / "long" / "retrieval.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data")
+    d.add_argument("out")
+    d.add_argument("--tokens", type=int, default=3_000_000, help="training tokens to generate, about")
+    d.add_argument("--tests", type=int, default=100)
+    d.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("eval")
+    e.add_argument("out")
+    e.add_argument("models", nargs="+", help="NAME=MODEL_DIR")
+    e.add_argument("--sparse", default='{"dense_len": 256, "block_size": 32, "kernel_size": 16, '
+                   '"kernel_stride": 8, "window_size": 128, "topk": 8}', help="sparse_config used at eval (JSON)")
+    e.add_argument("--dense", action="store_true", help="also evaluate with dense attention")
+    e.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    if a.cmd == "data":
+        make_data(Path(a.out), a.tokens, a.tests, a.seed)
+    else:
+        import torch
+        torch.set_num_threads(a.threads)
+        print(json.dumps(evaluate(Path(a.out), a.models, json.loads(a.sparse), a.dense)["results"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
