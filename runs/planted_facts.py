@@ -3,21 +3,22 @@ and the retrieval score of a model.
 
 A document is KJV text (runs/kjv_corpus.py's books) with facts "The secret number of Abner is 4821." planted in its
 first three quarters and, at its end, the same sentences again for the planted names in a new order: the answer is
-an induction-style copy of the four digits that followed the same key phrase hundreds of tokens earlier.
+an induction-style copy of the number that followed the same key phrase hundreds of tokens earlier.
 
     python runs/planted_facts.py data OUT [--tokens 3000000]   OUT/long/{train.jsonl, test.jsonl}
     python runs/planted_facts.py eval OUT NAME=MODEL_DIR ... [--sparse JSON] [--dense]   -> OUT/long/retrieval.json
 
 Training documents (train.jsonl, one JSON {"text"} per line, for `minicpm4 data tokenize`) come in three length
 ranges, about the same number of tokens each (up to ~250, ~500, ~1000 tokens: the length buckets of the stage),
-with one fact per ~100 tokens. Tests (test.jsonl) hold other names' numbers and text from held-out books: ~1000
-tokens, 4 facts, all in the first half, then one question "The secret number of X is" for one of them; the answer
-must come more than 500 tokens after its fact.
+with one fact per ~100 tokens. Tests (test.jsonl) use text from held-out books and new random numbers (so nothing
+can be recalled from training, only copied from the prompt): ~1000 tokens, 4 facts, all in the first half, then one
+question "The secret number of X is" for one of them at the end, ~450 or more tokens after its fact.
 
 eval: one forward per test of prompt + answer (sparse_config switched on, as in the stage; --dense adds a dense
-run). Greedy decoding gives the exact number iff the argmax after the prompt and after each of its digits is the
-next digit, so `exact` is greedy exact-match accuracy from that one pass; `digits` is per-digit accuracy and
-`nll` the answer's mean negative log-likelihood per token. Chance: exact 1e-4, digits 0.1.
+run). Greedy decoding gives the exact number iff the argmax after the prompt and after each of its tokens is the
+next token, so `exact` is greedy exact-match accuracy from that one pass; `tokens` is the accuracy per token of the
+number (a digit or a pair of digits, as the BPE splits it) and `nll` its mean negative log-likelihood per token.
+Chance: exact 1e-4, tokens <= 0.1.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ NAMES = ("Abner Asher Azariah Balaam Barak Baruch Benaiah Boaz Caleb Eleazar Eli
          "Kohath Korah Laban Levi Lot Machir Merari Micah Mordecai Naaman Nabal Nahor Nathan Obed Omri Othniel "
          "Phinehas Reuben Shimei Sihon Tobiah Uriah Uzziah Zadok Zebulun Zerubbabel Ziba Amasa Gershon Heman "
          "Ahijah Asaph Elihu Gaal Hobab").split()
-TEST_NAMES = 48  # names [:48] are used in training, [48:] only in tests (held-out keys)
 TEST_BOOKS = 3  # the last books (of kjv_corpus.py's text/) give the tests' text
 
 
@@ -75,7 +75,7 @@ def make_data(out: Path, tokens: int, n_tests: int, seed: int) -> None:
                 n_tok = rng.randrange(bound // 2, bound - bound // 8)
                 n_facts = max(1, n_tok // 100)
                 text = document(rng, train_words, int((n_tok - 24 * n_facts) * words_per_token), n_facts,
-                                NAMES[:TEST_NAMES])
+                                NAMES)
                 f.write(json.dumps({"text": text}) + "\n")
                 made += n_tok
     with open(dest / "test.jsonl", "w") as f:
@@ -83,7 +83,7 @@ def make_data(out: Path, tokens: int, n_tests: int, seed: int) -> None:
             n_words = int(900 * words_per_token)
             start = rng.randrange(len(test_words) - n_words)
             text = test_words[start:start + n_words]
-            keys = rng.sample(NAMES[TEST_NAMES:], 4)
+            keys = rng.sample(NAMES, 4)
             numbers = [rng.randrange(1000, 10000) for _ in keys]
             spots = sorted(rng.randrange(n_words // 2) for _ in keys)
             for offset, (spot, key, num) in enumerate(zip(spots, keys, numbers)):
@@ -94,7 +94,7 @@ def make_data(out: Path, tokens: int, n_tests: int, seed: int) -> None:
 
 
 def encode_tests(tok, path: Path) -> list[tuple[list[int], int]]:
-    """(ids of prompt + answer, number of answer tokens) per test; the answer's digits are the last tokens."""
+    """(ids of prompt + answer, number of answer tokens) per test; the answer is the last tokens."""
     tests = []
     for line in path.read_text().splitlines():
         t = json.loads(line)
@@ -109,6 +109,7 @@ def score(model, tests: list[tuple[list[int], int]], batch: int = 4) -> dict:
     """Teacher-forced answer tokens: exact (all argmax right = greedy exact match), per-token accuracy, mean NLL."""
     import torch
     import torch.nn.functional as F
+    torch.set_grad_enabled(False)
     exact = right = total = 0
     nll = 0.0
     for i in range(0, len(tests), batch):
@@ -117,7 +118,7 @@ def score(model, tests: list[tuple[list[int], int]], batch: int = 4) -> dict:
         x = torch.full((len(rows), width), 0, dtype=torch.int64)
         for r, (ids, _) in enumerate(rows):
             x[r, :len(ids) - 1] = torch.tensor(ids[:-1])  # padding after the row never reaches it (causal)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             h = model(x, hidden_only=True)
         for r, (ids, n) in enumerate(rows):
             at = torch.arange(len(ids) - 1 - n, len(ids) - 1)  # positions whose next token is an answer token
@@ -128,10 +129,10 @@ def score(model, tests: list[tuple[list[int], int]], batch: int = 4) -> dict:
             right += int(ok.sum())
             total += n
             nll += float(F.cross_entropy(logits, target))
-    return {"exact": exact / len(tests), "digits": right / total, "nll": nll / len(tests), "tests": len(tests)}
+    return {"exact": exact / len(tests), "tokens": right / total, "nll": nll / len(tests), "tests": len(tests)}
 
 
-def evaluate(out: Path, models: list[str], sparse: dict, dense: bool) -> dict:
+def evaluate(out: Path, models: list[str], sparse: dict, dense: bool, limit: int = 0) -> dict:
     import dataclasses
     import os
     import minicpm4
@@ -141,13 +142,13 @@ def evaluate(out: Path, models: list[str], sparse: dict, dense: bool) -> dict:
     for item in models:
         name, _, path = item.partition("=")
         model, tok = minicpm4.load(path, dtype="fp32")
-        tests = encode_tests(tok, out / "long" / "test.jsonl")
+        tests = encode_tests(tok, out / "long" / "test.jsonl")[:limit or None]
         runs = {"sparse": sparse, **({"dense": None} if dense else {})}
         for mode, setting in runs.items():
             model.config = dataclasses.replace(model.config, sparse_config=setting)
             model.set_attention_backend(dense_attention if setting is None else make_backend(setting))
             results[f"{name} ({mode})"] = r = score(model.eval(), tests)
-            print(f"{name:>12} {mode:<6} exact {r['exact']:.3f}  digits {r['digits']:.3f}  nll {r['nll']:.3f}",
+            print(f"{name:>12} {mode:<6} exact {r['exact']:.3f}  tokens {r['tokens']:.3f}  nll {r['nll']:.3f}",
                   flush=True)
     lengths = [len(ids) for ids, _ in tests]
     report = {"results": results, "sparse_config": sparse, "prompt_tokens": [min(lengths), max(lengths)],
@@ -171,13 +172,14 @@ def main() -> None:
                    '"kernel_stride": 8, "window_size": 128, "topk": 8}', help="sparse_config used at eval (JSON)")
     e.add_argument("--dense", action="store_true", help="also evaluate with dense attention")
     e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--limit", type=int, default=0, help="score only the first N tests (0: all)")
     a = ap.parse_args()
     if a.cmd == "data":
         make_data(Path(a.out), a.tokens, a.tests, a.seed)
     else:
         import torch
         torch.set_num_threads(a.threads)
-        print(json.dumps(evaluate(Path(a.out), a.models, json.loads(a.sparse), a.dense)["results"]))
+        print(json.dumps(evaluate(Path(a.out), a.models, json.loads(a.sparse), a.dense, a.limit)["results"]))
 
 
 if __name__ == "__main__":
