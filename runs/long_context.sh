@@ -4,6 +4,7 @@
 # batches, on KJV text with planted facts (runs/planted_facts.py); then score planted-fact retrieval on held-out
 # tests before and after the stage, with the same sparse attention on.
 #   bash runs/long_context.sh OUT BASE_MODEL_DIR [--set key=value ...]   (writes OUT/long/)
+#   LONG_STEPS (120) sets the stage's steps, LONG_TESTS (40) the held-out tests scored.
 set -euo pipefail
 OUT=$1; BASE=$2; shift 2
 PY=${PYTHON:-python}
@@ -18,4 +19,4 @@ STEPS=${LONG_STEPS:-120}
   --set "model_overrides.sparse_config=$SPARSE" --set batch_size=4 --set micro_batch_size=4 --set lr=0.01 \
   --set steps="$STEPS" --set warmup_steps=10 --set decay_steps=$((STEPS / 5)) --set threads=2 --set save_every=20 "$@"
 LONG="$OUT/long/run/checkpoints/$(printf 'step_%07d' "$STEPS")/model"
-"$PY" "$HERE/planted_facts.py" eval "$OUT" "before=$BASE" "after=$LONG" --sparse "$SPARSE" --dense
+"$PY" "$HERE/planted_facts.py" eval "$OUT" "before=$BASE" "after=$LONG" --sparse "$SPARSE" --limit "${LONG_TESTS:-40}"

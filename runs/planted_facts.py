@@ -9,8 +9,7 @@ an induction-style copy of the number that followed the same key phrase hundreds
     python runs/planted_facts.py eval OUT NAME=MODEL_DIR ... [--sparse JSON] [--dense]   -> OUT/long/retrieval.json
 
 Training documents (train.jsonl, one JSON {"text"} per line, for `minicpm4 data tokenize`) come in three length
-ranges, about the same number of tokens each (up to ~250, ~500, ~1000 tokens: the length buckets of the stage),
-with one fact per ~100 tokens. Tests (test.jsonl) use text from held-out books and new random numbers (so nothing
+ranges (up to ~250, ~500, ~1000 tokens: the length buckets of the stage; SHARES), with one fact per ~50 tokens. Tests (test.jsonl) use text from held-out books and new random numbers (so nothing
 can be recalled from training, only copied from the prompt): ~1000 tokens, 4 facts, all in the first half, then one
 question "The secret number of X is" for one of them at the end, ~450 or more tokens after its fact.
 
@@ -18,7 +17,9 @@ eval: one forward per test of prompt + answer (sparse_config switched on, as in 
 run). Greedy decoding gives the exact number iff the argmax after the prompt and after each of its tokens is the
 next token, so `exact` is greedy exact-match accuracy from that one pass; `tokens` is the accuracy per token of the
 number (a digit or a pair of digits, as the BPE splits it) and `nll` its mean negative log-likelihood per token.
-Chance: exact 1e-4, tokens <= 0.1.
+Chance: exact 1e-4, tokens <= 0.1. `prompt_loss_by_position` is the mean next-token loss over the prompts
+themselves (held-out text with the facts) at positions 1-127, 128-511 and 512 on: the pretrained model never saw
+a position past 127.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ NAMES = ("Abner Asher Azariah Balaam Barak Baruch Benaiah Boaz Caleb Eleazar Eli
          "Kohath Korah Laban Levi Lot Machir Merari Micah Mordecai Naaman Nabal Nahor Nathan Obed Omri Othniel "
          "Phinehas Reuben Shimei Sihon Tobiah Uriah Uzziah Zadok Zebulun Zerubbabel Ziba Amasa Gershon Heman "
          "Ahijah Asaph Elihu Gaal Hobab").split()
+# Training tokens per length range (bound, share): half in short documents, which run dense and ~5x cheaper, where
+# the copy is learnt fastest; the longer ones teach it across distance, through InfLLM v2 past dense_len.
+SHARES = ((256, 0.5), (512, 0.25), (1024, 0.25))
+TOKENS_PER_FACT = 50  # a fact and its repeat take ~24 tokens: about half of a document is the task
+PASSAGE_WORDS = 12  # random-word passages, repeated like the facts: every repeated token is a copy target
 TEST_BOOKS = 3  # the last books (of kjv_corpus.py's text/) give the tests' text
 
 
@@ -42,17 +48,17 @@ def fact(name: str, number: int) -> str:
 
 
 def document(rng: random.Random, words: list[str], n_words: int, n_facts: int, names: list[str]) -> str:
-    """n_words of text from a random place in `words`, n_facts planted in the first 3/4, then every fact repeated
-    in a shuffled order."""
+    """n_words of text from a random place in `words` with n_facts facts and n_facts/2 passages of random words
+    planted in the first 3/4, then all of them repeated in a shuffled order."""
     start = rng.randrange(len(words) - n_words)
     text = words[start:start + n_words]
     keys = rng.sample(names, n_facts)
-    numbers = [rng.randrange(1000, 10000) for _ in keys]
-    spots = sorted(rng.randrange(n_words * 3 // 4) for _ in keys)
-    for offset, (spot, key, num) in enumerate(zip(spots, keys, numbers)):
-        text.insert(spot + offset, fact(key, num))
-    order = rng.sample(range(n_facts), n_facts)
-    return " ".join(text + [fact(keys[i], numbers[i]) for i in order])
+    planted = [fact(key, rng.randrange(1000, 10000)) for key in keys]
+    planted += [" ".join(rng.choices(words, k=PASSAGE_WORDS)) for _ in range(max(1, n_facts // 2))]
+    spots = sorted(rng.randrange(n_words * 3 // 4) for _ in planted)
+    for offset, (spot, item) in enumerate(zip(spots, rng.sample(planted, len(planted)))):
+        text.insert(spot + offset, item)
+    return " ".join(text + rng.sample(planted, len(planted)))
 
 
 def book_words(out: Path) -> tuple[list[str], list[str]]:
@@ -69,11 +75,11 @@ def make_data(out: Path, tokens: int, n_tests: int, seed: int) -> None:
     dest = out / "long"
     dest.mkdir(parents=True, exist_ok=True)
     with open(dest / "train.jsonl", "w") as f:
-        for bound in (256, 512, 1024):  # ~tokens/3 in each length range
+        for bound, share in SHARES:
             made = 0
-            while made < tokens // 3:
+            while made < tokens * share:
                 n_tok = rng.randrange(bound // 2, bound - bound // 8)
-                n_facts = max(1, n_tok // 100)
+                n_facts = max(1, n_tok // TOKENS_PER_FACT)
                 text = document(rng, train_words, int((n_tok - 24 * n_facts) * words_per_token), n_facts,
                                 NAMES)
                 f.write(json.dumps({"text": text}) + "\n")
@@ -112,6 +118,8 @@ def score(model, tests: list[tuple[list[int], int]], batch: int = 4) -> dict:
     torch.set_grad_enabled(False)
     exact = right = total = 0
     nll = 0.0
+    ranges = ((1, 128), (128, 512), (512, 2048))  # text loss by position: where the pretrained length ends
+    text_loss, text_count = [0.0] * len(ranges), [0] * len(ranges)
     for i in range(0, len(tests), batch):
         rows = tests[i:i + batch]
         width = max(len(ids) for ids, _ in rows) - 1
@@ -121,6 +129,11 @@ def score(model, tests: list[tuple[list[int], int]], batch: int = 4) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             h = model(x, hidden_only=True)
         for r, (ids, n) in enumerate(rows):
+            m = len(ids) - 1 - n  # prompt positions predict prompt tokens (text and planted facts) up to here
+            losses = F.cross_entropy(model.lm_head(h[r, :m - 1].float()), torch.tensor(ids[1:m]), reduction="none")
+            for j, (a, b) in enumerate(ranges):
+                text_loss[j] += float(losses[a - 1:b - 1].sum())
+                text_count[j] += len(losses[a - 1:b - 1])
             at = torch.arange(len(ids) - 1 - n, len(ids) - 1)  # positions whose next token is an answer token
             logits = model.lm_head(h[r, at].float())
             target = torch.tensor(ids[-n:])
@@ -129,7 +142,9 @@ def score(model, tests: list[tuple[list[int], int]], batch: int = 4) -> dict:
             right += int(ok.sum())
             total += n
             nll += float(F.cross_entropy(logits, target))
-    return {"exact": exact / len(tests), "tokens": right / total, "nll": nll / len(tests), "tests": len(tests)}
+    by_position = {f"{a}-{b}": loss / max(count, 1) for (a, b), loss, count in zip(ranges, text_loss, text_count)}
+    return {"exact": exact / len(tests), "tokens": right / total, "nll": nll / len(tests), "tests": len(tests),
+            "prompt_loss_by_position": by_position}
 
 
 def evaluate(out: Path, models: list[str], sparse: dict, dense: bool, limit: int = 0) -> dict:
@@ -148,8 +163,8 @@ def evaluate(out: Path, models: list[str], sparse: dict, dense: bool, limit: int
             model.config = dataclasses.replace(model.config, sparse_config=setting)
             model.set_attention_backend(dense_attention if setting is None else make_backend(setting))
             results[f"{name} ({mode})"] = r = score(model.eval(), tests)
-            print(f"{name:>12} {mode:<6} exact {r['exact']:.3f}  tokens {r['tokens']:.3f}  nll {r['nll']:.3f}",
-                  flush=True)
+            print(f"{name:>12} {mode:<6} exact {r['exact']:.3f}  tokens {r['tokens']:.3f}  nll {r['nll']:.3f}  "
+                  f"prompt loss by position {r['prompt_loss_by_position']}", flush=True)
     lengths = [len(ids) for ids, _ in tests]
     report = {"results": results, "sparse_config": sparse, "prompt_tokens": [min(lengths), max(lengths)],
               "load_avg": os.getloadavg()}

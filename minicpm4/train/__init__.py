@@ -6,4 +6,5 @@
     trainer        the loop (train)                         checkpoint    atomic, resumable checkpoints
     metrics        metrics.jsonl and the progress bar       process_group torchrun, DDP / FSDP2 helpers
     linear_cross_entropy  chunked head + loss (fast path)   tunnel        muP proxy LR search, coordinate check
+    length_buckets one document per row, similar lengths    longrope      LongRoPE factors for the long stage
 """
