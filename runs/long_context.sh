@@ -19,4 +19,4 @@ STEPS=${LONG_STEPS:-120}
   --set "model_overrides.sparse_config=$SPARSE" --set batch_size=4 --set micro_batch_size=4 --set lr=0.01 \
   --set steps="$STEPS" --set warmup_steps=10 --set decay_steps=$((STEPS / 5)) --set threads=2 --set save_every=20 "$@"
 LONG="$OUT/long/run/checkpoints/$(printf 'step_%07d' "$STEPS")/model"
-"$PY" "$HERE/planted_facts.py" eval "$OUT" "before=$BASE" "after=$LONG" --sparse "$SPARSE" --limit "${LONG_TESTS:-40}"
+"$PY" "$HERE/planted_facts.py" eval "$OUT" "before=$BASE" "after=$LONG" --sparse "$SPARSE" --limit "${LONG_TESTS:-40}" --control

@@ -6,7 +6,8 @@ first three quarters and, at its end, the same sentences again for the planted n
 an induction-style copy of the number that followed the same key phrase hundreds of tokens earlier.
 
     python runs/planted_facts.py data OUT [--tokens 3000000]   OUT/long/{train.jsonl, test.jsonl}
-    python runs/planted_facts.py eval OUT NAME=MODEL_DIR ... [--sparse JSON] [--dense]   -> OUT/long/retrieval.json
+    python runs/planted_facts.py eval OUT NAME=MODEL_DIR ... [--sparse JSON] [--dense] [--control] [--limit N]
+                                                                  -> OUT/long/retrieval.json
 
 Training documents (train.jsonl, one JSON {"text"} per line, for `minicpm4 data tokenize`) come in three length
 ranges (up to ~250, ~500, ~1000 tokens: the length buckets of the stage; SHARES), with one fact per ~50 tokens. Tests (test.jsonl) use text from held-out books and new random numbers (so nothing
@@ -147,7 +148,20 @@ def score(model, tests: list[tuple[list[int], int]], batch: int = 4) -> dict:
             "prompt_loss_by_position": by_position}
 
 
-def evaluate(out: Path, models: list[str], sparse: dict, dense: bool, limit: int = 0) -> dict:
+def swap_numbers(path: Path, seed: int = 7) -> Path:
+    """The control: the same tests with the asked fact's number replaced by another in the prompt, so the answer
+    can only be guessed; a model that retrieves scores much lower here than on the real tests."""
+    rng = random.Random(seed)
+    dest = path.with_name("control.jsonl")
+    with open(dest, "w") as f:
+        for line in path.read_text().splitlines():
+            t = json.loads(line)
+            other = f" is {rng.randrange(1000, 10000)}."
+            f.write(json.dumps({**t, "prompt": t["prompt"].replace(f" is{t['answer']}.", other)}) + "\n")
+    return dest
+
+
+def evaluate(out: Path, models: list[str], sparse: dict, dense: bool, limit: int = 0, control: bool = False) -> dict:
     import dataclasses
     import os
     import minicpm4
@@ -158,13 +172,17 @@ def evaluate(out: Path, models: list[str], sparse: dict, dense: bool, limit: int
         name, _, path = item.partition("=")
         model, tok = minicpm4.load(path, dtype="fp32")
         tests = encode_tests(tok, out / "long" / "test.jsonl")[:limit or None]
+        sets = {"": tests}
+        if control:
+            sets[", no fact"] = encode_tests(tok, swap_numbers(out / "long" / "test.jsonl"))[:limit or None]
         runs = {"sparse": sparse, **({"dense": None} if dense else {})}
         for mode, setting in runs.items():
             model.config = dataclasses.replace(model.config, sparse_config=setting)
             model.set_attention_backend(dense_attention if setting is None else make_backend(setting))
-            results[f"{name} ({mode})"] = r = score(model.eval(), tests)
-            print(f"{name:>12} {mode:<6} exact {r['exact']:.3f}  tokens {r['tokens']:.3f}  nll {r['nll']:.3f}  "
-                  f"prompt loss by position {r['prompt_loss_by_position']}", flush=True)
+            for tag, chosen in sets.items():
+                results[f"{name} ({mode}{tag})"] = r = score(model.eval(), chosen)
+                print(f"{name:>12} {mode + tag:<16} exact {r['exact']:.3f}  tokens {r['tokens']:.3f}  nll {r['nll']:.3f}  "
+                      f"prompt loss by position {r['prompt_loss_by_position']}", flush=True)
     lengths = [len(ids) for ids, _ in tests]
     report = {"results": results, "sparse_config": sparse, "prompt_tokens": [min(lengths), max(lengths)],
               "load_avg": os.getloadavg()}
@@ -188,13 +206,14 @@ def main() -> None:
     e.add_argument("--dense", action="store_true", help="also evaluate with dense attention")
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--limit", type=int, default=0, help="score only the first N tests (0: all)")
+    e.add_argument("--control", action="store_true", help="also score the tests with the fact's number swapped")
     a = ap.parse_args()
     if a.cmd == "data":
         make_data(Path(a.out), a.tokens, a.tests, a.seed)
     else:
         import torch
         torch.set_num_threads(a.threads)
-        print(json.dumps(evaluate(Path(a.out), a.models, json.loads(a.sparse), a.dense, a.limit)["results"]))
+        print(json.dumps(evaluate(Path(a.out), a.models, json.loads(a.sparse), a.dense, a.limit, a.control)["results"]))
 
 
 if __name__ == "__main__":
