@@ -41,7 +41,7 @@ def curves(out: Path) -> None:
 def retrieval(out: Path) -> None:
     report = json.loads((out / "long" / "retrieval.json").read_text())
     names = list(report["results"])
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(names), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2 + 1.6 * len(names)), 3.6))
     for i, metric in enumerate(("exact", "tokens")):
         values = [report["results"][n][metric] for n in names]
         bars = ax.bar([j + 0.38 * i for j in range(len(names))], values, 0.38,
@@ -50,7 +50,7 @@ def retrieval(out: Path) -> None:
     ax.axhline(0.1, color="0.5", ls=":", lw=1, label="1 in 10")
     lo, hi = report["prompt_tokens"]
     ax.set(xticks=[j + 0.19 for j in range(len(names))], xticklabels=names, ylim=(0, 1.05), ylabel="accuracy",
-           title=f"planted-fact retrieval: prompts of {lo}-{hi} tokens, {report['results'][names[0]]['tests']} tests")
+           title=f"planted facts: {lo}-{hi}-token prompts, {report['results'][names[0]]['tests']} tests")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "retrieval.png", dpi=110)
