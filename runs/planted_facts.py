@@ -1,9 +1,10 @@
 """Planted-fact retrieval for the long-context stage of runs/tiny_pipeline.sh: training documents, held-out tests,
 and the retrieval score of a model.
 
-A document is KJV text (runs/kjv_corpus.py's books) with facts "The secret number of Abner is 4821." planted in its
-first three quarters and, at its end, the same sentences again for the planted names in a new order: the answer is
-an induction-style copy of the number that followed the same key phrase hundreds of tokens earlier.
+A training document is KJV text (runs/kjv_corpus.py's books) with facts "The secret number of Abner is 4821." and
+passages of 12 random words planted in its first three quarters and, at its end, all of them again in a new order:
+the number is an induction-style copy of what followed the same key phrase hundreds of tokens earlier (the passages
+give the same copy more targets per document).
 
     python runs/planted_facts.py data OUT [--tokens 3000000]   OUT/long/{train.jsonl, test.jsonl}
     python runs/planted_facts.py eval OUT NAME=MODEL_DIR ... [--sparse JSON] [--dense] [--control] [--limit N]
