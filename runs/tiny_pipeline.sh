@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# From nothing to a pretrained and SFT'd tiny MiniCPM4 on the KJV text, on CPU: corpus + tokenizer, token shards,
-# muP/WSD pretraining, SFT on verse-completion chats, then a check of the ChatML behaviour before and after SFT
-# (replies that end with <|im_end|> within 48 tokens, and exact completions) on 50 held-out chats.
-#   bash runs/tiny_pipeline.sh [OUT]        (PYTHON=... picks the interpreter; ~15 min on a busy 2-core machine)
+# From nothing to a pretrained, long-context-extended and SFT'd tiny MiniCPM4 on the KJV text, on CPU: corpus +
+# tokenizer, token shards, muP/WSD pretraining at seq 128, the long-context stage at seq 1024 (runs/long_context.sh:
+# InfLLM v2 + LongRoPE + length buckets, planted-fact retrieval before/after), SFT on verse-completion chats, a check
+# of the ChatML behaviour before and after SFT (replies that end with <|im_end|> within 48 tokens, and exact
+# completions) on 50 held-out chats, and plots of every stage's loss curve and of the retrieval (runs/pipeline_plots.py).
+#   bash runs/tiny_pipeline.sh [OUT]        (PYTHON=... picks the interpreter; see BENCHMARKS.md for the time taken)
 set -euo pipefail
 OUT=${1:-runs_out/tiny_pipeline}
 PY=${PYTHON:-python}
@@ -14,10 +16,14 @@ COMMON="--set seq_len=128 --set batch_size=16 --set micro_batch_size=16 --set th
 "$PY" -m minicpm4.cli train pretrain $COMMON $RESUME --set data="$OUT/shards" --set out_dir="$OUT/pre" \
   --set model=tiny --set model_overrides.num_hidden_layers=4 --set lr=0.02 --set steps=400 \
   --set warmup_steps=20 --set decay_steps=80
-BASE="$OUT/pre/checkpoints/step_0000400/model"
+PRE="$OUT/pre/checkpoints/step_0000400/model"
+PYTHON="$PY" bash "$(dirname "$0")/long_context.sh" "$OUT" "$PRE"
+BASE="$OUT/long/run/checkpoints/$(printf 'step_%07d' "${LONG_STEPS:-120}")/model"
+# SFT packs chats with a block-diagonal mask, which InfLLM v2 does not take: dense attention (as below dense_len)
 [ -f "$OUT/sft/checkpoints/latest" ] && RESUME=--resume || RESUME=
 "$PY" -m minicpm4.cli train sft $COMMON $RESUME --set data="$OUT/chat_train.jsonl" --set model="$BASE" \
-  --set out_dir="$OUT/sft" --set lr=0.01 --set steps=200 --set warmup_steps=10 --set decay_steps=40
+  --set model_overrides.sparse_config=null --set out_dir="$OUT/sft" --set lr=0.01 --set steps=200 \
+  --set warmup_steps=10 --set decay_steps=40
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
 from pathlib import Path
@@ -38,3 +44,4 @@ for name, path in (("pretrained", out / "pre/checkpoints/step_0000400/model"),
 print(json.dumps(report, indent=1))
 (out / "chatml_check.json").write_text(json.dumps(report, indent=1))
 PYEOF
+"$PY" "$(dirname "$0")/pipeline_plots.py" "$OUT"

@@ -7,4 +7,5 @@
     metrics        metrics.jsonl and the progress bar       process_group torchrun, DDP / FSDP2 helpers
     linear_cross_entropy  chunked head + loss (fast path)   tunnel        muP proxy LR search, coordinate check
     mtp            multi-token-prediction heads (optional)  scaling_bench answer-only loss, accuracy, sigmoid fit
+    length_buckets one document per row, similar lengths    longrope      LongRoPE factors for the long stage
 """

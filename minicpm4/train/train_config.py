@@ -59,6 +59,8 @@ class TrainConfig:
     mtp_depth: int = 0  # multi-token prediction heads (mtp.py): depth k predicts token t+1+k; 0 = off
     mtp_weight: float = 0.3  # loss = NTP + mtp_weight * mean over depths of the MTP losses
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars to OUT/tensorboard (needs `tensorboard`)
+    length_buckets: list = field(default_factory=list)  # pretrain: bucket bounds ending at seq_len (length_buckets.py)
+    longrope_from: int = 0  # > 0: LongRoPE factors stretching this trained length to max_position_embeddings
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -101,6 +103,13 @@ class TrainConfig:
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                               f"({self.micro_batch_size})")
+        if self.length_buckets:
+            from minicpm4.train.length_buckets import check_bounds
+            check_bounds(self.length_buckets, self.seq_len)
+            if self.task != "pretrain" or self.decay_data:
+                raise ConfigError("length_buckets are for pretraining without decay_data (sft packs its own rows)")
+        if self.longrope_from < 0:
+            raise ConfigError(f"longrope_from must be >= 0, got {self.longrope_from}")
 
         _check_extras(self)
 
@@ -124,6 +133,9 @@ class TrainConfig:
             if dense_len >= self.seq_len:
                 raise ConfigError(f"sparse_config.dense_len ({dense_len}) >= seq_len ({self.seq_len}): InfLLM v2 "
                                   "would never engage; lower dense_len or remove sparse_config")
+        if self.longrope_from and self.seq_len <= self.longrope_from:
+            raise ConfigError(f"seq_len ({self.seq_len}) <= longrope_from ({self.longrope_from}): the stage would "
+                              "never train past the original length it extends")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

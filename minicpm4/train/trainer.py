@@ -75,7 +75,11 @@ def prepare(cfg: TrainConfig, rank: int, world: int):
         from minicpm4.train.token_loader import DecayMix, PackedLoader, TokenShards
         shards = TokenShards(cfg.data)
         tokenizer = tokenizer or Tokenizer.from_dir(shards.tokenizer_dir)
-        loader = PackedLoader(shards, cfg.seq_len, cfg.batch_size, cfg.seed, rank, world)
+        if cfg.length_buckets:  # the long-context stage: one document per row, rows of similar length
+            from minicpm4.train.length_buckets import BucketLoader
+            loader = BucketLoader(shards, cfg.seq_len, cfg.batch_size, cfg.length_buckets, cfg.seed, rank, world)
+        else:
+            loader = PackedLoader(shards, cfg.seq_len, cfg.batch_size, cfg.seed, rank, world)
         data_vocab = shards.vocab_size
         if cfg.decay_data:
             extra = TokenShards(cfg.decay_data)
@@ -96,6 +100,9 @@ def prepare(cfg: TrainConfig, rank: int, world: int):
         torch.manual_seed(cfg.seed)
         model = MiniCPM4ForCausalLM(mc)
         init_weights(model, cfg.init_std, cfg.mup)
+    if cfg.longrope_from:  # LongRoPE factors stretching the trained length to max_position_embeddings
+        from minicpm4.train.longrope import extend_rope
+        extend_rope(model, cfg.longrope_from)
     if data_vocab > model.config.vocab_size:
         raise ConfigError(f"the data's vocabulary ({data_vocab}) is larger than the model's vocab_size "
                           f"({model.config.vocab_size})")
