@@ -87,7 +87,9 @@ def _build(name: str) -> ModuleType | None:
                       "pure-PyTorch path", RuntimeWarning, stacklevel=2)
         return None
     flags = ["-O3", "-fopenmp"] + (["-march=native"] if _march_native(cxx) else [])
-    build = _build_dir(name, src.read_bytes(), flags)
+    # the headers in csrc/ count as source too: an edited shared kernel (ternary_gemv.h) rebuilds its users
+    source = src.read_bytes() + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
+    build = _build_dir(name, source, flags)
     build.mkdir(parents=True, exist_ok=True)
     from torch.utils import cpp_extension
     try:
