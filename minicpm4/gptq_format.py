@@ -244,9 +244,10 @@ def calibration_batches(tokenizer, text: str, seq_len: int, nsamples: int, batch
 
 def quantize_checkpoint(src, out_dir, method: str = "gptq", bits: int = 4, group_size: int = 128,
                         calib_text: str | None = None, nsamples: int = 32, seq_len: int = 512,
-                        symmetric: bool = True, log=print) -> Path:
-    """Load `src` (fp32), quantize every linear but lm_head with rtn / gptq / pgptq (calibrated on calib_text),
-    and write a GPTQ-layout checkpoint to out_dir. bits 8: per output channel (group_size ignored)."""
+                        symmetric: bool = True, act_order: bool = True, log=print) -> Path:
+    """Load `src` (fp32), quantize every linear but lm_head with rtn / gptq / pgptq (calibrated on calib_text;
+    act_order: gptq.gptq_quantize's), and write a GPTQ-layout checkpoint to out_dir. bits 8: per output channel
+    (group_size ignored)."""
     import time
     from torch import nn
     from minicpm4.gptq import METHODS, calibrate, quantize_model_weights
@@ -286,7 +287,7 @@ def quantize_checkpoint(src, out_dir, method: str = "gptq", bits: int = 4, group
     for i, (name, acc) in enumerate(hessians.items(), 1):
         t0 = time.perf_counter()
         g = linears[name].in_features if bits == 8 else group_size
-        qtensors.update(quantize_model_weights(model, {name: acc}, method, bits, g, symmetric))
+        qtensors.update(quantize_model_weights(model, {name: acc}, method, bits, g, symmetric, act_order=act_order))
         log(f"[{i}/{len(hessians)}] {name} {tuple(linears[name].weight.shape)} {method} {bits}-bit "
             f"{'per-channel' if bits == 8 else f'g{g}'}: {time.perf_counter() - t0:.2f}s")
     return save_quantized(model, qtensors, tok, out)
