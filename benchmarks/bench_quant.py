@@ -1,9 +1,9 @@
 """Quantization quality and speed: held-out perplexity per method, decode tok/s and weight memory per format.
 
 Quality (the default model, SmolLM2-135M, fp32 weights quantized by minicpm4.quant / minicpm4.gptq, run in bf16):
-  bf16, int8 (per channel, RTN), int4-RTN, int4-GPTQ, int4-P-GPTQ (symmetric, group 64: 576 inputs do not
-  split into groups of 128) and ternary-PTQ
-  (absmean group 32, no QAT: shows why ternary needs QAT). GPTQ / P-GPTQ are calibrated on the first KJV verses
+  bf16, int8 (per channel, RTN), int4 (symmetric, group 64: 576 inputs do not split into groups of 128) by RTN,
+  GPTQ, GPTQ act-order, GPTQ act-order layer-sequential, P-GPTQ, P-GPTQ act-order (INT4_METHODS), and
+  ternary-PTQ (absmean group 32, no QAT: shows why ternary needs QAT). GPTQ / P-GPTQ are calibrated on the first KJV verses
   (Genesis on); perplexity is measured on the last KJV verses (Revelation backwards), text nothing saw.
 Speed and memory (2 threads, Engine.stream greedy decode after a prompt of --context tokens, like
   bench_decode.py; median of --repeats). Every one of ours runs the C++ decode stack (native_decode.py; the
