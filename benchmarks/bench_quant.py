@@ -1,21 +1,27 @@
 """Quantization quality and speed: held-out perplexity per method, decode tok/s and weight memory per format.
 
 Quality (the default model, SmolLM2-135M, fp32 weights quantized by minicpm4.quant / minicpm4.gptq, run in bf16):
-  bf16, int8 (per channel, RTN), int4-RTN, int4-GPTQ, int4-P-GPTQ (symmetric, group 64: 576 inputs do not
-  split into groups of 128) and ternary-PTQ
-  (absmean group 32, no QAT: shows why ternary needs QAT). GPTQ / P-GPTQ are calibrated on the first KJV verses
+  bf16, int8 (per channel, RTN), int4 (symmetric, group 64: 576 inputs do not split into groups of 128) by RTN,
+  GPTQ, GPTQ act-order, GPTQ act-order layer-sequential, P-GPTQ, P-GPTQ act-order (INT4_METHODS), and
+  ternary-PTQ (absmean group 32, no QAT: shows why ternary needs QAT). GPTQ / P-GPTQ are calibrated on the first KJV verses
   (Genesis on); perplexity is measured on the last KJV verses (Revelation backwards), text nothing saw.
 Speed and memory (2 threads, Engine.stream greedy decode after a prompt of --context tokens, like
-  bench_decode.py; median of --repeats):
+  bench_decode.py; median of --repeats). Every one of ours runs the C++ decode stack (native_decode.py; the
+  JSON's "native" says so per variant, a variant that fell back to the Python layers is flagged in the table):
   bf16 (nn.Linear), int8 (Int8Linear), int4 (Int4Linear: the GGUF's own Q4_1 weights for the default model,
   RTN group 128 for the 0.5B shape), ternary (TernaryLinear); every quantized variant keeps lm_head as int8 rows
-  (as `load(gguf, int4=True)` does), bf16 keeps it bf16. llama.cpp runs the same Q4_1 GGUF in the same run.
-  The MiniCPM4-0.5B shape (config.minicpm4_0_5b) has random weights: speed and memory only.
+  (as `load(gguf, int4=True)` does), bf16 keeps it bf16. llama.cpp runs the same model in the same run twice:
+  the shipped Q4_1 GGUF, and a Q8_0 GGUF requantized from it by llama.cpp's own llama_model_quantize (cached
+  under ~/.cache/minicpm4/gguf; the default model's float weights are that Q4_1 GGUF dequantized, so both GGUFs
+  and our variants hold the same model). The MiniCPM4-0.5B shape (config.minicpm4_0_5b) has random weights:
+  speed and memory only, no llama.cpp peer (it would need a GGUF of those random weights).
 Per layer: one decode-sized product (1 x K) for each layer kind at the default model's and the 0.5B's shapes.
-Memory = bytes of the linear layers' weights (all decoder projections, no embedding / head) and the ratio to bf16.
+Memory = bytes of the linear layers' weights (all decoder projections, no embedding / head) and the ratio to bf16;
+  the JSON also has every weight tensor's bytes (embedding and head included, tied tensors once).
 
-    python benchmarks/bench_quant.py            # full: ppl on 8 x 512 tokens, 512-token context
+    python benchmarks/bench_quant.py            # full: ppl on 8 x 512 tokens, 512-token context, 0.5B shape
     python benchmarks/bench_quant.py --quick    # a few minutes idle: ppl on 2 x 256, context 128, no 0.5B
+    python benchmarks/bench_quant.py --eval 1 --calib 2 --context 64 --new-tokens 4 --repeats 1  # smoke test
     python benchmarks/bench_quant.py --layers-only   # the per-layer timings alone
 
 Timings on a shared machine are noisy: the 1-minute load average is printed and saved; compare ratios.
@@ -40,7 +46,7 @@ from torch import nn
 import minicpm4
 from minicpm4.config import minicpm4_0_5b
 from minicpm4.corpus import kjv_text
-from minicpm4.gptq import calibrate, quantize_model_weights
+from minicpm4.gptq import calibrate, quantize_model_weights, quantize_sequential
 from minicpm4.int4_linear import Int4Linear
 from minicpm4.int8_linear import Int8Linear
 from minicpm4.model import MiniCPM4ForCausalLM
@@ -66,6 +72,44 @@ def swap(model: nn.Module, layers: dict[str, nn.Module], int8_head: bool = True)
     return model.eval()
 
 
+def all_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of the model but the rotary tables (a tied head counted once)."""
+    seen = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if "rotary_emb" not in name:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def q8_0_gguf(q4_1: Path) -> Path:
+    """A Q8_0 GGUF of the same model, requantized from `q4_1` by llama.cpp's own llama_model_quantize (all
+    layer weights to Q8_0; its Q4_1 values are exact in fp32 and 8-bit blocks hold them closely). Cached beside
+    the source under the default model cache, written to a temp name and renamed."""
+    import ctypes
+
+    import llama_cpp
+    from minicpm4.default_model import cache_root
+    out = cache_root() / "gguf" / q4_1.name.replace("Q4_1", "Q8_0")
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True, THREADS
+    saved = os.dup(2)  # llama.cpp logs every tensor to stderr
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            rc = llama_cpp.llama_model_quantize(str(q4_1).encode(), str(tmp).encode(), ctypes.byref(params))
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize {q4_1} -> Q8_0 failed with status {rc}")
+    os.replace(tmp, out)
+    return out
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every decoder-layer projection's weight tensors (nn.Linear parameters or packed buffers)."""
     kinds = (nn.Linear, Int4Linear, Int8Linear, TernaryLinear)
@@ -73,19 +117,30 @@ def weight_bytes(model: nn.Module) -> int:
                if isinstance(m, kinds) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
 
 
-def quantized_variants(fp32: MiniCPM4ForCausalLM, hessians: dict | None) -> dict[str, nn.Module]:
-    """bf16 and quantized copies of an fp32 model (hessians: from calibrate(), for gptq / pgptq)."""
+# int4 calibration variants: label -> (method, act_order, sequential); see minicpm4/gptq.py
+INT4_METHODS = {"int4-RTN": ("rtn", False, False),
+                "int4-GPTQ": ("gptq", False, False),
+                "int4-GPTQ act-order": ("gptq", True, False),
+                "int4-GPTQ act-order seq": ("gptq", True, True),
+                "int4-P-GPTQ": ("pgptq", False, False),
+                "int4-P-GPTQ act-order": ("pgptq", True, False)}
+
+
+def quantized_variants(fp32: MiniCPM4ForCausalLM, calib: list[torch.Tensor]) -> dict[str, nn.Module]:
+    """bf16 and quantized copies of an fp32 model; GPTQ variants calibrated on the token batches `calib`."""
     out = {"bf16": copy.deepcopy(fp32).to(torch.bfloat16).eval()}
     names = list(linears(fp32))
-    base = dict.fromkeys(names)  # rtn needs no Hessians
     qt8 = {n: quantize_int(fp32.get_submodule(n).weight, 8, fp32.get_submodule(n).in_features) for n in names}
     out["int8"] = swap(copy.deepcopy(out["bf16"]), {n: to_int8_linear(q) for n, q in qt8.items()})
-    methods = ["rtn"] + (["gptq", "pgptq"] if hessians else [])
-    for method in methods:
-        accs = hessians if method != "rtn" else base
-        qt = quantize_model_weights(fp32, accs, method, 4, INT4_GROUP)
-        out[f"int4-{method.upper().replace('PGPTQ', 'P-GPTQ')}"] = swap(copy.deepcopy(out["bf16"]),
-                                                                        {n: to_int4_linear(q) for n, q in qt.items()})
+    hessians = calibrate(fp32, calib, names, skip_prefix=4)  # one float pass serves every one-pass variant
+    for label, (method, act_order, sequential) in INT4_METHODS.items():
+        t0 = time.perf_counter()
+        if sequential:
+            qt = quantize_sequential(fp32, calib, method, 4, INT4_GROUP, act_order=act_order)
+        else:
+            qt = quantize_model_weights(fp32, hessians, method, 4, INT4_GROUP, act_order=act_order)
+        out[label] = swap(copy.deepcopy(out["bf16"]), {n: to_int4_linear(q) for n, q in qt.items()})
+        print(f"  quantized {label} in {time.perf_counter() - t0:.0f} s", flush=True)
     out["ternary-PTQ"] = swap(copy.deepcopy(out["bf16"]),
                               {n: TernaryLinear.from_float(fp32.get_submodule(n).weight) for n in names})
     return out
@@ -150,13 +205,25 @@ def decode_speed(runners: dict, prompt: list[int], new_tokens: int, repeats: int
     return {name: 1 / statistics.median(r) for name, r in runs.items()}
 
 
+def measure(models: dict[str, nn.Module], runners: dict, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+    """Decode speed of every runner; memory and decode path (C++ stack or not) of each of our models. Runs after
+    ours_runner has fused the models (which builds their native stack)."""
+    return {"decode_tok_s": decode_speed(runners, prompt, new_tokens, repeats),
+            "weight_bytes": {n: weight_bytes(m) for n, m in models.items()},
+            "all_weight_bytes": {n: all_weight_bytes(m) for n, m in models.items()},
+            "native": {n: m.native is not None for n, m in models.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, default model only")
     ap.add_argument("--context", type=int, default=None, help="prompt tokens before decode (default 512, quick 128)")
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--eval", type=int, default=None, help="held-out perplexity windows (default 8, quick 2)")
+    ap.add_argument("--calib", type=int, default=None, help="calibration sequences (default 32, quick 8)")
     ap.add_argument("--skip-05b", action="store_true", help="no MiniCPM4-0.5B-shape speed run")
+    ap.add_argument("--no-ppl", action="store_true", help="speed and memory only (no calibration / perplexity)")
     ap.add_argument("--layer-threads", type=int, default=1, help="threads for the per-layer timings")
     ap.add_argument("--layers-only", action="store_true", help="only the per-layer timings (a minute)")
     args = ap.parse_args()
@@ -165,6 +232,7 @@ def main() -> None:
     new_tokens = args.new_tokens or (16 if q else 32)
     repeats = args.repeats or (1 if q else 3)
     n_eval, eval_len, n_calib, calib_len = (2, 256, 8, 256) if q else (8, 512, 32, 512)
+    n_eval, n_calib = args.eval or n_eval, args.calib or n_calib
     torch.set_num_threads(THREADS)
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -179,29 +247,37 @@ def main() -> None:
     calib_ids = tok.encode("\n".join(verses[:3000]))
     eval_ids = tok.encode("\n".join(verses[-3000:]))
     bos = tok.bos_token_id
-    calib = [torch.tensor([[bos] + calib_ids[i * calib_len:(i + 1) * calib_len - 1]]) for i in range(n_calib)]
+    seqs = [[bos] + calib_ids[i * calib_len:(i + 1) * calib_len - 1] for i in range(n_calib)]
+    calib = [torch.tensor(seqs[i:i + 4]) for i in range(0, n_calib, 4)]  # batches of up to 4 sequences
     windows = torch.tensor([[bos] + eval_ids[i * eval_len:(i + 1) * eval_len - 1] for i in range(n_eval)])
     print(f"calibrating GPTQ on {n_calib} x {calib_len} KJV tokens (Genesis on); perplexity on {n_eval} x {eval_len} "
           f"held-out KJV tokens (the last verses); load average {load0:.1f}", flush=True)
-    hessians = calibrate(fp32, calib, list(linears(fp32)), skip_prefix=4)
-    variants = quantized_variants(fp32, hessians)
-    ppl = {name: perplexity(m, windows) for name, m in variants.items()}
-    for name, p in ppl.items():
-        print(f"  {name:<13} perplexity {p:8.3f}   x{p / ppl['bf16']:.3f} of bf16", flush=True)
+    ppl = {}
+    if not args.no_ppl:
+        variants = quantized_variants(fp32, calib)
+        ppl = {name: perplexity(m, windows) for name, m in variants.items()}
+        for name, p in ppl.items():
+            print(f"  {name:<26} perplexity {p:8.3f}   x{p / ppl['bf16']:.3f} of bf16", flush=True)
+        del variants
 
     layers = report_layers(50 if q else 200, args.layer_threads)
     # speed and memory: the default model (its GGUF Q4_1 for int4, as llama.cpp runs it) ...
     from minicpm4.default_model import default_gguf_path
     gguf = default_gguf_path()
-    speed_models = {k: variants[k] for k in ("bf16", "int8")}
-    speed_models["int4"] = minicpm4.load(gguf, dtype="bf16", int4=True)[0]
-    speed_models["ternary"] = variants["ternary-PTQ"]
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16).eval()
+    names = list(linears(fp32))
+    speed_models = {"bf16": bf16,
+                    "int8": swap(copy.deepcopy(bf16), {n: Int8Linear.from_float(fp32.get_submodule(n).weight)
+                                                       for n in names}),
+                    "int4": minicpm4.load(gguf, dtype="bf16", int4=True)[0],
+                    "ternary": swap(copy.deepcopy(bf16), {n: TernaryLinear.from_float(fp32.get_submodule(n).weight)
+                                                          for n in names})}
     prompt = (tok.encode(" ".join(verses[:400])) * 2)[:context]
-    runners = {name: ours_runner(m) for name, m in speed_models.items()}
+    runners = {name: ours_runner(m) for name, m in speed_models.items()}  # fuses, builds the native stack
     runners["llama.cpp Q4_1"] = llamacpp_runner(gguf, context + new_tokens + 8)
-    results = {"default": {"decode_tok_s": decode_speed(runners, prompt, new_tokens, repeats),
-                           "weight_bytes": {n: weight_bytes(m) for n, m in speed_models.items()}}}
-    del variants, runners
+    runners["llama.cpp Q8_0"] = llamacpp_runner(q8_0_gguf(gguf), context + new_tokens + 8)
+    results = {"default": measure(speed_models, runners, prompt, new_tokens, repeats)}
+    del speed_models, runners
     # ... and the MiniCPM4-0.5B shape with random weights
     if not (q or args.skip_05b):
         torch.manual_seed(0)
@@ -217,22 +293,25 @@ def main() -> None:
         del big
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(3, 73000, (context,), generator=g).tolist()
-        results["minicpm4-0.5b"] = {
-            "decode_tok_s": decode_speed({n: ours_runner(m) for n, m in models.items()}, prompt, new_tokens, repeats),
-            "weight_bytes": {n: weight_bytes(m) for n, m in models.items()}}
+        results["minicpm4-0.5b"] = measure(models, {n: ours_runner(m) for n, m in models.items()}, prompt,
+                                           new_tokens, repeats)
     print(f"\ndecode after a {context}-token prompt, {new_tokens} new tokens, {THREADS} threads, median of {repeats}:")
     for shape, r in results.items():
         sp, mem = r["decode_tok_s"], r["weight_bytes"]
         r["decode_vs_bf16"] = {n: v / sp["bf16"] for n, v in sp.items()}
         r["memory_vs_bf16"] = {n: v / mem["bf16"] for n, v in mem.items()}
-        if "llama.cpp Q4_1" in sp:
-            r["decode_vs_llamacpp_q4_1"] = {n: v / sp["llama.cpp Q4_1"] for n, v in sp.items()}
+        for peer in ("Q4_1", "Q8_0"):
+            if f"llama.cpp {peer}" in sp:
+                r[f"decode_vs_llamacpp_{peer.lower()}"] = {n: v / sp[f"llama.cpp {peer}"] for n, v in sp.items()}
         for n, v in sp.items():
             line = f"  {shape:<14} {n:<15} {v:8.1f} tok/s  x{r['decode_vs_bf16'][n]:.2f} of bf16"
-            if "decode_vs_llamacpp_q4_1" in r:
-                line += f"  x{r['decode_vs_llamacpp_q4_1'][n]:.2f} of llama.cpp"
+            for peer in ("q4_1", "q8_0"):
+                if f"decode_vs_llamacpp_{peer}" in r:
+                    line += f"  x{r[f'decode_vs_llamacpp_{peer}'][n]:.2f} of llama.cpp {peer.upper()}"
             if n in mem:
-                line += f"   layer weights {mem[n] / 2**20:7.1f} MiB (x{r['memory_vs_bf16'][n]:.3f} of bf16)"
+                line += (f"   layer weights {mem[n] / 2**20:7.1f} MiB (x{r['memory_vs_bf16'][n]:.3f} of bf16), "
+                         f"all {r['all_weight_bytes'][n] / 2**20:6.1f} MiB")
+                line += "" if r["native"][n] else "   (NOT on the C++ decode stack: Python layers)"
             print(line)
     load1 = os.getloadavg()[0]
     print(f"load average {load0:.1f} at start, {load1:.1f} at end; {time.perf_counter() - t0:.0f} s")

@@ -16,8 +16,10 @@ import click
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False), help="Calibration text file (gptq, pgptq).")
 @click.option("--nsamples", default=32, show_default=True, help="Calibration sequences at most.")
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration sequence (BOS first).")
+@click.option("--act-order/--no-act-order", default=True, show_default=True,
+              help="GPTQ columns by decreasing Hessian diagonal, static groups (the layout needs no g_idx).")
 @click.option("-o", "--out", "out_dir", required=True, help="Output directory (GPTQ safetensors layout).")
-def quantize(model, method, bits, group_size, calib, nsamples, seq_len, out_dir):
+def quantize(model, method, bits, group_size, calib, nsamples, seq_len, act_order, out_dir):
     """Quantize MODEL's linear layers (RTN, GPTQ, P-GPTQ) into a GPTQ-format checkpoint directory, or ternarize
     them (--method ternary) into a packed ternary checkpoint."""
     if method == "ternary":
@@ -27,7 +29,7 @@ def quantize(model, method, bits, group_size, calib, nsamples, seq_len, out_dir)
     from minicpm4.gptq_format import quantize_checkpoint
     text = open(calib, encoding="utf-8").read() if calib else None
     click.echo(quantize_checkpoint(model, out_dir, method, int(bits), group_size, text, nsamples, seq_len,
-                                   log=lambda m: click.echo(m, err=True)))
+                                   act_order=act_order, log=lambda m: click.echo(m, err=True)))
 
 
 @click.command("qat")

@@ -8,24 +8,32 @@ Per quantized linear `<name>` with weight W [N, K] (N outputs, K inputs), `bits`
                                         stores z - 1 (so a symmetric 4-bit zero 8 is stored as 7); "gptq_v2"
                                         (GPTQModel's internal format) stores z itself. Both are read.
     <name>.scales   fp16  [K/g, N]
-    <name>.g_idx    int32 [K]           group of each input column, k // g (no act-order)
-    W[n, k] = (u[n, k] - z[k // g, n]) * scales[k // g, n]
+    <name>.g_idx    int32 [K]           group of each input column: k // g, or with act-order (desc_act: true)
+                                        the group of the column's position in the quantization order
+    <name>.bias     fp16  [N]           only where the float layer had a bias
+    W[n, k] = (u[n, k] - z[g_idx[k], n]) * scales[g_idx[k], n]
 
 config.json carries quantization_config = {"quant_method": "gptq", "bits", "group_size" (-1: one group per
-row), "desc_act": false, "sym", "checkpoint_format": "gptq"}. We write v1 ("gptq"). Symmetric codes c (|c| <=
-2^(b-1)-1) are written as u = c + 2^(b-1) with z = 2^(b-1), the symmetric zero GPTQ uses. 8 bits is written
-per output channel (group_size -1). Other tensors (embeddings, norms, an untied lm_head) are bf16.
+row), "desc_act", "sym", "checkpoint_format": "gptq"}. We write v1 ("gptq") with desc_act false. Symmetric codes
+c (|c| <= 2^(b-1)-1) are written as u = c + 2^(b-1) with z = 2^(b-1), the symmetric zero GPTQ uses. 8 bits is
+written per output channel (group_size -1). Other tensors (embeddings, norms, an untied lm_head) are bf16.
 
 Reading turns every quantized linear into an Int4Linear (bits <= 4) or an Int8Linear (8 bits, symmetric, per
-channel); nothing is dequantized to float.
+channel); nothing is dequantized to float. A g_idx other than k // g (act-order) is read by sorting the input
+columns by group: the layer then holds W[:, perm] (contiguous groups again) and gathers x[..., perm] before its
+product; that layer and a bias go into a `GPTQAdapter`, which the C++ decode stack does not run (such models
+decode on the Python layers). desc_act: true with a plain g_idx (static groups) needs no adapter.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
+
+from torch import nn
 
 from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.quant import QTensor, to_int4_linear, to_int8_linear
@@ -66,9 +74,52 @@ def pack_qtensor(q: QTensor) -> dict[str, torch.Tensor]:
             "g_idx": (torch.arange(k) // q.group_size).to(torch.int32)}
 
 
+class GPTQAdapter(nn.Module):
+    """y = inner(x[..., perm]) + bias: an act-order GPTQ layer (perm sorts the input columns by group) and/or a
+    bias, around an Int4Linear / Int8Linear. Either part may be None."""
+
+    def __init__(self, inner: nn.Module, perm: torch.Tensor | None, bias: torch.Tensor | None):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("perm", perm)
+        self.register_buffer("bias", bias)
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.inner.weight_shape
+
+    @classmethod
+    def cat(cls, layers: list["GPTQAdapter"]) -> "GPTQAdapter":
+        """Side by side outputs (model.cat_linears), when all layers gather their input the same way."""
+        perms = [m.perm for m in layers]
+        if any((p is None) != (perms[0] is None) or (p is not None and not torch.equal(p, perms[0])) for p in perms):
+            raise ValueError("act-order layers with different input orders cannot share one product")
+        biases = [m.bias if m.bias is not None else torch.zeros(m.weight_shape[0]) for m in layers]
+        has_bias = any(m.bias is not None for m in layers)
+        inner = type(layers[0].inner).cat([m.inner for m in layers])
+        return cls(inner, perms[0], torch.cat([b.to(torch.bfloat16) for b in biases]) if has_bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x if self.perm is None else x.index_select(-1, self.perm))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def act_order_perm(name: str, g_idx: torch.Tensor, k: int, g: int, source: str) -> torch.Tensor | None:
+    """None for g_idx = k // g; else the column order that makes every group contiguous (each group must hold g
+    columns, as GPTQ's act-order assigns them)."""
+    g_idx = g_idx.long().flatten()
+    if torch.equal(g_idx, torch.arange(k) // g):
+        return None
+    if g_idx.numel() != k or bool((g_idx < 0).any()) or bool((g_idx >= k // g).any()) or \
+            not bool((torch.bincount(g_idx, minlength=k // g) == g).all()):
+        raise CheckpointError(f"{source}: tensor {name}.g_idx is not a grouping of {k} columns into groups of {g}")
+    return torch.argsort(g_idx, stable=True)
+
+
 def unpack_qtensor(name: str, t: dict[str, torch.Tensor], bits: int, group_size: int, fmt: str,
                    source: str) -> QTensor:
-    """The QTensor of `name` from its GPTQ tensors; a missing or contradicting tensor -> CheckpointError."""
+    """The QTensor of `name` from its GPTQ tensors, with input columns in g_idx order (see act_order_perm); a
+    missing or contradicting tensor -> CheckpointError."""
     for part in ("qweight", "qzeros", "scales"):
         if part not in t:
             raise CheckpointError(f"{source}: tensor {name}.{part} missing from the GPTQ checkpoint")
@@ -88,11 +139,10 @@ def unpack_qtensor(name: str, t: dict[str, torch.Tensor], bits: int, group_size:
     if tuple(qzeros.shape) != (k // g, n // pack) or qzeros.dtype != torch.int32:
         raise CheckpointError(f"{source}: tensor {name}.qzeros has shape {tuple(qzeros.shape)} "
                               f"({qzeros.dtype}), qweight and group_size {group_size} imply int32 {(k // g, n // pack)}")
-    g_idx = t.get("g_idx")
-    if g_idx is not None and not torch.equal(g_idx.long().flatten(), torch.arange(k) // g):
-        raise CheckpointError(f"{source}: tensor {name}.g_idx is not k // group_size (act-order / desc_act "
-                              "checkpoints are not supported)")
+    perm = None if t.get("g_idx") is None else act_order_perm(name, t["g_idx"], k, g, source)
     u = unpack_rows(qweight, bits).T.contiguous()  # [N, K]
+    if perm is not None:
+        u = u[:, perm].contiguous()  # column perm[j] moves to j: group j // g is contiguous
     z = unpack_rows(qzeros.T.contiguous(), bits)  # [N, G]
     z = (z + 1) & (2 ** bits - 1) if fmt == "gptq" else z  # v1 stores z - 1 (a zero of 0 wraps to 2^b - 1)
     scales = scales.float().T.contiguous()  # [N, G]
@@ -100,6 +150,21 @@ def unpack_qtensor(name: str, t: dict[str, torch.Tensor], bits: int, group_size:
     if bool((z == mid).all()):
         return QTensor((u - mid).to(torch.int16), scales, None, bits, g, True)
     return QTensor(u.to(torch.int16), scales, z.to(torch.int16), bits, g, False)
+
+
+def quant_config_of(directory: Path, config_extra: dict) -> dict | None:
+    """config.json's quantization_config, else the quantize_config.json older AutoGPTQ releases keep beside it
+    (no quant_method there: it is GPTQ), else None."""
+    if "quantization_config" in config_extra:
+        return config_extra["quantization_config"]
+    path = Path(directory) / "quantize_config.json"
+    if not path.is_file():
+        return None
+    try:
+        qc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
+    return {"quant_method": "gptq", **qc} if isinstance(qc, dict) else qc
 
 
 def gptq_layers(quant_config: dict | None, state: dict[str, torch.Tensor], source: str) -> dict:
@@ -111,22 +176,31 @@ def gptq_layers(quant_config: dict | None, state: dict[str, torch.Tensor], sourc
                                   "supported (supported: gptq, minicpm4_ternary)")
         return {}
     bits, group_size = quant_config.get("bits"), quant_config.get("group_size", -1)
-    fmt = quant_config.get("checkpoint_format", "gptq")
+    # "checkpoint_format" in JSON (AutoGPTQ >= 0.7, GPTQModel); some writers used "format"; marlin repacks
+    fmt = quant_config.get("checkpoint_format", quant_config.get("format", "gptq"))
+    if quant_config.get("is_marlin_format"):
+        fmt = "marlin"
     if bits not in (2, 4, 8) or not isinstance(group_size, int) or fmt not in FORMATS:
         raise CheckpointError(f"{source}: unsupported GPTQ config bits={bits} group_size={group_size} "
                               f"checkpoint_format={fmt!r} (supported: bits 4 or 8, formats {FORMATS})")
-    if quant_config.get("desc_act"):
-        raise CheckpointError(f"{source}: act-order (desc_act: true) GPTQ checkpoints are not supported")
     names = sorted({k.rpartition(".")[0] for k in state if k.endswith((".qweight", ".qzeros", ".scales"))})
     layers = {}
     for name in names:
-        parts = {p: state.pop(f"{name}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx")
+        parts = {p: state.pop(f"{name}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx", "bias")
                  if f"{name}.{p}" in state}
         q = unpack_qtensor(name, parts, bits, group_size, fmt, source)
         try:
-            layers[name] = to_int8_linear(q) if bits == 8 else to_int4_linear(q)
+            layer = to_int8_linear(q) if bits == 8 else to_int4_linear(q)
         except ValueError as e:
             raise CheckpointError(f"{source}: tensor {name}.qweight: {e}") from None
+        k = q.shape[1]
+        perm = None if "g_idx" not in parts else act_order_perm(name, parts["g_idx"], k, q.group_size, source)
+        bias = parts.get("bias")
+        if bias is not None and tuple(bias.shape) != (q.shape[0],):
+            raise CheckpointError(f"{source}: tensor {name}.bias has shape {tuple(bias.shape)}, expected {(q.shape[0],)}")
+        if perm is not None or bias is not None:
+            layer = GPTQAdapter(layer, perm, None if bias is None else bias.to(torch.bfloat16))
+        layers[name] = layer
     return layers
 
 
@@ -170,9 +244,10 @@ def calibration_batches(tokenizer, text: str, seq_len: int, nsamples: int, batch
 
 def quantize_checkpoint(src, out_dir, method: str = "gptq", bits: int = 4, group_size: int = 128,
                         calib_text: str | None = None, nsamples: int = 32, seq_len: int = 512,
-                        symmetric: bool = True, log=print) -> Path:
-    """Load `src` (fp32), quantize every linear but lm_head with rtn / gptq / pgptq (calibrated on calib_text),
-    and write a GPTQ-layout checkpoint to out_dir. bits 8: per output channel (group_size ignored)."""
+                        symmetric: bool = True, act_order: bool = True, log=print) -> Path:
+    """Load `src` (fp32), quantize every linear but lm_head with rtn / gptq / pgptq (calibrated on calib_text;
+    act_order: gptq.gptq_quantize's), and write a GPTQ-layout checkpoint to out_dir. bits 8: per output channel
+    (group_size ignored)."""
     import time
     from torch import nn
     from minicpm4.gptq import METHODS, calibrate, quantize_model_weights
@@ -212,7 +287,7 @@ def quantize_checkpoint(src, out_dir, method: str = "gptq", bits: int = 4, group
     for i, (name, acc) in enumerate(hessians.items(), 1):
         t0 = time.perf_counter()
         g = linears[name].in_features if bits == 8 else group_size
-        qtensors.update(quantize_model_weights(model, {name: acc}, method, bits, g, symmetric))
+        qtensors.update(quantize_model_weights(model, {name: acc}, method, bits, g, symmetric, act_order=act_order))
         log(f"[{i}/{len(hessians)}] {name} {tuple(linears[name].weight.shape)} {method} {bits}-bit "
             f"{'per-channel' if bits == 8 else f'g{g}'}: {time.perf_counter() - t0:.2f}s")
     return save_quantized(model, qtensors, tok, out)

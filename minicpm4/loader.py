@@ -111,9 +111,9 @@ def _load_dir(path: Path, dtype: torch.dtype, overrides: dict | None):
     if overrides:
         config = ModelConfig.from_dict(merge_overrides(config.to_dict(), overrides))
     state = read_state_dict(checkpoint_files(path), dtype)
-    from minicpm4.gptq_format import gptq_layers
+    from minicpm4.gptq_format import gptq_layers, quant_config_of
     from minicpm4.ternary_format import is_ternary, ternary_layers
-    qc = config.extra.get("quantization_config")
+    qc = quant_config_of(path, config.extra)
     layers = ternary_layers(qc, state, str(path)) if is_ternary(qc) else gptq_layers(qc, state, str(path))
     model = build_model(config, state, str(path), layers=layers)
     return model, Tokenizer.from_dir(path)

@@ -2,7 +2,8 @@
 
 A batch-1 decode step of a small model is bound by per-op overhead: the Python layers issue ~25 torch calls per
 layer. `NativeDecoder` hands the whole stack to one C++ call that runs 4 matmuls, 1 SDPA and 4 fused loops per
-layer, rounding exactly where model.py rounds. It holds references to the model's own weight tensors (no copy).
+layer, rounding exactly where model.py rounds. Its linear layers may be bf16, Int4Linear, Int8Linear or
+TernaryLinear. It holds references to the model's own weight tensors (no copy).
 
 The same call takes T > 1 new tokens with explicit cache slots and an attention mask: a speculative round's tree
 verification (MiniCPM4ForCausalLM.forward_masked) and the EAGLE draft layer's passes (draft.py) run through it.
@@ -24,18 +25,22 @@ from torch import nn
 from minicpm4 import native
 from minicpm4.int4_linear import Int4Linear
 from minicpm4.int8_linear import Int8Linear
+from minicpm4.ternary_linear import TernaryLinear
 
 _EMPTY = torch.empty(0)
 
 
-def _linear_args(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
-    """(weight, scales, kind, group) for csrc/decode.cpp's Linear, or None for a layer it cannot run."""
+def _linear_args(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None:
+    """(weight, scales, second scales, kind, group) for csrc/decode.cpp's Linear, or None for a layer it cannot
+    run. Ternary layers run csrc/ternary_gemv.h, the kernel TernaryLinear itself calls."""
     if isinstance(m, Int4Linear):
-        return m.qweight, m.scales_and_zeros, 1, m.group_size
+        return m.qweight, m.scales_and_zeros, _EMPTY, 1, m.group_size
     if isinstance(m, Int8Linear):
-        return m.qweight, m.scales, 2, 0
+        return m.qweight, m.scales, _EMPTY, 2, 0
+    if isinstance(m, TernaryLinear):
+        return m.planes, m.qscale, m.dscale, 3, 0
     if type(m) is nn.Linear and m.bias is None and m.weight.dtype == torch.bfloat16:
-        return m.weight.detach(), _EMPTY, 0, 0
+        return m.weight.detach(), _EMPTY, _EMPTY, 0, 0
     return None
 
 
@@ -74,8 +79,8 @@ class NativeDecoder:
             args = [_linear_args(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             if any(a is None for a in args):
                 return None
-            w, s, kinds, groups = (list(x) for x in zip(*args))
-            stack.add_layer(norms[0].detach(), norms[1].detach(), w, s, kinds, groups)
+            w, s, s2, kinds, groups = (list(x) for x in zip(*args))
+            stack.add_layer(norms[0].detach(), norms[1].detach(), w, s, s2, kinds, groups)
         if sparse is not None:
             stack.set_sparse(sparse.kernel_size, sparse.kernel_stride, sparse.block_size, sparse.init_blocks,
                              sparse.local_blocks, sparse.topk, sparse.dense_len)

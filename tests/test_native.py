@@ -75,3 +75,26 @@ def test_native_decode_with_mup_multipliers_and_fallbacks(monkeypatch):
     assert (native - truth).abs().mean() <= 1.25 * (python - truth).abs().mean()
     monkeypatch.setenv("MINICPM4_NATIVE", "0")
     assert m.fuse_projections().native is None
+
+
+def test_native_decode_runs_ternary_layers():
+    """Every projection a TernaryLinear (the tiny muP config): the C++ stack calls the same gemv TernaryLinear
+    does, so native and Python decode agree to bf16 summation-order noise."""
+    from minicpm4.ternary_format import ternarize
+    from minicpm4.ternary_linear import TernaryLinear
+
+    torch.manual_seed(0)
+    m = MiniCPM4ForCausalLM(tiny()).eval()
+    layers = ternarize(m)
+    m.to(torch.bfloat16)  # before the swap: .to() would cast the layers' fp32 row scales too
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(m.get_submodule(parent), child, layer)
+    m.fuse_projections()
+    assert m.native is not None and isinstance(m.model.layers[0].mlp.gate_up_proj, TernaryLinear)
+    ids = torch.randint(0, 512, (2, 30))
+    native = _decode_logits(m, ids, 8, torch.bfloat16)
+    m.native = None
+    python = _decode_logits(m, ids, 8, torch.bfloat16)
+    assert (native - python).abs().mean() < 0.02 * python.abs().mean()
+    assert (native.argmax(-1) == python.argmax(-1)).float().mean() >= 0.9

@@ -63,20 +63,28 @@ def test_round_trip(float_model, real_text, tmp_path, bits, cls):
     assert p_q / p_float < (1.10 if bits == 8 else 1.8)
 
 
-def _tiny_dir(tmp_path, qweight_fn=None, drop=None):
-    """A 1-layer model whose q_proj is a hand-packed 4-bit v1 GPTQ tensor (asymmetric, zero minus one)."""
+def _tiny_dir(tmp_path, qweight_fn=None, drop=None, act_order=False, bias=False):
+    """A 1-layer model whose q_proj is a hand-packed 4-bit v1 GPTQ tensor (asymmetric, zero minus one).
+    act_order: g_idx as AutoGPTQ's desc_act writes it (column perm[i] in group i // 32 for a random order perm);
+    bias: attention biases, q_proj's as the fp16 `bias` tensor AutoGPTQ's QuantLinear keeps."""
     cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 32, "rms_norm_eps": 1e-5,
            "max_position_embeddings": 64, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
            "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False,
                                    "sym": False, "checkpoint_format": "gptq"}}
+    cfg["quantization_config"]["desc_act"] = act_order
+    cfg["attention_bias"] = bias
     g = torch.Generator().manual_seed(0)
     n = k = 64
     u = torch.randint(0, 16, (n, k), generator=g)  # codes [N, K]
     z = torch.randint(0, 16, (n, k // 32), generator=g)  # zero points [N, G], includes 0 (wraps in v1)
     z[0, 0] = 0
     scales = (torch.randint(1, 64, (n, k // 32), generator=g) / 1024.0)  # exact in fp16 and bf16
-    want = ((u - z.repeat_interleave(32, 1)) * scales.repeat_interleave(32, 1)).float()
+    g_idx = torch.arange(k) // 32
+    if act_order:
+        g_idx = torch.empty(k, dtype=torch.int64)
+        g_idx[torch.randperm(k, generator=g)] = torch.arange(k) // 32
+    want = ((u - z[:, g_idx]) * scales[:, g_idx]).float()  # W[n, k] = (u - z[g_idx[k]]) * s[g_idx[k]]
     # pack by hand: word i of column n holds codes 8i..8i+7, the lowest nibble first
     qweight = torch.zeros(k // 8, n, dtype=torch.int64)
     for j in range(8):
@@ -89,7 +97,11 @@ def _tiny_dir(tmp_path, qweight_fn=None, drop=None):
     state = {"model.layers.0.self_attn.q_proj.qweight": to32(qweight),
              "model.layers.0.self_attn.q_proj.qzeros": to32(qzeros),
              "model.layers.0.self_attn.q_proj.scales": scales.T.contiguous().half(),
-             "model.layers.0.self_attn.q_proj.g_idx": (torch.arange(k) // 32).int()}
+             "model.layers.0.self_attn.q_proj.g_idx": g_idx.int()}
+    if bias:
+        state["model.layers.0.self_attn.q_proj.bias"] = (torch.randint(-64, 64, (n,), generator=g) / 64).half()
+        for nm, size in (("k_proj", 32), ("v_proj", 32), ("o_proj", 64)):
+            state[f"model.layers.0.self_attn.{nm}.bias"] = torch.randn(size, generator=g).to(torch.bfloat16)
     if qweight_fn:
         state = qweight_fn(state)
     for name in drop or ():
@@ -100,6 +112,8 @@ def _tiny_dir(tmp_path, qweight_fn=None, drop=None):
               "model.layers.0.self_attn.o_proj.weight": (64, 64), "model.layers.0.mlp.gate_proj.weight": (128, 64),
               "model.layers.0.mlp.up_proj.weight": (128, 64), "model.layers.0.mlp.down_proj.weight": (64, 128)}
     state.update({nm: torch.randn(s, generator=g).to(torch.bfloat16) for nm, s in shapes.items()})
+    if bias:
+        want = want, state["model.layers.0.self_attn.q_proj.bias"].float()
     d = tmp_path / "tiny"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(cfg))
@@ -124,6 +138,48 @@ def test_hand_packed_v1_checkpoint(tmp_path):
     from minicpm4.gptq_format import unpack_qtensor  # the codes, zeros and fp16 scales read back exactly
     raw = {k.rpartition(".")[2]: v for k, v in load_file(str(d / "model.safetensors")).items() if "q_proj" in k}
     assert torch.equal(dequantize(unpack_qtensor("q_proj", raw, 4, 32, "gptq", str(d))), want)
+
+
+@pytest.mark.parametrize("act_order,bias", [(True, False), (False, True), (True, True)])
+def test_act_order_and_bias_checkpoint(tmp_path, act_order, bias):
+    """desc_act checkpoints (g_idx a permuted grouping) and layers with a bias load through minicpm4.load and
+    compute x @ W^T + b with W from the AutoGPTQ formula; the model still runs (on the Python layers)."""
+    from minicpm4.config import ModelConfig
+    from minicpm4.gptq_format import GPTQAdapter, gptq_layers
+    from minicpm4.loader import build_model
+    from minicpm4.weights import read_state_dict
+    d, want = _tiny_dir(tmp_path, act_order=act_order, bias=bias)
+    w, b = want if bias else (want, torch.zeros(64))
+    config = ModelConfig.from_json(d / "config.json")
+    state = read_state_dict([d / "model.safetensors"], torch.float32)
+    model = build_model(config, state, str(d), layers=gptq_layers(config.extra["quantization_config"], state, str(d)))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, GPTQAdapter) and isinstance(layer.inner, Int4Linear)
+    assert (layer.perm is not None) == act_order
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    ref = x.double() @ w.double().T + b.double()
+    tol = 2 ** -7 * (x.double().abs() @ w.double().abs().T + b.double().abs()) + 1e-2
+    assert (layer(x).double() - ref).abs().le(tol).all()
+    model.to(torch.bfloat16).fuse_projections()  # q/k/v do not fuse (different kinds): no C++ stack, still runs
+    assert model.native is None
+    assert model(torch.tensor([[1, 5, 7]])).isfinite().all()
+
+
+def test_quantize_config_json_and_marlin(tmp_path):
+    """Older AutoGPTQ releases keep the config in quantize_config.json (no quant_method); marlin-packed
+    checkpoints use another qweight layout and must be refused, not misread."""
+    from minicpm4.gptq_format import gptq_layers, quant_config_of
+    d, _ = _tiny_dir(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    qc = cfg.pop("quantization_config")
+    qc.pop("quant_method")
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "quantize_config.json").write_text(json.dumps(qc))
+    found = quant_config_of(d, {})
+    assert found["quant_method"] == "gptq" and found["bits"] == 4 and found["group_size"] == 32
+    assert quant_config_of(d, {"quantization_config": {"quant_method": "x"}}) == {"quant_method": "x"}
+    with pytest.raises(CheckpointError, match="marlin"):
+        gptq_layers({**found, "is_marlin_format": True}, {}, str(d))
 
 
 @pytest.mark.parametrize("case,needle", [

@@ -21,29 +21,32 @@
 // InfLLM v2 models: attention is sparse_attention.h's step instead of SDPA once kv_len >= dense_len, with the
 // cache's compressed keys kept up to date as the Python backend keeps them (tests/test_sparse_native.py).
 
-#include "sparse_attention.h"
-
-#include <optional>
 #include <torch/extension.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
+
+#include "sparse_attention.h"
+#include "ternary_gemv.h"
 
 using at::BFloat16;
 using at::Tensor;
 
 namespace {
 
-// A linear layer in one of the three weight layouts the model uses (no bias).
+// A linear layer in one of the four weight layouts the model uses (no bias).
 struct Linear {
-  int64_t kind;   // 0 dense bf16 weight [N, K]; 1 int4pack (torch CPU layout); 2 int8 rows
-  Tensor w;       // weight / qweight
-  Tensor s;       // int4: scales_and_zeros [K/g, N, 2]; int8: row scales [N]; dense: undefined
+  int64_t kind;   // 0 dense bf16 weight [N, K]; 1 int4pack (torch CPU layout); 2 int8 rows; 3 ternary planes
+  Tensor w;       // weight / qweight / ternary bit planes [N, K/32, 2]
+  Tensor s;       // int4: scales_and_zeros [K/g, N, 2]; int8: row scales [N]; ternary: qscale [N, K/32]
+  Tensor s2;      // ternary: dscale [N]; otherwise undefined
   int64_t group;  // int4 group size
 
   Tensor operator()(const Tensor& x) const {  // x [M, K] bf16 -> [M, N] bf16
     if (kind == 1) return at::_weight_int4pack_mm_for_cpu(x, w, group, s);
     if (kind == 2) return at::_weight_int8pack_mm(x, w, s);
+    if (kind == 3) return ternary::gemv(x, w, s, s2);  // TernaryLinear's own kernel, bf16 out
     return at::mm(x, w.t());
   }
 };
@@ -83,11 +86,14 @@ class DecodeStack {
       : nh_(n_heads), nkv_(n_kv), d_(head_dim), eps_(eps), rs_(residual_scale) {}
 
   void add_layer(Tensor in_norm, Tensor post_norm, std::vector<Tensor> w, std::vector<Tensor> s,
-                 std::vector<int64_t> kinds, std::vector<int64_t> groups) {
-    TORCH_CHECK(w.size() == 4 && s.size() == 4 && kinds.size() == 4 && groups.size() == 4,
+                 std::vector<Tensor> s2, std::vector<int64_t> kinds, std::vector<int64_t> groups) {
+    TORCH_CHECK(w.size() == 4 && s.size() == 4 && s2.size() == 4 && kinds.size() == 4 && groups.size() == 4,
                 "add_layer takes qkv, o, gate_up, down");
     Linear l[4];
-    for (int i = 0; i < 4; ++i) l[i] = Linear{kinds[i], w[i], s[i], groups[i]};
+    for (int i = 0; i < 4; ++i) {
+      l[i] = Linear{kinds[i], w[i], s[i], s2[i], groups[i]};
+      if (kinds[i] == 3) ternary::check_weight(w[i], s[i], s2[i]);
+    }
     layers_.push_back(Layer{in_norm.contiguous(), post_norm.contiguous(), l[0], l[1], l[2], l[3]});
   }
 
