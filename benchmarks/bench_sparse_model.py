@@ -148,7 +148,7 @@ def kjv_ids(tokenizer, n: int) -> list[int]:
 
 
 @torch.inference_mode()
-def llama_comparison(s: int, steps: int, threads: int) -> dict:
+def llama_comparison(s: int, steps: int, threads: int, batch_threads: int) -> dict:
     import llama_cpp
 
     import minicpm4
@@ -159,7 +159,7 @@ def llama_comparison(s: int, steps: int, threads: int) -> dict:
     model.config = cfg
     ours = decode_times(model, s, steps)
     llm = llama_cpp.Llama(model_path=str(default_gguf_path()), n_ctx=s + steps + 8, n_batch=2048, n_ubatch=512,
-                          n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False)
+                          n_threads=threads, n_threads_batch=batch_threads, flash_attn=True, verbose=False)
     t0 = time.perf_counter()
     llm.eval(kjv_ids(tok, s))
     prefill_s = time.perf_counter() - t0
@@ -189,6 +189,8 @@ def main() -> None:
     ap.add_argument("--prefill", default="8192,16384", help="prefill lengths ('' = none)")
     ap.add_argument("--prefill-layers", type=int, default=2)
     ap.add_argument("--llama-context", type=int, default=32768, help="0 = skip the llama.cpp comparison")
+    ap.add_argument("--llama-prefill-threads", type=int, default=0,
+                    help="llama.cpp's threads for the untimed prefill (default: --threads); decode uses --threads")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory-worker", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -232,7 +234,7 @@ def main() -> None:
                   f"x{row['speedup_cpu']:.2f})", flush=True)
         del model
     if a.llama_context:
-        r = result["llama"] = llama_comparison(a.llama_context, a.steps, a.threads)
+        r = result["llama"] = llama_comparison(a.llama_context, a.steps, a.threads, a.llama_prefill_threads or a.threads)
         for key, what in (("", "wall"), ("_cpu", "thread CPU")):
             print(f"default model at {r['context']} ({what}): ours dense {r['ours_dense_ms' + key]:.1f} ms, sparse "
                   f"{r['ours_sparse_ms' + key]:.1f} ms, llama.cpp {r['llamacpp_ms' + key]:.1f} ms/token -> sparse "
