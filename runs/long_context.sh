@@ -19,9 +19,10 @@ STEPS=${LONG_STEPS:-120}
 "$PY" -m minicpm4.cli train pretrain $RESUME --set data="$OUT/long/shards" --set model="$BASE" \
   --set out_dir="$OUT/long/run" --set seq_len=1024 --set 'length_buckets=[256,512,1024]' --set longrope_from=128 \
   --set "model_overrides.sparse_config=$SPARSE" --set batch_size=4 --set micro_batch_size=4 --set lr=0.01 \
-  --set steps="$STEPS" --set warmup_steps=10 --set decay_steps=$((STEPS / 5)) --set threads="${THREADS:-2}" --set save_every=20 "$@"
+  --set steps="$STEPS" --set warmup_steps=10 --set decay_steps=$((STEPS / 5)) --set threads="${THREADS:-2}" \
+  --set save_every=20 "$@"
 LONG="$OUT/long/run/checkpoints/$(printf 'step_%07d' "$STEPS")/model"
 for TESTS in test_short.jsonl test.jsonl; do
-  "$PY" "$HERE/planted_facts.py" eval "$OUT" "before=$BASE" "after=$LONG" --sparse "$SPARSE" --limit "${LONG_TESTS:-40}" \
-    --control --tests "$TESTS" --threads "${THREADS:-2}"
+  "$PY" "$HERE/planted_facts.py" eval "$OUT" "before=$BASE" "after=$LONG" --sparse "$SPARSE" \
+    --limit "${LONG_TESTS:-40}" --control --tests "$TESTS" --threads "${THREADS:-2}"
 done

@@ -47,6 +47,7 @@ SHARES = ((256, 0.5), (512, 0.25), (1024, 0.25))
 TOKENS_PER_FACT = 50  # a fact and its repeat take ~24 tokens: about half of a document is the task
 PASSAGE_WORDS = 12  # random-word passages, repeated like the facts: every repeated token is a copy target
 SHORT_SHARES = ((128, 1.0),)  # the pretraining share: the copy learnt within the pretrained length first
+SHORT_REPEATS = 0.5  # share of the pretraining documents that are repeat_document()s
 SHORT_TOKENS_PER_FACT = 35  # denser there: 2-3 facts and a passage per document, ~half of its tokens repeats
 WORDS_PER_TOKEN = 0.75  # KJV words per token of the 4096-token BPE, about
 TEST_BOOKS = 3  # the last books (of kjv_corpus.py's text/) give the tests' text
@@ -74,6 +75,14 @@ def document(rng: random.Random, words: list[str], n_words: int, n_facts: int, n
     return " ".join(text + rng.sample(planted, len(planted)))
 
 
+def repeat_document(rng: random.Random, words: list[str], n_words: int) -> str:
+    """A span of random words said two or three times over n_words: after its first copy every token is a copy
+    target that nothing but a look-up predicts, the plainest signal for an induction circuit."""
+    times = rng.choice((2, 3))
+    span = rng.choices(words, k=max(4, n_words // times))
+    return " ".join(span * times)
+
+
 def book_words(out: Path) -> tuple[list[str], list[str]]:
     """(training words, test words): kjv_corpus.py's books, the last TEST_BOOKS held out."""
     books = sorted((out / "text").glob("*.txt"))
@@ -81,9 +90,10 @@ def book_words(out: Path) -> tuple[list[str], list[str]]:
     return " ".join(split[:-TEST_BOOKS]).split(), " ".join(split[-TEST_BOOKS:]).split()
 
 
-def make_train(out: Path, dest: Path, tokens: int, shares: tuple, per_fact: int, rng: random.Random) -> None:
+def make_train(out: Path, dest: Path, tokens: int, shares: tuple, per_fact: int, rng: random.Random,
+               repeats: float = 0.0) -> None:
     """dest/train.jsonl: ~`tokens` tokens of planted-fact documents, `share` of them up to `bound` tokens long, one
-    fact per `per_fact` tokens."""
+    fact per `per_fact` tokens; a `repeats` share of the documents are repeated spans instead."""
     train_words, _ = book_words(out)
     dest.mkdir(parents=True, exist_ok=True)
     with open(dest / "train.jsonl", "w") as f:
@@ -92,7 +102,10 @@ def make_train(out: Path, dest: Path, tokens: int, shares: tuple, per_fact: int,
             while made < tokens * share:
                 n_tok = rng.randrange(bound // 2, bound - bound // 8)
                 n_facts = max(1, n_tok // per_fact)
-                text = document(rng, train_words, int((n_tok - 24 * n_facts) * WORDS_PER_TOKEN), n_facts, NAMES)
+                if rng.random() < repeats:
+                    text = repeat_document(rng, train_words, int(n_tok * WORDS_PER_TOKEN))
+                else:
+                    text = document(rng, train_words, int((n_tok - 24 * n_facts) * WORDS_PER_TOKEN), n_facts, NAMES)
                 f.write(json.dumps({"text": text}) + "\n")
                 made += n_tok
 
@@ -120,7 +133,7 @@ def make_data(out: Path, tokens: int, n_tests: int, seed: int, short: bool) -> N
     ~120-token ones), or with `short` the pretraining share (OUT/short/train.jsonl, documents of <= 128 tokens)."""
     rng = random.Random(seed)
     if short:
-        make_train(out, out / "short", tokens, SHORT_SHARES, SHORT_TOKENS_PER_FACT, rng)
+        make_train(out, out / "short", tokens, SHORT_SHARES, SHORT_TOKENS_PER_FACT, rng, SHORT_REPEATS)
         return
     make_train(out, out / "long", tokens, SHARES, TOKENS_PER_FACT, rng)
     make_tests(out, out / "long" / "test.jsonl", n_tests, 1000, 4, rng)
@@ -209,12 +222,13 @@ def evaluate(out: Path, models: list[str], sparse: dict, dense: bool, limit: int
             model.set_attention_backend(dense_attention if setting is None else make_backend(setting))
             for tag, chosen in sets.items():
                 results[f"{name} ({mode}{tag})"] = r = score(model.eval(), chosen)
-                print(f"{name:>12} {mode + tag:<16} exact {r['exact']:.3f}  tokens {r['tokens']:.3f}  nll {r['nll']:.3f}  "
-                      f"prompt loss by position {r['prompt_loss_by_position']}", flush=True)
+                print(f"{name:>12} {mode + tag:<16} exact {r['exact']:.3f}  tokens {r['tokens']:.3f}  "
+                      f"nll {r['nll']:.3f}  prompt loss by position {r['prompt_loss_by_position']}", flush=True)
     lengths = [len(ids) for ids, _ in tests]
     report = {"results": results, "sparse_config": sparse, "prompt_tokens": [min(lengths), max(lengths)],
               "load_avg": os.getloadavg()}
-    (out / "long" / tests_name.replace("test", "retrieval").replace(".jsonl", ".json")).write_text(json.dumps(report, indent=1) + "\n")
+    dest = out / "long" / tests_name.replace("test", "retrieval").replace(".jsonl", ".json")
+    dest.write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -51,7 +51,15 @@ def test_short_share_and_tests(pf, out):
     pf.make_data(out, 20000, 12, seed=1, short=True)
     docs = [json.loads(line)["text"] for line in (out / "short" / "train.jsonl").read_text().splitlines()]
     assert docs and all(len(d.split()) < 128 for d in docs)  # words < tokens: within the pretrained length
-    assert all(len(FACT.findall(d)) % 2 == 0 and FACT.findall(d) for d in docs)
+    repeats = 0
+    for d in docs:
+        words = d.split()
+        if FACT.findall(d):  # a planted-fact document: each fact twice
+            assert all(d.count(f"The secret of {n} {v}.") == 2 for n, v in FACT.findall(d))
+        else:  # a repeat document: one span said 2 or 3 times
+            assert any(len(words) % k == 0 and words == words[:len(words) // k] * k for k in (2, 3))
+            repeats += 1
+    assert 0.3 < repeats / len(docs) < 0.7  # SHORT_REPEATS = 0.5
     pf.make_data(out, 20000, 12, seed=1, short=False)
     tests = [json.loads(line) for line in (out / "long" / "test.jsonl").read_text().splitlines()]
     assert len(tests) == 12
