@@ -128,12 +128,12 @@ def make_tests(out: Path, path: Path, n_tests: int, n_tok: int, n_facts: int, rn
             f.write(json.dumps({"prompt": prompt, "answer": f" {numbers[ask]}"}) + "\n")
 
 
-def make_data(out: Path, tokens: int, n_tests: int, seed: int, short: bool) -> None:
+def make_data(out: Path, tokens: int, n_tests: int, seed: int, short: bool, repeats: float = SHORT_REPEATS) -> None:
     """The long stage's data (OUT/long: train.jsonl, test.jsonl of ~1000-token prompts, test_short.jsonl of
     ~120-token ones), or with `short` the pretraining share (OUT/short/train.jsonl, documents of <= 128 tokens)."""
     rng = random.Random(seed)
     if short:
-        make_train(out, out / "short", tokens, SHORT_SHARES, SHORT_TOKENS_PER_FACT, rng, SHORT_REPEATS)
+        make_train(out, out / "short", tokens, SHORT_SHARES, SHORT_TOKENS_PER_FACT, rng, repeats)
         return
     make_train(out, out / "long", tokens, SHARES, TOKENS_PER_FACT, rng)
     make_tests(out, out / "long" / "test.jsonl", n_tests, 1000, 4, rng)
@@ -241,6 +241,7 @@ def main() -> None:
     d.add_argument("--tests", type=int, default=100)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--short", action="store_true", help="the pretraining share (OUT/short/train.jsonl) instead")
+    d.add_argument("--repeats", type=float, default=SHORT_REPEATS, help="--short: share of repeat documents")
     e = sub.add_parser("eval")
     e.add_argument("out")
     e.add_argument("models", nargs="+", help="NAME=MODEL_DIR")
@@ -253,7 +254,7 @@ def main() -> None:
     e.add_argument("--tests", default="test.jsonl", help="test file in OUT/long (test_short.jsonl: ~120 tokens)")
     a = ap.parse_args()
     if a.cmd == "data":
-        make_data(Path(a.out), a.tokens, a.tests, a.seed, a.short)
+        make_data(Path(a.out), a.tokens, a.tests, a.seed, a.short, a.repeats)
     else:
         import torch
         torch.set_num_threads(a.threads)
