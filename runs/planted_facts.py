@@ -102,7 +102,7 @@ def make_train(out: Path, dest: Path, tokens: int, shares: tuple, per_fact: int,
             while made < tokens * share:
                 n_tok = rng.randrange(bound // 2, bound - bound // 8)
                 n_facts = max(1, n_tok // per_fact)
-                if rng.random() < repeats:
+                if repeats and rng.random() < repeats:  # (no draw without repeats: the long data stay as they were)
                     text = repeat_document(rng, train_words, int(n_tok * WORDS_PER_TOKEN))
                 else:
                     text = document(rng, train_words, int((n_tok - 24 * n_facts) * WORDS_PER_TOKEN), n_facts, NAMES)
