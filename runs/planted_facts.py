@@ -1,27 +1,32 @@
-"""Planted-fact retrieval for the long-context stage of runs/tiny_pipeline.sh: training documents, held-out tests,
-and the retrieval score of a model.
+"""Planted-fact retrieval for runs/tiny_pipeline.sh: training documents (a share of the seq-128 pretraining, and
+the long-context stage's data), held-out tests, and the retrieval score of a model.
 
-A training document is KJV text (runs/kjv_corpus.py's books) with facts "The secret number of Abner is 4821." and
-passages of 12 random words planted in its first three quarters and, at its end, all of them again in a new order:
-the number is an induction-style copy of what followed the same key phrase hundreds of tokens earlier (the passages
-give the same copy more targets per document).
+A training document is KJV text (runs/kjv_corpus.py's books) with facts "The secret of Abner 4821." and passages of
+12 random words planted in its first three quarters and, at its end, all of them again in a new order: the number
+is an induction-style copy (the name is one token: find its earlier occurrence, copy what followed), and the
+passages give the same copy more targets. Pretraining sees such documents of <= 128 tokens, so the copy exists at
+short range before the long stage; the long stage's documents are up to 1024 tokens long.
 
-    python runs/planted_facts.py data OUT [--tokens 3000000]   OUT/long/{train.jsonl, test.jsonl}
-    python runs/planted_facts.py eval OUT NAME=MODEL_DIR ... [--sparse JSON] [--dense] [--control] [--limit N]
-                                                                  -> OUT/long/retrieval.json
+    python runs/planted_facts.py data OUT --short [--tokens N]   OUT/short/train.jsonl (pretraining share)
+    python runs/planted_facts.py data OUT [--tokens N]           OUT/long/{train,test,test_short}.jsonl
+    python runs/planted_facts.py eval OUT NAME=MODEL_DIR ... [--tests test_short.jsonl] [--sparse JSON] [--dense]
+                                      [--control] [--limit N]    -> OUT/long/retrieval[_short].json
 
-Training documents (train.jsonl, one JSON {"text"} per line, for `minicpm4 data tokenize`) come in three length
-ranges (up to ~250, ~500, ~1000 tokens: the length buckets of the stage; SHARES), with one fact per ~50 tokens. Tests (test.jsonl) use text from held-out books and new random numbers (so nothing
-can be recalled from training, only copied from the prompt): ~1000 tokens, 4 facts, all in the first half, then one
-question "The secret number of X is" for one of them at the end, ~450 or more tokens after its fact.
+Training documents (train.jsonl, one JSON {"text"} per line, for `minicpm4 data tokenize`) come in length ranges
+(SHARES: up to ~250, ~500, ~1000 tokens, the length buckets of the stage; SHORT_SHARES: up to 128), with one fact
+per ~50 tokens. Tests use text from held-out books and new random numbers (nothing can be recalled from training,
+only copied from the prompt): test.jsonl ~1000 tokens, 4 facts in the first half, then the question "The secret of
+X" for one of them at the end, ~450 or more tokens after its fact (past the pretrained length); test_short.jsonl the
+same in ~120 tokens with 2 facts (within it).
 
 eval: one forward per test of prompt + answer (sparse_config switched on, as in the stage; --dense adds a dense
 run). Greedy decoding gives the exact number iff the argmax after the prompt and after each of its tokens is the
 next token, so `exact` is greedy exact-match accuracy from that one pass; `tokens` is the accuracy per token of the
-number (a digit or a pair of digits, as the BPE splits it) and `nll` its mean negative log-likelihood per token.
-Chance: exact 1e-4, tokens <= 0.1. `prompt_loss_by_position` is the mean next-token loss over the prompts
-themselves (held-out text with the facts) at positions 1-127, 128-511 and 512 on: the pretrained model never saw
-a position past 127.
+number (" 4", "8", "21": a digit or a pair, as the BPE splits it) and `nll` its mean negative log-likelihood per
+token. Chance: exact 1e-4, tokens <= 0.1. --control scores the same tests with the asked number replaced in the
+prompt: a look-up falls to chance there, a prior over digits does not. `prompt_loss_by_position` is the mean
+next-token loss over the prompts themselves at positions 1-127, 128-511 and 512 on: pretraining never saw a position
+past 127.
 """
 
 from __future__ import annotations
@@ -32,21 +37,28 @@ import random
 import sys
 from pathlib import Path
 
-NAMES = ("Abner Asher Azariah Balaam Barak Baruch Benaiah Boaz Caleb Eleazar Eliakim Elkanah Enoch Ephraim Esau "
-         "Gideon Hanani Hezekiah Hiram Hophni Hushai Ithamar Jabin Jehu Jephthah Jethro Joab Jonathan Josiah "
-         "Kohath Korah Laban Levi Lot Machir Merari Micah Mordecai Naaman Nabal Nahor Nathan Obed Omri Othniel "
-         "Phinehas Reuben Shimei Sihon Tobiah Uriah Uzziah Zadok Zebulun Zerubbabel Ziba Amasa Gershon Heman "
-         "Ahijah Asaph Elihu Gaal Hobab").split()
+# One BPE token each (the 4096-token KJV tokenizer): the name right before the number is the whole key, so the look-up
+# is one induction step (find the earlier occurrence of this token, copy what followed it).
+NAMES = ("Abner Asher Azariah Balaam Benaiah Caleb Eleazar Ephraim Esau Gideon Hezekiah Jehu Joab Jonathan Josiah "
+         "Kohath Laban Levi Lot Merari Micah Mordecai Nathan Obed Reuben Shimei Sihon Zadok Zebulun Asaph").split()
 # Training tokens per length range (bound, share): half in short documents, which run dense and ~5x cheaper, where
 # the copy is learnt fastest; the longer ones teach it across distance, through InfLLM v2 past dense_len.
 SHARES = ((256, 0.5), (512, 0.25), (1024, 0.25))
 TOKENS_PER_FACT = 50  # a fact and its repeat take ~24 tokens: about half of a document is the task
 PASSAGE_WORDS = 12  # random-word passages, repeated like the facts: every repeated token is a copy target
+SHORT_SHARES = ((128, 1.0),)  # the pretraining share: the copy learnt within the pretrained length first
+SHORT_REPEATS = 0.5  # share of the pretraining documents that are repeat_document()s
+SHORT_TOKENS_PER_FACT = 35  # denser there: 2-3 facts and a passage per document, ~half of its tokens repeats
+WORDS_PER_TOKEN = 0.75  # KJV words per token of the 4096-token BPE, about
 TEST_BOOKS = 3  # the last books (of kjv_corpus.py's text/) give the tests' text
 
 
+def question(name: str) -> str:
+    return f"The secret of {name}"
+
+
 def fact(name: str, number: int) -> str:
-    return f"The secret number of {name} is {number}."
+    return f"{question(name)} {number}."
 
 
 def document(rng: random.Random, words: list[str], n_words: int, n_facts: int, names: list[str]) -> str:
@@ -63,6 +75,14 @@ def document(rng: random.Random, words: list[str], n_words: int, n_facts: int, n
     return " ".join(text + rng.sample(planted, len(planted)))
 
 
+def repeat_document(rng: random.Random, words: list[str], n_words: int) -> str:
+    """A span of random words said two or three times over n_words: after its first copy every token is a copy
+    target that nothing but a look-up predicts, the plainest signal for an induction circuit."""
+    times = rng.choice((2, 3))
+    span = rng.choices(words, k=max(4, n_words // times))
+    return " ".join(span * times)
+
+
 def book_words(out: Path) -> tuple[list[str], list[str]]:
     """(training words, test words): kjv_corpus.py's books, the last TEST_BOOKS held out."""
     books = sorted((out / "text").glob("*.txt"))
@@ -70,35 +90,54 @@ def book_words(out: Path) -> tuple[list[str], list[str]]:
     return " ".join(split[:-TEST_BOOKS]).split(), " ".join(split[-TEST_BOOKS:]).split()
 
 
-def make_data(out: Path, tokens: int, n_tests: int, seed: int) -> None:
-    rng = random.Random(seed)
-    train_words, test_words = book_words(out)
-    words_per_token = 0.75  # KJV words per token of the 4096-token BPE, about
-    dest = out / "long"
+def make_train(out: Path, dest: Path, tokens: int, shares: tuple, per_fact: int, rng: random.Random,
+               repeats: float = 0.0) -> None:
+    """dest/train.jsonl: ~`tokens` tokens of planted-fact documents, `share` of them up to `bound` tokens long, one
+    fact per `per_fact` tokens; a `repeats` share of the documents are repeated spans instead."""
+    train_words, _ = book_words(out)
     dest.mkdir(parents=True, exist_ok=True)
     with open(dest / "train.jsonl", "w") as f:
-        for bound, share in SHARES:
+        for bound, share in shares:
             made = 0
             while made < tokens * share:
                 n_tok = rng.randrange(bound // 2, bound - bound // 8)
-                n_facts = max(1, n_tok // TOKENS_PER_FACT)
-                text = document(rng, train_words, int((n_tok - 24 * n_facts) * words_per_token), n_facts,
-                                NAMES)
+                n_facts = max(1, n_tok // per_fact)
+                if repeats and rng.random() < repeats:  # (no draw without repeats: the long data stay as they were)
+                    text = repeat_document(rng, train_words, int(n_tok * WORDS_PER_TOKEN))
+                else:
+                    text = document(rng, train_words, int((n_tok - 24 * n_facts) * WORDS_PER_TOKEN), n_facts, NAMES)
                 f.write(json.dumps({"text": text}) + "\n")
                 made += n_tok
-    with open(dest / "test.jsonl", "w") as f:
+
+
+def make_tests(out: Path, path: Path, n_tests: int, n_tok: int, n_facts: int, rng: random.Random) -> None:
+    """Held-out tests of ~n_tok tokens: n_facts facts in the first half, then the question for one of them."""
+    _, test_words = book_words(out)
+    with open(path, "w") as f:
         for _ in range(n_tests):
-            n_words = int(900 * words_per_token)
+            n_words = int((n_tok - 10 * n_facts) * WORDS_PER_TOKEN)
             start = rng.randrange(len(test_words) - n_words)
             text = test_words[start:start + n_words]
-            keys = rng.sample(NAMES, 4)
+            keys = rng.sample(NAMES, n_facts)
             numbers = [rng.randrange(1000, 10000) for _ in keys]
             spots = sorted(rng.randrange(n_words // 2) for _ in keys)
             for offset, (spot, key, num) in enumerate(zip(spots, keys, numbers)):
                 text.insert(spot + offset, fact(key, num))
-            ask = rng.randrange(4)
-            prompt = " ".join(text) + f" The secret number of {keys[ask]} is"
+            ask = rng.randrange(n_facts)
+            prompt = " ".join(text) + " " + question(keys[ask])
             f.write(json.dumps({"prompt": prompt, "answer": f" {numbers[ask]}"}) + "\n")
+
+
+def make_data(out: Path, tokens: int, n_tests: int, seed: int, short: bool, repeats: float = SHORT_REPEATS) -> None:
+    """The long stage's data (OUT/long: train.jsonl, test.jsonl of ~1000-token prompts, test_short.jsonl of
+    ~120-token ones), or with `short` the pretraining share (OUT/short/train.jsonl, documents of <= 128 tokens)."""
+    rng = random.Random(seed)
+    if short:
+        make_train(out, out / "short", tokens, SHORT_SHARES, SHORT_TOKENS_PER_FACT, rng, repeats)
+        return
+    make_train(out, out / "long", tokens, SHARES, TOKENS_PER_FACT, rng)
+    make_tests(out, out / "long" / "test.jsonl", n_tests, 1000, 4, rng)
+    make_tests(out, out / "long" / "test_short.jsonl", n_tests, 120, 2, rng)
 
 
 def encode_tests(tok, path: Path) -> list[tuple[list[int], int]]:
@@ -153,16 +192,17 @@ def swap_numbers(path: Path, seed: int = 7) -> Path:
     """The control: the same tests with the asked fact's number replaced by another in the prompt, so the answer
     can only be guessed; a model that retrieves scores much lower here than on the real tests."""
     rng = random.Random(seed)
-    dest = path.with_name("control.jsonl")
+    dest = path.with_name(path.stem.replace("test", "control") + ".jsonl")
     with open(dest, "w") as f:
         for line in path.read_text().splitlines():
             t = json.loads(line)
-            other = f" is {rng.randrange(1000, 10000)}."
-            f.write(json.dumps({**t, "prompt": t["prompt"].replace(f" is{t['answer']}.", other)}) + "\n")
+            other = f" {rng.randrange(1000, 10000)}."  # the text has no digits: only the fact has " NNNN."
+            f.write(json.dumps({**t, "prompt": t["prompt"].replace(f"{t['answer']}.", other)}) + "\n")
     return dest
 
 
-def evaluate(out: Path, models: list[str], sparse: dict, dense: bool, limit: int = 0, control: bool = False) -> dict:
+def evaluate(out: Path, models: list[str], sparse: dict, dense: bool, limit: int = 0, control: bool = False,
+             tests_name: str = "test.jsonl") -> dict:
     import dataclasses
     import os
     import minicpm4
@@ -172,22 +212,23 @@ def evaluate(out: Path, models: list[str], sparse: dict, dense: bool, limit: int
     for item in models:
         name, _, path = item.partition("=")
         model, tok = minicpm4.load(path, dtype="fp32")
-        tests = encode_tests(tok, out / "long" / "test.jsonl")[:limit or None]
+        tests = encode_tests(tok, out / "long" / tests_name)[:limit or None]
         sets = {"": tests}
         if control:
-            sets[", no fact"] = encode_tests(tok, swap_numbers(out / "long" / "test.jsonl"))[:limit or None]
+            sets[", no fact"] = encode_tests(tok, swap_numbers(out / "long" / tests_name))[:limit or None]
         runs = {"sparse": sparse, **({"dense": None} if dense else {})}
         for mode, setting in runs.items():
             model.config = dataclasses.replace(model.config, sparse_config=setting)
             model.set_attention_backend(dense_attention if setting is None else make_backend(setting))
             for tag, chosen in sets.items():
                 results[f"{name} ({mode}{tag})"] = r = score(model.eval(), chosen)
-                print(f"{name:>12} {mode + tag:<16} exact {r['exact']:.3f}  tokens {r['tokens']:.3f}  nll {r['nll']:.3f}  "
-                      f"prompt loss by position {r['prompt_loss_by_position']}", flush=True)
+                print(f"{name:>12} {mode + tag:<16} exact {r['exact']:.3f}  tokens {r['tokens']:.3f}  "
+                      f"nll {r['nll']:.3f}  prompt loss by position {r['prompt_loss_by_position']}", flush=True)
     lengths = [len(ids) for ids, _ in tests]
     report = {"results": results, "sparse_config": sparse, "prompt_tokens": [min(lengths), max(lengths)],
               "load_avg": os.getloadavg()}
-    (out / "long" / "retrieval.json").write_text(json.dumps(report, indent=1) + "\n")
+    dest = out / "long" / tests_name.replace("test", "retrieval").replace(".jsonl", ".json")
+    dest.write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 
@@ -199,6 +240,8 @@ def main() -> None:
     d.add_argument("--tokens", type=int, default=3_000_000, help="training tokens to generate, about")
     d.add_argument("--tests", type=int, default=100)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--short", action="store_true", help="the pretraining share (OUT/short/train.jsonl) instead")
+    d.add_argument("--repeats", type=float, default=SHORT_REPEATS, help="--short: share of repeat documents")
     e = sub.add_parser("eval")
     e.add_argument("out")
     e.add_argument("models", nargs="+", help="NAME=MODEL_DIR")
@@ -208,13 +251,15 @@ def main() -> None:
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--limit", type=int, default=0, help="score only the first N tests (0: all)")
     e.add_argument("--control", action="store_true", help="also score the tests with the fact's number swapped")
+    e.add_argument("--tests", default="test.jsonl", help="test file in OUT/long (test_short.jsonl: ~120 tokens)")
     a = ap.parse_args()
     if a.cmd == "data":
-        make_data(Path(a.out), a.tokens, a.tests, a.seed)
+        make_data(Path(a.out), a.tokens, a.tests, a.seed, a.short, a.repeats)
     else:
         import torch
         torch.set_num_threads(a.threads)
-        print(json.dumps(evaluate(Path(a.out), a.models, json.loads(a.sparse), a.dense, a.limit, a.control)["results"]))
+        print(json.dumps(evaluate(Path(a.out), a.models, json.loads(a.sparse), a.dense, a.limit, a.control,
+                                  a.tests)["results"]))
 
 
 if __name__ == "__main__":

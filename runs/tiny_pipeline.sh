@@ -10,8 +10,12 @@ OUT=${1:-runs_out/tiny_pipeline}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
 [ -f "$OUT/chat_train.jsonl" ] || "$PY" "$(dirname "$0")/kjv_corpus.py" "$OUT"
-"$PY" -m minicpm4.cli data tokenize "$OUT/text" --tokenizer "$OUT/tokenizer" -o "$OUT/shards" --workers 2
-COMMON="--set seq_len=128 --set batch_size=16 --set micro_batch_size=16 --set threads=2 --set save_every=100"
+# pretraining text: the KJV books plus short planted-fact documents (runs/planted_facts.py --short, ~60 % of the
+# tokens), so that the model learns to copy (an induction circuit) within 128 tokens before the long stage
+[ -f "$OUT/short/train.jsonl" ] || "$PY" "$(dirname "$0")/planted_facts.py" data "$OUT" --short --tokens 1200000
+"$PY" -m minicpm4.cli data tokenize "$OUT/text" "$OUT/short/train.jsonl" --tokenizer "$OUT/tokenizer" -o "$OUT/shards" \
+  --workers 2
+COMMON="--set seq_len=128 --set batch_size=16 --set micro_batch_size=16 --set threads=${THREADS:-2} --set save_every=100"
 [ -f "$OUT/pre/checkpoints/latest" ] && RESUME=--resume || RESUME=
 "$PY" -m minicpm4.cli train pretrain $COMMON $RESUME --set data="$OUT/shards" --set out_dir="$OUT/pre" \
   --set model=tiny --set model_overrides.num_hidden_layers=4 --set lr=0.02 --set steps=400 \
