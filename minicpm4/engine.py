@@ -77,6 +77,18 @@ class Request:
         return self.out.prompt_len + len(self.out.token_ids) - 1
 
 
+def per_prompt(prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None,
+               stop_fns: Sequence[StopFn | None] | None) -> list[tuple]:
+    """(prompt, SamplingParams, stop_fn) per prompt for a batch call: one params object shared, or one each."""
+    if not prompts:
+        raise InputError("no prompts given")
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    fns = list(stop_fns) if stop_fns is not None else [None] * len(prompts)
+    if len(plist) != len(prompts) or len(fns) != len(prompts):
+        raise InputError("need one SamplingParams and one stop_fn per prompt")
+    return list(zip(prompts, plist, fns))
+
+
 class Engine:
     def __init__(self, model: MiniCPM4ForCausalLM, prefill_chunk: int = 512, max_len: int | None = None,
                  max_slots: int = 64):
@@ -143,13 +155,7 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  stop_fns: Sequence[StopFn | None] | None = None) -> list[Generation]:
         """Generate for a batch of prompts (lists of token ids) of any lengths; returns one Generation per prompt."""
-        if not prompts:
-            raise InputError("no prompts given")
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        fns = list(stop_fns) if stop_fns is not None else [None] * len(prompts)
-        if len(plist) != len(prompts) or len(fns) != len(prompts):
-            raise InputError("need one SamplingParams and one stop_fn per prompt")
-        reqs = [self.add_request(p, sp, fn) for p, sp, fn in zip(prompts, plist, fns)]
+        reqs = [self.add_request(*args) for args in per_prompt(prompts, params, stop_fns)]
         while not all(r.finished for r in reqs):
             self.step()
         return [r.out for r in reqs]

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import torch
 
 from minicpm4.draft_tree import DraftTree, causal_mask, tree_mask
-from minicpm4.engine import Engine, Generation, Request, StopFn
+from minicpm4.engine import Engine, Generation, Request, StopFn, per_prompt
 from minicpm4.errors import ConfigError, InputError
 from minicpm4.kv_cache import KVCache, bucketed
 from minicpm4.model import MiniCPM4ForCausalLM
@@ -90,12 +90,8 @@ class SpeculativeDecoder:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  stop_fns: Sequence[StopFn | None] | None = None) -> list[SpecGeneration]:
-        if not prompts:
-            raise InputError("no prompts given")
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        fns = list(stop_fns) if stop_fns is not None else [None] * len(prompts)
         outs = []
-        for prompt, p, fn in zip(prompts, plist, fns):
+        for prompt, p, fn in per_prompt(prompts, params, stop_fns):
             stream = self.stream(prompt, p, fn)
             while True:
                 try:
