@@ -8,8 +8,11 @@ GGUF Q4_1 stores, per 32 weights, an fp16 scale d and minimum m with w = d * q +
 exactly with scale = d and zero = m + 8d; the one loss is holding scale and zero in bf16 (the kernel's dtype).
 Decode reads 4.5 bits per weight instead of bf16's 16, which is what bounds decode speed on CPU.
 
-The pure-PyTorch reference is the formula above applied to the unpacked values (tests/test_int4.py builds it
-from the GGUF bytes with the gguf package's own dequantizer and checks the kernel against it).
+The product runs csrc/int4_gemm.h for up to 16 activation rows (decode steps, draft-tree verification: each weight
+unpacked once for all rows, ~2x torch's kernel at one row) and torch's _weight_int4pack_mm_for_cpu for more rows
+(prefill) or without a compiler. The pure-PyTorch reference is the formula above applied to the unpacked values
+(tests/test_int4.py builds it from the GGUF bytes with the gguf package's own dequantizer and checks both kernels
+against it).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+
+from minicpm4 import native
 
 Q4_1_BLOCK = 32  # weights per Q4_1 block: fp16 d, fp16 m, 16 bytes of 4-bit values
 Q4_1_BYTES = 20
@@ -77,7 +82,9 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
+        ext = native.extension("int4")
+        mm = ext.mm if ext is not None else torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = mm(x2, self.qweight, self.group_size, self.scales_and_zeros)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 

@@ -1,5 +1,6 @@
-"""Int4Linear (torch's int4pack CPU kernel) against a pure-PyTorch reference built from the GGUF bytes, and the
-default model with its Q4_1 weights kept 4-bit against the same model dequantized to fp32."""
+"""Int4Linear (our kernel for up to 16 rows, torch's int4pack CPU kernel beyond) against a pure-PyTorch reference
+built from the GGUF bytes, and the default model with its Q4_1 weights kept 4-bit against the same model
+dequantized to fp32."""
 
 import gguf
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import minicpm4
+from minicpm4 import native
 from minicpm4.int4_linear import Int4Linear, unpack_q4_1
 
 
@@ -34,15 +36,41 @@ def test_kernel_equals_reference_within_bf16_scale_rounding(q4_1_tensors):
         zero = torch.from_numpy(m + 8 * d).to(torch.bfloat16).double()
         qt = torch.from_numpy(q).double().view(q.shape[0], -1, 32)
         w_ref = ((qt - 8) * scale[..., None] + zero[..., None]).view(q.shape)
-        x = torch.randn(5, layer.in_features, generator=g).to(torch.bfloat16)
-        got = layer(x).double()
-        ref = x.double() @ w_ref.T
-        tol = 2 ** -7 * (x.double().abs() @ w_ref.abs().T) + 1e-3  # bf16 output rounding and fp32 accumulation
-        assert (got - ref).abs().le(tol).all(), t.name
+        for rows in (1, 5, 16, 40):  # our kernel up to 16 rows (in chunks of 6), torch's beyond
+            x = torch.randn(rows, layer.in_features, generator=g).to(torch.bfloat16)
+            got = layer(x).double()
+            ref = x.double() @ w_ref.T
+            tol = 2 ** -7 * (x.double().abs() @ w_ref.abs().T) + 1e-3  # bf16 output rounding, fp32 accumulation
+            assert (got - ref).abs().le(tol).all(), (t.name, rows)
         # and the bf16 scale rounding itself stays within one bf16 ulp of the Q4_1 float weight
         w_q41 = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).double()
         bound = 2 ** -8 * (8 * torch.from_numpy(d).double().abs() + torch.from_numpy(m + 8 * d).double().abs())
         assert ((w_ref - w_q41).abs().view(q.shape[0], -1, 32) <= bound[..., None] + 1e-12).all()
+
+
+def test_our_kernel_runs_and_a_row_never_depends_on_its_neighbours(q4_1_tensors):
+    """Speculative verification runs 12 rows where plain decode runs 1: each row's result must be bitwise what it
+    is alone, or greedy outputs could differ. Also: the kernel is really taken for <= 16 rows on this CPU."""
+    ext = native.extension("int4")
+    assert ext is not None and ext.has_kernel()
+    g = torch.Generator().manual_seed(1)
+    for t in q4_1_tensors:
+        layer = Int4Linear.from_q4_1(np.array(t.data))
+        x = torch.randn(16, layer.in_features, generator=g).to(torch.bfloat16)
+        assert ext.supported(x, layer.qweight, layer.group_size, layer.scales_and_zeros)
+        assert not ext.supported(torch.cat([x, x, x]), layer.qweight, layer.group_size, layer.scales_and_zeros)
+        together = layer(x)
+        for rows in (slice(0, 1), slice(3, 4), slice(15, 16), slice(2, 9), slice(4, 16)):
+            assert torch.equal(layer(x[rows]), together[rows]), (t.name, rows)
+
+
+def test_rows_outside_whole_64_row_blocks_fall_back_to_torchs_kernel(q4_1_tensors):
+    raw = np.array(q4_1_tensors[0].data)[:96]  # 96 output rows: one whole block and a part
+    layer = Int4Linear.from_q4_1(raw)
+    x = torch.randn(3, layer.in_features).to(torch.bfloat16)
+    assert not native.extension("int4").supported(x, layer.qweight, layer.group_size, layer.scales_and_zeros)
+    want = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.qweight, layer.group_size, layer.scales_and_zeros)
+    assert torch.equal(layer(x), want)
 
 
 def test_int4_model_keeps_quality_on_real_text(smollm_gguf, real_text):

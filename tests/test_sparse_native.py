@@ -136,11 +136,14 @@ def test_native_model_decode_runs_sparse_and_keeps_compressed_keys():
         for b, n in enumerate(lens):
             for c, ref in zip(store.c, compress_both(cache.k[layer, b:b + 1, :, :n], SparseConfig(**sparse))):
                 torch.testing.assert_close(c[layer, b:b + 1, :, :ref.shape[2]], ref, atol=0, rtol=0)
-    # the same weights, dense attention: the steps below dense_len are the same dense steps
+    # the same weights, dense attention, a cache without compressed keys: the dense C++ stack runs the same steps
+    # below dense_len
     model.set_attention_backend(dense_attention)
     model.fuse_projections()
     assert model.native is not None and model.native.sparse is None and stack.sparse is not None
-    dense_logits, _ = _decode(model, ids, 150, 115, cfg)
+    dense_cfg = ModelConfig.from_dict({**cfg.to_dict(), "sparse_config": None})
+    dense_logits, dense_cache = _decode(model, ids, 150, 115, dense_cfg)
+    assert dense_cache.compressed is None
     assert torch.equal(dense_logits[:, :40], native_logits[:, :40])
 
 

@@ -3,9 +3,10 @@
 //
 // Why: a batch-1 decode step of a small model is bound by per-op overhead, not arithmetic. The Python layer
 // (model.py DecoderLayer) issues ~25 torch calls per layer, each paying Python binding and dispatch costs;
-// here a layer is 4 matmuls, 1 SDPA call and 4 fused elementwise loops, with no Python between them. With
+// here a layer is 4 matmuls, 1 attention call (dense_attention.h) and 4 fused elementwise loops, with no Python
+// between them. With
 // T > 1 the matmuls read each weight once for all T rows, so verifying a 12-node draft tree costs far less than 12
-// steps (measured: ~1.6 steps in bf16, ~3.4 with int4 weights, whose kernel gains little from more rows).
+// steps in bf16 (measured: ~1.6 steps); int4 weights are cheap to read, and their T rows cost more arithmetic.
 //
 // It computes what model.py computes, rounding where model.py rounds (bf16 storage, fp32 math), per row r = (b, t):
 //   n   = bf16(bf16(h * rsqrt(mean(h^2) + eps)) * w_in)                      RMSNorm, fp32 inside
@@ -13,8 +14,8 @@
 //   q,k = bf16(x * cos + roll(x, D/2) * signed_sin)  (fp32)                  rotate-half RoPE at the row's position
 //   cache[layer][b, :, slot_(b,t)] = k, v                                     slot: any cache slot (tree nodes
 //                                                                             share positions, not slots)
-//   a   = SDPA(q as [B, KVH, G*T, D], K/V cache[:, :, :kv_len], bias)        G = H / KVH; query (g, t) of group
-//                                                                             kvh is head kvh*G + g at token t
+//   a   = softmax(q K^T / sqrt(D) + bias) V  over cache[:, :, :kv_len]        G = H / KVH query heads per KV
+//                                                                             head (dense_attention.h; SDPA's math)
 //   h   = bf16(h + bf16(a @ Wo^T * rs))                                       rs = scale_depth / sqrt(L)
 //   h   = bf16(h + bf16(down(bf16(bf16(silu(gate)) * up)) * rs))             SiLU-gated MLP
 // model.py's DecoderLayer is the reference; tests/test_native.py checks that both agree.
@@ -27,6 +28,8 @@
 #include <optional>
 #include <vector>
 
+#include "dense_attention.h"
+#include "int4_gemm.h"
 #include "sparse_attention.h"
 #include "ternary_gemv.h"
 
@@ -44,7 +47,7 @@ struct Linear {
   int64_t group;  // int4 group size
 
   Tensor operator()(const Tensor& x) const {  // x [M, K] bf16 -> [M, N] bf16
-    if (kind == 1) return at::_weight_int4pack_mm_for_cpu(x, w, group, s);
+    if (kind == 1) return int4::mm(x, w, group, s);  // Int4Linear's own kernel (csrc/int4.cpp)
     if (kind == 2) return at::_weight_int8pack_mm(x, w, s);
     if (kind == 3) return ternary::gemv(x, w, s, s2);  // TernaryLinear's own kernel, bf16 out
     return at::mm(x, w.t());
@@ -114,10 +117,11 @@ class DecodeStack {
     const float* cp = cos.data_ptr<float>();
     const float* sp = ssin.data_ptr<float>();
     const int64_t* pp = slots.data_ptr<int64_t>();
-    // the bias per query row of SDPA's [B, KVH, G*T, kv_len] layout: each token's row repeated for the G heads
-    // of a group (a copy made once per forward; T = 1 broadcasts)
+    // dense attention: our kernel (dense_attention.h); SDPA for shapes it does not take, with the bias per query
+    // row of SDPA's [B, KVH, G*T, kv_len] layout (each token's row repeated for the G heads of a group)
+    const bool own_attention = dense::supported(nh_, nkv_, D);
     c10::optional<Tensor> qbias = bias;
-    if (T > 1) qbias = bias->expand({B, G, T, kv_len}).reshape({B, 1, G * T, kv_len});
+    if (T > 1 && !own_attention) qbias = bias->expand({B, G, T, kv_len}).reshape({B, 1, G * T, kv_len});
     Tensor n = at::empty({R, hid}, h.options());
     Tensor q = at::empty({B, nh_, T, D}, h.options());  // = [B, KVH, G*T, D]
     BFloat16* hp = h.data_ptr<BFloat16>();
@@ -153,10 +157,10 @@ class DecodeStack {
         }
       }
       if (sparse_) sparse_->truncate(li, pp, B);  // keys at pp were just written (T = 1, checked above)
-      Tensor a = sparse_ && sparse_->active(kv_len)
-                     ? sparse_->attend(li, q.view({B, nh_, D}), kl, vl, pp, kv_len)
-                     : at::scaled_dot_product_attention(q.view({B, nkv_, G * T, D}), kl.narrow(2, 0, kv_len),
-                                                        vl.narrow(2, 0, kv_len), qbias);
+      Tensor a = sparse_ && sparse_->active(kv_len) ? sparse_->attend(li, q.view({B, nh_, D}), kl, vl, pp, kv_len)
+                 : own_attention ? dense::attend(q, kl, vl, kv_len, bias)
+                                 : at::scaled_dot_product_attention(q.view({B, nkv_, G * T, D}),
+                                                                    kl.narrow(2, 0, kv_len), vl.narrow(2, 0, kv_len), qbias);
       // [B, H, T, D] -> [B*T, H*D] (a view when T = 1)
       Tensor o = L.o(a.view({B, nh_, T, D}).transpose(1, 2).reshape({R, nh_ * D}));
       add_scaled(hp, o.data_ptr<BFloat16>(), R * hid, rs);
