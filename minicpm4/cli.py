@@ -117,7 +117,7 @@ def setup():
     from minicpm4 import native
     from minicpm4.default_model import default_model_dir
     click.echo(default_model_dir())
-    for name in ("decode", "int4", "ternary", "sparse_attention"):
+    for name in ("decode", "qgemm", "ternary", "sparse_attention"):
         click.echo(f"native {name} kernels: {'built' if native.extension(name) else 'unavailable (PyTorch path)'}")
 
 

@@ -8,7 +8,7 @@ GGUF Q4_1 stores, per 32 weights, an fp16 scale d and minimum m with w = d * q +
 exactly with scale = d and zero = m + 8d; the one loss is holding scale and zero in bf16 (the kernel's dtype).
 Decode reads 4.5 bits per weight instead of bf16's 16, which is what bounds decode speed on CPU.
 
-The product runs csrc/int4_gemm.h for up to 16 activation rows (decode steps, draft-tree verification: each weight
+The product runs csrc/int4_gemm.h (through csrc/qgemm.cpp) for up to 16 activation rows (decode steps, draft-tree verification: each weight
 unpacked once for all rows, ~2x torch's kernel at one row) and torch's _weight_int4pack_mm_for_cpu for more rows
 (prefill) or without a compiler. The pure-PyTorch reference is the formula above applied to the unpacked values
 (tests/test_int4.py builds it from the GGUF bytes with the gguf package's own dequantizer and checks both kernels
@@ -82,8 +82,8 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)
-        ext = native.extension("int4")
-        mm = ext.mm if ext is not None else torch.ops.aten._weight_int4pack_mm_for_cpu
+        ext = native.extension("qgemm")
+        mm = ext.int4_mm if ext is not None else torch.ops.aten._weight_int4pack_mm_for_cpu
         y = mm(x2, self.qweight, self.group_size, self.scales_and_zeros)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -51,26 +51,32 @@ def test_kernel_equals_reference_within_bf16_scale_rounding(q4_1_tensors):
 def test_our_kernel_runs_and_a_row_never_depends_on_its_neighbours(q4_1_tensors):
     """Speculative verification runs 12 rows where plain decode runs 1: each row's result must be bitwise what it
     is alone, or greedy outputs could differ. Also: the kernel is really taken for <= 16 rows on this CPU."""
-    ext = native.extension("int4")
-    assert ext is not None and ext.has_kernel()
+    ext = native.extension("qgemm")
+    assert ext is not None and ext.has_kernels()
     g = torch.Generator().manual_seed(1)
     for t in q4_1_tensors:
         layer = Int4Linear.from_q4_1(np.array(t.data))
         x = torch.randn(16, layer.in_features, generator=g).to(torch.bfloat16)
-        assert ext.supported(x, layer.qweight, layer.group_size, layer.scales_and_zeros)
-        assert not ext.supported(torch.cat([x, x, x]), layer.qweight, layer.group_size, layer.scales_and_zeros)
+        assert ext.int4_supported(x, layer.qweight, layer.group_size, layer.scales_and_zeros)
+        assert not ext.int4_supported(torch.cat([x, x, x]), layer.qweight, layer.group_size, layer.scales_and_zeros)
         together = layer(x)
         for rows in (slice(0, 1), slice(3, 4), slice(15, 16), slice(2, 9), slice(4, 16)):
             assert torch.equal(layer(x[rows]), together[rows]), (t.name, rows)
 
 
-def test_rows_outside_whole_64_row_blocks_fall_back_to_torchs_kernel(q4_1_tensors):
-    raw = np.array(q4_1_tensors[0].data)[:96]  # 96 output rows: one whole block and a part
-    layer = Int4Linear.from_q4_1(raw)
+def test_a_part_block_of_rows_goes_to_torchs_kernel(q4_1_tensors):
+    """96 output rows: one whole block of 64 (our kernel) and a part block (packed in another layout: torch's), so
+    rows get the same kernel whether or not their layer is concatenated with others."""
+    raw = np.array(q4_1_tensors[0].data)[:96]
+    layer, head, tail = (Int4Linear.from_q4_1(r) for r in (raw, raw[:64], raw[64:]))
     x = torch.randn(3, layer.in_features).to(torch.bfloat16)
-    assert not native.extension("int4").supported(x, layer.qweight, layer.group_size, layer.scales_and_zeros)
-    want = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.qweight, layer.group_size, layer.scales_and_zeros)
-    assert torch.equal(layer(x), want)
+    ext = native.extension("qgemm")
+    assert ext.int4_supported(x, head.qweight, head.group_size, head.scales_and_zeros)
+    assert not ext.int4_supported(x, tail.qweight, tail.group_size, tail.scales_and_zeros)
+    got = layer(x)
+    assert torch.equal(got[:, :64], head(x))
+    want = torch.ops.aten._weight_int4pack_mm_for_cpu(x, tail.qweight, tail.group_size, tail.scales_and_zeros)
+    assert torch.equal(got[:, 64:], want)
 
 
 def test_int4_model_keeps_quality_on_real_text(smollm_gguf, real_text):

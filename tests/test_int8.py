@@ -1,10 +1,12 @@
-"""Int8Linear (torch's int8pack CPU kernel) against its pure-PyTorch reference, and the int4 model's int8 head."""
+"""Int8Linear (our kernel for up to 16 rows, torch's int8pack CPU kernel beyond) against its pure-PyTorch
+reference, and the int4 model's int8 head."""
 
 import numpy as np
 import pytest
 import torch
 
 import minicpm4
+from minicpm4 import native
 from minicpm4.int4_linear import Int4Linear
 from minicpm4.int8_linear import Int8Linear
 from minicpm4.loader import save_pretrained
@@ -24,7 +26,7 @@ def test_kernel_equals_reference():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 128, generator=g)
     layer = Int8Linear.from_float(w)
-    for shape in [(1, 128), (7, 128), (2, 3, 128)]:
+    for shape in [(1, 128), (7, 128), (2, 3, 128), (16, 128), (40, 128)]:  # ours up to 16 rows, torch's beyond
         x = torch.randn(*shape, generator=g).to(torch.bfloat16)
         ref = x.double() @ layer.dequantize().double().T
         got = layer(x)
@@ -32,6 +34,24 @@ def test_kernel_equals_reference():
         tol = 2 ** -7 * (x.double().abs() @ layer.dequantize().double().abs().T) + 1e-3  # bf16 output rounding
         assert (got.double() - ref).abs().le(tol).all()
     assert layer(torch.randn(2, 128)).dtype == torch.float32  # fp32 in, fp32 out (bf16 inside)
+
+
+def test_our_kernel_runs_and_a_row_never_depends_on_its_neighbours():
+    """Each row bitwise what it is alone (speculative verification must round like a decode step); shapes our
+    kernel does not take (K not a multiple of 32) give torch's result."""
+    ext = native.extension("qgemm")
+    assert ext is not None and ext.has_kernels()
+    g = torch.Generator().manual_seed(2)
+    layer = Int8Linear.from_float(torch.randn(298, 160, generator=g))  # 74 blocks of 4 rows and 2 more
+    x = torch.randn(16, 160, generator=g).to(torch.bfloat16)
+    assert ext.int8_supported(x, layer.qweight, layer.scales)
+    together = layer(x)
+    for rows in (slice(0, 1), slice(5, 6), slice(15, 16), slice(1, 4), slice(3, 16)):
+        assert torch.equal(layer(x[rows]), together[rows]), rows
+    odd = Int8Linear.from_float(torch.randn(64, 112, generator=g))  # (torch's kernel crashes at K = 100)
+    x = torch.randn(3, 112, generator=g).to(torch.bfloat16)
+    assert not ext.int8_supported(x, odd.qweight, odd.scales)
+    assert torch.equal(odd(x), torch.ops.aten._weight_int8pack_mm(x, odd.qweight, odd.scales))
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

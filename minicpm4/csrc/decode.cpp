@@ -30,6 +30,7 @@
 
 #include "dense_attention.h"
 #include "int4_gemm.h"
+#include "int8_gemm.h"
 #include "sparse_attention.h"
 #include "ternary_gemv.h"
 
@@ -47,8 +48,8 @@ struct Linear {
   int64_t group;  // int4 group size
 
   Tensor operator()(const Tensor& x) const {  // x [M, K] bf16 -> [M, N] bf16
-    if (kind == 1) return int4::mm(x, w, group, s);  // Int4Linear's own kernel (csrc/int4.cpp)
-    if (kind == 2) return at::_weight_int8pack_mm(x, w, s);
+    if (kind == 1) return int4::mm(x, w, group, s);  // Int4Linear's own kernel (csrc/qgemm.cpp)
+    if (kind == 2) return int8::mm(x, w, s);  // Int8Linear's own kernel
     if (kind == 3) return ternary::gemv(x, w, s, s2);  // TernaryLinear's own kernel, bf16 out
     return at::mm(x, w.t());
   }

@@ -124,12 +124,12 @@ inline void block(const uint16_t* x, const float* sx, const uint8_t* w, const ui
 #endif
 
 // Whether mm() takes this call: the AVX512-BF16 kernel is compiled in, x is bf16 with 1..kMaxRows rows, and the
-// weight has whole 64-row blocks and groups of a multiple of 4 columns.
+// weight has at least one whole 64-row block and groups of a multiple of 4 columns.
 inline bool supported(const at::Tensor& x, const at::Tensor& w, int64_t group, const at::Tensor& sz) {
 #ifdef MINICPM4_INT4_KERNEL
   const int64_t N = w.size(0), K = w.size(1) * 2;
   return x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows &&
-         x.size(1) == K && w.scalar_type() == at::kByte && w.is_contiguous() && N % kBlockN == 0 &&
+         x.size(1) == K && w.scalar_type() == at::kByte && w.is_contiguous() && N >= kBlockN &&
          group % 4 == 0 && K % group == 0 && sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
          sz.dim() == 3 && sz.size(0) == K / group && sz.size(1) == N;
 #else
@@ -139,7 +139,8 @@ inline bool supported(const at::Tensor& x, const at::Tensor& w, int64_t group, c
 }
 
 // x [M, K] bf16 @ W^T -> [M, N] bf16, W = (w [N, K/2] uint8, group, sz [K/group, N, 2] bf16) in torch's layout.
-// Our kernel where supported(), torch's otherwise.
+// Our kernel where supported(), torch's otherwise. The last N % 64 rows (a part block, packed in another layout)
+// always go to torch's kernel, so a layer's rows get the same kernel whether or not it is concatenated with others.
 inline at::Tensor mm(const at::Tensor& x_in, const at::Tensor& w, int64_t group, const at::Tensor& sz) {
   if (!supported(x_in, w, group, sz)) return at::_weight_int4pack_mm_for_cpu(x_in, w, group, sz);
 #ifdef MINICPM4_INT4_KERNEL
@@ -153,11 +154,15 @@ inline at::Tensor mm(const at::Tensor& x_in, const at::Tensor& w, int64_t group,
       for (int64_t k = g * group; k < (g + 1) * group; ++k) s += bf16_to_float(xp[m * K + k]);
       sx[m * G + g] = s;
     }
+  const int64_t full = N / kBlockN * kBlockN;
   at::Tensor y = at::empty({M, N}, x.options());
+  if (full < N)
+    y.narrow(1, full, N - full)
+        .copy_(at::_weight_int4pack_mm_for_cpu(x, w.narrow(0, full, N - full), group, sz.narrow(1, full, N - full).contiguous()));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* szp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  at::parallel_for(0, N / kBlockN, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, full / kBlockN, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t m = 0; m < M;) {  // chunks of kChunk rows, the last one 1..kChunk
         const int64_t mb = std::min<int64_t>(M - m, kChunk);
