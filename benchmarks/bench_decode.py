@@ -5,6 +5,9 @@ Peers, each given 2 threads and the same prompt token ids:
                 (weights dequantized to --dtype, default bf16)
   ours-int4     with --int4: the same, with the GGUF's Q4_1 layer weights kept 4-bit (minicpm4.int4_linear)
                 and the Q8_0 head requantized to int8 rows (minicpm4.int8_linear)
+  ours-spec     with --draft DIR: ours (--dtype) with EAGLE-2 speculative decoding (minicpm4.speculative, tree
+                --tree), greedy, its output checked against ours; ours-spec-frspec adds --frspec's vocabulary, and
+                with --int4 ours-int4-spec-frspec runs it on the int4 target; mean acceptance length reported
   transformers  LlamaForCausalLM in bf16 with SDPA, holding the very tensors ours loaded (so both run the same
                 weights; transformers' own GGUF loader needs `accelerate`), driven by a manual greedy loop
   llama.cpp     llama-cpp-python on the GGUF itself (its own Q4_1 kernels), driven by Llama.eval, with flash
@@ -20,6 +23,7 @@ Engine.stream and Llama.eval are the bare loops of their libraries. Prompts are 
 medians are reported. The last line of stdout is one JSON object with every number.
 
     python benchmarks/bench_decode.py --lengths 128,1024,4096 --new-tokens 64 --repeats 3
+    python benchmarks/bench_decode.py --lengths 512 --int4 --draft DRAFT --frspec FREQ.pt    # + speculative peers
 
 On a shared machine prefix `nice -n -20` (as root): two threads on two busy cores stall at every barrier whenever
 one of them is descheduled, which can slow a 2-thread decode step tenfold.
@@ -98,6 +102,26 @@ def ours_runner(model):
     return run
 
 
+def spec_runner(model, draft: str, frspec: str | None, options: dict):
+    """ours with speculative decoding; run() also returns the mean acceptance length."""
+    from minicpm4.speculative import build_speculative
+    spec = build_speculative(model.fuse_projections(), draft, frspec, options)
+
+    def run(prompt: list[int], n: int):
+        stream = spec.stream(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
+        t0 = time.perf_counter()
+        tokens = [next(stream)]
+        t1 = time.perf_counter()
+        while True:  # tokens arrive a round at a time; the generation record comes with StopIteration
+            try:
+                tokens.append(next(stream))
+            except StopIteration as end:
+                gen = end.value
+                break
+        return t1 - t0, (time.perf_counter() - t1) / max(n - 1, 1), tokens, gen.mean_accept_length
+    return run
+
+
 def hf_runner(model):
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -145,9 +169,9 @@ def measure(runners: dict, prompts: dict[int, list[int]], n: int, repeats: int, 
         runs = {name: [] for name in runners}
         for i in range(warmup + repeats):
             for name, run in runners.items():
-                prefill_s, decode_s, tokens = run(prompt, n)
+                r = run(prompt, n)  # (prefill_s, decode_s, tokens[, mean acceptance length])
                 if i >= warmup:
-                    runs[name].append((prefill_s, decode_s, tokens))
+                    runs[name].append(r)
         row = {}
         for name, rs in runs.items():
             prefill = statistics.median(r[0] for r in rs)
@@ -155,10 +179,13 @@ def measure(runners: dict, prompts: dict[int, list[int]], n: int, repeats: int, 
             row[name] = {"prefill_tok_s": length / prefill, "ttft_s": prefill, "decode_tok_s": 1 / decode,
                          "prefill_s_runs": [r[0] for r in rs], "decode_s_per_token_runs": [r[1] for r in rs],
                          "tokens_agree_with_ours": agree(rs[0][2], runs["ours"][0][2])
-                         if "ours" in runs and name != "ours" else None}
-        for ours in ("ours", "ours-int4"):
-            for peer in ("transformers", "llama.cpp"):
-                if ours in row and peer in row:
+                         if "ours" in runs and name != "ours" else None,
+                         "mean_accept_length": statistics.median(r[3] for r in rs) if len(rs[0]) > 3 else None}
+        ours_names = [name for name in runs if name.startswith("ours")]
+        for ours in ours_names:
+            plain = ours.split("-spec")[0]  # a speculative peer against its own plain decode too
+            for peer in ("transformers", "llama.cpp") + ((plain,) if plain != ours else ()):
+                if peer in row:
                     row[f"{ours}/{peer}"] = {k: row[ours][k] / row[peer][k] for k in ("prefill_tok_s", "decode_tok_s")}
         results[str(length)] = row
         print(f"  length {length} done", flush=True)
@@ -166,15 +193,16 @@ def measure(runners: dict, prompts: dict[int, list[int]], n: int, repeats: int, 
 
 
 def print_table(results: dict, names: list[str], n: int) -> None:
-    print(f"\n{'prompt':>6}  {'peer':<14}{'prefill tok/s':>14}{'TTFT s':>9}{'decode tok/s':>14}"
-          f"{'agree':>8}")
+    print(f"\n{'prompt':>6}  {'peer':<22}{'prefill tok/s':>14}{'TTFT s':>9}{'decode tok/s':>14}"
+          f"{'agree':>8}{'accept len':>12}")
     for length, row in results.items():
         for name in names:
             r = row[name]
-            print(f"{length:>6}  {name:<14}{r['prefill_tok_s']:>14.1f}{r['ttft_s']:>9.3f}{r['decode_tok_s']:>14.1f}"
-                  f"{'-' if r['tokens_agree_with_ours'] is None else r['tokens_agree_with_ours']:>5}/{n}")
-        for key in (k for k in row if k.startswith(("ours/", "ours-int4/"))):
-            print(f"{'':>6}  {key:<22} prefill x{row[key]['prefill_tok_s']:.2f}   decode x{row[key]['decode_tok_s']:.2f}")
+            acc = "-" if r["mean_accept_length"] is None else f"{r['mean_accept_length']:.2f}"
+            print(f"{length:>6}  {name:<22}{r['prefill_tok_s']:>14.1f}{r['ttft_s']:>9.3f}{r['decode_tok_s']:>14.1f}"
+                  f"{'-' if r['tokens_agree_with_ours'] is None else r['tokens_agree_with_ours']:>5}/{n}{acc:>12}")
+        for key in (k for k in row if "/" in k):
+            print(f"{'':>6}  {key:<36} prefill x{row[key]['prefill_tok_s']:.2f}   decode x{row[key]['decode_tok_s']:.2f}")
     print("agree: leading generated tokens equal to ours (greedy; bf16 and Q4_1 rounding may split late ties)\n")
 
 
@@ -188,6 +216,7 @@ def cpu_name() -> str:
 
 
 def main() -> None:
+    global THREADS  # --threads sets it for every peer (llama.cpp's runner reads it)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gguf", type=Path, default=None, help="GGUF file (default: the minicpm4 default model)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of our engine")
@@ -198,11 +227,16 @@ def main() -> None:
     ap.add_argument("--int4", action="store_true", help="also run ours with the GGUF's Q4_1 weights kept 4-bit")
     ap.add_argument("--skip-hf", action="store_true", help="do not run HF transformers")
     ap.add_argument("--skip-llamacpp", action="store_true", help="do not run llama.cpp")
+    ap.add_argument("--draft", default=None, help="EAGLE draft directory: adds the speculative peers")
+    ap.add_argument("--frspec", default=None, help="FR-Spec vocabulary file for the speculative peers")
+    ap.add_argument("--tree", default="10,2,12", help="topk,num_iter,tree_size of the draft tree (CPM.cu's defaults)")
+    ap.add_argument("--threads", type=int, default=THREADS, help="threads of every peer")
     args = ap.parse_args()
     if args.new_tokens < 2 or args.repeats < 1:
         ap.error("--new-tokens must be >= 2 and --repeats >= 1")
     lengths = [int(x) for x in args.lengths.split(",")]
     gguf = args.gguf or default_gguf()
+    THREADS = args.threads
     torch.set_num_threads(THREADS)
 
     model, tok = minicpm4.load(gguf, dtype=args.dtype)
@@ -214,6 +248,15 @@ def main() -> None:
     runners = {"ours": ours_runner(minicpm4.load(gguf, dtype=args.dtype)[0])}  # `model` stays unfused for HF
     if args.int4:  # the GGUF's Q4_1 layer weights kept 4-bit (Int4Linear), activations bf16
         runners["ours-int4"] = ours_runner(minicpm4.load(gguf, dtype="bf16", int4=True)[0])
+    if args.draft:
+        tree = dict(zip(("topk", "num_iter", "tree_size"), (int(x) for x in args.tree.split(","))))
+        runners["ours-spec"] = spec_runner(minicpm4.load(gguf, dtype=args.dtype)[0], args.draft, None, tree)
+        if args.frspec:
+            runners["ours-spec-frspec"] = spec_runner(minicpm4.load(gguf, dtype=args.dtype)[0], args.draft,
+                                                      args.frspec, tree)
+            if args.int4:
+                runners["ours-int4-spec-frspec"] = spec_runner(minicpm4.load(gguf, dtype="bf16", int4=True)[0],
+                                                               args.draft, args.frspec, tree)
     notes = []
     if args.skip_hf:
         notes.append("transformers skipped (--skip-hf)")
@@ -249,6 +292,7 @@ def main() -> None:
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
     print(json.dumps({"gguf": str(gguf), "cpu": cpu_name(), "threads": THREADS, "dtype": args.dtype,
+                      "draft": args.draft, "frspec": args.frspec, "tree": args.tree if args.draft else None,
                       "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup,
                       "prompt_source": source, "peers": list(runners), "notes": notes, "versions": versions,
                       "loadavg_1min": [load_before, os.getloadavg()[0]], "results": results}))
