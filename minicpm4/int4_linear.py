@@ -8,9 +8,10 @@ GGUF Q4_1 stores, per 32 weights, an fp16 scale d and minimum m with w = d * q +
 exactly with scale = d and zero = m + 8d; the one loss is holding scale and zero in bf16 (the kernel's dtype).
 Decode reads 4.5 bits per weight instead of bf16's 16, which is what bounds decode speed on CPU.
 
-The product runs csrc/int4_gemm.h (through csrc/qgemm.cpp) for up to 16 activation rows (decode steps, draft-tree verification: each weight
-unpacked once for all rows, ~2x torch's kernel at one row) and torch's _weight_int4pack_mm_for_cpu for more rows
-(prefill) or without a compiler. The pure-PyTorch reference is the formula above applied to the unpacked values
+The product runs csrc/int4_gemm.h (through csrc/qgemm.cpp): for up to 16 activation rows (decode steps, draft-tree
+verification) a kernel that unpacks each weight once for all rows (~2x torch's kernel at one row), for more rows
+(prefill) blocks of the weight dequantized to bf16 and a bf16 GEMM; torch's _weight_int4pack_mm_for_cpu without a
+compiler. The pure-PyTorch reference is the formula above applied to the unpacked values
 (tests/test_int4.py builds it from the GGUF bytes with the gguf package's own dequantizer and checks both kernels
 against it).
 """

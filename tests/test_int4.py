@@ -36,7 +36,7 @@ def test_kernel_equals_reference_within_bf16_scale_rounding(q4_1_tensors):
         zero = torch.from_numpy(m + 8 * d).to(torch.bfloat16).double()
         qt = torch.from_numpy(q).double().view(q.shape[0], -1, 32)
         w_ref = ((qt - 8) * scale[..., None] + zero[..., None]).view(q.shape)
-        for rows in (1, 5, 16, 40):  # our kernel up to 16 rows (in chunks of 6), torch's beyond
+        for rows in (1, 5, 16, 40):  # the few-row kernel up to 16 rows (in chunks of 6), dequantized bf16 beyond
             x = torch.randn(rows, layer.in_features, generator=g).to(torch.bfloat16)
             got = layer(x).double()
             ref = x.double() @ w_ref.T

@@ -1,10 +1,13 @@
-// Int4 weight x bf16 activation product for a few rows (decode, tree verification, the draft's passes), on the
-// weight layout of torch's CPU int4 kernel, so Int4Linear's tensors are used as they are.
+// Int4 weight x bf16 activation products on the weight layout of torch's CPU int4 kernel, so Int4Linear's tensors
+// are used as they are: a few-row kernel (decode, tree verification, the draft's passes) and, for many rows
+// (prefill), blocks of the weight dequantized to bf16 for a bf16 GEMM.
 //
-// Why our own: torch's _weight_int4pack_mm_for_cpu unpacks the 4-bit weights again for every block of 4
-// activation rows, so verifying a 12-token draft tree costs ~3.5 decode steps. Here each 4-bit weight is unpacked
-// once per call and multiplied into every activation row (up to kMaxRows at a time): 12 rows cost little more
-// than 1, the weights' memory traffic being the same.
+// Why our own: torch's _weight_int4pack_mm_for_cpu turns each weight into fp32 and multiplies with fp32 FMAs, and
+// unpacks the weights again for every block of 4 activation rows. Here each 4-bit weight is unpacked once per call
+// for all rows and multiplied with vdpbf16ps (32 products per instruction). Measured on one core (3072 x 576,
+// groups of 32): 1 row 24 us vs torch's 50 us, 12 rows 114 us vs 250 us. 12 rows still cost ~5 times 1 row: at
+// 12 rows the arithmetic, not the weights' memory traffic, is the bound. For 512 rows the bf16 GEMM path runs at
+// bf16-GEMM speed, where torch's int4 kernel is ~1.7x slower than bf16 weights.
 //
 // Layout (aten::_convert_weight_to_int4pack_for_cpu, inner k tiles 1): output rows in blocks of 64; for block b
 // and input column k, 32 bytes at w[(b * K + k) * 32 ..]: byte d (d < 16) holds row 64b + d in its low nibble and
@@ -37,11 +40,9 @@
 namespace int4 {
 
 constexpr int64_t kBlockN = 64;
-constexpr int64_t kMaxRows = 16;
-#ifndef INT4_CHUNK
-#define INT4_CHUNK 6
-#endif
-constexpr int64_t kChunk = INT4_CHUNK;  // activation rows per pass over a block's weights  // rows per call the kernel takes; more go to torch's kernel
+constexpr int64_t kMaxRows = 16;  // rows per call the few-row kernel takes; more go to prefill()
+constexpr int64_t kChunk = 6;     // activation rows per pass over a block's weights (4 * 6 accumulators; 4 and 8
+                                  // measured no faster)
 
 inline float bf16_to_float(uint16_t v) {
   const uint32_t u = static_cast<uint32_t>(v) << 16;
@@ -123,37 +124,88 @@ inline void block(const uint16_t* x, const float* sx, const uint8_t* w, const ui
 }
 #endif
 
-// Whether mm() takes this call: the AVX512-BF16 kernel is compiled in, x is bf16 with 1..kMaxRows rows, and the
-// weight has at least one whole 64-row block and groups of a multiple of 4 columns.
-inline bool supported(const at::Tensor& x, const at::Tensor& w, int64_t group, const at::Tensor& sz) {
+// Whether our kernels take this weight: the AVX512-BF16 code is compiled in, at least one whole 64-row block,
+// groups of a multiple of 4 columns, contiguous tensors.
+inline bool weight_fits(const at::Tensor& w, int64_t group, const at::Tensor& sz) {
 #ifdef MINICPM4_INT4_KERNEL
   const int64_t N = w.size(0), K = w.size(1) * 2;
-  return x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows &&
-         x.size(1) == K && w.scalar_type() == at::kByte && w.is_contiguous() && N >= kBlockN &&
-         group % 4 == 0 && K % group == 0 && sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
-         sz.dim() == 3 && sz.size(0) == K / group && sz.size(1) == N;
+  return w.scalar_type() == at::kByte && w.is_contiguous() && N >= kBlockN && group % 4 == 0 && K % group == 0 &&
+         sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == K / group &&
+         sz.size(1) == N;
 #else
-  (void)x; (void)w; (void)group; (void)sz;
+  (void)w; (void)group; (void)sz;
   return false;
 #endif
 }
 
+// Whether mm() runs the few-row kernel (1..kMaxRows bf16 rows) for this call.
+inline bool supported(const at::Tensor& x, const at::Tensor& w, int64_t group, const at::Tensor& sz) {
+  return weight_fits(w, group, sz) && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(0) >= 1 &&
+         x.size(0) <= kMaxRows && x.size(1) == w.size(1) * 2;
+}
+
+#ifdef MINICPM4_INT4_KERNEL
+// Blocks [b0, b1) dequantized to bf16, transposed: wt[k, (b - b0) * 64 + r] = bf16((q - 8) * scale + zero) of row
+// 64 b + r (one fp32 FMA, one rounding). Column k of a block is 32 bytes whose low nibbles are rows 0..31 and
+// high nibbles rows 32..63, so each (block, k) writes 64 contiguous values.
+inline void dequantize_t(const uint8_t* w, const uint16_t* sz, uint16_t* wt, int64_t b0, int64_t b1, int64_t K,
+                         int64_t N, int64_t group) {
+  const int64_t ld = (b1 - b0) * kBlockN;
+  at::parallel_for(b0, b1, 1, [&](int64_t a, int64_t e) {
+    for (int64_t b = a; b < e; ++b) {
+      for (int64_t g = 0; g < K / group; ++g) {
+        __m512 s[4], zz[4];
+        for (int j = 0; j < 4; ++j) {  // rows 16 j .. 16 j + 15 of the block: (scale, zero) pairs
+          const __m512i pair = _mm512_loadu_si512(sz + (g * N + b * kBlockN + 16 * j) * 2);
+          s[j] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+          const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(static_cast<int>(0xFFFF0000))));
+          zz[j] = _mm512_fmadd_ps(_mm512_set1_ps(-8.f), s[j], z);  // w = q * scale + (zero - 8 scale)
+        }
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+          const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (b * K + k) * 32)));
+          const __m512i nib[2] = {_mm512_and_si512(v, _mm512_set1_epi16(0x000F)), _mm512_srli_epi16(v, 4)};
+          uint16_t* out = wt + k * ld + (b - b0) * kBlockN;
+          for (int h = 0; h < 2; ++h) {  // low nibbles: rows 0..31, high: rows 32..63
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(nib[h])));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(nib[h], 1)));
+            const __m512bh r = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, s[2 * h + 1], zz[2 * h + 1]),
+                                                   _mm512_fmadd_ps(lo, s[2 * h], zz[2 * h]));
+            _mm512_storeu_si512(out + 32 * h, (__m512i)r);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Many rows (prefill): the weight dequantized to bf16 a chunk of blocks at a time, then a bf16 GEMM. Rounding
+// the weight to bf16 adds at most 2^-9 relative error per weight, which the bf16 activations already carry;
+// the whole layer is never held in bf16 (chunks of kPrefillBlocks blocks).
+constexpr int64_t kPrefillBlocks = 16;
+
+inline void prefill(const at::Tensor& x, const uint8_t* w, const uint16_t* sz, at::Tensor& y, int64_t full,
+                    int64_t K, int64_t N, int64_t group) {
+  for (int64_t b0 = 0; b0 < full / kBlockN; b0 += kPrefillBlocks) {
+    const int64_t b1 = std::min(full / kBlockN, b0 + kPrefillBlocks), cols = (b1 - b0) * kBlockN;
+    at::Tensor wt = at::empty({K, cols}, x.options());
+    dequantize_t(w, sz, reinterpret_cast<uint16_t*>(wt.data_ptr<at::BFloat16>()), b0, b1, K, N, group);
+    y.narrow(1, b0 * kBlockN, cols).copy_(at::mm(x, wt));
+  }
+}
+#endif
+
 // x [M, K] bf16 @ W^T -> [M, N] bf16, W = (w [N, K/2] uint8, group, sz [K/group, N, 2] bf16) in torch's layout.
-// Our kernel where supported(), torch's otherwise. The last N % 64 rows (a part block, packed in another layout)
+// Our few-row kernel for up to kMaxRows rows, dequantized blocks + bf16 GEMM beyond, torch's kernel for weights
+// ours do not take. The last N % 64 rows (a part block, packed in another layout)
 // always go to torch's kernel, so a layer's rows get the same kernel whether or not it is concatenated with others.
 inline at::Tensor mm(const at::Tensor& x_in, const at::Tensor& w, int64_t group, const at::Tensor& sz) {
-  if (!supported(x_in, w, group, sz)) return at::_weight_int4pack_mm_for_cpu(x_in, w, group, sz);
+  if (!weight_fits(w, group, sz) || x_in.scalar_type() != at::kBFloat16 || x_in.dim() != 2 || x_in.size(0) < 1)
+    return at::_weight_int4pack_mm_for_cpu(x_in, w, group, sz);
 #ifdef MINICPM4_INT4_KERNEL
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group;
+  TORCH_CHECK(K == w.size(1) * 2, "int4 mm: x has ", K, " columns, the weight ", w.size(1) * 2);
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  std::vector<float> sx(M * G);  // group sums of x, fp32 in column order
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += bf16_to_float(xp[m * K + k]);
-      sx[m * G + g] = s;
-    }
   const int64_t full = N / kBlockN * kBlockN;
   at::Tensor y = at::empty({M, N}, x.options());
   if (full < N)
@@ -161,6 +213,17 @@ inline at::Tensor mm(const at::Tensor& x_in, const at::Tensor& w, int64_t group,
         .copy_(at::_weight_int4pack_mm_for_cpu(x, w.narrow(0, full, N - full), group, sz.narrow(1, full, N - full).contiguous()));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* szp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
+  if (M > kMaxRows) {
+    prefill(x, wp, szp, y, full, K, N, group);
+    return y;
+  }
+  std::vector<float> sx(M * G);  // group sums of x, fp32 in column order
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += bf16_to_float(xp[m * K + k]);
+      sx[m * G + g] = s;
+    }
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   at::parallel_for(0, full / kBlockN, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {

@@ -1,7 +1,7 @@
-// The few-row products of Int4Linear (csrc/int4_gemm.h) and Int8Linear (csrc/int8_gemm.h), where their layouts
-// and math are described: our kernels for 1..16 activation rows, torch's _weight_int4pack_mm_for_cpu /
-// _weight_int8pack_mm for more rows (prefill) or where ours are not compiled in. The C++ decode stack
-// (decode.cpp) calls the same kernels.
+// The products of Int4Linear (csrc/int4_gemm.h) and Int8Linear (csrc/int8_gemm.h), where their layouts and math
+// are described: our few-row kernels for 1..16 activation rows; for more rows (prefill) int4 weights dequantized
+// in blocks for a bf16 GEMM and int8 weights through torch's _weight_int8pack_mm; torch's kernels wherever ours
+// are not compiled in. The C++ decode stack (decode.cpp) calls the same kernels.
 #include "int4_gemm.h"
 #include "int8_gemm.h"
 
@@ -15,8 +15,8 @@ bool has_kernels() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4::mm, "x [M, K] bf16 @ int4 W^T -> [M, N] bf16");
-  m.def("int4_supported", &int4::supported, "whether int4_mm runs our kernel (not torch's) for these arguments");
+  m.def("int4_supported", &int4::supported, "whether int4_mm runs the few-row kernel for these arguments");
   m.def("int8_mm", &int8::mm, "x [M, K] bf16 @ (int8 W * row scale)^T -> [M, N] bf16");
-  m.def("int8_supported", &int8::supported, "whether int8_mm runs our kernel (not torch's) for these arguments");
+  m.def("int8_supported", &int8::supported, "whether int8_mm runs the few-row kernel for these arguments");
   m.def("has_kernels", &has_kernels, "whether the AVX512-BF16 kernels were compiled in");
 }
