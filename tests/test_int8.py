@@ -1,4 +1,4 @@
-"""Int8Linear (our kernel for up to 16 rows, torch's int8pack CPU kernel beyond) against its pure-PyTorch
+"""Int8Linear (our kernel for up to 16 rows, bf16 GEMM on converted rows beyond) against its pure-PyTorch
 reference, and the int4 model's int8 head."""
 
 import numpy as np
@@ -26,7 +26,7 @@ def test_kernel_equals_reference():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 128, generator=g)
     layer = Int8Linear.from_float(w)
-    for shape in [(1, 128), (7, 128), (2, 3, 128), (16, 128), (40, 128)]:  # ours up to 16 rows, torch's beyond
+    for shape in [(1, 128), (7, 128), (2, 3, 128), (16, 128), (40, 128)]:  # few-row kernel up to 16 rows, bf16 GEMM beyond
         x = torch.randn(*shape, generator=g).to(torch.bfloat16)
         ref = x.double() @ layer.dequantize().double().T
         got = layer(x)

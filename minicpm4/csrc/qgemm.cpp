@@ -1,7 +1,6 @@
 // The products of Int4Linear (csrc/int4_gemm.h) and Int8Linear (csrc/int8_gemm.h), where their layouts and math
-// are described: our few-row kernels for 1..16 activation rows; for more rows (prefill) int4 weights dequantized
-// in blocks for a bf16 GEMM and int8 weights through torch's _weight_int8pack_mm; torch's kernels wherever ours
-// are not compiled in. The C++ decode stack (decode.cpp) calls the same kernels.
+// are described: our few-row kernels for 1..16 activation rows; for more rows (prefill) blocks of the weights
+// dequantized to bf16 for a bf16 GEMM; torch's kernels wherever ours are not compiled in. The C++ decode stack (decode.cpp) calls the same kernels.
 #include "int4_gemm.h"
 #include "int8_gemm.h"
 
