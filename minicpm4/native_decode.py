@@ -1,8 +1,8 @@
 """The decode step's layer stack in C++ (csrc/decode.cpp), for fused bf16 models on CPU.
 
 A batch-1 decode step of a small model is bound by per-op overhead: the Python layers issue ~25 torch calls per
-layer. `NativeDecoder` hands the whole stack to one C++ call that runs 4 matmuls, 1 SDPA and 4 fused loops per
-layer, rounding exactly where model.py rounds. Its linear layers may be bf16, Int4Linear, Int8Linear or
+layer. `NativeDecoder` hands the whole stack to one C++ call that runs 4 matmuls, 1 attention call and 4 fused
+loops per layer, rounding where model.py rounds. Its linear layers may be bf16, Int4Linear, Int8Linear or
 TernaryLinear. It holds references to the model's own weight tensors (no copy).
 
 The same call takes T > 1 new tokens with explicit cache slots and an attention mask: a speculative round's tree
