@@ -52,9 +52,10 @@ inline float bf16_to_float(uint16_t v) {
 }
 
 #ifdef MINICPM4_INT4_KERNEL
-// Rows [64b + 16j, +16) for the quarters j in Js of block b, for MB activation rows. Quarters 0 and 2 come from
-// bytes 0..15 of each column (low and high nibbles), 1 and 3 from bytes 16..31. NJ = 4 (all quarters, 2 loads per
-// column) keeps 8 accumulators busy for MB = 1; NJ = 2 (quarters h, h + 2) fits 4 * MB accumulators for larger MB.
+// One pass over block b's columns for MB activation rows, covering NJ of its four 16-row quarters (rows
+// 64b + 16q .. +15): bytes 16h .. 16h + 15 of a column hold quarter h in their low nibbles and quarter h + 2 in their
+// high nibbles. NJ = 4 (all quarters, h = 0) keeps 8 accumulator chains busy for MB <= 2; NJ = 2 (quarters h and
+// h + 2) fits the 4 * MB accumulators of larger MB in registers. Out: y[m, n] for those rows, bf16.
 template <int MB, int NJ>
 inline void block_rows(const uint16_t* x, const float* sx, const uint8_t* w, const uint16_t* sz, uint16_t* y,
                        int64_t b, int h, int64_t K, int64_t N, int64_t group) {
