@@ -54,12 +54,10 @@ void step(const BFloat16* q, const BFloat16* kbase, const BFloat16* vbase, int64
 }
 
 using StepFn = decltype(&step<1>);
-
-template <int... Gs>
-StepFn pick(int64_t g, std::integer_sequence<int, Gs...>) {
-  StepFn fns[] = {&step<Gs + 1>...};
-  return g >= 1 && g <= static_cast<int64_t>(sizeof...(Gs)) ? fns[g - 1] : nullptr;
-}
+template <int G>
+struct StepOf {
+  static constexpr StepFn fn = &step<G>;
+};
 
 // Whether attend() takes these shapes (GQA groups up to 16, head_dim up to 256); SDPA runs the others.
 inline bool supported(int64_t heads, int64_t kv_heads, int64_t head_dim) {
@@ -71,7 +69,7 @@ inline bool supported(int64_t heads, int64_t kv_heads, int64_t head_dim) {
 // Returns [B, H, T, D] bf16.
 inline Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kv_len, const c10::optional<Tensor>& bias) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KVH = k.size(1), G = H / KVH;
-  StepFn fn = pick(G, std::make_integer_sequence<int, 16>{});
+  StepFn fn = infllm::pick<StepOf>(G, std::make_integer_sequence<int, 16>{});
   TORCH_CHECK(fn != nullptr && supported(H, KVH, D), "dense attention: GQA group size must be 1..16, D <= 256");
   Tensor bc;
   const bool has_bias = bias.has_value() && bias->defined();

@@ -38,6 +38,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -326,13 +327,18 @@ void step(const BFloat16* q, const BFloat16* qs, const BFloat16* kbase, const BF
   for (int64_t i = 0; i < G * D; ++i) out[i] = w.o[i];
 }
 
-using StepFn = decltype(&step<1>);
-
-template <int... Gs>
-StepFn pick(int64_t g, std::integer_sequence<int, Gs...>) {
-  StepFn fns[] = {&step<Gs + 1>...};
+// A kernel's instantiation for GQA group size g (1 .. sizeof Gs), or nullptr: Of<G>::fn is the kernel for G.
+template <template <int> class Of, int... Gs>
+auto pick(int64_t g, std::integer_sequence<int, Gs...>) -> std::remove_const_t<decltype(Of<1>::fn)> {
+  const std::remove_const_t<decltype(Of<1>::fn)> fns[] = {Of<Gs + 1>::fn...};
   return g >= 1 && g <= static_cast<int64_t>(sizeof...(Gs)) ? fns[g - 1] : nullptr;
 }
+
+using StepFn = decltype(&step<1>);
+template <int G>
+struct StepOf {
+  static constexpr StepFn fn = &step<G>;
+};
 
 
 // Selection and attention for every (row, KV head): q, qs [B, H, D] bf16 contiguous (stage-2 / stage-1 queries);
@@ -341,7 +347,7 @@ StepFn pick(int64_t g, std::integer_sequence<int, Gs...>) {
 inline void decode_into(const Tensor& q, const Tensor& qs, const Tensor& k, const Tensor& v, const Tensor& c1,
                         const Tensor& c2, const int64_t* tp, const Params& P, BFloat16* op, int64_t* ip) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k.size(1), G = H / KVH;
-  StepFn fn = pick(G, std::make_integer_sequence<int, 16>{});
+  StepFn fn = pick<StepOf>(G, std::make_integer_sequence<int, 16>{});
   TORCH_CHECK(fn != nullptr && H % KVH == 0, "InfLLM v2 decode: GQA group size must be 1..16");
   TORCH_CHECK(D <= 256 && P.block % P.stride == 0, "InfLLM v2 decode: unsupported shape");
   const BFloat16 *qp = q.data_ptr<BFloat16>(), *qsp = qs.data_ptr<BFloat16>();
@@ -368,7 +374,7 @@ inline void decode_into(const Tensor& q, const Tensor& qs, const Tensor& k, cons
 inline void prefill_into(const Tensor& q, const Tensor& qs, const Tensor& k, const Tensor& v, const Tensor& c1,
                          const Tensor& c2, const int64_t* pos, const Params& P, BFloat16* op, int64_t* ip) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KVH = k.size(1), G = H / KVH;
-  StepFn fn = pick(G, std::make_integer_sequence<int, 16>{});
+  StepFn fn = pick<StepOf>(G, std::make_integer_sequence<int, 16>{});
   TORCH_CHECK(fn != nullptr && H % KVH == 0, "InfLLM v2 prefill: GQA group size must be 1..16");
   TORCH_CHECK(D <= 256 && P.block % P.stride == 0, "InfLLM v2 prefill: unsupported shape");
   const BFloat16 *qp = q.data_ptr<BFloat16>(), *qsp = qs.data_ptr<BFloat16>();
