@@ -58,15 +58,8 @@ sft() {
     --set model_overrides.sparse_config=null --set out_dir="$OUT/sft" --set mup=false --set lr=0.003 --set steps=200 \
     --set warmup_steps=10 --set decay_steps=40
 }
-PRE="$OUT/pre/checkpoints/$(printf 'step_%07d' "$PRE_STEPS")/model"
-BASE="$OUT/long/run/checkpoints/$(printf 'step_%07d' "$LONG_STEPS")/model"
-SFT="$OUT/sft/checkpoints/step_0000200/model"
-stage data data
-stage pretrain pretrain
-stage long long
-stage sft sft
-chatml_check() {
-"$PY" - "$OUT" "$PRE" "$SFT" <<'PYEOF'
+chatml_check() {  # greedy replies of the pretrained and the SFT'd model to the held-out chats
+  "$PY" - "$OUT" "$PRE" "$SFT" <<'PYEOF'
 import json, sys
 from pathlib import Path
 import minicpm4
@@ -86,5 +79,12 @@ print(json.dumps(report, indent=1))
 (out / "chatml_check.json").write_text(json.dumps(report, indent=1))
 PYEOF
 }
+PRE="$OUT/pre/checkpoints/$(printf 'step_%07d' "$PRE_STEPS")/model"
+BASE="$OUT/long/run/checkpoints/$(printf 'step_%07d' "$LONG_STEPS")/model"
+SFT="$OUT/sft/checkpoints/step_0000200/model"
+stage data data
+stage pretrain pretrain
+stage long long
+stage sft sft
 stage chatml chatml_check
 stage plots "$PY" "$HERE/pipeline_plots.py" "$OUT"
