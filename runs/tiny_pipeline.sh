@@ -71,10 +71,12 @@ for name, path in (("pretrained", sys.argv[2]), ("sft", sys.argv[3])):
     llm = minicpm4.LLM(model, tok)
     params = minicpm4.SamplingParams(max_new_tokens=48, temperature=0.0)
     res = llm.generate_ids([llm.encode_chat(m[:1]) for m in chats], params)
-    ended = sum(r.generation.finish_reason == "stop" for r in res)
+    last = [r.generation.token_ids[-1:] for r in res]  # a reply also stops at </s>, which is not the format
+    ended = sum(ids == tok.encode("<|im_end|>") for ids in last)
+    eos = sum(ids == [tok.eos_token_id] for ids in last)
     exact = sum(r.text.strip() == m[1]["content"] for r, m in zip(res, chats))
-    report[name] = {"ends_with_im_end": ended / len(chats), "exact_completion": exact / len(chats),
-                    "example": res[0].text[:120]}
+    report[name] = {"ends_with_im_end": ended / len(chats), "ends_with_eos": eos / len(chats),
+                    "exact_completion": exact / len(chats), "example": res[0].text[:120]}
 print(json.dumps(report, indent=1))
 (out / "chatml_check.json").write_text(json.dumps(report, indent=1))
 PYEOF
