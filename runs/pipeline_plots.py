@@ -1,5 +1,5 @@
 """Plots of runs/tiny_pipeline.sh: the training loss of each stage (from its metrics.jsonl) and the planted-fact
-retrieval before and after the long-context stage (runs/planted_facts.py's retrieval.json).
+retrieval before and after the long-context stage (runs/planted_facts.py's retrieval.json and retrieval_short.json).
 
     python runs/pipeline_plots.py OUT      -> OUT/curves.png, OUT/retrieval.png
 """
@@ -39,19 +39,25 @@ def curves(out: Path) -> None:
 
 
 def retrieval(out: Path) -> None:
-    report = json.loads((out / "long" / "retrieval.json").read_text())
-    names = list(report["results"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 2 + 1.6 * len(names)), 3.6))
-    for i, metric in enumerate(("exact", "tokens")):
-        values = [report["results"][n][metric] for n in names]
-        bars = ax.bar([j + 0.38 * i for j in range(len(names))], values, 0.38,
-                      label={"exact": "exact number (greedy)", "tokens": "number tokens right (teacher-forced)"}[metric])
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.axhline(0.1, color="0.5", ls=":", lw=1, label="1 in 10")
-    lo, hi = report["prompt_tokens"]
-    ax.set(xticks=[j + 0.19 for j in range(len(names))], xticklabels=names, ylim=(0, 1.05), ylabel="accuracy",
-           title=f"planted facts: {lo}-{hi}-token prompts, {report['results'][names[0]]['tests']} tests")
-    ax.legend(fontsize=8)
+    """One panel per test set that long_context.sh scored: ~1000-token prompts (retrieval.json) and, when present,
+    ~120-token ones (retrieval_short.json, within the pretrained length)."""
+    files = [f for f in ("retrieval.json", "retrieval_short.json") if (out / "long" / f).is_file()]
+    reports = [json.loads((out / "long" / f).read_text()) for f in files]
+    names = list(reports[0]["results"])
+    fig, axes = plt.subplots(1, len(reports), figsize=(len(reports) * max(6.0, 2 + 1.6 * len(names)), 3.6),
+                             squeeze=False)
+    for ax, report in zip(axes[0], reports):
+        for i, metric in enumerate(("exact", "tokens")):
+            values = [report["results"][n][metric] for n in names]
+            label = {"exact": "exact number (greedy)", "tokens": "number tokens right (teacher-forced)"}[metric]
+            bars = ax.bar([j + 0.38 * i for j in range(len(names))], values, 0.38, label=label)
+            ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.axhline(0.1, color="0.5", ls=":", lw=1, label="1 in 10")
+        lo, hi = report["prompt_tokens"]
+        ax.set(xticks=[j + 0.19 for j in range(len(names))], xticklabels=names, ylim=(0, 1.05), ylabel="accuracy",
+               title=f"planted facts: {lo}-{hi}-token prompts, {report['results'][names[0]]['tests']} tests")
+        ax.tick_params(axis="x", labelsize=8)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "retrieval.png", dpi=110)
 

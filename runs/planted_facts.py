@@ -11,6 +11,7 @@ short range before the long stage; the long stage's documents are up to 1024 tok
     python runs/planted_facts.py data OUT [--tokens N]           OUT/long/{train,test,test_short}.jsonl
     python runs/planted_facts.py eval OUT NAME=MODEL_DIR ... [--tests test_short.jsonl] [--sparse JSON] [--dense]
                                       [--control] [--limit N]    -> OUT/long/retrieval[_short].json
+    python runs/planted_facts.py probe SHARDS MODEL_DIR ...      the copy probe (below)
 
 Training documents (train.jsonl, one JSON {"text"} per line, for `minicpm4 data tokenize`) come in length ranges
 (SHARES: up to ~250, ~500, ~1000 tokens, the length buckets of the stage; SHORT_SHARES: up to 128), with one fact
@@ -27,6 +28,10 @@ token. Chance: exact 1e-4, tokens <= 0.1. --control scores the same tests with t
 prompt: a look-up falls to chance there, a prior over digits does not. `prompt_loss_by_position` is the mean
 next-token loss over the prompts themselves at positions 1-127, 128-511 and 512 on: pretraining never saw a position
 past 127.
+
+probe: whether a model copies at all, with no facts: 16 rows of 20 tokens drawn from the SHARDS stream, then `gap`
+(0, 60, 400) other stream tokens, then the same 20 again; the mean loss on the first and on the second copy. An
+induction circuit takes most of the second copy's loss away; a model without one pays the same twice.
 """
 
 from __future__ import annotations
@@ -232,6 +237,26 @@ def evaluate(out: Path, models: list[str], sparse: dict, dense: bool, limit: int
     return report
 
 
+def probe(shards: str, models: list[str]) -> None:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    import minicpm4
+    from minicpm4.train.token_loader import TokenShards
+    s = TokenShards(shards)
+    stream = torch.from_numpy(s.read(0, min(s.total, 1_000_000)).astype(np.int64))
+    for path in models:
+        model, g, cells = minicpm4.load(path, dtype="fp32")[0].eval(), torch.Generator().manual_seed(0), []
+        for gap in (0, 60, 400):
+            span = stream[torch.randint(0, len(stream), (16, 20), generator=g)]
+            filler = stream[torch.randint(0, len(stream), (16, gap), generator=g)]
+            ids = torch.cat([torch.ones(16, 1, dtype=torch.long), span, filler, span], 1)  # [16, 41 + gap], BOS 1
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(ids[:, :-1]).float().transpose(1, 2), ids[:, 1:], reduction="none")
+            cells.append(f"gap {gap}: 1st {loss[:, :20].mean():.2f} 2nd {loss[:, -19:].mean():.2f}")
+        print(path, " | ".join(cells), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -248,16 +273,23 @@ def main() -> None:
     e.add_argument("--sparse", default='{"dense_len": 256, "block_size": 32, "kernel_size": 16, '
                    '"kernel_stride": 8, "window_size": 128, "topk": 8}', help="sparse_config used at eval (JSON)")
     e.add_argument("--dense", action="store_true", help="also evaluate with dense attention")
-    e.add_argument("--threads", type=int, default=2)
     e.add_argument("--limit", type=int, default=0, help="score only the first N tests (0: all)")
     e.add_argument("--control", action="store_true", help="also score the tests with the fact's number swapped")
     e.add_argument("--tests", default="test.jsonl", help="test file in OUT/long (test_short.jsonl: ~120 tokens)")
+    p = sub.add_parser("probe")
+    p.add_argument("shards", help="a token index (its stream gives the spans)")
+    p.add_argument("models", nargs="+", help="MODEL_DIR")
+    for sp in (e, p):
+        sp.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     if a.cmd == "data":
         make_data(Path(a.out), a.tokens, a.tests, a.seed, a.short, a.repeats)
+        return
+    import torch
+    torch.set_num_threads(a.threads)
+    if a.cmd == "probe":
+        probe(a.shards, a.models)
     else:
-        import torch
-        torch.set_num_threads(a.threads)
         print(json.dumps(evaluate(Path(a.out), a.models, json.loads(a.sparse), a.dense, a.limit, a.control,
                                   a.tests)["results"]))
 
