@@ -1,7 +1,7 @@
 """The C++ decode stack (native_decode.py, csrc/decode.cpp) against the Python layers of model.py.
 
-Both run bf16 with fp32 math inside norms, rotary and softmax, but sum in different orders, so they are not
-bit-identical over 30 layers (one layer is). The honest comparison is against the truth both approximate:
+Both run bf16 with fp32 math inside norms, rotary and softmax, but attention and the quantized products sum in
+different orders (our kernels against SDPA and torch's), so they are not bit-identical. The honest comparison is against the truth both approximate:
 the fp32 model. The native path must be as close to it as the Python path is."""
 
 import copy
