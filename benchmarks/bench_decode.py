@@ -180,7 +180,10 @@ def measure(runners: dict, prompts: dict[int, list[int]], n: int, repeats: int, 
                          "prefill_s_runs": [r[0] for r in rs], "decode_s_per_token_runs": [r[1] for r in rs],
                          "tokens_agree_with_ours": agree(rs[0][2], runs["ours"][0][2])
                          if "ours" in runs and name != "ours" else None,
-                         "mean_accept_length": statistics.median(r[3] for r in rs) if len(rs[0]) > 3 else None}
+                         "mean_accept_length": statistics.median(r[3] for r in rs) if len(rs[0]) > 3 else None,
+                         # a speculative peer against its own plain decode (same weights): greedy must match
+                         "tokens_agree_with_plain": agree(rs[0][2], runs[name.split("-spec")[0]][0][2])
+                         if "-spec" in name else None}
         ours_names = [name for name in runs if name.startswith("ours")]
         for ours in ours_names:
             plain = ours.split("-spec")[0]  # a speculative peer against its own plain decode too
@@ -194,16 +197,18 @@ def measure(runners: dict, prompts: dict[int, list[int]], n: int, repeats: int, 
 
 def print_table(results: dict, names: list[str], n: int) -> None:
     print(f"\n{'prompt':>6}  {'peer':<22}{'prefill tok/s':>14}{'TTFT s':>9}{'decode tok/s':>14}"
-          f"{'agree':>8}{'accept len':>12}")
+          f"{'agree':>8}{'accept len':>12}{'agree w/ plain':>16}")
     for length, row in results.items():
         for name in names:
             r = row[name]
             acc = "-" if r["mean_accept_length"] is None else f"{r['mean_accept_length']:.2f}"
             print(f"{length:>6}  {name:<22}{r['prefill_tok_s']:>14.1f}{r['ttft_s']:>9.3f}{r['decode_tok_s']:>14.1f}"
-                  f"{'-' if r['tokens_agree_with_ours'] is None else r['tokens_agree_with_ours']:>5}/{n}{acc:>12}")
+                  f"{'-' if r['tokens_agree_with_ours'] is None else r['tokens_agree_with_ours']:>5}/{n}{acc:>12}"
+                  f"{'-' if r['tokens_agree_with_plain'] is None else r['tokens_agree_with_plain']:>13}/{n}")
         for key in (k for k in row if "/" in k):
             print(f"{'':>6}  {key:<36} prefill x{row[key]['prefill_tok_s']:.2f}   decode x{row[key]['decode_tok_s']:.2f}")
-    print("agree: leading generated tokens equal to ours (greedy; bf16 and Q4_1 rounding may split late ties)\n")
+    print("agree: leading generated tokens equal to ours (greedy; bf16 and Q4_1 rounding may split late ties); "
+          "agree w/ plain: a speculative peer against the plain decode of the same weights\n")
 
 
 def cpu_name() -> str:
