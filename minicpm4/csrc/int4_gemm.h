@@ -84,7 +84,9 @@ inline void block_rows(const uint16_t* x, const float* sx, const uint8_t* w, con
         wv[half + NJ / 2] = _mm512_or_si512(_mm512_srli_epi16(v, 4), bias);  // rows 32 + 16 (h + half) + d
       }
       for (int m = 0; m < MB; ++m) {
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + m * K + k));
+        int32_t pair;  // x[m, k], x[m, k + 1] as one 32-bit lane, broadcast
+        std::memcpy(&pair, x + m * K + k, 4);
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
         for (int j = 0; j < NJ; ++j) acc[m][j][p] = _mm512_dpbf16_ps(acc[m][j][p], (__m512bh)wv[j], xv);
       }
     };
@@ -248,6 +250,8 @@ inline at::Tensor mm(const at::Tensor& x_in, const at::Tensor& w, int64_t group,
     }
   });
   return y;
+#else
+  return at::_weight_int4pack_mm_for_cpu(x_in, w, group, sz);  // not reached: weight_fits() is false
 #endif
 }
 

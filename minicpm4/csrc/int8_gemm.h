@@ -124,6 +124,8 @@ inline at::Tensor mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tens
     }
   });
   return y;
+#else
+  return at::_weight_int8pack_mm(x_in, w, scale);  // not reached: supported() is false
 #endif
 }
 
