@@ -352,14 +352,14 @@ class MiniCPM4ForCausalLM(nn.Module):
         return AttnContext(positions, t, mask[:, None], False)
 
     def forward_masked(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
-                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       mask: torch.Tensor, logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """T new tokens with an explicit attention mask (tree verification, speculative drafting).
 
         input_ids, positions [B, T]; the tokens' keys and values go to cache slots start..start+T-1 whatever
         their positions (several tree nodes share a position), positions drive only the rotary embedding.
         mask [B, T, start+T] bool: which slots each new token attends to (True = attend).
-        Returns logits [B, T, V] fp32 and the final-normed hidden states [B, T, hidden] (before the logit
-        scale), the features an EAGLE draft reads.
+        Returns logits [B, T, V] fp32 (only the last `logits_to_keep` tokens' if > 0) and the final-normed hidden
+        states [B, T, hidden] (before the logit scale) of every token, the features an EAGLE draft reads.
         """
         b, t = input_ids.shape
         if start + t > cache.max_len:
@@ -376,7 +376,8 @@ class MiniCPM4ForCausalLM(nn.Module):
             for layer in self.model.layers:
                 h = layer(h, cos, sin, ctx, start)
         h = self.model.norm(h)
-        return self.lm_head(h if cfg.logit_scale == 1.0 else h / cfg.logit_scale).float(), h
+        hk = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
+        return self.lm_head(hk if cfg.logit_scale == 1.0 else hk / cfg.logit_scale).float(), h
 
     @staticmethod
     def _attn_context(positions: torch.Tensor, cache: KVCache | None) -> tuple[AttnContext, int | None]:

@@ -148,7 +148,7 @@ class SpeculativeDecoder:
             chunk = prompt[s:s + PREFILL_CHUNK]
             t = len(chunk)
             logits, h = self.model.forward_masked(torch.tensor([chunk]), torch.arange(s, s + t)[None], self._cache,
-                                                  s, causal_mask(t, s)[None])
+                                                  s, causal_mask(t, s)[None], logits_to_keep=1)
             feats.append(h[0])
         return logits[0, -1], torch.cat(feats)
 

@@ -71,6 +71,11 @@ def test_tree_verification_equals_plain_forward_of_each_path(target, prompt):
             a = PARENTS[a]
         ref = model(torch.tensor([prompt + path]))[0, -1]
         torch.testing.assert_close(logits[0, i], ref, atol=1e-4, rtol=1e-4)
+    # logits_to_keep=2: the last two nodes' logits only, every node's features
+    last, h_all = model.forward_masked(tokens[None], (n + tree.depths)[None], cache, n, tree_mask(tree, n)[None],
+                                       logits_to_keep=2)
+    assert last.shape == (1, 2, model.config.vocab_size) and h_all.shape[1] == 8
+    torch.testing.assert_close(last[0], logits[0, -2:])
 
 
 def test_kv_compaction_moves_path_slots():
