@@ -325,8 +325,8 @@ class MiniCPM4ForCausalLM(nn.Module):
         if cfg.scale_emb != 1.0:
             h = h * cfg.scale_emb
         cos, sin = self.model.rotary_emb(positions, ctx.kv_len)
-        if t == 1 and self.native is not None and self.native.usable(h, ctx):
-            h = self.native(h, cos, sin, ctx)
+        if self.native is not None and self.native.usable(h, ctx):  # decode steps and prefill chunks
+            h = self.native(h, cos, sin, ctx, causal=t > 1 and contiguous_from is not None)
         else:
             for layer in self.model.layers:
                 h = layer(h, cos, sin, ctx, contiguous_from)

@@ -6,13 +6,15 @@ loops per layer, rounding where model.py rounds. Its linear layers may be bf16, 
 TernaryLinear. It holds references to the model's own weight tensors (no copy).
 
 The same call takes T > 1 new tokens with explicit cache slots and an attention mask: a speculative round's tree
-verification (MiniCPM4ForCausalLM.forward_masked) and the EAGLE draft layer's passes (draft.py) run through it.
+verification (MiniCPM4ForCausalLM.forward_masked) and the EAGLE draft layer's passes (draft.py) run through it, and
+so do dense models' prefill chunks (causal: no mask tensor; 13-17 % faster than the Python layers from 512 to 4096
+prompt tokens, int4, 2 threads).
 
 InfLLM v2 models (sparse_config without use_nope) run the same stack for decode steps (T = 1): attention becomes the
 C++ sparse step (csrc/sparse_attention.h) from dense_len keys on, and the stack keeps the cache's compressed keys
 up to date as the Python backend would (tests/test_sparse_native.py compares them).
 
-Used by MiniCPM4ForCausalLM.forward (T = 1) and forward_masked when every condition of `NativeDecoder.build` and
+Used by MiniCPM4ForCausalLM.forward and forward_masked when every condition of `NativeDecoder.build` and
 `usable` holds, the Python layers otherwise; model.py's DecoderLayer is the reference (tests/test_native.py and
 tests/test_native_masked.py compare them).
 """
@@ -87,10 +89,11 @@ class NativeDecoder:
         return cls(stack, sparse)
 
     def usable(self, h: torch.Tensor, ctx) -> bool:
-        """bf16, one new token per row or (dense stacks) an explicit mask, a bf16 cache, no autograd; InfLLM v2
-        compressed keys in the cache exactly when the stack is sparse, laid out for its kernel sizes (a dense stack
-        writes keys without updating them)."""
-        if not ((h.shape[1] == 1 or ctx.mask is not None and self.sparse is None) and h.dtype == torch.bfloat16
+        """bf16, one new token per row or (dense stacks) T tokens with an explicit mask or causal, a bf16 cache, no
+        autograd; InfLLM v2 compressed keys in the cache exactly when the stack is sparse, laid out for its kernel
+        sizes (a dense stack writes keys without updating them)."""
+        if not ((h.shape[1] == 1 or (ctx.mask is not None or ctx.is_causal) and self.sparse is None)
+                and h.dtype == torch.bfloat16
                 and ctx.cache is not None and ctx.cache.k.dtype == torch.bfloat16 and not torch.is_grad_enabled()):
             return False
         store = ctx.cache.compressed
@@ -100,13 +103,15 @@ class NativeDecoder:
                 == (self.sparse.kernel_size, self.sparse.kernel_stride, False) and store.c[0].dtype == torch.bfloat16)
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx,
-                 slots: torch.Tensor | None = None) -> torch.Tensor:
+                 slots: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         """h [B, T, hidden] bf16 -> h after every layer; cos, sin [B, T, 1, D] fp32 (model.RotaryEmbedding);
-        slots [B, T]: the cache slot of each token (default: its position)."""
+        slots [B, T]: the cache slot of each token (default: its position). causal: each token sees the slots up
+        to its own, whatever ctx's mask says (aligned prefill chunks: no mask tensor for the kernel to read)."""
         b, t, _ = h.shape
         slots = ctx.positions if slots is None else slots
         if self.sparse is not None:
             store = ctx.cache.compressed
             self.stack.attach_sparse(store.c[0], store.c[1], store.covered)
+        bias = None if causal else ctx.decode_bias(torch.bfloat16)
         return self.stack.forward(h.contiguous(), cos.reshape(b, t, -1), sin.reshape(b, t, -1), ctx.cache.k,
-                                  ctx.cache.v, slots.expand(b, t), ctx.kv_len, ctx.decode_bias(torch.bfloat16))
+                                  ctx.cache.v, slots.expand(b, t), ctx.kv_len, bias)

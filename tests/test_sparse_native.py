@@ -105,7 +105,11 @@ def _decode(model, ids, n, steps, cfg):
     cache = KVCache(cfg, 2, ids.shape[1], dtype=torch.bfloat16)
     out = []
     with torch.no_grad():
+        # the prefill on the Python layers, as an InfLLM v2 model's always is (its C++ stack takes one token per
+        # row), so that runs with and without the stack differ in their decode steps alone
+        stack, model.native = model.native, None
         model(ids[:, :n], cache=cache)
+        model.native = stack
         for s in range(steps):
             pos = torch.tensor([[n + s], [n + s - 5]])
             out.append(model(torch.stack([ids[0, n + s], ids[1, n + s - 5]])[:, None], positions=pos, cache=cache)[:, -1])

@@ -25,6 +25,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -127,8 +128,8 @@ class DecodeStack {
 
   // h [B, T, hidden] bf16 (updated in place and returned); cos, signed_sin [B, T, D] fp32; k/v cache
   // [L, B, KVH, S, D] bf16 (any strides with a contiguous last dim); slots [B, T] int64 (cache slot of each new
-  // token); kv_len: slots visible; bias: [B, 1, T, kv_len] additive bf16 (0 / -inf), or undefined when every
-  // new token sees all kv_len slots (only possible for T = 1).
+  // token); kv_len: slots visible; bias: [B, 1, T, kv_len] additive bf16 (0 / -inf), or undefined: for T = 1 every
+  // new token sees all kv_len slots, for T > 1 each token the slots up to its own (causal prefill).
   Tensor forward(Tensor h, Tensor cos, Tensor ssin, Tensor kc, Tensor vc, Tensor slots, int64_t kv_len,
                  c10::optional<Tensor> bias) {
     TORCH_CHECK(h.scalar_type() == at::kBFloat16 && h.is_contiguous() && h.dim() == 3,
@@ -136,7 +137,6 @@ class DecodeStack {
     TORCH_CHECK(kc.scalar_type() == at::kBFloat16 && kc.stride(4) == 1 && vc.stride(4) == 1, "bf16 KV cache");
     const int64_t B = h.size(0), T = h.size(1), R = B * T, hid = h.size(2), D = d_, half = D / 2, G = nh_ / nkv_;
     const int64_t nqk = nh_ + nkv_;
-    TORCH_CHECK(T == 1 || (bias.has_value() && bias->defined()), "T > 1 tokens need an attention bias");
     TORCH_CHECK(T == 1 || !sparse_, "the InfLLM v2 stack runs one token per row");
     cos = cos.contiguous(); ssin = ssin.contiguous(); slots = slots.contiguous();
     const float* cp = cos.data_ptr<float>();
@@ -146,7 +146,14 @@ class DecodeStack {
     // row of SDPA's [B, KVH, G*T, kv_len] layout (each token's row repeated for the G heads of a group)
     const bool own_attention = dense::supported(nh_, nkv_, D);
     c10::optional<Tensor> qbias = bias;
-    if (T > 1 && !own_attention) qbias = bias->expand({B, G, T, kv_len}).reshape({B, 1, G * T, kv_len});
+    if (T > 1 && !own_attention) {
+      Tensor b4 = bias.has_value() && bias->defined()
+                      ? *bias
+                      : at::zeros({B, 1, T, kv_len}, h.options()).masked_fill_(  // causal by slot
+                            at::arange(kv_len, slots.options()).view({1, 1, 1, kv_len}) > slots.view({B, 1, T, 1}),
+                            -std::numeric_limits<float>::infinity());
+      qbias = b4.expand({B, G, T, kv_len}).reshape({B, 1, G * T, kv_len});
+    }
     Tensor n = at::empty({R, hid}, h.options());
     Tensor q = at::empty({B, nh_, T, D}, h.options());  // = [B, KVH, G*T, D]
     BFloat16* hp = h.data_ptr<BFloat16>();
@@ -183,7 +190,7 @@ class DecodeStack {
       }
       if (sparse_) sparse_->truncate(li, pp, B);  // keys at pp were just written (T = 1, checked above)
       Tensor a = sparse_ && sparse_->active(kv_len) ? sparse_->attend(li, q.view({B, nh_, D}), kl, vl, pp, kv_len)
-                 : own_attention ? dense::attend(q, kl, vl, kv_len, bias)
+                 : own_attention ? dense::attend(q, kl, vl, kv_len, bias, pp)
                                  : at::scaled_dot_product_attention(q.view({B, nkv_, G * T, D}),
                                                                     kl.narrow(2, 0, kv_len), vl.narrow(2, 0, kv_len), qbias);
       // [B, H, T, D] -> [B*T, H*D] (a view when T = 1)

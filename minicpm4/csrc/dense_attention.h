@@ -65,9 +65,11 @@ inline bool supported(int64_t heads, int64_t kv_heads, int64_t head_dim) {
 }
 
 // q [B, H, T, D] bf16 contiguous; k, v [B, KVH, S, D] with a contiguous last dim; keys [0, kv_len) of each row;
-// bias [B, 1, T, kv_len] bf16 contiguous (additive, -inf = masked) or undefined (every token sees every key).
+// bias [B, 1, T, kv_len] bf16 contiguous (additive, -inf = masked), or undefined: with T = 1 every token sees every
+// key, with T > 1 token t of row b sees slots [0, slots[b, t]] (causal prefill: no mask tensor to build or scan).
 // Returns [B, H, T, D] bf16.
-inline Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kv_len, const c10::optional<Tensor>& bias) {
+inline Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kv_len, const c10::optional<Tensor>& bias,
+                     const int64_t* slots) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KVH = k.size(1), G = H / KVH;
   StepFn fn = infllm::pick<StepOf>(G, std::make_integer_sequence<int, 16>{});
   TORCH_CHECK(fn != nullptr && supported(H, KVH, D), "dense attention: GQA group size must be 1..16, D <= 256");
@@ -88,8 +90,9 @@ inline Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, int64_t 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (KVH * T), g = task / T % KVH, t = task % T;
       for (int64_t i = 0; i < G; ++i) std::copy_n(qp + ((b * H + g * G + i) * T + t) * D, D, qg.data() + i * D);
+      const int64_t n = bp || T == 1 ? kv_len : std::min(kv_len, slots[b * T + t] + 1);
       fn(qg.data(), kp + b * k.stride(0) + g * k.stride(1), vp + b * v.stride(0) + g * v.stride(1), k.stride(2),
-         v.stride(2), kv_len, bp ? bp + (b * T + t) * kv_len : nullptr, D, og.data(), w);
+         v.stride(2), n, bp ? bp + (b * T + t) * kv_len : nullptr, D, og.data(), w);
       for (int64_t i = 0; i < G; ++i) std::copy_n(og.data() + i * D, D, op + ((b * H + g * G + i) * T + t) * D);
     }
   });
