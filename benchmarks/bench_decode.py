@@ -102,23 +102,28 @@ def ours_runner(model):
     return run
 
 
+def drain(stream) -> tuple[list[int], object, float, float]:
+    """Consume a token stream (Engine.stream, SpeculativeDecoder.stream): (tokens, the generation record it returns,
+    seconds to the first token, seconds from the first token to the last). A speculative stream yields a round's
+    tokens at once, so only the span from first to last token is a fair decode time."""
+    t0 = time.perf_counter()
+    tokens = [next(stream)]
+    t1 = time.perf_counter()
+    while True:
+        try:
+            tokens.append(next(stream))
+        except StopIteration as end:
+            return tokens, end.value, t1 - t0, time.perf_counter() - t1
+
+
 def spec_runner(model, draft: str, frspec: str | None, options: dict):
     """ours with speculative decoding; run() also returns the mean acceptance length."""
     from minicpm4.speculative import build_speculative
     spec = build_speculative(model.fuse_projections(), draft, frspec, options)
 
     def run(prompt: list[int], n: int):
-        stream = spec.stream(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
-        t0 = time.perf_counter()
-        tokens = [next(stream)]
-        t1 = time.perf_counter()
-        while True:  # tokens arrive a round at a time; the generation record comes with StopIteration
-            try:
-                tokens.append(next(stream))
-            except StopIteration as end:
-                gen = end.value
-                break
-        return t1 - t0, (time.perf_counter() - t1) / max(n - 1, 1), tokens, gen.mean_accept_length
+        tokens, gen, first_s, rest_s = drain(spec.stream(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True)))
+        return first_s, rest_s / max(n - 1, 1), tokens, gen.mean_accept_length
     return run
 
 

@@ -36,7 +36,7 @@ import torch
 
 import bench_decode
 import minicpm4
-from bench_decode import THREADS, agree, cpu_name, default_gguf, llamacpp_runner, prompt_text
+from bench_decode import THREADS, agree, cpu_name, default_gguf, drain, llamacpp_runner, prompt_text
 from minicpm4.engine import Engine
 from minicpm4.sampling import SamplingParams
 from minicpm4.speculative import build_speculative
@@ -56,16 +56,7 @@ def stream_runner(decoder, python_layers=None):
                 m.native = native
 
     def timed(prompt: list[int], n: int):
-        stream = decoder.stream(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
-        tokens = [next(stream)]
-        t1 = time.perf_counter()
-        while True:
-            try:
-                tokens.append(next(stream))
-            except StopIteration as end:
-                gen = end.value
-                break
-        dt = time.perf_counter() - t1
+        tokens, gen, _, dt = drain(decoder.stream(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True)))
         rounds = len(getattr(gen, "accepted", ())) or None
         split = rounds and (1e3 * gen.draft_s / rounds, 1e3 * gen.verify_s / rounds)
         return (len(tokens) - 1) / dt, getattr(gen, "mean_accept_length", None), tokens, split

@@ -31,7 +31,7 @@ from minicpm4.config import ModelConfig
 from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.fileio import atomic_write_text
 from minicpm4.kv_cache import KVCache
-from minicpm4.model import AttnContext, DecoderLayer, MiniCPM4ForCausalLM, RMSNorm, RotaryEmbedding
+from minicpm4.model import AttnContext, DecoderLayer, MiniCPM4ForCausalLM, RMSNorm, RotaryEmbedding, run_layers
 from minicpm4.native_decode import NativeDecoder
 from minicpm4.weights import checkpoint_files, load_into, read_state_dict, save_state_dict
 
@@ -137,11 +137,8 @@ class EagleDraft(nn.Module):
         else:
             ctx, contiguous_from, kv_len = AttnContext(positions, start + t, mask[:, None], False, cache), start, start + t
         cos, sin = m.rotary_emb(positions, kv_len)
-        if cache is not None and self.native is not None and self.native.usable(h, ctx):
-            h = self.native(h, cos, sin, ctx, torch.arange(start, start + t)[None])
-        else:
-            for layer in m.eagle_layers:
-                h = layer(h, cos, sin, ctx, contiguous_from)
+        h = run_layers(self.native, m.eagle_layers, h, cos, sin, ctx, contiguous_from,
+                       torch.arange(start, start + t)[None])  # the C++ stack only with a cache (usable checks)
         x = h if self.config.logit_scale == 1.0 else h / self.config.logit_scale
         return head(x.to(embed.weight.dtype)).float(), h
 

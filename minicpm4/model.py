@@ -136,6 +136,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return out.view(b, h, 1, d)
 
 
+def run_layers(native, layers: nn.ModuleList, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext,
+               contiguous_from: int | None, slots: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """h through decoder `layers`: one C++ call when their stack (`native`, a native_decode.NativeDecoder or None)
+    takes this pass, the Python layers otherwise. slots [B, T]: the tokens' cache slots (default: positions);
+    causal: each token sees the slots up to its own (no mask tensor for the C++ stack)."""
+    if native is not None and native.usable(h, ctx):
+        return native(h, cos, sin, ctx, slots, causal)
+    for layer in layers:
+        h = layer(h, cos, sin, ctx, contiguous_from)
+    return h
+
+
 def cat_linears(layers: list[nn.Module]) -> nn.Module | None:
     """One linear layer whose output is the outputs of `layers` (all reading the same input) side by side,
     or None where their kind or layout cannot be joined. Exact: each output column is still the dot product
@@ -325,11 +337,8 @@ class MiniCPM4ForCausalLM(nn.Module):
         if cfg.scale_emb != 1.0:
             h = h * cfg.scale_emb
         cos, sin = self.model.rotary_emb(positions, ctx.kv_len)
-        if self.native is not None and self.native.usable(h, ctx):  # decode steps and prefill chunks
-            h = self.native(h, cos, sin, ctx, causal=t > 1 and contiguous_from is not None)
-        else:
-            for layer in self.model.layers:
-                h = layer(h, cos, sin, ctx, contiguous_from)
+        h = run_layers(self.native, self.model.layers, h, cos, sin, ctx, contiguous_from,
+                       causal=t > 1 and contiguous_from is not None)  # aligned prefill chunks: causal by slot
         if logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
         h = self.model.norm(h)
@@ -370,11 +379,7 @@ class MiniCPM4ForCausalLM(nn.Module):
         if cfg.scale_emb != 1.0:
             h = h * cfg.scale_emb
         cos, sin = self.model.rotary_emb(positions, start + t)
-        if self.native is not None and self.native.usable(h, ctx):  # one C++ call, slots start..start+T-1
-            h = self.native(h, cos, sin, ctx, torch.arange(start, start + t)[None])
-        else:
-            for layer in self.model.layers:
-                h = layer(h, cos, sin, ctx, start)
+        h = run_layers(self.native, self.model.layers, h, cos, sin, ctx, start, torch.arange(start, start + t)[None])
         h = self.model.norm(h)
         hk = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
         return self.lm_head(hk if cfg.logit_scale == 1.0 else hk / cfg.logit_scale).float(), h

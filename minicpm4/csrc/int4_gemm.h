@@ -44,13 +44,6 @@ constexpr int64_t kMaxRows = 16;  // rows per call the few-row kernel takes; mor
 constexpr int64_t kChunk = 6;     // activation rows per pass over a block's weights (4 * 6 accumulators; 4 and 8
                                   // measured no faster)
 
-inline float bf16_to_float(uint16_t v) {
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 #ifdef MINICPM4_INT4_KERNEL
 // One pass over block b's columns for MB activation rows, covering NJ of its four 16-row quarters (rows
 // 64b + 16q .. +15): bytes 16h .. 16h + 15 of a column hold quarter h in their low nibbles and quarter h + 2 in their
@@ -208,7 +201,8 @@ inline at::Tensor mm(const at::Tensor& x_in, const at::Tensor& w, int64_t group,
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group;
   TORCH_CHECK(K == w.size(1) * 2, "int4 mm: x has ", K, " columns, the weight ", w.size(1) * 2);
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const at::BFloat16* xb = x.data_ptr<at::BFloat16>();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb);
   const int64_t full = N / kBlockN * kBlockN;
   at::Tensor y = at::empty({M, N}, x.options());
   if (full < N)
@@ -224,7 +218,7 @@ inline at::Tensor mm(const at::Tensor& x_in, const at::Tensor& w, int64_t group,
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
       float s = 0.f;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += bf16_to_float(xp[m * K + k]);
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += static_cast<float>(xb[m * K + k]);
       sx[m * G + g] = s;
     }
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());

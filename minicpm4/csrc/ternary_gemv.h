@@ -154,7 +154,7 @@ struct Weight {
 };
 
 // Rows of y in blocks of 4 over torch's threads; activation rows go through in chunks of up to 4.
-// Kernel is gemv_rows (fp32 x) or gemv_rows_bf16 (bf16 x), passed as a functor template over MB.
+// Kernel: a functor template over MB (Rows below) called with (x rows, y rows, n0, n1).
 template <template <int> class Kernel, typename X, typename Out>
 void run_blocks(const X* x, Out* y, int64_t M, const Weight& w) {
   const int64_t N = w.N, K = w.K;
@@ -174,25 +174,21 @@ void run_blocks(const X* x, Out* y, int64_t M, const Weight& w) {
 }
 
 
+// The kernel for MB activation rows, picked by the activations' type: fp32 -> gemv_rows, bf16 -> gemv_rows_bf16.
 template <int MB>
-struct Fp32Rows {
+struct Rows {
   Weight w;
   template <typename Out>
   void operator()(const float* x, Out* y, int64_t n0, int64_t n1) const {
     gemv_rows<MB>(x, w.planes, w.qs, w.ds, y, n0, n1, w.G, w.K, w.N);
   }
-};
-
 #ifdef MINICPM4_BF16_KERNEL
-template <int MB>
-struct Bf16Rows {
-  Weight w;
   template <typename Out>
   void operator()(const uint16_t* x, Out* y, int64_t n0, int64_t n1) const {
     gemv_rows_bf16<MB>(x, w.planes, w.qs, w.ds, y, n0, n1, w.G, w.K, w.N);
   }
-};
 #endif
+};
 
 // x [M, K] bf16 or fp32 -> y [M, N] in x's dtype, written by the kernel itself: a bf16 result is rounded once
 // from the fp32 accumulator (what y.to(bf16) would give) with no fp32 temporary and no conversion op.
@@ -208,17 +204,17 @@ inline at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& planes, const a
   const Weight w{reinterpret_cast<const uint32_t*>(planes.data_ptr<int32_t>()), qscale.data_ptr<uint8_t>(),
                  dscale.data_ptr<float>(), G, K, N};
   if (x.scalar_type() == at::kFloat) {
-    run_blocks<Fp32Rows>(x.data_ptr<float>(), y.data_ptr<float>(), M, w);
+    run_blocks<Rows>(x.data_ptr<float>(), y.data_ptr<float>(), M, w);
     return y;
   }
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   at::BFloat16* yb = y.data_ptr<at::BFloat16>();
 #ifdef MINICPM4_BF16_KERNEL
-  run_blocks<Bf16Rows>(xb, yb, M, w);
+  run_blocks<Rows>(xb, yb, M, w);
 #else
   std::vector<float> xf(M * K);
   for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(xb[i]);
-  run_blocks<Fp32Rows>(static_cast<const float*>(xf.data()), yb, M, w);
+  run_blocks<Rows>(static_cast<const float*>(xf.data()), yb, M, w);
 #endif
   return y;
 }
