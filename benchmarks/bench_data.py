@@ -27,12 +27,10 @@ import argparse
 import json
 import multiprocessing
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # one core per worker: otherwise the tokenizer's own thread pool spreads one "worker" over every core
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

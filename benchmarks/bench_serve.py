@@ -129,12 +129,11 @@ def main() -> None:
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     if args.gguf is None:
-        from minicpm4.default_model import default_gguf_path
+        from minicpm4.io.default_model import default_gguf_path
         args.gguf = default_gguf_path()
     global TOKENIZER
-    from minicpm4.gguf_file import read_gguf
-    from minicpm4.tokenizer import Tokenizer
-    TOKENIZER = Tokenizer.from_gguf(read_gguf(args.gguf))
+    from minicpm4.io.gguf import read_gguf
+    TOKENIZER = read_gguf(args.gguf).text_tokenizer()
     results = {"ours": asyncio.run(bench_server("ours", args))}
     if not args.skip_llamacpp:
         results["llama.cpp"] = asyncio.run(bench_server("llama.cpp", args))

@@ -1,4 +1,4 @@
-"""InfLLM v2 sparse attention (minicpm4/sparse.py) against dense SDPA, attention alone, on CPU.
+"""InfLLM v2 sparse attention (minicpm4/sparse/attention.py) against dense SDPA, attention alone, on CPU.
 
 Shape: MiniCPM4-0.5B attention (16 query heads, 2 KV heads, head_dim 64), batch 1, bf16; sparse settings are
 SPARSE_DEFAULTS (kernel 32/16, block 64, window 2048, topk 64, so 96 blocks = 6144 keys per query) with
@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from minicpm4.config import SPARSE_DEFAULTS
-from minicpm4.sparse import ATTN_CHUNK, SparseConfig, infllmv2_attention, select_blocks
-from minicpm4.sparse_select import compress_both, pad_kernels
+from minicpm4.sparse.attention import ATTN_CHUNK, SparseConfig, infllmv2_attention, select_blocks
+from minicpm4.sparse.select import compress_both, pad_kernels
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 2, 64
 

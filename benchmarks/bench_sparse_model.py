@@ -4,7 +4,7 @@
            A KV cache of S tokens is filled with random keys and values (a decode step's cost does not depend on
            them: dense reads every key, sparse always K = topk + window/block blocks), then steps at positions
            S, S+1, ... alternate between the dense backend (SDPA) and the sparse one (default sparse_config, so
-           sparse from 8192 keys on) on the same model and cache, each in its C++ decode stack (native_decode.py;
+           sparse from 8192 keys on) on the same model and cache, each in its C++ decode stack (model/native_stack.py;
            `sparse_py`: the sparse backend through the Python layers, also timed). The first sparse step pools every compressed
            key (untimed); later ones pool at most one new kernel each, as in generation. Median per step.
   memory   in a child process (glibc maps every allocation >= 64 KiB on its own, so RSS follows live tensors):
@@ -34,12 +34,13 @@ import sys
 import time
 
 import torch
-
 from bench_sparse import peak_rss, reset_peak_rss
+
 from minicpm4.config import SPARSE_DEFAULTS, minicpm4_0_5b
-from minicpm4.kv_cache import KVCache
-from minicpm4.model import MiniCPM4ForCausalLM, dense_attention
-from minicpm4.sparse import make_backend
+from minicpm4.model.decoder import MiniCPM4ForCausalLM, dense_attention
+from minicpm4.model.kv_cache import KVCache
+from minicpm4.model.native_stack import attach
+from minicpm4.sparse.attention import make_backend
 
 
 def random_model(layers: int) -> MiniCPM4ForCausalLM:
@@ -50,7 +51,7 @@ def random_model(layers: int) -> MiniCPM4ForCausalLM:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    return model.fuse_projections()
+    return attach(model)
 
 
 def filled_cache(model: MiniCPM4ForCausalLM, s: int, extra: int) -> KVCache:
@@ -62,7 +63,7 @@ def filled_cache(model: MiniCPM4ForCausalLM, s: int, extra: int) -> KVCache:
 
 
 def backends(model: MiniCPM4ForCausalLM) -> dict:
-    """dense and sparse each run in the C++ decode stack built for them (native_decode.py); sparse_py is the
+    """dense and sparse each run in the C++ decode stack built for them (model/native_stack.py); sparse_py is the
     sparse backend through the Python layers (the stack off), the reference path."""
     sparse = make_backend(model.config.sparse_config)
     return {"dense": dense_attention, "sparse": sparse, "sparse_py": sparse}
@@ -72,7 +73,7 @@ def use(model: MiniCPM4ForCausalLM, name: str, backend, stacks: dict) -> None:
     """Switch model to `backend`, with the C++ stack fuse_projections() builds for it (kept in `stacks`)."""
     model.set_attention_backend(backend)
     if name not in stacks:
-        stacks[name] = None if name.endswith("_py") else model.fuse_projections().native
+        stacks[name] = None if name.endswith("_py") else attach(model).native
     model.native = stacks[name]
 
 
@@ -152,9 +153,9 @@ def llama_comparison(s: int, steps: int, threads: int, batch_threads: int) -> di
     import llama_cpp
 
     import minicpm4
-    from minicpm4.default_model import default_gguf_path
+    from minicpm4.io.default_model import default_gguf_path
     model, tok = minicpm4.load("default", dtype="bf16")
-    model.fuse_projections()
+    attach(model)
     cfg = dataclasses.replace(model.config, sparse_config=dict(SPARSE_DEFAULTS))
     model.config = cfg
     ours = decode_times(model, s, steps)

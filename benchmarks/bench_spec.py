@@ -32,14 +32,14 @@ import os
 import statistics
 import time
 
-import torch
-
 import bench_decode
-import minicpm4
+import torch
 from bench_decode import THREADS, agree, cpu_name, default_gguf, drain, llamacpp_runner, prompt_text
-from minicpm4.engine import Engine
-from minicpm4.sampling import SamplingParams
-from minicpm4.speculative import build_speculative
+
+import minicpm4
+from minicpm4.engine.engine import Engine
+from minicpm4.engine.sampling import SamplingParams
+from minicpm4.spec.decoder import build_speculative
 
 
 def stream_runner(decoder, python_layers=None):
@@ -67,8 +67,8 @@ def stream_runner(decoder, python_layers=None):
 def pass_times(model, prompt: list[int], tree_size: int, repeats: int = 10) -> tuple[float, float]:
     """Median ms of one 1-token decode step and of one tree_size-token verification pass (a chain-shaped tree)
     after the prompt."""
-    from minicpm4.draft_tree import causal_mask
-    from minicpm4.kv_cache import KVCache
+    from minicpm4.model.kv_cache import KVCache
+    from minicpm4.spec.tree import causal_mask
     n = len(prompt)
     cache = KVCache(model.config, 1, n + tree_size, next(model.parameters()).dtype)
     model.forward_masked(torch.tensor([prompt]), torch.arange(n)[None], cache, 0, causal_mask(n, 0)[None])

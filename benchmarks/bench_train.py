@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from minicpm4.config import ModelConfig
-from minicpm4.model import MiniCPM4ForCausalLM
+from minicpm4.model.decoder import MiniCPM4ForCausalLM
 from minicpm4.train.mup import param_groups
 from minicpm4.train.train_config import TrainConfig
 from minicpm4.train.trainer import train_step
@@ -38,11 +38,10 @@ FALLBACK = "In the beginning the river ran between the stones and the town grew 
 
 def corpus_ids(vocab: int) -> torch.Tensor:
     """Real text as token ids (the default model's tokenizer), ids folded into the model's vocabulary."""
-    import sys
-    sys.path.insert(0, os.path.dirname(__file__))
-    from bench_decode import prompt_text
-    from minicpm4.default_model import default_model_dir
-    from minicpm4.tokenizer import Tokenizer
+    from bench_decode import prompt_text  # benchmarks/ is on sys.path as the script's folder
+
+    from minicpm4.io.loader import default_model_dir
+    from minicpm4.text.tokenizer import Tokenizer
     text, _ = prompt_text()
     ids = Tokenizer.from_dir(default_model_dir()).encode(text[:400_000])
     return torch.tensor(ids) % vocab

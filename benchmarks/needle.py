@@ -29,15 +29,16 @@ import re
 import time
 
 import torch
+from bench_decode import prompt_text
 
 import minicpm4
-from bench_decode import prompt_text
 from minicpm4.config import SPARSE_DEFAULTS
-from minicpm4.engine import Engine
-from minicpm4.llm import LLM
-from minicpm4.model import dense_attention
-from minicpm4.sampling import SamplingParams
-from minicpm4.sparse import make_backend
+from minicpm4.engine.engine import Engine
+from minicpm4.engine.sampling import SamplingParams
+from minicpm4.model.decoder import dense_attention
+from minicpm4.model.native_stack import attach
+from minicpm4.serve.llm import LLM
+from minicpm4.sparse.attention import make_backend
 
 SETTINGS = {
     "dense": None,
@@ -79,7 +80,7 @@ def main() -> None:
         a.lengths, a.depths = "2048", "0.5"
     torch.set_num_threads(a.threads)
     model, tok = minicpm4.load("default", dtype="bf16")
-    llm = LLM(model.fuse_projections(), tok)
+    llm = LLM(attach(model), tok)
     text, source = prompt_text()
     hay_ids = tok.encode(text)
     rng = random.Random(0)

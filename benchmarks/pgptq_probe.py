@@ -23,9 +23,9 @@ from torch import nn
 
 import minicpm4
 from minicpm4.corpus import kjv_text
-from minicpm4.gptq import calibrate, quantize_model_weights
-from minicpm4.kv_cache import KVCache
-from minicpm4.quant import dequantize
+from minicpm4.model.kv_cache import KVCache
+from minicpm4.quant.gptq import calibrate, quantize_model_weights
+from minicpm4.quant.primitives import dequantize
 
 SKIP, LEN = 4, 256
 

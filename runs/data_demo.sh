@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # UltraClean on the offline demo corpus: build it, train the classifier, filter, score the result.
 #
-#   bash runs/data_demo.sh [OUT_DIR]          # default /tmp/minicpm4-data-demo; ~1-2 min on 2 cores
+#   bash runs/data_demo.sh [OUT_DIR]          # default runs/out/data_demo; ~1-2 min on 2 cores
 #   SYNTH_URL=http://127.0.0.1:8000/v1 bash runs/data_demo.sh   # also synthesize from 5 kept documents
 #
 # Steps and what they print:
@@ -16,7 +16,7 @@
 #   4. demo-score: precision/recall of each run's kept documents against the construction labels.
 # Verification of the filtered data by annealing: runs/verify_demo.sh, then runs/ultraclean_loop.sh (the loop).
 set -euo pipefail
-OUT=${1:-/tmp/minicpm4-data-demo}
+OUT=${1:-runs/out/data_demo}
 RUN=${MINICPM4:-python -m minicpm4.cli}
 mkdir -p "$OUT"
 

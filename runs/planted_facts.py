@@ -210,9 +210,10 @@ def evaluate(out: Path, models: list[str], sparse: dict, dense: bool, limit: int
              tests_name: str = "test.jsonl") -> dict:
     import dataclasses
     import os
+
     import minicpm4
-    from minicpm4.model import dense_attention
-    from minicpm4.sparse import make_backend
+    from minicpm4.model.decoder import dense_attention
+    from minicpm4.sparse.attention import make_backend
     results = {}
     for item in models:
         name, _, path = item.partition("=")
@@ -241,6 +242,7 @@ def probe(shards: str, models: list[str]) -> None:
     import numpy as np
     import torch
     import torch.nn.functional as F
+
     import minicpm4
     from minicpm4.train.token_loader import TokenShards
     s = TokenShards(shards)

@@ -12,7 +12,7 @@
 # (no GQA), tied embeddings, standard parametrisation (mup=false, init 0.02, lr 1e-3, scale_emb 1); the 4-layer muP
 # tiny model at lr 0.02 formed no copy (induction) circuit, without which the long stage has nothing to stretch.
 set -euo pipefail
-OUT=${1:-runs_out/tiny_pipeline}
+OUT=${1:-runs/out/tiny_pipeline}
 PY=${PYTHON:-python}
 HERE=$(dirname "$0")
 PRE_STEPS=${PRE_STEPS:-8000}

@@ -7,7 +7,7 @@
 # 5000 training problems join the KJV text) and writes OUT/report_reasoning/.
 #   bash runs/tunnel_kjv.sh [OUT [tunnel options...]]   (PYTHON=... picks the interpreter; later --set win)
 set -euo pipefail
-OUT=${1:-runs_out/tunnel_kjv}
+OUT=${1:-runs/out/tunnel_kjv}
 shift || true
 PY=${PYTHON:-python}
 mkdir -p "$OUT"

@@ -20,7 +20,7 @@
 #      as negatives) plus the previous seeds; otherwise the loop stops and keeps the last verified classifier.
 #      OUT/loop/summary.jsonl gets one line a round.
 set -euo pipefail
-OUT=${1:-/tmp/minicpm4-verify-demo}
+OUT=${1:-runs/out/verify_demo}
 ROUNDS=${2:-2}
 PY=${PYTHON:-python}
 RUN="$PY -m minicpm4.cli"

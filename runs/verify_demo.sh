@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Verification by annealing on offline text: does a clean candidate help and a degraded one hurt?
 #
-#   bash runs/verify_demo.sh [OUT_DIR] [verify options...]   # default /tmp/minicpm4-verify-demo; a few min on 2 cores
+#   bash runs/verify_demo.sh [OUT_DIR] [verify options...]   # default runs/out/verify_demo; a few min on 2 cores
 #   PYTHON=... picks the interpreter; STEPS / SEEDS change the base run's length and the seeds.
 #
 # 1. demo-corpus (200 documents per clean source): its labelled corpus gives the two candidates,
@@ -16,7 +16,7 @@
 #    held-out loss on 10% of the default mix and a cloze multiple-choice eval built from it. The bad run reuses
 #    the good run's baseline arms (--baseline-from), so the two candidates pair by seed against one baseline.
 set -euo pipefail
-OUT=${1:-/tmp/minicpm4-verify-demo}
+OUT=${1:-runs/out/verify_demo}
 shift || true
 PY=${PYTHON:-python}
 STEPS=${STEPS:-200}
@@ -30,7 +30,7 @@ import json, sys
 from pathlib import Path
 from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
 from minicpm4.data.demo_corpus import kjv_docs
-from minicpm4.tokenizer import Tokenizer
+from minicpm4.text.tokenizer import Tokenizer
 out = Path(sys.argv[1])
 rows = []
 for part in sorted((out / "corpus" / "corpus").glob("part-*.jsonl")):

@@ -1,4 +1,4 @@
-"""Shared fixtures: the offline default model (fetched and verified once, see minicpm4/default_model.py)
+"""Shared fixtures: the offline default model (fetched and verified once, see minicpm4/io/default_model.py)
 and real English text for parity tests (Python's own LICENSE, or stdlib docstrings where it is absent)."""
 
 import os
@@ -28,7 +28,7 @@ def smollm_gguf() -> Path:
     override = os.environ.get("MINICPM4_TEST_GGUF")
     if override:
         return Path(override)
-    from minicpm4.default_model import default_gguf_path
+    from minicpm4.io.default_model import default_gguf_path
     return default_gguf_path()
 
 
@@ -44,7 +44,7 @@ def real_text() -> str:
 @pytest.fixture(scope="session")
 def smollm_checkpoint(smollm_gguf):
     """read_gguf(smollm_gguf), parsed once for all the GGUF and tokenizer tests."""
-    from minicpm4.gguf_file import read_gguf
+    from minicpm4.io.gguf import read_gguf
     return read_gguf(smollm_gguf)
 
 

@@ -7,7 +7,7 @@ import time
 
 import uvicorn
 
-from minicpm4.server import Server, create_app
+from minicpm4.serve.server import Server, create_app
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import torch
 import minicpm4
 from minicpm4.config import ModelConfig, preset
 from minicpm4.errors import CheckpointError, ConfigError
-from minicpm4.loader import save_pretrained
+from minicpm4.io.loader import save_pretrained
 
 
 @pytest.fixture(scope="module")

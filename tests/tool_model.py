@@ -26,9 +26,9 @@ import torch
 
 import minicpm4
 from minicpm4.config import ModelConfig
-from minicpm4.llm import LLM
-from minicpm4.model import MiniCPM4ForCausalLM
-from minicpm4.tools import render_messages
+from minicpm4.model.decoder import MiniCPM4ForCausalLM
+from minicpm4.serve.llm import LLM
+from minicpm4.text.tool_calls import render_messages
 
 
 def _fn(name: str, description: str, **props: str) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
 
-from minicpm4.tokenizer import Tokenizer
+from minicpm4.text.tokenizer import Tokenizer
 from minicpm4.train.shard_writer import tokenize_to_shards
 from minicpm4.train.train_config import TrainConfig
 

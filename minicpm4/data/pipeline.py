@@ -148,8 +148,8 @@ def _heuristic(name: str, rejects):
 
 
 def _exact(out, tasks, workers, reread, rejects, kept) -> list[Stage]:
-    from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter,
-                                                      ExactDedupSignature, ExactFindDedups)
+    from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
+                                                      ExactFindDedups)
 
     cfg = ExactDedupConfig(content_getter=doc_bytes)
     sigs, dups = str(out / "dedup" / "signatures"), str(out / "dedup" / "duplicates")

@@ -55,7 +55,7 @@ def load_backend(tokenizer: str | os.PathLike | None):
     from tokenizers import Tokenizer
 
     if tokenizer in (None, "default"):
-        from minicpm4.default_model import default_model_dir
+        from minicpm4.io.loader import default_model_dir
         tokenizer = default_model_dir()
     path = Path(tokenizer)
     file = path / "tokenizer.json" if path.is_dir() else path

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-
 from typing import Iterator
 
 

@@ -30,8 +30,8 @@ from minicpm4.data import mc_eval
 from minicpm4.data.verify_report import ARMS, summarize
 from minicpm4.errors import ConfigError
 from minicpm4.fileio import atomic_write_text
-from minicpm4.model import MiniCPM4ForCausalLM
-from minicpm4.tokenizer import Tokenizer
+from minicpm4.model.decoder import MiniCPM4ForCausalLM
+from minicpm4.text.tokenizer import Tokenizer
 from minicpm4.train import process_group as pg
 from minicpm4.train.checkpoint import load_checkpoint
 from minicpm4.train.mup import param_groups

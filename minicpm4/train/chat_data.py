@@ -1,7 +1,7 @@
 """SFT data: chat JSONL (OpenAI messages, tool calls included) -> packed rows with loss on assistant tokens only.
 
 Each line is {"messages": [...], "tools": [...] (optional)}. Tool calls and tool results are written into plain
-turns by minicpm4.tools.render_messages (the format the server uses at inference), then the tokenizer's chat
+turns by minicpm4.text.tool_calls.render_messages (the format the server uses at inference), then the tokenizer's chat
 template renders the conversation. An assistant turn is the text between the prompt rendered up to it with the
 generation prompt and the prompt rendered including it: its content and the template's end-of-turn tokens,
 never the `<|im_start|>assistant` header. Tokens whose first character lies in such a span are targets.
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from minicpm4.errors import ConfigError, InputError
-from minicpm4.tokenizer import Tokenizer
-from minicpm4.tools import render_messages
+from minicpm4.text.tokenizer import Tokenizer
+from minicpm4.text.tool_calls import render_messages
 from minicpm4.train.linear_cross_entropy import IGNORE
 from minicpm4.train.shard_writer import jsonl_rows
 from minicpm4.train.token_loader import check_data_state

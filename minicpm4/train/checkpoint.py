@@ -24,9 +24,8 @@ import torch
 from minicpm4.config import ModelConfig
 from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.fileio import atomic_write_text
-from minicpm4.loader import write_hf_dir
-from minicpm4.tokenizer import Tokenizer
-from minicpm4.weights import checkpoint_files, read_state_dict
+from minicpm4.text.tokenizer import Tokenizer
+from minicpm4.weights import checkpoint_files, read_state_dict, write_hf_dir
 
 STATE = "state.pt"
 

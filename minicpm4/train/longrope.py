@@ -1,5 +1,5 @@
 """LongRoPE settings for the long-context stage: per-dimension rescale factors that stretch a model trained at
-`original` positions to max_position_embeddings (the model's RotaryEmbedding applies them, see model.py).
+`original` positions to max_position_embeddings (the model's RotaryEmbedding applies them, see model/decoder.py).
 
 LongRoPE's observation is that the rotary dimensions need different interpolation: a fast dimension turns through
 many full circles within the original window, so every angle it produces at longer range was already seen in
@@ -12,7 +12,7 @@ r_i = original / wavelength_i (circles within the original window), wavelength_i
     factor_i = s                              r_i <= ALPHA
     factor_i = g + (1 - g) * s,  g = (r_i - ALPHA) / (BETA - ALPHA)   in between
 
-with model.py's attention factor sqrt(1 + ln s / ln original) on cos and sin. The short factors are all 1 (what the
+with model/decoder.py's attention factor sqrt(1 + ln s / ln original) on cos and sin. The short factors are all 1 (what the
 model did at the original length).
 """
 
@@ -54,7 +54,7 @@ def longrope_scaling(mc: ModelConfig, original: int) -> dict:
 def extend_rope(model, original: int) -> None:
     """Give a built MiniCPM4ForCausalLM the LongRoPE settings: its config gains rope_scaling (saved with every
     checkpoint) and its rotary embedding is rebuilt from it (it holds no parameters, only derived buffers)."""
-    from minicpm4.model import RotaryEmbedding
+    from minicpm4.model.decoder import RotaryEmbedding
     mc = ModelConfig.from_dict({**model.config.to_dict(), "rope_scaling": longrope_scaling(model.config, original)})
     model.config = mc
     model.model.rotary_emb = RotaryEmbedding(mc).to(model.model.embed_tokens.weight.device)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from minicpm4.config import ModelConfig
-from minicpm4.model import AttnContext, DecoderLayer, MiniCPM4ForCausalLM, RMSNorm
+from minicpm4.model.decoder import AttnContext, DecoderLayer, MiniCPM4ForCausalLM, RMSNorm
 from minicpm4.train import process_group as pg
 from minicpm4.train.linear_cross_entropy import IGNORE, linear_cross_entropy, reference_loss
 from minicpm4.train.mup import init_weights

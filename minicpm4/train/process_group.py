@@ -77,8 +77,7 @@ def full_states(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dic
     every rank calls it, rank 0 receives them) and the optimizer state is keyed by parameter name."""
     if not sharded(model):
         return model.state_dict(), opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, opt, options=options)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from minicpm4.errors import InputError
 from minicpm4.fileio import atomic_write, atomic_write_text
-from minicpm4.tokenizer import Tokenizer
+from minicpm4.text.tokenizer import Tokenizer
 
 INDEX = "index.json"
 FORMAT = 1

@@ -22,7 +22,6 @@ from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.train.shard_writer import FORMAT, INDEX
 
 
-
 def check_data_state(saved: dict, mine: dict, keys: tuple[str, ...]) -> None:
     """Refuse a loader state saved for other data or settings: each of `keys` must match this run's value."""
     for key in keys:

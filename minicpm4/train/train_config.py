@@ -29,7 +29,7 @@ class TrainConfig:
     decay_data: str = ""  # pretrain: a second token index mixed into the decay phase (same tokenizer)
     decay_mix: float = 0.0  # share of each batch's sequences drawn from decay_data during the decay steps
     tokenizer: str = ""  # default: the token index's tokenizer (pretrain) or the model's (sft)
-    out_dir: str = "runs/train"
+    out_dir: str = "runs/out/train"  # outputs never land among the scripts in runs/
     seq_len: int = 256
     batch_size: int = 8  # sequences per optimizer step, over all processes
     micro_batch_size: int = 8  # sequences per forward/backward of one process
@@ -55,7 +55,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
-    tool_format: str = "json"  # sft: how tool calls are written into assistant turns (minicpm4.tools formats)
+    tool_format: str = "json"  # sft: how tool calls are written into assistant turns (minicpm4.text.tool_calls formats)
     mtp_depth: int = 0  # multi-token prediction heads (mtp.py): depth k predicts token t+1+k; 0 = off
     mtp_weight: float = 0.3  # loss = NTP + mtp_weight * mean over depths of the MTP losses
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars to OUT/tensorboard (needs `tensorboard`)

@@ -27,11 +27,10 @@ import torch.nn.functional as F
 
 from minicpm4.config import PRESETS, ModelConfig, preset
 from minicpm4.errors import CheckpointError, ConfigError
-from minicpm4.loader import load, merge_overrides
-from minicpm4.model import MiniCPM4ForCausalLM
-from minicpm4.tokenizer import Tokenizer
-from minicpm4.train import mtp as mtp_heads
-from minicpm4.train import process_group as pg
+from minicpm4.io.loader import load, merge_overrides
+from minicpm4.model.decoder import MiniCPM4ForCausalLM
+from minicpm4.text.tokenizer import Tokenizer
+from minicpm4.train import mtp as mtp_heads, process_group as pg
 from minicpm4.train.checkpoint import (check_compatible, list_checkpoints, load_checkpoint, rng_state,
                                        save_checkpoint, set_rng_state)
 from minicpm4.train.linear_cross_entropy import IGNORE

@@ -101,7 +101,7 @@ def sweep(base: TrainConfig, widths: list[int], lrs: list[float], params=PARAMET
 
 def bench_scores(model_dir: Path, items: list[dict]) -> dict:
     """{"bench_loss", "bench_acc"} of a checkpoint's model on ScalingBench-style items."""
-    from minicpm4.loader import load
+    from minicpm4.io.loader import load
     from minicpm4.train.scaling_bench import evaluate
     model, tokenizer = load(model_dir, dtype="fp32")
     r = evaluate(model, tokenizer, items)
@@ -144,7 +144,7 @@ def drift(best: dict[int, dict]) -> float:
 def coordinate_check(base: TrainConfig, widths: list[int], lr: float, steps: int, params=PARAMETRISATIONS,
                      work: Path | None = None) -> dict[str, dict[int, list[float]]]:
     """{param: {width: per-layer output RMS}} after `steps` steps at rate `lr`, on one training batch."""
-    from minicpm4.loader import load
+    from minicpm4.io.loader import load
     from minicpm4.train.token_loader import PackedLoader, TokenShards
     from minicpm4.train.trainer import train
     work = Path(work or tempfile.mkdtemp(prefix="coord."))

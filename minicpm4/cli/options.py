@@ -1,0 +1,94 @@
+"""Options and helpers the command modules share: model and sampling flags, JSON-valued flags, loading an LLM."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+MODEL_HELP = "HF directory, .gguf file or Hub id (default: the offline default model, SmolLM2-135M-Instruct)"
+
+
+def sampling_options(f):
+    opts = [
+        click.option("--max-new-tokens", default=256, show_default=True, help="Tokens to generate at most."),
+        click.option("--temperature", default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-k", default=0, show_default=True, help="0 = off."),
+        click.option("--top-p", default=1.0, show_default=True, help="1 = off."),
+        click.option("--min-p", default=0.0, show_default=True, help="0 = off."),
+        click.option("--repetition-penalty", default=1.0, show_default=True, help="1 = off."),
+        click.option("--seed", type=int, default=None, help="Seed for sampling."),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return model_options(f)
+
+
+def model_options(f):
+    opts = [
+        click.option("--model", "model_path", default=None, help=MODEL_HELP),
+        click.option("--dtype", default="auto", show_default=True, help="bf16 (auto on CPU) or fp32."),
+        click.option("--int4", is_flag=True,
+                     help="Keep a GGUF's Q4_1 layer weights 4-bit (int4 kernel) and the head int8: faster decode on CPU."),
+        click.option("--sparse/--no-sparse", default=None,
+                     help="InfLLM v2 sparse attention on/off (default: on when config.json has a sparse_config)."),
+        click.option("--sparse-config", default=None,
+                     help='JSON of sparse_config fields, e.g. \'{"dense_len": 1024, "topk": 32}\' (implies --sparse).'),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def draft_options(f):
+    """Speculative decoding (generate, chat): batch 1, through minicpm4.spec.decoder."""
+    opts = [
+        click.option("--draft", default=None,
+                     help="EAGLE draft directory (tree drafting) or a smaller model of the same vocabulary (chain)."),
+        click.option("--frspec", default=None, help="FR-Spec vocabulary file (minicpm4 frspec) for an EAGLE draft."),
+        click.option("--spec", "spec_json", default=None,
+                     help='JSON of speculative options, e.g. \'{"topk": 10, "num_iter": 2, "tree_size": 12}\' '
+                          'or \'{"gamma": 4}\' for a chain draft.'),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def json_object(text: str, option: str) -> dict:
+    """The JSON object given to `option`, or a usage error naming it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON ({e})", param_hint=option) from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object", param_hint=option)
+    return value
+
+
+def sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed):
+    from minicpm4.engine.sampling import SamplingParams
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+
+
+def config_overrides(sparse, sparse_config) -> dict | None:
+    """config.json overrides from the sparse flags (shipped MiniCPM4 configs omit sparse_config)."""
+    fields = {} if sparse_config is None else json_object(sparse_config, "--sparse-config")
+    if sparse is False:
+        return {"sparse_config": None}
+    return {"sparse_config": fields} if sparse or sparse_config is not None else None
+
+
+def load_llm(model_path, dtype, int4=False, sparse=None, sparse_config=None, draft=None, frspec=None, spec_json=None,
+          **engine_kwargs):
+    from minicpm4.serve.llm import LLM
+    overrides = config_overrides(sparse, sparse_config)
+    spec = None if spec_json is None else json_object(spec_json, "--spec")
+    t0 = time.perf_counter()
+    llm = LLM.load(model_path, dtype=dtype, config_overrides=overrides, int4=int4, draft=draft, frspec=frspec,
+                   spec=spec, **engine_kwargs)
+    click.echo(f"[loaded {model_path or 'default model'} in {time.perf_counter() - t0:.1f}s]", err=True)
+    return llm

@@ -1,0 +1,65 @@
+"""`minicpm4 serve` (OpenAI-compatible server) and `minicpm4 agent` (tool use over MCP): the serve extra's
+commands, registered on the root group by `register`."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from minicpm4.cli.options import MODEL_HELP, load_llm, model_options
+
+
+@click.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--api-key", envvar="MINICPM4_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1 routes (or set MINICPM4_API_KEY).")
+@click.option("--served-model-name", default=None, help="Model id in the API (default: the model's file name).")
+@click.option("--max-batch", default=16, show_default=True, help="Requests decoded together at most.")
+@click.option("--max-queue", default=64, show_default=True, help="Requests waiting at most (then 429).")
+@click.option("--max-tokens", default=4096, show_default=True, help="Largest max_tokens a request may ask.")
+@click.option("--max-model-len", default=4096, show_default=True, help="Context per request (KV cache rows).")
+@click.option("--mcp", "mcp_commands", multiple=True,
+              help='MCP server command, e.g. "python my_server.py" (repeatable): chat requests without tools of '
+                   "their own get these servers' tools, called by the server.")
+@click.option("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), show_default="cores - 1",
+              help="Compute threads; one core is left to the HTTP side, whose work would stall the others.")
+def serve(model_path, dtype, int4, sparse, sparse_config, host, port, api_key, served_model_name, max_batch,
+          max_queue, max_tokens, max_model_len, mcp_commands, threads):
+    """OpenAI-compatible server (needs the serve extra: pip install 'minicpm4[serve]')."""
+    try:
+        from minicpm4.serve.server import serve as run
+    except ImportError as e:
+        raise click.ClickException(f"{e}; install the serve extra: pip install 'minicpm4[serve]'") from None
+    from pathlib import Path
+
+    import torch
+    torch.set_num_threads(threads)
+    llm = load_llm(model_path, dtype, int4, sparse, sparse_config, max_len=max_model_len, max_slots=max_batch)
+    name = served_model_name or (Path(model_path).name if model_path else "SmolLM2-135M-Instruct")
+    run(llm, name, host=host, port=port, api_key=api_key, max_queue=max_queue, max_tokens=max_tokens,
+        mcp_commands=list(mcp_commands))
+
+
+@click.command()
+@click.option("--prompt", required=True, help="The user message.")
+@click.option("--mcp", "mcp_commands", multiple=True, required=True,
+              help='MCP server command, e.g. "python my_server.py --flag" (repeatable); only their tools run.')
+@click.option("--system", default=None, help="System message.")
+@click.option("--max-turns", default=8, show_default=True, help="Model turns at most.")
+@click.option("--max-new-tokens", default=512, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--model", "model_path", default=None, help=MODEL_HELP)
+@click.option("--dtype", default="auto", show_default=True)
+def agent(prompt, mcp_commands, system, max_turns, max_new_tokens, temperature, model_path, dtype):
+    """Answer PROMPT with tools from MCP servers (stdio), printing each call and result (serve extra)."""
+    from minicpm4.serve.agent import agent_main
+    agent_main(model_path, list(mcp_commands), prompt, max_tokens=max_new_tokens, temperature=temperature,
+               max_turns=max_turns, dtype=dtype, system=system)
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(serve)
+    cli.add_command(agent)

@@ -1,0 +1,299 @@
+"""Generation engine: token ids in, token ids out, with continuous batching. It knows nothing about text.
+
+Requests come and go while others run (nano-vllm's add_request / step loop). Each request owns one slot
+(row) of a preallocated KV cache. A step
+  1. frees the slots of finished or cancelled requests and gives free slots to waiting requests;
+  2. prefills up to `prefill_chunk` prompt tokens, chunk by chunk, request by request (a long prompt takes
+     several steps, so running streams keep getting tokens meanwhile); a request whose prompt is complete
+     samples its first token;
+  3. decodes one token for every running request in one batched forward. Rows sit at different positions;
+     attention masks keys by position (see model/decoder.py), so a row never sees another row's or a stale key.
+Stopping: eos ids, max_new_tokens, the context limit, and an optional per-request
+`stop_fn(generated_ids) -> bool` that the text layer uses for stop strings.
+
+generate() and stream() drive step() themselves; a server calls add_request() / cancel() and runs step()
+in a loop of its own (one thread; the engine is not thread-safe).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from minicpm4.engine.sampling import SamplingParams, sample_token
+from minicpm4.errors import InputError
+from minicpm4.model.decoder import MiniCPM4ForCausalLM
+from minicpm4.model.kv_cache import KVCache, bucketed
+
+StopFn = Callable[[list[int]], bool]
+
+
+@dataclass
+class Generation:
+    prompt_len: int
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (eos or stop_fn), "length" or "cancelled"
+    prefill_s: float = 0.0  # from admission to the first token
+    decode_s: float = 0.0
+    # with params.logprobs = k: per token, its log-probability under the model and the top-k (id, logprob)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        # the first token comes out of prefill; the rest are decode steps
+        return (len(self.token_ids) - 1) / self.decode_s if self.decode_s > 0 and len(self.token_ids) > 1 else 0.0
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: set[int]
+    stop_fn: StopFn | None
+    generator: torch.Generator | None
+    out: Generation
+    seen: torch.Tensor  # prompt + generated ids, for the repetition penalty
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens already in the cache
+    cancelled: bool = False
+    _t0: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.out.finish_reason is not None
+
+    @property
+    def decoding(self) -> bool:
+        return self.slot >= 0 and self.prefilled == len(self.prompt) and not self.finished
+
+    @property
+    def length(self) -> int:  # tokens in the cache once the last sampled token is fed
+        return self.out.prompt_len + len(self.out.token_ids) - 1
+
+
+def per_prompt(prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None,
+               stop_fns: Sequence[StopFn | None] | None) -> list[tuple]:
+    """(prompt, SamplingParams, stop_fn) per prompt for a batch call: one params object shared, or one each."""
+    if not prompts:
+        raise InputError("no prompts given")
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    fns = list(stop_fns) if stop_fns is not None else [None] * len(prompts)
+    if len(plist) != len(prompts) or len(fns) != len(prompts):
+        raise InputError("need one SamplingParams and one stop_fn per prompt")
+    return list(zip(prompts, plist, fns))
+
+
+def build_request(req_id: int, prompt: Sequence[int], params: SamplingParams | None, stop_fn: StopFn | None,
+                  config, max_len: int) -> Request:
+    """A Request for `prompt` (token ids) checked against a model's vocabulary and a context of max_len tokens;
+    InputError for an empty, out-of-vocabulary or too-long prompt. Shared by Engine and the speculative decoder."""
+    p = params or SamplingParams()
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise InputError("prompt is empty (0 tokens)")
+    bad = [t for t in prompt if not 0 <= t < config.vocab_size]
+    if bad:
+        raise InputError(f"token id {bad[0]} is outside the vocabulary (size {config.vocab_size})")
+    if len(prompt) >= max_len:
+        raise InputError(f"prompt of {len(prompt)} tokens does not fit the context of {max_len} tokens")
+    stop_ids = set() if p.ignore_eos else set(p.stop_token_ids if p.stop_token_ids is not None
+                                              else config.eos_token_ids)
+    gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+    return Request(req_id, prompt, p, stop_ids | set(p.extra_stop_token_ids), stop_fn, gen, Generation(len(prompt)),
+                   torch.tensor(prompt))
+
+
+class Engine:
+    def __init__(self, model: MiniCPM4ForCausalLM, prefill_chunk: int = 512, max_len: int | None = None,
+                 max_slots: int = 64):
+        self.model = model.eval()
+        self.config = model.config
+        self.prefill_chunk = prefill_chunk
+        self.max_len = max_len or self.config.max_position_embeddings
+        self.max_slots = max_slots  # requests holding a cache row at once; more wait in the queue
+        self.dtype = next(model.parameters()).dtype
+        self._cache: KVCache | None = None
+        self._ids = itertools.count()
+        self.waiting: deque[Request] = deque()
+        self.slots: list[Request | None] = []
+
+    # ---- request API ----
+    def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None,
+                    stop_fn: StopFn | None = None) -> Request:
+        """Queue a prompt (token ids); raises InputError for an empty, out-of-vocabulary or too-long prompt."""
+        req = self.make_request(prompt, params, stop_fn)
+        self.enqueue(req)
+        return req
+
+    def make_request(self, prompt: Sequence[int], params: SamplingParams | None = None,
+                     stop_fn: StopFn | None = None) -> Request:
+        """Validate and build a request without touching the engine's state (safe from any thread)."""
+        return build_request(next(self._ids), prompt, params, stop_fn, self.config, self.max_len)
+
+    def enqueue(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request; its slot is freed at the next step and it finishes with reason "cancelled".
+        Only sets a flag, so another thread may call it while step() runs."""
+        req.cancelled = True
+
+    def reset(self) -> None:
+        """Drop every request and the cache (after a failed step, whose state cannot be trusted)."""
+        self.waiting.clear()
+        self.slots.clear()
+        self._cache = None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.slots)
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    # ---- batch helpers ----
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 stop_fns: Sequence[StopFn | None] | None = None) -> list[Generation]:
+        """Generate for a batch of prompts (lists of token ids) of any lengths; returns one Generation per prompt."""
+        reqs = [self.add_request(*args) for args in per_prompt(prompts, params, stop_fns)]
+        while not all(r.finished for r in reqs):
+            self.step()
+        return [r.out for r in reqs]
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams | None = None,
+               stop_fn: StopFn | None = None) -> Iterator[int]:
+        """Yield generated token ids one at a time; the Generation is the iterator's return value."""
+        req = self.add_request(prompt, params, stop_fn)
+        try:
+            while not req.finished:
+                for r, token in self.step():
+                    if r is req:
+                        yield token
+        finally:  # a consumer that stops early cancels its request
+            if not req.finished:
+                self.cancel(req)
+                self.step()
+        return req.out
+
+    # ---- the step ----
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, int]]:
+        """Admit, prefill, decode once. Returns the (request, token) pairs produced, in order."""
+        self._release()
+        self._admit()
+        events = self._prefill()
+        events += self._decode()
+        self._release()
+        return events
+
+    def _release(self) -> None:
+        for i, r in enumerate(self.slots):
+            if r is not None and (r.finished or r.cancelled):
+                if not r.finished:
+                    r.out.finish_reason = "cancelled"
+                self.slots[i] = None
+        while self.slots and self.slots[-1] is None:
+            self.slots.pop()
+        for r in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(r)
+            r.out.finish_reason = "cancelled"
+
+    def _admit(self) -> None:
+        while self.waiting:
+            free = next((i for i, r in enumerate(self.slots) if r is None), len(self.slots))
+            if free >= self.max_slots:
+                return
+            req = self.waiting.popleft()
+            need = min(len(req.prompt) + req.params.max_new_tokens, self.max_len)
+            self._ensure_cache(free + 1, need)
+            if free == len(self.slots):
+                self.slots.append(None)
+            self.slots[free], req.slot, req._t0 = req, free, time.perf_counter()
+
+    def _ensure_cache(self, rows: int, length: int) -> None:
+        """Grow the cache (copying what it holds) so it has `rows` rows of `length` slots.
+
+        Zero-filled: masked slots of a shorter row may still be read by a batched matmul with weight 0, and
+        0 * NaN from uninitialised memory would poison the output. Later writes only leave finite values.
+        Sizes are rounded up (whole buckets of slots, rows in powers of two) so growth is rare.
+        """
+        c = self._cache
+        if c is not None and c.k.dtype == self.dtype and c.batch_size >= rows and c.max_len >= length:
+            return
+        b = max(rows, c.batch_size if c is not None else 0)
+        b = min(1 << (b - 1).bit_length(), self.max_slots)
+        n = min(self.max_len, bucketed(max(length, c.max_len if c is not None else 0)))
+        new = KVCache(self.config, b, n, self.dtype)
+        if c is not None and c.k.dtype == self.dtype:
+            new.k[:, :c.batch_size, :, :c.max_len] = c.k
+            new.v[:, :c.batch_size, :, :c.max_len] = c.v
+        self._cache = new
+
+    def _prefill(self) -> list[tuple[Request, int]]:
+        """Up to prefill_chunk prompt tokens, oldest request first; first tokens for completed prompts."""
+        events, budget = [], self.prefill_chunk
+        for req in sorted((r for r in self.slots if r is not None and r.prefilled < len(r.prompt)),
+                          key=lambda r: r.id):
+            if budget <= 0:
+                break
+            p0 = req.prefilled
+            chunk = req.prompt[p0:p0 + min(budget, self.prefill_chunk)]
+            pos = torch.arange(p0, p0 + len(chunk))[None]
+            logits = self.model(torch.tensor([chunk]), positions=pos, cache=self._cache.rows(slice(req.slot, req.slot + 1)),
+                                logits_to_keep=1)
+            req.prefilled += len(chunk)
+            budget -= len(chunk)
+            if req.prefilled < len(req.prompt):
+                continue
+            if req.params.max_new_tokens == 0:
+                req.out.finish_reason = "length"
+                continue
+            token = sample_token(logits[0, -1], req.params, req.seen, req.generator)
+            req.out.prefill_s = time.perf_counter() - req._t0
+            self._accept(req, token, logits[0, -1])
+            events.append((req, token))
+        return events
+
+    def _decode(self) -> list[tuple[Request, int]]:
+        active = [r for r in self.slots if r is not None and r.decoding and r.out.token_ids and not r.cancelled]
+        if not active:
+            return []
+        lo, hi = active[0].slot, active[-1].slot + 1
+        t0 = time.perf_counter()
+        # rows lo..hi-1 step together; a row in the range that is not decoding (free, or mid-prefill) is fed a
+        # dummy token at a position its own later writes overwrite (0, or its next prefill position), and its
+        # output is ignored
+        window = self.slots[lo:hi]
+        ids = torch.tensor([[r.out.token_ids[-1] if r in active else 0] for r in window])
+        pos = torch.tensor([[r.length if r in active else (r.prefilled if r is not None else 0)] for r in window])
+        logits = self.model(ids, positions=pos, cache=self._cache.rows(slice(lo, hi)))[:, -1]  # [B, V]
+        dt = time.perf_counter() - t0
+        events = []
+        for r in active:
+            token = sample_token(logits[r.slot - lo], r.params, r.seen, r.generator)
+            r.out.decode_s += dt
+            self._accept(r, token, logits[r.slot - lo])
+            events.append((r, token))
+        return events
+
+    def _accept(self, req: Request, token: int, logits: torch.Tensor) -> None:
+        out = req.out
+        out.token_ids.append(token)
+        if req.params.logprobs is not None:  # of the model's distribution, before any sampling filter
+            lp = logits.log_softmax(-1)
+            top = lp.topk(req.params.logprobs) if req.params.logprobs else None
+            out.logprobs.append((float(lp[token]), [] if top is None else
+                                 list(zip(top.indices.tolist(), top.values.tolist()))))
+        if req.params.repetition_penalty != 1.0:
+            req.seen = torch.cat([req.seen, torch.tensor([token])])
+        if token in req.stop_ids or (req.stop_fn is not None and req.stop_fn(out.token_ids)):
+            out.finish_reason = "stop"
+        elif len(out.token_ids) >= req.params.max_new_tokens or req.length + 1 >= self.max_len:
+            out.finish_reason = "length"

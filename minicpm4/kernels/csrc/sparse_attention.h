@@ -1,0 +1,468 @@
+#pragma once
+
+// InfLLM v2 in C++ (bf16): block selection and sparse attention for one query of one KV group per task, no
+// gathers. decode_into runs a decode step of one layer in one call; prefill_into runs it for every query of a
+// chunk (each query over its own blocks, so the cost is O(queries x selected keys)).
+//
+// Why: the pure-PyTorch step (sparse/decode.py select_one + attend_one, the reference) is ~40 small torch ops
+// plus a gather copy of the selected keys and values; at 32K keys its fixed cost is most of the step. Here
+// each (row b, KV head g) is one task of at::parallel_for, and everything happens on registers and a few KB
+// of thread-local scratch:
+//
+//   stage 1   s2[i, j] = bf16(qs_i . C2_j) / sqrt(D)             j < n2 (coarse kernels complete at t)
+//             lse_i    = logsumexp_j s2[i, j]                      (+inf when n2 = 0: p = 0 below)
+//             S[j]     = sum_i exp(bf16(qs_i . C1_j) / sqrt(D) - lse_i)     j < n1, i over the G heads of g
+//   stage 1b  Bk[b]    = max S[j], j in [r b - 1, r b + r - 1] (r = block / stride; missing kernels are 0)
+//             Bk[b]    = +inf for b < init_blocks and qb - local_blocks <= b <= qb   (qb = t / block)
+//   stage 1c  top-K blocks by (score desc, index asc), ascending; slots past the row's blocks are -1
+//   stage 2   o_i = sum_p bf16(softmax_p(q_i . K_p / sqrt(D))) V_p   over the tokens p <= t of those blocks,
+//             read in place from the KV cache (any strides with a contiguous last dim)
+//
+// This header holds the kernel; sparse_attention.cpp exposes it to Python on its own, and decode.cpp's layer
+// stack calls it (with the compressed-key upkeep below) when a model runs InfLLM v2.
+//
+// Rounding follows the reference: stage-1 dot products are rounded to bf16 (the reference's bf16 matmul
+// output), stage-2 scores and softmax are fp32, probabilities are rounded to bf16 before P V (SDPA-style), and
+// the output is rounded to bf16 once. tests/sparse/test_sparse_native.py checks selection and output against it.
+//
+// Dot products: with AVX512-BF16 (vdpbf16ps: 32 bf16 multiply-adds per instruction, fp32 accumulation),
+// 16 key rows are transposed as 32-bit pairs (a 16x16 dword transpose), so the 16 lanes of one accumulator
+// are 16 keys and each of the G query heads needs one instruction per pair of dimensions; P V interleaves two
+// value rows so lanes are 16 output dimensions. Elsewhere a portable scalar loop computes the same sums.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define SPARSE_AVX512BF16 1
+#endif
+
+namespace infllm {
+
+using at::BFloat16;
+using at::Tensor;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline float round_bf16(float x) { return static_cast<float>(static_cast<BFloat16>(x)); }
+
+#ifdef SPARSE_AVX512BF16
+// 16 rows of 16 dwords in r[0..15] -> r[c] lane k = input row k, dword c.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  __m512i s[16];  // s[4k + p], 128-bit lane L = rows 4k..4k+3 at dword 4L + p
+  for (int k = 0; k < 4; ++k) {
+    s[4 * k] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+    s[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+    s[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+    s[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+  }
+  for (int p = 0; p < 4; ++p) {  // 4x4 transpose of 128-bit lanes across s[p], s[4 + p], s[8 + p], s[12 + p]
+    __m512i u0 = _mm512_shuffle_i32x4(s[p], s[4 + p], 0x44), u1 = _mm512_shuffle_i32x4(s[p], s[4 + p], 0xEE);
+    __m512i u2 = _mm512_shuffle_i32x4(s[8 + p], s[12 + p], 0x44), u3 = _mm512_shuffle_i32x4(s[8 + p], s[12 + p], 0xEE);
+    r[p] = _mm512_shuffle_i32x4(u0, u2, 0x88);
+    r[4 + p] = _mm512_shuffle_i32x4(u0, u2, 0xDD);
+    r[8 + p] = _mm512_shuffle_i32x4(u1, u3, 0x88);
+    r[12 + p] = _mm512_shuffle_i32x4(u1, u3, 0xDD);
+  }
+}
+
+// exp for fp32 lanes (Cephes polynomial, ~1 ulp); below -87.3 (-inf included) it is 0.
+inline __m512 exp512(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+#endif
+
+// out[i * ld + j] = q_i . rows[j] (fp32 sums) for i < G, j < n; q [G, D] contiguous; ld >= n rounded up to 16.
+template <int G>
+void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, float* out, int64_t ld) {
+#ifdef SPARSE_AVX512BF16
+  if (D % 32 == 0) {
+    const uint32_t* qd = reinterpret_cast<const uint32_t*>(q);  // q as dimension pairs
+    const int64_t P = D / 2;
+    alignas(64) __m512i kt[128];  // D <= 256: the 16 rows as [pair][row]
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t m = std::min<int64_t>(16, n - j0);
+      for (int64_t c = 0; c < P; c += 16) {
+        __m512i r[16];
+        for (int k = 0; k < 16; ++k)
+          r[k] = k < m ? _mm512_loadu_si512(rows[j0 + k] + 2 * c) : _mm512_setzero_si512();
+        transpose16(r);
+        for (int k = 0; k < 16; ++k) kt[c + k] = r[k];
+      }
+      __m512 acc[G];
+      for (int i = 0; i < G; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < P; ++c) {
+        __m512bh kv = (__m512bh)kt[c];
+        for (int i = 0; i < G; ++i)
+          acc[i] = _mm512_dpbf16_ps(acc[i], kv, (__m512bh)_mm512_set1_epi32(qd[i * P + c]));
+      }
+      for (int i = 0; i < G; ++i) _mm512_storeu_ps(out + i * ld + j0, acc[i]);
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j)
+    for (int i = 0; i < G; ++i) {
+      float s = 0.f;
+      for (int64_t d = 0; d < D; ++d) s += static_cast<float>(q[i * D + d]) * static_cast<float>(rows[j][d]);
+      out[i * ld + j] = s;
+    }
+}
+
+// o[i, :] = sum_j p[i * ld + j] * rows[j] (fp32 sums) for i < G; p bf16 with p[i * ld + j] = 0 for n <= j < n
+// rounded up to 2; o [G, D] fp32.
+template <int G>
+void weighted_sum(const BFloat16* p, int64_t ld, const BFloat16* const* rows, int64_t n, int64_t D, float* o) {
+#ifdef SPARSE_AVX512BF16
+  if (D % 32 == 0) {
+    const uint32_t* pd = reinterpret_cast<const uint32_t*>(p);  // probabilities of keys (2j, 2j + 1)
+    const __m512i inter = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                           39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    for (int64_t c = 0; c < D; c += 16) {  // 16 output dimensions at a time
+      __m512 acc[G];
+      for (int i = 0; i < G; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; j += 2) {
+        __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j] + c)));
+        __m512i b = j + 1 < n
+                        ? _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j + 1] + c)))
+                        : _mm512_setzero_si512();
+        __m512bh vv = (__m512bh)_mm512_permutex2var_epi16(a, inter, b);  // dword d = (row j [d], row j+1 [d])
+        for (int i = 0; i < G; ++i)
+          acc[i] = _mm512_dpbf16_ps(acc[i], vv, (__m512bh)_mm512_set1_epi32(pd[(i * ld + j) / 2]));
+      }
+      for (int i = 0; i < G; ++i) _mm512_storeu_ps(o + i * D + c, acc[i]);
+    }
+    return;
+  }
+#endif
+  std::fill(o, o + G * D, 0.f);
+  for (int64_t j = 0; j < n; ++j)
+    for (int i = 0; i < G; ++i) {
+      const float w = static_cast<float>(p[i * ld + j]);
+      for (int64_t d = 0; d < D; ++d) o[i * D + d] += w * static_cast<float>(rows[j][d]);
+    }
+}
+
+// x[0..n) = exp(x + shift) in place.
+inline void exp_shift(float* x, int64_t n, float shift) {
+  int64_t j = 0;
+#ifdef SPARSE_AVX512BF16
+  const __m512 s = _mm512_set1_ps(shift);
+  for (; j + 16 <= n; j += 16) _mm512_storeu_ps(x + j, exp512(_mm512_add_ps(_mm512_loadu_ps(x + j), s)));
+#endif
+  for (; j < n; ++j) x[j] = std::exp(x[j] + shift);
+}
+
+// The softmax loops below, 16 lanes at a time (scalar loops with a running max or sum do not vectorise
+// without -ffast-math, and at 64K keys they were a fifth of the step). Rounding to bf16 is round-to-nearest-even
+// either way (vcvtneps2bf16 also flushes denormals, which no score here reaches).
+
+// x[j] = (round ? bf16(x[j]) : x[j]) * scale in place; returns max_j x[j] (-inf for n = 0).
+inline float scale_max(float* x, int64_t n, float scale, bool round) {
+  float m = -kInf;
+  int64_t j = 0;
+#ifdef SPARSE_AVX512BF16
+  const __m512 s = _mm512_set1_ps(scale);
+  __m512 vm = _mm512_set1_ps(-kInf);
+  for (; j + 16 <= n; j += 16) {
+    __m512 v = _mm512_loadu_ps(x + j);
+    if (round)
+      v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+    v = _mm512_mul_ps(v, s);
+    _mm512_storeu_ps(x + j, v);
+    vm = _mm512_max_ps(vm, v);
+  }
+  m = _mm512_reduce_max_ps(vm);
+#endif
+  for (; j < n; ++j) m = std::max(m, x[j] = (round ? round_bf16(x[j]) : x[j]) * scale);
+  return m;
+}
+
+inline float sum(const float* x, int64_t n) {
+  float t = 0.f;
+  int64_t j = 0;
+#ifdef SPARSE_AVX512BF16
+  __m512 acc = _mm512_setzero_ps();
+  for (; j + 16 <= n; j += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + j));
+  t = _mm512_reduce_add_ps(acc);
+#endif
+  for (; j < n; ++j) t += x[j];
+  return t;
+}
+
+// out[j] = bf16(x[j] * c).
+inline void to_bf16(const float* x, int64_t n, float c, BFloat16* out) {
+  int64_t j = 0;
+#ifdef SPARSE_AVX512BF16
+  const __m512 s = _mm512_set1_ps(c);
+  for (; j + 16 <= n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + j), s)));
+#endif
+  for (; j < n; ++j) out[j] = x[j] * c;
+}
+
+struct Params {
+  int64_t kernel_size, stride, block, init_blocks, local_blocks, k_sel;
+  int64_t topk_local;  // topk + local_blocks: k_sel = min(topk_local, blocks of the longest row)
+};
+
+struct Scratch {  // per thread, grown as needed
+  std::vector<const BFloat16*> rows;
+  std::vector<float> s, score, blocks;
+  std::vector<BFloat16> p;
+  std::vector<int64_t> order;
+  std::vector<float> o;
+};
+
+inline int64_t n_kernels(int64_t len, int64_t size, int64_t stride) {
+  return len >= size ? (len - size) / stride + 1 : 0;
+}
+
+inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// One (row, KV head): selection into idx[0..k_sel), attention into out [G, D].
+template <int G>
+void step(const BFloat16* q, const BFloat16* qs, const BFloat16* kbase, const BFloat16* vbase, int64_t kstride,
+          int64_t vstride, const BFloat16* c1, int64_t c1stride, const BFloat16* c2, int64_t c2stride, int64_t t,
+          int64_t D, const Params& P, int64_t* idx, BFloat16* out, Scratch& w) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const int64_t n1 = n_kernels(t + 1, P.kernel_size, P.stride);
+  const int64_t n2 = n_kernels(t + 1, 4 * P.kernel_size, 4 * P.stride);
+  const int64_t qb = t / P.block, nb = qb + 1, r = P.block / P.stride;
+  const int64_t ld = pad16(std::max(n1, n2));
+  w.rows.resize(std::max(ld, pad16(P.k_sel * P.block)));
+  w.s.resize(G * std::max(ld, pad16(P.k_sel * P.block)));
+
+  // stage 1: log-normaliser per head from the coarse kernels
+  float lse[G];
+  for (int64_t j = 0; j < n2; ++j) w.rows[j] = c2 + j * c2stride;
+  dots<G>(qs, D, w.rows.data(), n2, w.s.data(), ld);
+  for (int i = 0; i < G; ++i) {
+    float* s = w.s.data() + i * ld;
+    const float m = scale_max(s, n2, scale, true);
+    if (n2 == 0) { lse[i] = kInf; continue; }
+    exp_shift(s, n2, -m);
+    lse[i] = m + std::log(sum(s, n2));
+  }
+  // fine kernels: S[j] = sum over heads of exp(s1 - lse)
+  for (int64_t j = 0; j < n1; ++j) w.rows[j] = c1 + j * c1stride;
+  dots<G>(qs, D, w.rows.data(), n1, w.s.data(), ld);
+  w.score.assign(n1, 0.f);
+  for (int i = 0; i < G; ++i) {
+    float* s = w.s.data() + i * ld;
+    scale_max(s, n1, scale, true);
+    exp_shift(s, n1, -lse[i]);
+    for (int64_t j = 0; j < n1; ++j) w.score[j] += s[j];
+  }
+  // stage 1b: max-pool onto blocks, force init and local blocks
+  w.blocks.assign(nb, 0.f);
+  for (int64_t b = 0; b < nb; ++b) {
+    float m = 0.f;
+    for (int64_t j = std::max<int64_t>(r * b - 1, 0); j < std::min(r * b + r, n1); ++j) m = std::max(m, w.score[j]);
+    w.blocks[b] = (b < P.init_blocks || b >= qb - P.local_blocks) ? kInf : m;
+  }
+  // stage 1c: top-K by (score desc, index asc), then ascending
+  const int64_t K = std::min(P.k_sel, nb);
+  w.order.resize(nb);
+  std::iota(w.order.begin(), w.order.end(), 0);
+  const float* bs = w.blocks.data();
+  std::nth_element(w.order.begin(), w.order.begin() + (K - 1), w.order.end(),
+                   [bs](int64_t a, int64_t b) { return bs[a] > bs[b] || (bs[a] == bs[b] && a < b); });
+  std::sort(w.order.begin(), w.order.begin() + K);
+  for (int64_t k = 0; k < P.k_sel; ++k) idx[k] = k < K ? w.order[k] : -1;
+
+  // stage 2: the selected tokens p <= t, in block order
+  int64_t n = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t lo = w.order[k] * P.block, hi = std::min(lo + P.block, t + 1);
+    for (int64_t p = lo; p < hi; ++p) w.rows[n++] = kbase + p * kstride;
+  }
+  const int64_t ld2 = pad16(n);
+  dots<G>(q, D, w.rows.data(), n, w.s.data(), ld2);
+  w.p.resize(G * ld2);
+  for (int i = 0; i < G; ++i) {
+    float* s = w.s.data() + i * ld2;
+    exp_shift(s, n, -scale_max(s, n, scale, false));
+    BFloat16* pi = w.p.data() + i * ld2;
+    to_bf16(s, n, 1.f / sum(s, n), pi);
+    std::fill(pi + n, pi + ld2, BFloat16(0.f));
+  }
+  // values: same tokens, rows of the value cache
+  n = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t lo = w.order[k] * P.block, hi = std::min(lo + P.block, t + 1);
+    for (int64_t p = lo; p < hi; ++p) w.rows[n++] = vbase + p * vstride;
+  }
+  w.o.resize(G * D);
+  weighted_sum<G>(w.p.data(), ld2, w.rows.data(), n, D, w.o.data());
+  for (int64_t i = 0; i < G * D; ++i) out[i] = w.o[i];
+}
+
+// A kernel's instantiation for GQA group size g (1 .. sizeof Gs), or nullptr: Of<G>::fn is the kernel for G.
+template <template <int> class Of, int... Gs>
+auto pick(int64_t g, std::integer_sequence<int, Gs...>) -> std::remove_const_t<decltype(Of<1>::fn)> {
+  const std::remove_const_t<decltype(Of<1>::fn)> fns[] = {Of<Gs + 1>::fn...};
+  return g >= 1 && g <= static_cast<int64_t>(sizeof...(Gs)) ? fns[g - 1] : nullptr;
+}
+
+using StepFn = decltype(&step<1>);
+template <int G>
+struct StepOf {
+  static constexpr StepFn fn = &step<G>;
+};
+
+
+// Selection and attention for every (row, KV head): q, qs [B, H, D] bf16 contiguous (stage-2 / stage-1 queries);
+// k, v [B, KVH, S, D] bf16 with a contiguous last dim; c1, c2 [B, KVH, N, D] likewise, holding at least the
+// kernels complete at t; t [B] positions (row b attends keys [0, t_b]); out [B, H, D]; idx [B, KVH, k_sel].
+inline void decode_into(const Tensor& q, const Tensor& qs, const Tensor& k, const Tensor& v, const Tensor& c1,
+                        const Tensor& c2, const int64_t* tp, const Params& P, BFloat16* op, int64_t* ip) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k.size(1), G = H / KVH;
+  StepFn fn = pick<StepOf>(G, std::make_integer_sequence<int, 16>{});
+  TORCH_CHECK(fn != nullptr && H % KVH == 0, "InfLLM v2 decode: GQA group size must be 1..16");
+  TORCH_CHECK(D <= 256 && P.block % P.stride == 0, "InfLLM v2 decode: unsupported shape");
+  const BFloat16 *qp = q.data_ptr<BFloat16>(), *qsp = qs.data_ptr<BFloat16>();
+  const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
+  const BFloat16 *c1p = c1.data_ptr<BFloat16>(), *c2p = c2.data_ptr<BFloat16>();
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    thread_local Scratch w;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / KVH, g = task % KVH;
+      fn(qp + (b * H + g * G) * D, qsp + (b * H + g * G) * D, kp + b * k.stride(0) + g * k.stride(1),
+         vp + b * v.stride(0) + g * v.stride(1), k.stride(2), v.stride(2),
+         c1p + b * c1.stride(0) + g * c1.stride(1), c1.stride(2), c2p + b * c2.stride(0) + g * c2.stride(1),
+         c2.stride(2), tp[b], D, P, ip + task * P.k_sel, op + (b * H + g * G) * D, w);
+    }
+  });
+}
+
+// Prefill / chunked queries: every query runs the decode step's selection and attention at its own position, so
+// stage 2 costs O(selected keys) per query, never the union of a chunk's blocks. q, qs [B, H, T, D] bf16
+// (contiguous last dim); pos [B, T] int64 contiguous (query positions, clamped to the rows' lengths); k, v, c1,
+// c2 as for decode_into (c1, c2 pooled from the keys up to the longest row). out [B, H, T, D] contiguous;
+// idx [B, KVH, T, k_sel] contiguous, or nullptr (not kept: at 32K queries it would be 48 MiB).
+// Tasks are (row, KV head, query); scratch is O(selected keys) per thread.
+inline void prefill_into(const Tensor& q, const Tensor& qs, const Tensor& k, const Tensor& v, const Tensor& c1,
+                         const Tensor& c2, const int64_t* pos, const Params& P, BFloat16* op, int64_t* ip) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KVH = k.size(1), G = H / KVH;
+  StepFn fn = pick<StepOf>(G, std::make_integer_sequence<int, 16>{});
+  TORCH_CHECK(fn != nullptr && H % KVH == 0, "InfLLM v2 prefill: GQA group size must be 1..16");
+  TORCH_CHECK(D <= 256 && P.block % P.stride == 0, "InfLLM v2 prefill: unsupported shape");
+  const BFloat16 *qp = q.data_ptr<BFloat16>(), *qsp = qs.data_ptr<BFloat16>();
+  const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
+  const BFloat16 *c1p = c1.data_ptr<BFloat16>(), *c2p = c2.data_ptr<BFloat16>();
+  at::parallel_for(0, B * KVH * T, 16, [&](int64_t begin, int64_t end) {
+    thread_local Scratch w;
+    thread_local std::vector<BFloat16> qg, qsg, og;  // the G heads of one query, contiguous [G, D]
+    thread_local std::vector<int64_t> sel;
+    qg.resize(G * D); qsg.resize(G * D); og.resize(G * D); sel.resize(P.k_sel);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (KVH * T), g = task / T % KVH, t = task % T;
+      for (int64_t i = 0; i < G; ++i) {
+        const int64_t h = g * G + i;
+        std::copy_n(qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2), D, qg.data() + i * D);
+        std::copy_n(qsp + b * qs.stride(0) + h * qs.stride(1) + t * qs.stride(2), D, qsg.data() + i * D);
+      }
+      fn(qg.data(), qsg.data(), kp + b * k.stride(0) + g * k.stride(1), vp + b * v.stride(0) + g * v.stride(1),
+         k.stride(2), v.stride(2), c1p + b * c1.stride(0) + g * c1.stride(1), c1.stride(2),
+         c2p + b * c2.stride(0) + g * c2.stride(1), c2.stride(2), pos[b * T + t], D, P, ip ? ip + task * P.k_sel : sel.data(),
+         og.data(), w);
+      for (int64_t i = 0; i < G; ++i) std::copy_n(og.data() + i * D, D, op + ((b * H + g * G + i) * T + t) * D);
+    }
+  });
+}
+
+// Kernels [lo, hi) of size/stride of one row's keys k [KVH, S, D] into c [KVH, N, D]: the mean of each kernel's
+// keys, summed as stride-long segments in fp32 as sparse_select.compress_keys does, rounded to bf16 once.
+inline void pool(const Tensor& k, const Tensor& c, int64_t lo, int64_t hi, int64_t size, int64_t stride) {
+  const int64_t KVH = k.size(0), D = k.size(2), r = size / stride;
+  std::vector<float> seg(r * D), acc(D);
+  for (int64_t g = 0; g < KVH; ++g) {
+    const BFloat16* kp = k.data_ptr<BFloat16>() + g * k.stride(0);
+    BFloat16* cp = c.data_ptr<BFloat16>() + g * c.stride(0);
+    for (int64_t j = lo; j < hi; ++j) {
+      for (int64_t i = 0; i < r; ++i) {  // segment j + i: keys [(j + i) stride, (j + i + 1) stride)
+        float* s = seg.data() + i * D;
+        std::fill(s, s + D, 0.f);
+        for (int64_t p = (j + i) * stride; p < (j + i + 1) * stride; ++p)
+          for (int64_t d = 0; d < D; ++d) s[d] += static_cast<float>(kp[p * k.stride(1) + d]);
+      }
+      std::copy(seg.begin(), seg.begin() + D, acc.begin());
+      for (int64_t i = 1; i < r; ++i)
+        for (int64_t d = 0; d < D; ++d) acc[d] += seg[i * D + d];
+      for (int64_t d = 0; d < D; ++d) cp[j * c.stride(1) + d] = acc[d] / static_cast<float>(size);
+    }
+  }
+}
+
+// A KV cache's compressed keys (sparse_cache.CompressedKeys): c1, c2 [L, B, KVH, N, D] bf16 and covered [L, B]
+// int64, the key prefix each row's kernels were pooled from. A decode step writes key pos_b of every row:
+// truncate() forgets kernels reaching it, attend() pools the kernels each row lacks (at most one of each size)
+// and runs the step, exactly as the Python backend (sparse.make_backend) does through the same cache.
+struct CacheStep {
+  Params P;
+  int64_t dense_len;  // sparse once kv_len >= dense_len (-1: always)
+  Tensor c1, c2, covered;
+
+  bool active(int64_t kv_len) const { return dense_len < 0 || kv_len >= dense_len; }
+
+  void truncate(int64_t layer, const int64_t* pos, int64_t B) {
+    int64_t* cov = covered.select(0, layer).data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) cov[b * covered.stride(1)] = std::min(cov[b * covered.stride(1)], pos[b]);
+  }
+
+  // q [B, H, D]; kl, vl [B, KVH, S, D] (the layer's cache); pos [B]. Returns [B, H, D].
+  Tensor attend(int64_t layer, const Tensor& q, const Tensor& kl, const Tensor& vl, const int64_t* pos, int64_t kv_len) {
+    const int64_t B = q.size(0);
+    Tensor l1 = c1.select(0, layer), l2 = c2.select(0, layer);
+    int64_t* cov = covered.select(0, layer).data_ptr<int64_t>();
+    const int64_t sizes[2][2] = {{P.kernel_size, P.stride}, {4 * P.kernel_size, 4 * P.stride}};
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t& have = cov[b * covered.stride(1)];
+      const int64_t want = pos[b] + 1;
+      for (int i = 0; i < 2; ++i) {
+        const int64_t size = sizes[i][0], stride = sizes[i][1];
+        pool(kl.select(0, b), (i ? l2 : l1).select(0, b), n_kernels(std::min(have, want), size, stride),
+             n_kernels(want, size, stride), size, stride);
+      }
+      have = want;
+    }
+    Params p = P;
+    p.k_sel = std::min(P.topk_local, (kv_len + P.block - 1) / P.block);
+    Tensor out = at::empty_like(q);
+    Tensor idx = at::empty({B, kl.size(1), p.k_sel}, q.options().dtype(at::kLong));
+    decode_into(q, q, kl, vl, l1, l2, pos, p, out.data_ptr<BFloat16>(), idx.data_ptr<int64_t>());
+    return out;
+  }
+};
+
+}  // namespace infllm

@@ -1,0 +1,94 @@
+"""Int4 weight-only linear layer for CPU, and GGUF Q4_1 weights loaded into it without dequantizing.
+
+Layout (that of torch.ops.aten._weight_int4pack_mm_for_cpu): for output row n and input column k in group g,
+
+    w[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n],     q in 0..15, groups of `group_size` columns
+
+GGUF Q4_1 stores, per 32 weights, an fp16 scale d and minimum m with w = d * q + m, so it maps onto the layout
+exactly with scale = d and zero = m + 8d; the one loss is holding scale and zero in bf16 (the kernel's dtype).
+Decode reads 4.5 bits per weight instead of bf16's 16, which is what bounds decode speed on CPU.
+
+The product runs csrc/int4_gemm.h (through csrc/qgemm.cpp): for up to 16 activation rows (decode steps, draft-tree
+verification) a kernel that unpacks each weight once for all rows (~2x torch's kernel at one row), for more rows
+(prefill) blocks of the weight dequantized to bf16 and a bf16 GEMM; torch's _weight_int4pack_mm_for_cpu without a
+compiler. The pure-PyTorch reference is the formula above applied to the unpacked values
+(tests/quant/test_int4.py builds it from the GGUF bytes with the gguf package's own dequantizer and checks both kernels
+against it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from minicpm4 import kernels
+
+Q4_1_BLOCK = 32  # weights per Q4_1 block: fp16 d, fp16 m, 16 bytes of 4-bit values
+Q4_1_BYTES = 20
+PACK_ROWS = 64  # _convert_weight_to_int4pack_for_cpu interleaves output rows in blocks of 64
+
+
+def unpack_q4_1(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """raw uint8 [N, K/32*20] -> q int32 [N, K] (0..15), d and m float32 [N, K/32].
+
+    In each block, byte j holds weight j in its low nibble and weight j + 16 in its high nibble.
+    """
+    n = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(n, -1, Q4_1_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int32)  # [N, K/32, 32]
+    return q.reshape(n, -1), d, m
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T with W held as packed 4-bit values plus per-group bf16 scale and zero (no bias)."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = Q4_1_BLOCK):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros",
+                             torch.empty(in_features // group_size, out_features, 2, dtype=torch.bfloat16))
+
+    @classmethod
+    def from_q4_1(cls, raw: np.ndarray) -> "Int4Linear":
+        q, d, m = unpack_q4_1(raw)
+        layer = cls(q.shape[1], q.shape[0], Q4_1_BLOCK)
+        layer.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q), 1)
+        sz = np.stack([d, m + 8 * d], axis=-1).transpose(1, 0, 2)  # [K/32, N, 2]
+        layer.scales_and_zeros = torch.from_numpy(np.ascontiguousarray(sz)).to(torch.bfloat16)
+        return layer
+
+    @classmethod
+    def cat(cls, layers: list["Int4Linear"]) -> "Int4Linear":
+        """One layer computing the outputs of `layers` (same input) side by side. The CPU packing interleaves
+        output rows in blocks of PACK_ROWS, so packed tensors concatenate as they are when every part but the
+        last fills whole blocks; otherwise ValueError."""
+        if any(m.out_features % PACK_ROWS for m in layers[:-1]):
+            raise ValueError(f"int4 layers of {[m.out_features for m in layers]} rows cannot be concatenated "
+                             f"packed: all but the last need a multiple of {PACK_ROWS} rows")
+        out = cls(layers[0].in_features, sum(m.out_features for m in layers), layers[0].group_size)
+        out.qweight = torch.cat([m.qweight for m in layers])
+        out.scales_and_zeros = torch.cat([m.scales_and_zeros for m in layers], dim=1)
+        return out
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
+        ext = kernels.qgemm()
+        mm = ext.int4_mm if ext is not None else torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = mm(x2, self.qweight, self.group_size, self.scales_and_zeros)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+

@@ -1,0 +1,144 @@
+"""OpenAI-compatible HTTP server: `minicpm4 serve` (FastAPI + uvicorn, the `serve` extra).
+
+Endpoints: /v1/models, /v1/chat/completions, /v1/completions (whole or streamed as server-sent events),
+/health, /metrics (Prometheus text) and a chat page at /. All requests share one engine thread that
+batches decode steps across them (continuous batching, see engine/async_engine.py). With `mcp_commands` the
+server starts those MCP servers and answers chat requests that bring no tools of their own by running the
+tool-use loop itself (agent.run_agent) over the MCP tools.
+
+Safe by default: binds 127.0.0.1; with an API key every /v1 route needs `Authorization: Bearer KEY` (401);
+bodies over `max_request_bytes` get 413; more than max_slots running plus max_queue waiting get 429; bad
+JSON, wrong field types, out-of-range values and prompts longer than the context get 400 with an
+OpenAI-style error body. A 500 only ever means a bug.
+"""
+
+from __future__ import annotations
+
+import hmac
+from contextlib import AsyncExitStack, asynccontextmanager
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from minicpm4.engine.async_engine import AsyncEngine, QueueFull
+from minicpm4.errors import InputError
+from minicpm4.serve.agent import AgentError
+from minicpm4.serve.completions import Completions
+from minicpm4.serve.llm import LLM
+from minicpm4.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body
+
+
+class Server:
+    def __init__(self, llm: LLM, model_name: str, api_key: str | None = None, max_queue: int = 64,
+                 max_tokens: int = 4096, max_request_bytes: int = 1 << 20, tool_format: str | None = None,
+                 mcp_commands: list[str] | None = None):
+        self.llm, self.model_name, self.api_key = llm, model_name, api_key
+        self.max_tokens, self.max_request_bytes = max_tokens, max_request_bytes
+        self.engine = AsyncEngine(llm.engine, max_queue=max_queue)
+        if tool_format is None:
+            from minicpm4.text.tool_calls import detect_format
+            tool_format = detect_format(llm.tokenizer.chat_template, llm.tokenizer.backend.get_vocab())
+        self.tool_format = tool_format
+        self.mcp_commands = list(mcp_commands or [])
+        self.mcp = None  # MCPTools, started with the app (the MCP servers live on its event loop)
+
+
+def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+          code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+
+
+def create_app(server: Server) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        async with AsyncExitStack() as stack:
+            if server.mcp_commands:
+                from minicpm4.serve.agent import MCPTools
+                server.mcp = await stack.enter_async_context(MCPTools(server.mcp_commands))
+            yield
+        server.mcp = None
+        server.engine.shutdown()
+
+    app = FastAPI(title="minicpm4", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.server = server
+    completions = Completions(server)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if server.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
+                return error(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                             "authentication_error", code="invalid_api_key")
+        if request.method == "POST":
+            size = request.headers.get("content-length")
+            if size is not None and (not size.isdigit() or int(size) > server.max_request_bytes):
+                return error(413, f"request body over {server.max_request_bytes} bytes")
+            body = await request.body()  # also bounds chunked uploads, which carry no content-length
+            if len(body) > server.max_request_bytes:
+                return error(413, f"request body over {server.max_request_bytes} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return error(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else
+                     "invalid_request_error")
+
+    @app.exception_handler(InputError)
+    async def bad_input(_: Request, exc: InputError):
+        return error(400, str(exc))
+
+    @app.exception_handler(AgentError)
+    async def tool_loop_failed(_: Request, exc: AgentError):  # an MCP server failed or the model looped
+        return error(502, f"tool use failed: {exc}", "server_error", code="tool_loop_failed")
+
+    @app.exception_handler(QueueFull)
+    async def busy(_: Request, exc: QueueFull):
+        return error(429, f"server busy: {exc}", "rate_limit_error", code="queue_full")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": server.engine.running, "queued": server.engine.queued}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return server.engine.prometheus()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
+                                            "owned_by": "minicpm4"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        return await completions.chat(body, request)
+
+    @app.post("/v1/completions")
+    async def complete(body: CompletionRequest, request: Request):
+        return await completions.complete(body, request)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        page = resources.files("minicpm4.serve") / "static" / "chat.html"
+        if not page.is_file():
+            return HTMLResponse("<p>minicpm4 server: the chat page is not installed.</p>")
+        return HTMLResponse(page.read_text())
+
+    return app
+
+
+def serve(llm: LLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, **settings) -> None:
+    import uvicorn
+    app = create_app(Server(llm, model_name, **settings))
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,97 @@
+"""Int8Linear (our kernel for up to 16 rows, bf16 GEMM on converted rows beyond) against its pure-PyTorch
+reference, and the int4 model's int8 head."""
+
+import numpy as np
+import pytest
+import torch
+
+import minicpm4
+from minicpm4 import kernels
+from minicpm4.io.loader import save_pretrained
+from minicpm4.model.decoder import cat_linears
+from minicpm4.quant.int4 import Int4Linear
+from minicpm4.quant.int8 import Int8Linear
+
+# our few-row kernels are AVX512-BF16 code; elsewhere torch's kernel runs, and the other tests here check results
+needs_bf16 = pytest.mark.skipif("avx512_bf16" not in kernels.cpu_flags(),
+                                reason="this CPU lacks avx512_bf16, which our int4/int8 few-row kernels need")
+
+
+def test_quantization_is_round_to_nearest_per_row():
+    # row maxima 127/64 and 127/16 give scales 1/64 and 1/16, exact in bf16, so q is checkable by hand
+    w = torch.tensor([[1.984375, 0.5, -0.26, 0.01], [-7.9375, 1.0, 0.03, 3.3]])
+    layer = Int8Linear.from_float(w)
+    assert torch.equal(layer.scales, torch.tensor([1 / 64, 1 / 16], dtype=torch.bfloat16))
+    assert torch.equal(layer.qweight, torch.tensor([[127, 32, -17, 1], [-127, 16, 0, 53]], dtype=torch.int8))
+    assert (layer.dequantize() - w).abs().max() <= 1 / 32
+
+
+def test_kernel_equals_reference():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 128, generator=g)
+    layer = Int8Linear.from_float(w)
+    for shape in [(1, 128), (7, 128), (2, 3, 128), (16, 128), (40, 128)]:  # few-row kernel up to 16 rows, bf16 GEMM beyond
+        x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        ref = x.double() @ layer.dequantize().double().T
+        got = layer(x)
+        assert got.shape == (*shape[:-1], 300) and got.dtype == torch.bfloat16
+        tol = 2 ** -7 * (x.double().abs() @ layer.dequantize().double().abs().T) + 1e-3  # bf16 output rounding
+        assert (got.double() - ref).abs().le(tol).all()
+    assert layer(torch.randn(2, 128)).dtype == torch.float32  # fp32 in, fp32 out (bf16 inside)
+
+
+@needs_bf16
+def test_our_kernel_runs_and_a_row_never_depends_on_its_neighbours():
+    """Each row bitwise what it is alone (speculative verification must round like a decode step); shapes our
+    kernel does not take (K not a multiple of 32) give torch's result."""
+    ext = kernels.qgemm()
+    assert ext is not None and ext.has_kernels()
+    g = torch.Generator().manual_seed(2)
+    layer = Int8Linear.from_float(torch.randn(298, 160, generator=g))  # 74 blocks of 4 rows and 2 more
+    x = torch.randn(16, 160, generator=g).to(torch.bfloat16)
+    assert ext.int8_supported(x, layer.qweight, layer.scales)
+    together = layer(x)
+    for rows in (slice(0, 1), slice(5, 6), slice(15, 16), slice(1, 4), slice(3, 16)):
+        assert torch.equal(layer(x[rows]), together[rows]), rows
+    odd = Int8Linear.from_float(torch.randn(64, 112, generator=g))  # (torch's kernel crashes at K = 100)
+    x = torch.randn(3, 112, generator=g).to(torch.bfloat16)
+    assert not ext.int8_supported(x, odd.qweight, odd.scales)
+    assert torch.equal(odd(x), torch.ops.aten._weight_int8pack_mm(x, odd.qweight, odd.scales))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_concatenated_layers_compute_the_parts_side_by_side(kind):
+    g = torch.Generator().manual_seed(1)
+    if kind == "int8":
+        parts = [Int8Linear.from_float(torch.randn(n, 64, generator=g)) for n in (64, 32, 32)]
+    else:  # random Q4_1 blocks: fp16 d and m, 16 bytes of nibbles per 32 weights
+        def q4_1(n):
+            d = np.random.default_rng(n).uniform(0.01, 0.1, (n, 2)).astype(np.float16).view(np.uint8)
+            m = np.random.default_rng(n + 1).uniform(-1, 0, (n, 2)).astype(np.float16).view(np.uint8)
+            qs = np.random.default_rng(n + 2).integers(0, 256, (n, 2, 16), dtype=np.uint8)
+            return np.concatenate([d.reshape(n, 2, 2), m.reshape(n, 2, 2), qs], -1).reshape(n, 40)
+        parts = [Int4Linear.from_q4_1(q4_1(n)) for n in (128, 64, 32)]
+        # the CPU packing interleaves rows in blocks of 64: parts that split a block cannot be joined packed
+        assert cat_linears([Int4Linear.from_q4_1(q4_1(n)) for n in (32, 32)]) is None
+    fused = cat_linears(parts)
+    x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], -1))
+
+
+def test_int4_model_has_an_int8_head_close_to_the_q8_0_one(smollm_gguf, real_text):
+    ref, tok = minicpm4.load(smollm_gguf, dtype="bf16")
+    model, _ = minicpm4.load(smollm_gguf, dtype="bf16", int4=True)
+    assert isinstance(model.lm_head, Int8Linear)
+    # the requantized head against the Q8_0 embedding it came from: within half a row step, per weight
+    w = ref.lm_head.weight.float()
+    err = (model.lm_head.dequantize() - w).abs()
+    assert (err <= model.lm_head.scales.float()[:, None] / 2 * (1 + 2 ** -7) + 1e-6).all()
+    # the embedding lookup keeps the exact Q8_0 values
+    assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+
+
+def test_fused_or_quantized_models_are_not_saved_as_hf(smollm_gguf, tmp_path):
+    model, tok = minicpm4.load(smollm_gguf, dtype="bf16", int4=True)
+    with pytest.raises(minicpm4.ConfigError, match="fused or quantized"):
+        save_pretrained(model, tok, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
