@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minicpm4"
 # lower rank = lower layer; a module may import its own package and packages of lower or equal rank but never a
 # sibling of equal rank in another package (quant, sparse and text stay independent of each other)
 RANK = {"base": 0, "kernels": 1, "quant": 2, "sparse": 2, "text": 2, "model": 3, "io": 4, "engine": 5, "train": 6,
-        "spec": 7, "serve": 8, "data": 9, "cli": 10}
+        "spec": 7, "serve": 8, "data": 9, "apps": 10, "cli": 11}
 
 
 def module_name(path: Path) -> str:
