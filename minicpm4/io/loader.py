@@ -21,10 +21,14 @@ import torch
 from minicpm4.config import ModelConfig
 from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.io.default_model import converted_dir, default_gguf_path
+from minicpm4.io.gguf import read_gguf
 from minicpm4.model.decoder import MiniCPM4ForCausalLM, RotaryEmbedding
+from minicpm4.quant.gguf_blocks import gguf_linear
+from minicpm4.quant.gptq_format import gptq_layers, quant_config_of
 from minicpm4.quant.int4 import Int4Linear
 from minicpm4.quant.int8 import Int8Linear
 from minicpm4.quant.ternary import TernaryLinear
+from minicpm4.quant.ternary_format import is_ternary, ternary_layers
 from minicpm4.text.tokenizer import Tokenizer
 from minicpm4.weights import checkpoint_files, load_into, read_state_dict, write_hf_dir
 
@@ -57,7 +61,6 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str
     with torch.device("meta"):
         model = MiniCPM4ForCausalLM(config)
     state = dict(state)
-    from minicpm4.quant.gguf_blocks import gguf_linear
     layers = {**(layers or {}), **{name: gguf_linear(*kr) for name, kr in (gguf_raw or {}).items()}}
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
@@ -108,8 +111,6 @@ def _load_dir(path: Path, dtype: torch.dtype, overrides: dict | None):
     if overrides:
         config = ModelConfig.from_dict(merge_overrides(config.to_dict(), overrides))
     state = read_state_dict(checkpoint_files(path), dtype)
-    from minicpm4.quant.gptq_format import gptq_layers, quant_config_of
-    from minicpm4.quant.ternary_format import is_ternary, ternary_layers
     qc = quant_config_of(path, config.extra)
     layers = ternary_layers(qc, state, str(path)) if is_ternary(qc) else gptq_layers(qc, state, str(path))
     model = build_model(config, state, str(path), layers=layers)
@@ -117,7 +118,6 @@ def _load_dir(path: Path, dtype: torch.dtype, overrides: dict | None):
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, overrides: dict | None, int4: bool = False):
-    from minicpm4.io.gguf import read_gguf
     ckpt = read_gguf(path, dtype=dtype, keep_quantized=int4)
     try:
         config = ModelConfig.from_dict(merge_overrides(ckpt.config, overrides or {}))

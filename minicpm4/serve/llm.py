@@ -12,8 +12,10 @@ from typing import Callable, Iterator, Sequence
 
 from minicpm4.engine.engine import Engine, Generation
 from minicpm4.engine.sampling import SamplingParams
+from minicpm4.io.loader import load
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
 from minicpm4.model.native_stack import attach
+from minicpm4.spec.decoder import build_speculative
 from minicpm4.text.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -66,12 +68,10 @@ class LLM:
              **engine_kwargs) -> "LLM":
         """draft: an EAGLE draft directory or a smaller model (see speculative.build_speculative); frspec: an
         FR-Spec vocabulary file for an EAGLE draft; spec: tree/chain options (topk, num_iter, tree_size, gamma)."""
-        from minicpm4.io.loader import load
         model, tokenizer = load(source, dtype=dtype, config_overrides=config_overrides, int4=int4)
         model = attach(model)
         speculative = None
         if draft is not None:
-            from minicpm4.spec.decoder import build_speculative
             speculative = build_speculative(model, draft, frspec, spec, engine_kwargs.get("max_len"))
         return cls(model, tokenizer, speculative, **engine_kwargs)
 

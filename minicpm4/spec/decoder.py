@@ -30,10 +30,14 @@ import torch
 from minicpm4.engine.engine import Generation, Request, StopFn, build_request, per_prompt
 from minicpm4.engine.sampling import SamplingParams, apply_repetition_penalty, filter_logits
 from minicpm4.errors import ConfigError, InputError
+from minicpm4.io.loader import load
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
 from minicpm4.model.kv_cache import KVCache, bucketed
 from minicpm4.model.native_stack import attach
-from minicpm4.spec.tree import DraftTree, causal_mask, tree_mask
+from minicpm4.spec.chain import ChainDrafter
+from minicpm4.spec.eagle import is_draft_dir, load_draft
+from minicpm4.spec.frspec import load_vocab
+from minicpm4.spec.tree import DraftTree, EagleDrafter, causal_mask, tree_mask
 
 PREFILL_CHUNK = 512
 
@@ -206,11 +210,6 @@ def build_speculative(target: MiniCPM4ForCausalLM, draft: str, frspec: str | Non
                       options: dict | None = None, max_len: int | None = None) -> SpeculativeDecoder:
     """A SpeculativeDecoder for `target` from a draft path: an EAGLE draft directory (tree drafting; options topk,
     num_iter, tree_size; an FR-Spec file restricts its head) or any model load() reads (chain drafting; gamma)."""
-    from minicpm4.io.loader import load
-    from minicpm4.spec.chain import ChainDrafter
-    from minicpm4.spec.eagle import is_draft_dir, load_draft
-    from minicpm4.spec.frspec import load_vocab
-    from minicpm4.spec.tree import EagleDrafter
 
     options = dict(options or {})
     if unknown := set(options) - SPEC_KEYS:
