@@ -48,7 +48,8 @@ def windows(tokens: list[int], seq_len: int, max_windows: int) -> torch.Tensor:
 
 
 class TargetFeatures:
-    """Per window: the target's final-normed hidden states [T, H] (bf16) and argmax next tokens [T], cached."""
+    """Per window: the target's final-normed hidden states [T, H] (bf16) and argmax next tokens [T], cached on the
+    CPU (the target runs on its own device)."""
 
     def __init__(self, target: MiniCPM4ForCausalLM, data: torch.Tensor):
         self.target, self.data, self.cache = target, data, {}
@@ -60,11 +61,11 @@ class TargetFeatures:
             kept = []
             hook = self.target.model.norm.register_forward_hook(lambda mod, inp, out: kept.append(out))
             try:
-                logits = self.target(self.data[todo])
+                logits = self.target(self.data[todo].to(self.target.model.embed_tokens.weight.device))
             finally:
                 hook.remove()
             for j, i in enumerate(todo):
-                self.cache[i] = (kept[0][j].to(torch.bfloat16).clone(), logits[j].argmax(-1))
+                self.cache[i] = (kept[0][j].to(torch.bfloat16).cpu().clone(), logits[j].argmax(-1).cpu())
         feats, labels = zip(*(self.cache[i] for i in idx))
         return torch.stack(feats), torch.stack(labels)
 
@@ -82,7 +83,7 @@ def draft_sums(draft: EagleDraft, x: torch.Tensor, feats: torch.Tensor, y: torch
     """x [B, T] long, feats [B, T, H], y [B, T] head-row labels (-100: none). The sums over the batch of
     [SmoothL1 over every element of g, CE over the valid labels, top-1 agreements]; the first two carry the graph."""
     b, t = x.shape
-    pos = torch.arange(t - 1).expand(b, t - 1)
+    pos = torch.arange(t - 1, device=x.device).expand(b, t - 1)
     logits, g = draft(x[:, 1:], feats[:, :-1], pos)
     reg = F.smooth_l1_loss(g.float(), feats[:, 1:].float(), reduction="sum")
     y = y[:, 1:]
@@ -201,14 +202,21 @@ class DraftTraining(Objective):
                 resume = str(self.run_dir)
         return resume
 
+    def to(self, device: torch.device) -> None:
+        """The draft, the target (whose embedding and head the draft shares) and an FR-Spec head onto `device`."""
+        self.features.target.to(device)
+        self.model.to(device)
+        if self.model.vocab is not None:
+            self.model._shared[1].to(device)
+
     def save_model(self, directory: Path, state) -> None:
-        self.model.save(directory, state)
+        self.model.save(directory, {k: v.detach().cpu() for k, v in state.items()})
 
     def load_model(self, state, extra) -> None:
         self.model.load_state_dict(state)
 
     def finish(self) -> Path:
-        return self.model.save(self.cfg.out_dir)
+        return self.model.save(self.cfg.out_dir, {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
 
 
 def train_draft(cfg: TrainConfig, target: MiniCPM4ForCausalLM | None = None, tokens: list[int] | None = None,

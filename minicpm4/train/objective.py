@@ -5,7 +5,8 @@ on each group's `base_lr`, micro-batches with gradient sync under DDP / FSDP2, b
 metrics, the evaluation cadence, atomic checkpoints with exact resume (checkpoint.py) and SIGINT/SIGTERM.
 An objective says what trains, on what, towards what:
 
-    model                   the nn.Module whose trainable parameters AdamW steps (the loop moves and wraps it)
+    model                   the nn.Module whose trainable parameters AdamW steps (the loop wraps it for DDP/FSDP2)
+    to(device)              move the model (and whatever else the objective computes with) to the loop's device
     config                  its ModelConfig (a resumed checkpoint must match it)
     run_dir                 where checkpoints/ and metrics.jsonl go (default: cfg.out_dir)
     resume_from(resume)     the checkpoint to continue from: the caller's (pretrain, sft: explicit --resume); qat
@@ -57,6 +58,10 @@ class Objective:
 
     def resume_from(self, resume: str | None) -> str | None:
         return resume
+
+    def to(self, device: torch.device) -> None:
+        """Move what trains (and what it reads from, if anything) to the loop's device."""
+        self.model.to(device)
 
     def param_groups(self) -> list[dict]:
         """One group of every trainable parameter at cfg.lr and cfg.weight_decay."""

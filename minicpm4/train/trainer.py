@@ -96,7 +96,7 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step, objective
         start = int(ckpt_state["step"])
         if log:
             log(f"resumed at step {start} from {ckpt}")
-    model.to(device)
+    objective.to(device)
     net = pg.wrap(model, cfg.parallel, device)
     layout = "fsdp" if pg.sharded(model) else "torch"  # how the optimizer state is keyed in checkpoints
     opt = torch.optim.AdamW(objective.param_groups(), betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
