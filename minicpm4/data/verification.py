@@ -34,6 +34,7 @@ from minicpm4.model.decoder import MiniCPM4ForCausalLM
 from minicpm4.text.tokenizer import Tokenizer
 from minicpm4.train import process_group as pg
 from minicpm4.train.checkpoint import load_checkpoint
+from minicpm4.train.language_modeling import LanguageModeling
 from minicpm4.train.mup import param_groups
 from minicpm4.train.shard_writer import expand_inputs, read_documents, tokenize_to_shards
 from minicpm4.train.token_loader import PackedLoader, TokenShards
@@ -159,8 +160,9 @@ def anneal(job: VerifyJob, arm: str, seed: int, data: dict, log=None) -> tuple[M
     if train_state.get("optimizer_layout", "torch") == "torch" and "optimizer" in train_state and not base_mtp:
         pg.load_optimizer_state(model, opt, train_state["optimizer"])  # continue the stable phase's moments
     device, accum, loss = torch.device("cpu"), cfg.accumulation(1), float("nan")
+    objective = LanguageModeling(cfg, model, None, loader)
     for step in range(cfg.steps):
-        loss = train_step(cfg, model, model, opt, loader, step, accum, 1, device)[0]
+        loss = train_step(cfg, model, objective, opt, step, accum, 1, device)[0]["loss"]
     if log:
         log(f"seed {seed} {arm}: {cfg.steps} steps, last loss {loss:.4f}, rows {loader.rows}")
     return model, {"steps": cfg.steps, "train_loss": loss, "rows": dict(loader.rows),

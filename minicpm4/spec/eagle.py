@@ -146,11 +146,12 @@ class EagleDraft(nn.Module):
         return KVCache(self.config, 1, max_len, dtype)
 
     # ---- files ----
-    def save(self, out_dir: str | Path) -> Path:
+    def save(self, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """config.json and model.safetensors (`state`: default this draft's state dict) into out_dir."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         cfg = {**self.config.to_dict(), "mup_denominator": self.mup_denominator}
-        save_state_dict(self.state_dict(), out, tied=False)
+        save_state_dict(self.state_dict() if state is None else state, out, tied=False)
         atomic_write_text(out / "config.json", json.dumps(cfg, indent=2))
         return out
 

@@ -1,12 +1,14 @@
 """Training checkpoints: an HF model directory plus the state needed to continue exactly where a run stopped.
 
-    OUT/checkpoints/step_0000100/model/      config.json, model.safetensors (fp32), tokenizer: minicpm4.load reads it
+    OUT/checkpoints/step_0000100/model/      the objective's model directory: config.json, model.safetensors (fp32),
+                                             and for a language model its tokenizer (minicpm4.load reads it)
     OUT/checkpoints/step_0000100/state.pt    step, optimizer, data position, RNG states, the run's config
     OUT/checkpoints/latest                   name of the newest complete checkpoint
 
 A checkpoint is assembled in a temporary sibling directory and renamed into place, and `latest` is replaced
 atomically after that, so a crash at any moment leaves the previous checkpoint intact and `latest` pointing
 at a complete one. The oldest checkpoints beyond `keep` are deleted only after the new one is in place.
+state.pt holds only tensors and plain containers, so it is read with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -39,19 +41,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(out_dir: str | os.PathLike, step: int, config: ModelConfig, model_state: dict[str, torch.Tensor],
-                    tokenizer: Tokenizer, train_state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoints/step_NNNNNNN atomically and point `latest` at it; returns its path."""
+def write_model_dir(directory: Path, config: ModelConfig, model_state: dict[str, torch.Tensor],
+                    tokenizer: Tokenizer) -> None:
+    """A language model's checkpoint directory: the HF layout in fp32."""
+    cfg = config.to_dict()
+    cfg["torch_dtype"] = "float32"
+    state = {k: v.detach().float().cpu() for k, v in model_state.items()}
+    write_hf_dir(directory, cfg, state, tokenizer, config.tie_word_embeddings)
+
+
+def save_checkpoint(out_dir: str | os.PathLike, step: int, write_model: Callable[[Path], Any],
+                    train_state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoints/step_NNNNNNN atomically and point `latest` at it; returns its path. write_model(dir) writes
+    the model directory (dir does not exist yet)."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     final = root / name
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
     try:
-        cfg = config.to_dict()
-        cfg["torch_dtype"] = "float32"
-        state = {k: v.detach().float().cpu() for k, v in model_state.items()}
-        write_hf_dir(tmp / "model", cfg, state, tokenizer, config.tie_word_embeddings)
+        write_model(tmp / "model")
         torch.save({**train_state, "step": step}, tmp / STATE)
         if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
@@ -112,8 +121,20 @@ def check_compatible(ckpt: Path, saved: ModelConfig, current: ModelConfig, saved
         raise CheckpointError(f"{ckpt}: incompatible checkpoint: model config differs in {', '.join(diff)}")
     fixed = {"task": None, "seq_len": None, "batch_size": None, "steps": None, "seed": None, "mup": None,
              "mtp_depth": 0}  # value of a key missing from an older checkpoint's config
+    fixed.update({"qat": {"qat.mode": None, "qat.group_size": None},
+                  "draft": {"draft.max_windows": None}}.get(run.get("task"), {}))
+    saved_run, run = _flat(saved_run), _flat(run)
     diff = [f"{k} ({saved_run.get(k, d)!r} -> {run.get(k, d)!r})" for k, d in fixed.items()
             if saved_run.get(k, d) != run.get(k, d)]
     if diff:
         raise CheckpointError(f"{ckpt}: incompatible checkpoint: run settings differ: {', '.join(diff)}")
 
+
+
+def _flat(run: dict) -> dict:
+    """A run config with its sections' keys as `section.key`."""
+    out = dict(run)
+    for k, v in run.items():
+        if isinstance(v, dict) and k in ("qat", "draft"):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+    return out

@@ -22,7 +22,6 @@ from torch import nn
 
 from minicpm4.config import ModelConfig
 from minicpm4.model.decoder import AttnContext, DecoderLayer, MiniCPM4ForCausalLM, RMSNorm
-from minicpm4.train import process_group as pg
 from minicpm4.train.linear_cross_entropy import IGNORE, linear_cross_entropy, reference_loss
 from minicpm4.train.mup import init_weights
 
@@ -75,9 +74,9 @@ def mtp_labels(labels: torch.Tensor, segments: torch.Tensor | None, k: int) -> t
 
 
 def target_counts(batch: dict[str, torch.Tensor], depth: int) -> torch.Tensor:
-    """Targets of each depth over the global batch (all ranks), [depth] float64, at least 1."""
+    """Targets of each depth in this process's batch, [depth] float64 (the loop sums them over processes)."""
     counts = [(mtp_labels(batch["labels"], batch.get("segments"), k) != IGNORE).sum() for k in range(1, depth + 1)]
-    return pg.all_reduce_sum(torch.stack(counts).double()).clamp(min=1) if counts else torch.zeros(0)
+    return torch.stack(counts).double() if counts else torch.zeros(0, dtype=torch.float64)
 
 
 def objective(model: MiniCPM4ForCausalLM, h: torch.Tensor, batch: dict[str, torch.Tensor], counts: torch.Tensor,

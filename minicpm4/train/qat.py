@@ -1,106 +1,44 @@
-"""Quantization-aware training (BitCPM4's ternary QAT, and int4) from a float checkpoint, with a minimal loop.
+"""Quantization-aware training (BitCPM4's ternary QAT, and int4) of a float checkpoint: an objective of the one loop.
 
-Every nn.Linear weight W but lm_head's gets a parametrization computing the straight-through estimator
+Every nn.Linear but lm_head computes with its fake-quantized weight through the straight-through estimator
+(quant/fake_quant.py), so the forward pass runs the weights export will write and the gradient reaches the fp32
+master weights. The loss is language modelling's (language_modeling.py): next-token cross-entropy over windows of
+seq_len tokens drawn at random offsets of the training text (one seeded generator, saved in checkpoints, so an
+interrupted run resumes onto the same batches); the last 5% of the text is held out and its loss evaluated before
+the first step (also with the float weights), every eval_every steps and at the end. All parameters train in one
+AdamW group; the rate is re-warmed from 0 (BitCPM4 found re-warmup critical when QAT starts from a trained model),
+held, and decayed linearly over the last 20% of the steps (the qat task's WSD defaults, train_config.py).
 
-    W_used = W + stopgrad(Q(W) - W)          Q = quant.fake_quantize (ternary absmean group 32, or int4)
-
-so the forward pass runs the quantized weight and the gradient reaches the float master weight W unchanged
-(round() has zero gradient almost everywhere). Q is the very function export applies, so the exported model
-computes what was trained (up to the packed format's 8-bit ternary group scale / bf16 int4 scale).
-
-The learning rate is re-warmed from 0 (BitCPM4 found re-warmup critical when QAT starts from a trained model),
-held, and decayed linearly over the last `decay_frac` of the steps (WSD). Batches are random windows of the
-training tokens; the loss on held-out tokens is measured every `eval_every` steps. Training state (weights,
-AdamW moments, step, curve) is saved atomically every `save_every` steps and a rerun resumes from it.
-Weights stay fp32; matmuls run under bf16 autocast.
+With task qat, trainer.train(cfg) runs it (`minicpm4 train qat`): the run lives in OUT.qat-run (checkpoints,
+metrics) until the export to OUT = cfg.out_dir (ternary: packed ternary checkpoint; int4: GPTQ layout, group
+qat.group_size, symmetric) with OUT/qat_history.json, the held-out curve; rerunning it resumes. A state file of the
+QAT loop before issue 15 (OUT.qat-state.pt) resumes too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
-import time
-from dataclasses import dataclass
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from minicpm4.errors import ConfigError
-from minicpm4.fileio import atomic_write, atomic_write_text
-from minicpm4.quant.primitives import fake_quantize, ste
-
-MODES = ("ternary", "int4")
-TERNARY_GROUP = 32  # BitCPM4: group 32 beat 64 and per-channel; the packed kernel's group
-
-
-@dataclass
-class QATConfig:
-    mode: str | None = "ternary"  # None: plain float training (the baseline the QAT run is compared with)
-    steps: int = 200
-    lr: float = 2e-3
-    warmup: int = 20  # re-warmup steps from lr 0
-    decay_frac: float = 0.2  # last fraction of steps: linear decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.1
-    batch: int = 8
-    seq_len: int = 128
-    weight_decay: float = 0.0
-    group_size: int = 128  # int4 only (ternary uses TERNARY_GROUP)
-    eval_every: int = 50
-    eval_batches: int = 8
-    save_every: int = 100
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.mode not in (*MODES, None):
-            raise ConfigError(f"QAT mode must be one of {MODES}, got {self.mode!r}")
-        if self.steps < 1 or self.batch < 1 or self.seq_len < 2 or not 0 <= self.warmup <= self.steps:
-            raise ConfigError(f"need steps >= 1, batch >= 1, seq_len >= 2, 0 <= warmup <= steps; got {self}")
-
-
-class FakeQuant(nn.Module):
-    """Parametrization W -> W + stopgrad(Q(W) - W)."""
-
-    def __init__(self, mode: str, group_size: int):
-        super().__init__()
-        self.mode, self.group_size = mode, group_size
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        ternary = self.mode == "ternary"
-        return ste(w, fake_quantize(w, 4, TERNARY_GROUP if ternary else self.group_size, True, ternary))
-
-
-def quantized_names(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip]
-
-
-def attach(model: nn.Module, mode: str, group_size: int = 128) -> list[str]:
-    """Put FakeQuant on the weight of every nn.Linear but lm_head; returns their names."""
-    names = quantized_names(model)
-    for name in names:
-        parametrize.register_parametrization(model.get_submodule(name), "weight", FakeQuant(mode, group_size))
-    return names
-
-
-def remove(model: nn.Module) -> None:
-    """Drop the FakeQuant parametrizations, leaving the float master weights in place."""
-    for m in model.modules():
-        if parametrize.is_parametrized(m, "weight"):
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
-
-
-def lr_at(step: int, cfg: QATConfig) -> float:
-    """Warmup from 0, stable, then linear decay to min_lr_ratio over the last decay_frac of the steps."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    decay_start = cfg.steps - max(1, int(cfg.decay_frac * cfg.steps))
-    if step < decay_start or cfg.decay_frac <= 0:
-        return cfg.lr
-    frac = (step - decay_start + 1) / (cfg.steps - decay_start)
-    return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * frac)
+from minicpm4.config import PRESETS
+from minicpm4.errors import CheckpointError, ConfigError
+from minicpm4.fileio import atomic_write_text
+from minicpm4.io.loader import load
+from minicpm4.quant.fake_quant import (attach, bypassed, group_of, parametrized_names, plain_names, quantized_names,
+                                       remove)
+from minicpm4.text.tokenizer import Tokenizer
+from minicpm4.train.checkpoint import list_checkpoints, rng_state, save_checkpoint, write_model_dir
+from minicpm4.train.language_modeling import LanguageModeling
+from minicpm4.train.linear_cross_entropy import IGNORE
+from minicpm4.train.metrics import MetricsLog, read_metrics
+from minicpm4.train.objective import Objective
+from minicpm4.train.train_config import TrainConfig
 
 
 def split_tokens(ids: list[int], seq_len: int, held_out_frac: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,6 +51,28 @@ def split_tokens(ids: list[int], seq_len: int, held_out_frac: float = 0.05) -> t
     return t[:-n_eval], t[-n_eval:]
 
 
+class RandomWindows:
+    """Batches of windows at random offsets of one token stream. The global batch's batch_size offsets come from
+    one generator seeded with `seed` (its state is the loader's state); each process takes its share."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.tokens, self.seq_len, self.batch_size, self.rank, self.world = tokens, seq_len, batch_size, rank, world
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """{"input_ids": windows [B, T], "labels": the next token of each position, IGNORE at the last}."""
+        idx = torch.randint(0, len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.gen)
+        per = self.batch_size // self.world
+        x = torch.stack([self.tokens[i:i + self.seq_len] for i in idx[self.rank * per:(self.rank + 1) * per].tolist()])
+        return {"input_ids": x, "labels": torch.cat([x[:, 1:], torch.full_like(x[:, :1], IGNORE)], dim=1)}
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+
+
 def loss_on(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over windows [B, T]."""
     logits = model(windows)
@@ -120,110 +80,172 @@ def loss_on(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, tokens: torch.Tensor, cfg: QATConfig) -> float:
-    """Loss on consecutive held-out windows (the same ones every time), at most eval_batches batches."""
-    n = min(len(tokens) // cfg.seq_len, cfg.eval_batches * cfg.batch)
-    windows = tokens[:n * cfg.seq_len].view(n, cfg.seq_len)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = [loss_on(model, windows[i:i + cfg.batch]).item() * len(windows[i:i + cfg.batch])
-                  for i in range(0, n, cfg.batch)]
+def eval_loss(model: nn.Module, tokens: torch.Tensor, seq_len: int, batch: int, max_batches: int) -> float:
+    """Loss on consecutive held-out windows (the same ones every time), at most max_batches batches, bf16 autocast."""
+    n = min(len(tokens) // seq_len, max_batches * batch)
+    device = next(model.parameters()).device
+    windows = tokens[:n * seq_len].view(n, seq_len).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        losses = [loss_on(model, windows[i:i + batch]).item() * len(windows[i:i + batch]) for i in range(0, n, batch)]
     return sum(losses) / n
 
 
-def train(model: nn.Module, train_tokens: torch.Tensor, eval_tokens: torch.Tensor, cfg: QATConfig,
-          state_path: Path | None = None, log=print) -> list[dict]:
-    """Train `model` (fp32) in place with fake quantization per cfg.mode; returns the curve
-    [{step, lr, loss, eval_loss?, seconds}], led by step 0's held-out loss (and the float model's, in QAT). FakeQuant stays attached (call `remove` before export)."""
-    resume = state_path is not None and state_path.is_file()
-    float_loss = None if resume or not cfg.mode else eval_loss(model.eval(), eval_tokens, cfg)
-    if cfg.mode:
-        attach(model, cfg.mode, cfg.group_size)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start, history = 0, []
-    if resume:
-        state = torch.load(state_path, weights_only=False)
-        if state["config"] != dataclasses.asdict(cfg):
-            raise ConfigError(f"{state_path}: saved by a run with other settings {state['config']}; delete it "
-                              "to start over")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, history = state["step"], state["history"]
-        log(f"resumed at step {start} from {state_path}")
-    gen = torch.Generator().manual_seed(cfg.seed + start)  # a resumed run draws other windows: fine for SGD
-    if start == 0:
-        history.append({"step": 0, "eval_loss": eval_loss(model.eval(), eval_tokens, cfg)})
+class QAT(LanguageModeling):
+    def __init__(self, cfg: TrainConfig, model: nn.Module, tokenizer: Tokenizer, train_tokens: torch.Tensor,
+                 eval_tokens: torch.Tensor, export: bool = False, rank: int = 0, world: int = 1,
+                 log: Callable[[str], None] | None = None):
+        """model: fp32, trained in place (FakeQuant stays attached unless `export`, which removes it at the end)."""
+        if cfg.task != "qat":
+            raise ConfigError(f"the QAT objective needs task qat, got {cfg.task!r}")
+        super().__init__(cfg, model.train(), tokenizer,
+                         RandomWindows(train_tokens, cfg.seq_len, cfg.batch_size, cfg.seed, rank, world))
+        self.eval_tokens, self.export, self.log = eval_tokens, export, log
+        self.rerun_resumes = export  # the command's run resumes when rerun; an in-memory one takes resume= explicitly
+        q = cfg.qat
+        self.names = attach(model, q.mode, q.group_size) if q.mode != "float" else []
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, rank: int = 0, world: int = 1,
+                    log: Callable[[str], None] | None = None) -> "QAT":
+        """cfg.model (a float model directory) in fp32 on the text file cfg.data (default: the KJV Bible), exported
+        to cfg.out_dir at the end."""
+        out = Path(cfg.out_dir)
+        if out.exists() and any(out.iterdir()):
+            raise CheckpointError(f"{out}: output directory exists and is not empty")
+        if not cfg.model or cfg.model in PRESETS:
+            raise ConfigError(f"qat starts from a trained float model (MODEL, or model= a directory or .gguf), not "
+                              f"{cfg.model or 'nothing'!r}")
+        model, tok = load(cfg.model, dtype="fp32", config_overrides=cfg.model_overrides or None)
+        q = cfg.qat
+        if q.mode != "float":
+            group = group_of(q.mode, q.group_size)
+            bad = [n for n in quantized_names(model) if model.get_submodule(n).in_features % group]
+            if bad:
+                raise ConfigError(f"layer {bad[0]} has {model.get_submodule(bad[0]).in_features} inputs, not "
+                                  f"divisible by the {q.mode} group size {group}")
+        if cfg.data:
+            try:
+                text = Path(cfg.data).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"data: cannot read the training text {cfg.data} ({e})") from None
+        else:
+            from minicpm4.corpus import kjv_text
+            text = kjv_text()
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        train_tokens, eval_tokens = split_tokens(bos + tok.encode(text), cfg.seq_len)
+        if log:
+            log(f"{len(train_tokens)} training tokens, {len(eval_tokens)} held out; {cfg.steps} steps x "
+                f"{cfg.batch_size} x {cfg.seq_len} = {cfg.steps * cfg.batch_size * cfg.seq_len} tokens of {q.mode} QAT")
+        return cls(cfg, model, tok, train_tokens, eval_tokens, True, rank, world, log)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(f"{self.cfg.out_dir}.qat-run")  # beside the export, which needs an empty directory
+
+    @property
+    def legacy_state(self) -> Path:
+        out = Path(self.cfg.out_dir)
+        return out.with_name(out.name + ".qat-state.pt")
+
+    def resume_from(self, resume: str | None) -> str | None:
+        """Rerunning resumes: the run directory's latest checkpoint, else an older loop's OUT.qat-state.pt."""
+        if resume is None and self.export:
+            if not list_checkpoints(self.run_dir) and self.legacy_state.is_file():
+                import_legacy_state(self, self.legacy_state)
+            if list_checkpoints(self.run_dir):
+                resume = str(self.run_dir)
+        return resume
+
+    def param_groups(self) -> list[dict]:
+        return Objective.param_groups(self)  # every parameter in one group, as the QAT recipe trains them
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        args = (self.eval_tokens, cfg.seq_len, cfg.batch_size, cfg.qat.eval_batches)
+        model.eval()
+        out = {"eval_loss": eval_loss(model, *args)}
+        if step == 0 and self.names:
+            with bypassed(model):
+                out["float_eval_loss"] = eval_loss(model, *args)
         model.train()
-        if float_loss is not None:
-            history[0]["float_eval_loss"] = float_loss
-            log(f"step 0: held-out loss {float_loss:.4f} float, {history[0]['eval_loss']:.4f} with {cfg.mode} "
-                "weights before QAT")
-    t0 = time.perf_counter()
-    for step in range(start, cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        idx = torch.randint(0, len(train_tokens) - cfg.seq_len, (cfg.batch,), generator=gen)
-        windows = torch.stack([train_tokens[i:i + cfg.seq_len] for i in idx.tolist()])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = loss_on(model, windows)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        row = {"step": step + 1, "lr": opt.param_groups[0]["lr"], "loss": loss.item(),
-               "seconds": time.perf_counter() - t0}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            model.eval()
-            row["eval_loss"] = eval_loss(model, eval_tokens, cfg)
-            model.train()
-            log(f"step {step + 1}/{cfg.steps}: loss {row['loss']:.4f}, held-out {row['eval_loss']:.4f}, "
-                f"lr {row['lr']:.2e}, {row['seconds']:.0f}s")
-        history.append(row)
-        if state_path is not None and ((step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps):
-            snapshot = {"config": dataclasses.asdict(cfg), "model": model.state_dict(),
-                        "optimizer": opt.state_dict(), "step": step + 1, "history": history}
-            atomic_write(state_path, lambda p: torch.save(snapshot, p))
-    model.eval()
-    return history
+        return out
+
+    def split_state(self, state):
+        return plain_names(state), {}  # the checkpoint's model directory holds the float master weights
+
+    def save_model(self, directory: Path, state) -> None:
+        write_model_dir(directory, self.config, state, self.tokenizer)
+
+    def load_model(self, state, extra) -> None:
+        super().load_model(parametrized_names(state, self.names), extra)
+
+    def finish(self) -> Path | None:
+        if not self.export:
+            return None
+        cfg, model, tok, out = self.cfg, self.model.cpu(), self.tokenizer, Path(self.cfg.out_dir)
+        if self.names:
+            remove(model)
+        if cfg.qat.mode == "ternary":
+            from minicpm4.quant.ternary_format import save_ternary
+            save_ternary(model, tok, out)
+        elif cfg.qat.mode == "int4":
+            from minicpm4.quant.gptq_format import save_quantized
+            from minicpm4.quant.primitives import quantize_int
+            qt = {n: quantize_int(model.get_submodule(n).weight, 4, cfg.qat.group_size, True) for n in self.names}
+            save_quantized(model, qt, tok, out)
+        else:
+            from minicpm4.io.loader import save_pretrained
+            save_pretrained(model, tok, out)
+        history = read_metrics(self.run_dir / "metrics.jsonl")
+        atomic_write_text(out / "qat_history.json", json.dumps({"config": cfg.to_dict(), "history": history},
+                                                               indent=1) + "\n")
+        shutil.rmtree(self.run_dir)
+        self.legacy_state.unlink(missing_ok=True)
+        evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+        if self.log and evals:
+            self.log(f"held-out loss {evals[0]:.4f} before QAT -> {evals[-1]:.4f} after (perplexity "
+                     f"{math.exp(evals[-1]):.2f}); wrote {out}")
+        return out
 
 
-def run_qat(src, out_dir: str | os.PathLike, cfg: QATConfig, text: str, log=print) -> Path:
-    """Load `src` in fp32, QAT it on `text` (held-out tail for eval), export: ternary -> packed ternary
-    checkpoint, int4 -> GPTQ-layout 4-bit checkpoint (group cfg.group_size, symmetric). The loss curve goes to
-    <out>/qat_history.json; the resumable training state lives in <out>.qat-state.pt until export."""
-    from minicpm4.errors import CheckpointError
-    from minicpm4.io.loader import load
-    if cfg.mode is None:
-        raise ConfigError("run_qat needs a quantization mode (ternary or int4)")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out}: output directory exists and is not empty")
-    model, tok = load(src, dtype="fp32")
-    names = quantized_names(model)
-    k_bad = [n for n in names if model.get_submodule(n).in_features %
-             (TERNARY_GROUP if cfg.mode == "ternary" else cfg.group_size)]
-    if k_bad:
-        raise ConfigError(f"layer {k_bad[0]} has {model.get_submodule(k_bad[0]).in_features} inputs, not divisible "
-                          f"by the {cfg.mode} group size")
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    train_tokens, eval_tokens = split_tokens(bos + tok.encode(text), cfg.seq_len)
-    log(f"{len(train_tokens)} training tokens, {len(eval_tokens)} held out; {cfg.steps} steps x {cfg.batch} x "
-        f"{cfg.seq_len} = {cfg.steps * cfg.batch * cfg.seq_len} tokens of {cfg.mode} QAT")
-    state_path = out.with_name(out.name + ".qat-state.pt")
-    history = train(model, train_tokens, eval_tokens, cfg, state_path, log)
-    remove(model)
-    if cfg.mode == "ternary":
-        from minicpm4.quant.ternary_format import save_ternary
-        save_ternary(model, tok, out)
-    else:
-        from minicpm4.quant.gptq_format import save_quantized
-        from minicpm4.quant.primitives import quantize_int
-        qt = {n: quantize_int(model.get_submodule(n).weight, 4, cfg.group_size, True) for n in names}
-        save_quantized(model, qt, tok, out)
-    atomic_write_text(out / "qat_history.json", json.dumps({"config": dataclasses.asdict(cfg),
-                                                             "history": history}, indent=1) + "\n")
-    state_path.unlink(missing_ok=True)
-    final = next(h["eval_loss"] for h in reversed(history) if "eval_loss" in h)
-    log(f"held-out loss {history[0]['eval_loss']:.4f} before QAT -> {final:.4f} after "
-        f"(perplexity {math.exp(final):.2f}); wrote {out}")
-    return out
+def legacy_settings(old: dict) -> dict:
+    """A QATConfig of the loop before issue 15 as the TrainConfig settings it meant."""
+    frac = old["decay_frac"]
+    return {"qat.mode": old["mode"] or "float", "steps": old["steps"], "lr": old["lr"], "warmup_steps": old["warmup"],
+            "decay_steps": max(1, int(frac * old["steps"])) if frac > 0 else 0, "decay_shape": "linear",
+            "min_lr_ratio": old["min_lr_ratio"], "batch_size": old["batch"], "seq_len": old["seq_len"],
+            "weight_decay": old["weight_decay"], "qat.group_size": old["group_size"], "eval_every": old["eval_every"],
+            "qat.eval_batches": old["eval_batches"], "save_every": old["save_every"], "seed": old["seed"]}
+
+
+def import_legacy_state(objective: QAT, path: Path) -> Path:
+    """Turn the state file of the QAT loop before issue 15 ({config, model, optimizer, step, history}) into a
+    checkpoint of the run directory, so the run resumes through the one checkpoint path: the saved weights and AdamW
+    moments at the saved step, the history as metrics.jsonl. That loop drew a resumed run's windows from a
+    generator seeded with seed + step; the imported data state is that generator, so the run continues as it would
+    have. Returns the checkpoint."""
+    cfg = objective.cfg
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        old = legacy_settings(state["config"])
+        step, model_state, opt_state, history = int(state["step"]), state["model"], state["optimizer"], state["history"]
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
+        why = str(e).splitlines()[0] if str(e) else repr(e)
+        raise CheckpointError(f"{path}: not a readable QAT state ({why})") from None
+    now = {k: v for k, v in {**cfg.to_dict(), **{f"qat.{k}": v for k, v in cfg.to_dict()["qat"].items()}}.items()
+           if k in old}
+    diff = [f"{k} ({old[k]!r} -> {now[k]!r})" for k in old if old[k] != now[k]]
+    if diff:
+        raise CheckpointError(f"{path}: saved by a run with other settings: {', '.join(diff)}; delete it to start over")
+    for group in opt_state["param_groups"]:
+        group.setdefault("base_lr", cfg.lr)
+    train_state = {"optimizer": opt_state, "optimizer_layout": "torch", "rng": rng_state(), "config": cfg.to_dict(),
+                   "data": {"generator": torch.Generator().manual_seed(cfg.seed + step).get_state()}, "mtp": {}}
+    files = plain_names(model_state)
+    ckpt = save_checkpoint(objective.run_dir, step, lambda d: objective.save_model(d, files), train_state,
+                           cfg.keep_checkpoints)
+    metrics = MetricsLog(objective.run_dir / "metrics.jsonl", 0)
+    for row in history:
+        metrics.write(row)
+    metrics.close()
+    return ckpt

@@ -1,4 +1,11 @@
-"""TrainConfig: every setting of a pretraining or SFT run, read from a JSON/TOML file plus `key=value` overrides.
+"""TrainConfig: every setting of a training run (pretrain, sft, qat, draft), read from a JSON/TOML file plus
+`key=value` overrides; the one config of every `minicpm4 train` subcommand.
+
+Settings shared by every task (steps, lr and the WSD schedule, batch sizes, AdamW, checkpoints, metrics) are top-level
+keys; those of one task live in its section: `qat` (QATOptions) and `draft` (DraftOptions), set as e.g.
+`--set qat.mode=int4`. Each task has its own defaults (TASK_DEFAULTS; the dataclass defaults are pretraining's):
+`TrainConfig.load` / `from_dict` / `for_task` apply them to every key the input leaves out, so
+`for_task("qat", steps=100)` decays over the last 20 steps as `minicpm4 train qat --steps 100` always did.
 
 All checks that need no model or data run in `__post_init__`, so a typo or an impossible value fails before any
 compute; `check_model` adds the checks that need the model config (run before the first step).
@@ -17,19 +24,44 @@ from minicpm4.config import ModelConfig
 from minicpm4.errors import ConfigError
 
 DECAY_SHAPES = ("exponential", "linear", "cosine")
-TASKS = ("pretrain", "sft")
+TASKS = ("pretrain", "sft", "qat", "draft")
+QAT_MODES = ("ternary", "int4", "float")
+
+
+@dataclass
+class QATOptions:
+    """The `qat` section: quantization-aware training (train/qat.py)."""
+    mode: str = "ternary"  # ternary (BitCPM4, group 32) | int4 (group_size) | float: no fake quantization (baseline)
+    group_size: int = 128  # int4 only
+    eval_batches: int = 8  # held-out batches of batch_size windows per evaluation
+
+
+@dataclass
+class DraftOptions:
+    """The `draft` section: EAGLE draft training against a frozen target (spec/draft_training.py)."""
+    ce_weight: float = 0.1  # weight of the token cross-entropy beside the feature regression
+    max_windows: int = 64  # distinct windows of seq_len tokens; each costs one target forward, then stays cached
+    frspec: str = ""  # FR-Spec vocabulary file: train the head and labels on these ids only
+    init: str = ""  # a draft directory to start from (fine-tuning) instead of a copy of the target's last layer
+    target_dtype: str = "bf16"  # the frozen target's dtype (the draft trains in fp32)
+
+
+SECTIONS = {"qat": QATOptions, "draft": DraftOptions}
 
 
 @dataclass
 class TrainConfig:
-    task: str = "pretrain"  # pretrain: token shards; sft: chat JSONL
-    model: str = "tiny"  # a preset name (fresh muP init) or an HF directory / .gguf to continue from
+    task: str = "pretrain"  # pretrain: token shards; sft: chat JSONL; qat: a float model on text; draft: EAGLE
+    model: str = "tiny"  # a preset name (fresh muP init) or an HF directory / .gguf to continue from (qat: the float
+    # model; draft: the frozen target)
     model_overrides: dict = field(default_factory=dict)  # HF config keys changed on top of `model`
-    data: str = ""  # pretrain: a token index (dir or index.json); sft: a chat JSONL file
+    data: str = ""  # pretrain: a token index (dir or index.json); sft: a chat JSONL file; qat: a text file (default
+    # the KJV Bible; its last 5% held out); draft: text file(s), a path or a list of paths
     decay_data: str = ""  # pretrain: a second token index mixed into the decay phase (same tokenizer)
     decay_mix: float = 0.0  # share of each batch's sequences drawn from decay_data during the decay steps
     tokenizer: str = ""  # default: the token index's tokenizer (pretrain) or the model's (sft)
-    out_dir: str = "runs/out/train"  # outputs never land among the scripts in runs/
+    out_dir: str = "runs/out/train"  # the run directory (qat: the exported checkpoint, the run in OUT.qat-run; draft:
+    # the draft directory); outputs never land among the scripts in runs/
     seq_len: int = 256
     batch_size: int = 8  # sequences per optimizer step, over all processes
     micro_batch_size: int = 8  # sequences per forward/backward of one process
@@ -53,7 +85,9 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0  # checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM)
     keep_checkpoints: int = 2
-    log_every: int = 1
+    log_every: int = 1  # a metrics.jsonl record every N steps
+    print_every: int = 0  # a progress line to the log every N steps (0: none; evaluations always print one)
+    eval_every: int = 0  # held-out evaluation every N steps, before the first and at the last (qat; 0: none)
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
     tool_format: str = "json"  # sft: how tool calls are written into assistant turns (minicpm4.text.tool_calls formats)
     mtp_depth: int = 0  # multi-token prediction heads (mtp.py): depth k predicts token t+1+k; 0 = off
@@ -61,23 +95,33 @@ class TrainConfig:
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars to OUT/tensorboard (needs `tensorboard`)
     length_buckets: list = field(default_factory=list)  # pretrain: bucket bounds ending at seq_len (length_buckets.py)
     longrope_from: int = 0  # > 0: LongRoPE factors stretching this trained length to max_position_embeddings
+    qat: QATOptions = field(default_factory=QATOptions)
+    draft: DraftOptions = field(default_factory=DraftOptions)
 
     def __post_init__(self) -> None:
+        for name, kind in SECTIONS.items():
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, _section(kind, name, getattr(self, name)))
         _check_types(self)
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if not self.data:
+        if not self.data and self.task in ("pretrain", "sft"):
             raise ConfigError("data is required (a token index for pretrain, a chat JSONL file for sft)")
+        if isinstance(self.data, list) and self.task != "draft":
+            raise ConfigError(f"data: a list of files is for task draft; {self.task} reads one path")
         for name in ("seq_len", "batch_size", "micro_batch_size", "steps", "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "decay_steps", "save_every", "threads", "weight_decay", "grad_clip"):
+        for name in ("warmup_steps", "decay_steps", "save_every", "threads", "weight_decay", "grad_clip",
+                     "print_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "init_std", "adam_eps"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.warmup_steps + self.decay_steps > self.steps:
+        # a warmup longer than a run without decay is allowed (the rate never reaches its peak); one that runs
+        # into the decay is not
+        if self.decay_steps > self.steps or (self.decay_steps and self.warmup_steps + self.decay_steps > self.steps):
             raise ConfigError(f"warmup_steps ({self.warmup_steps}) + decay_steps ({self.decay_steps}) exceed "
                               f"steps ({self.steps})")
         if self.decay_shape not in DECAY_SHAPES:
@@ -112,6 +156,7 @@ class TrainConfig:
             raise ConfigError(f"longrope_from must be >= 0, got {self.longrope_from}")
 
         _check_extras(self)
+        _check_sections(self)
 
     def accumulation(self, world: int) -> int:
         """Micro-batches per optimizer step on each of `world` processes."""
@@ -142,14 +187,22 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "TrainConfig":
+        """The settings in `d`, the task's defaults (TASK_DEFAULTS) for those it leaves out."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         try:
-            return cls(**d)
+            return cls(**{**task_defaults(d), **d})
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
+        except TypeError as e:  # a section given as something other than a table
+            raise ConfigError(f"{where}: {e}") from None
+
+    @classmethod
+    def for_task(cls, task: str, **settings: Any) -> "TrainConfig":
+        """TrainConfig of `task` with its defaults for every setting not given."""
+        return cls.from_dict({"task": task, **settings})
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] = (), **fixed: Any) -> "TrainConfig":
@@ -186,6 +239,52 @@ class TrainConfig:
         return cls.from_dict(d, where)
 
 
+def task_defaults(d: dict[str, Any]) -> dict[str, Any]:
+    """The defaults of d["task"] where they differ from the dataclass's (pretraining's); some follow from settings
+    that `d` gives (qat decays over the last 20% of steps, draft from the end of warmup to the last step)."""
+    task = d.get("task", "pretrain")
+    if task == "qat":  # BitCPM4's re-warmed WSD with a linear decay; the QATConfig defaults before issue 15
+        steps = d.get("steps", 200)
+        return {"model": "", "out_dir": "runs/out/qat", "steps": 200, "lr": 2e-3, "warmup_steps": 20,
+                "decay_steps": max(1, int(0.2 * steps)) if isinstance(steps, int) else 0, "decay_shape": "linear",
+                "weight_decay": 0.0, "seq_len": 128, "batch_size": 8, "micro_batch_size": d.get("batch_size", 8),
+                "save_every": 100, "eval_every": 50, "fused_loss": False}
+    if task == "draft":  # warmup then cosine decay to lr / 10 over the rest
+        steps = d.get("steps", 200)
+        warmup = d.get("warmup_steps", min(10, steps) if isinstance(steps, int) else 0)
+        return {"model": "default", "out_dir": "runs/out/draft", "steps": 200, "lr": 1e-3, "warmup_steps": warmup,
+                "decay_steps": max(0, steps - warmup) if isinstance(steps, int) and isinstance(warmup, int) else 0,
+                "decay_shape": "cosine", "weight_decay": 0.0, "seq_len": 256, "batch_size": 4,
+                "micro_batch_size": d.get("batch_size", 4), "dtype": "fp32", "save_every": 50, "print_every": 10}
+    return {}
+
+
+def _section(kind, name: str, d: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)} "
+                          f"(known: {', '.join(f'{name}.{k}' for k in sorted(known))})")
+    section = kind(**d)
+    _check_types(section, name + ".")
+    return section
+
+
+def _check_sections(cfg: TrainConfig) -> None:
+    q, dr = cfg.qat, cfg.draft
+    if q.mode not in QAT_MODES:
+        raise ConfigError(f"qat.mode must be one of {', '.join(QAT_MODES)}, got {q.mode!r}")
+    if q.group_size <= 0 or q.eval_batches <= 0:
+        raise ConfigError(f"qat.group_size and qat.eval_batches must be positive, got {q.group_size}, {q.eval_batches}")
+    if cfg.task == "qat" and cfg.seq_len < 2:
+        raise ConfigError(f"qat needs seq_len >= 2, got {cfg.seq_len}")
+    if dr.max_windows <= 0 or dr.ce_weight < 0:
+        raise ConfigError(f"draft.max_windows must be positive and draft.ce_weight >= 0, got {dr.max_windows}, "
+                          f"{dr.ce_weight}")
+    if dr.target_dtype not in ("bf16", "fp32", "fp16"):
+        raise ConfigError(f"draft.target_dtype must be bf16, fp32 or fp16, got {dr.target_dtype!r}")
+
+
 def _check_extras(cfg: TrainConfig) -> None:
     """The multi-token-prediction and TensorBoard settings."""
     if cfg.mtp_depth < 0 or cfg.mtp_depth >= cfg.seq_len:
@@ -201,16 +300,19 @@ def _check_extras(cfg: TrainConfig) -> None:
                               "(or pip install 'minicpm4[train]')")
 
 
-def _check_types(cfg: TrainConfig) -> None:
-    """Each field holds a value of its default's type (an int is accepted for a float field)."""
+def _check_types(cfg, prefix: str = "") -> None:
+    """Each field holds a value of its default's type (an int is accepted for a float field; `data` may be a list
+    of paths)."""
     for f in dataclasses.fields(cfg):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         value = getattr(cfg, f.name)
         kind = type(default)
+        if f.name == "data" and not prefix and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            continue
         ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
               else isinstance(value, int) and not isinstance(value, bool) if kind is int
               else isinstance(value, kind))
         if not ok:
-            raise ConfigError(f"{f.name} must be a {kind.__name__}, got {value!r}")
+            raise ConfigError(f"{prefix}{f.name} must be a {kind.__name__}, got {value!r}")
         if kind is float:
             setattr(cfg, f.name, float(value))

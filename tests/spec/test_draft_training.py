@@ -1,4 +1,5 @@
-"""EAGLE draft training (objective, checkpoints, resume) and draft files (our layout and the official names)."""
+"""EAGLE draft training (the draft objective in the one training loop, its checkpoints and resume, `train draft`'s
+config) and draft files (our layout and the official names)."""
 
 import json
 
@@ -9,8 +10,9 @@ from model_util import random_model
 from minicpm4.config import tiny
 from minicpm4.engine.engine import Engine
 from minicpm4.engine.sampling import SamplingParams
-from minicpm4.spec.draft_training import DraftTrainArgs, evaluate_draft, self_distill, train_draft
+from minicpm4.spec.draft_training import evaluate_draft, self_distill, train_draft
 from minicpm4.spec.eagle import EagleDraft, is_draft_dir, load_draft
+from minicpm4.train.train_config import TrainConfig
 from minicpm4.weights import save_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,24 +32,43 @@ def tokens(target):
     return [t for p, gen in zip(prompts, gens) for t in p + gen.token_ids]
 
 
-ARGS = dict(seq_len=32, batch_size=4, lr=3e-3, max_windows=16, save_every=10)
+ARGS = dict(seq_len=32, batch_size=4, lr=3e-3, save_every=10)
+
+
+def config(out, steps, draft=None, **kw):
+    return TrainConfig.for_task("draft", out_dir=str(out), steps=steps, **{**ARGS, **kw},
+                                draft={"max_windows": 16, **(draft or {})})
+
+
+def draft_dir(target, tokens, cfg, log=lambda m: None):
+    return train_draft(cfg, target, tokens, log=log)["output"]
 
 
 def test_training_teaches_the_draft_the_target_next_tokens(target, tokens, tmp_path):
     before = evaluate_draft(EagleDraft.for_target(target), target, tokens, 32, 16)
-    out = train_draft(target, tokens, tmp_path / "d", DraftTrainArgs(steps=60, **ARGS), log=lambda m: None)
+    out = draft_dir(target, tokens, config(tmp_path / "d", 60))
     draft = load_draft(out, target)
     after = evaluate_draft(draft, target, tokens, 32, 16)
     assert after["top1"] > before["top1"] + 0.3, (before, after)
     assert after["reg"] < before["reg"]
-    assert is_draft_dir(out) and (out / "checkpoint.pt").is_file()
+    assert is_draft_dir(out) and (out / "checkpoints" / "latest").read_text().strip() == "step_0000060"
+
+
+def test_draft_task_defaults_are_warmup_then_cosine_to_a_tenth():
+    from minicpm4.train.trainer import lr_factor
+    cfg = TrainConfig.for_task("draft", steps=50)
+    assert (cfg.lr, cfg.warmup_steps, cfg.decay_steps, cfg.decay_shape, cfg.batch_size, cfg.dtype) == \
+        (1e-3, 10, 40, "cosine", 4, "fp32")
+    f = [lr_factor(cfg, s) for s in range(50)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[49] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(f[9:], f[10:]))
+    assert TrainConfig.for_task("draft", steps=4).warmup_steps == 4  # as `train draft` always did: min(10, steps)
 
 
 def test_training_from_init_starts_at_the_given_draft(target, tokens, tmp_path):
-    trained = train_draft(target, tokens, tmp_path / "d", DraftTrainArgs(steps=30, **ARGS), log=lambda m: None)
-    args = DraftTrainArgs(steps=1, **{**ARGS, "lr": 1e-9})
-    tuned = train_draft(target, tokens, tmp_path / "t", args, log=lambda m: None, init=trained)
-    fresh = train_draft(target, tokens, tmp_path / "f", args, log=lambda m: None)
+    trained = draft_dir(target, tokens, config(tmp_path / "d", 30))
+    tuned = draft_dir(target, tokens, config(tmp_path / "t", 1, lr=1e-9, draft={"init": str(trained)}))
+    fresh = draft_dir(target, tokens, config(tmp_path / "f", 1, lr=1e-9))
     a, b, c = (load_draft(p, target).state_dict() for p in (trained, tuned, fresh))
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
     assert not all(torch.allclose(a[k], c[k], atol=1e-4) for k in a)
@@ -64,16 +85,15 @@ def test_self_distill_continues_prompts_with_the_target_greedy_output(target, to
 
 
 def test_interrupted_training_resumes_to_the_same_weights(target, tokens, tmp_path):
-    args = DraftTrainArgs(steps=30, **ARGS)
-    straight = train_draft(target, tokens, tmp_path / "a", args, log=lambda m: None)
+    straight = draft_dir(target, tokens, config(tmp_path / "a", 30))
 
     def interrupt(msg):
         if msg.startswith("step 20/"):
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        train_draft(target, tokens, tmp_path / "b", args, log=interrupt)
+        train_draft(config(tmp_path / "b", 30), target, tokens, log=interrupt)
     logs = []
-    resumed = train_draft(target, tokens, tmp_path / "b", args, log=logs.append)
+    resumed = draft_dir(target, tokens, config(tmp_path / "b", 30), log=logs.append)
     assert any("resumed" in m and "step 10" in m for m in logs)  # the last checkpoint before the interrupt
     a, b = load_draft(straight, target).state_dict(), load_draft(resumed, target).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -99,3 +119,34 @@ def test_draft_layer_uses_the_target_depth_for_residual_scaling(target):
     d = EagleDraft.for_target(target)
     layer = d.model.eagle_layers[0]
     assert layer.residual_scale == pytest.approx(target.config.scale_depth / target.config.num_hidden_layers ** 0.5)
+
+
+def test_cli_train_draft_takes_the_train_config_and_resumes(tmp_path, real_text):
+    """`train draft` reads --config/--set like pretrain, its old flags are aliases of config keys, --stop-after
+    checkpoints, and the same command again resumes and writes the draft."""
+    import subprocess
+    import sys
+
+    from train_util import small_tokenizer
+
+    from minicpm4.io.loader import save_pretrained
+    tok = small_tokenizer(real_text)  # a small vocabulary keeps the two runs cheap
+    cfg = tiny()
+    cfg.vocab_size = tok.vocab_size
+    save_pretrained(random_model(cfg, seed=0), tok, tmp_path / "target")
+    (tmp_path / "text.txt").write_text(real_text[:20000])
+    (tmp_path / "draft.json").write_text(json.dumps({"model": str(tmp_path / "target"), "steps": 4, "seq_len": 32,
+                                                     "batch_size": 2, "draft": {"target_dtype": "fp32"}}))
+    cmd = [sys.executable, "-m", "minicpm4.cli", "train", "draft", "--config", str(tmp_path / "draft.json"),
+           "--set", "draft.max_windows=4", "--data", str(tmp_path / "text.txt"), "-o", str(tmp_path / "d"),
+           "--save-every", "1"]
+    r = subprocess.run(cmd + ["--stop-after", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 2 and not is_draft_dir(tmp_path / "d")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "resumed at step 2" in r.stderr and "4 windows of 32 tokens" in r.stderr
+    assert r.stdout.strip() == str(tmp_path / "d") and is_draft_dir(tmp_path / "d")
+    import minicpm4
+    target, _ = minicpm4.load(tmp_path / "target", dtype="fp32")
+    load_draft(tmp_path / "d", target)

@@ -1,6 +1,7 @@
-"""QAT (minicpm4/train/qat.py): the straight-through estimator's gradients, fake-quantized forward = dequantized
-weights, a few ternary QAT steps lower the held-out loss of a tiny model, resume after an interruption, and
-`minicpm4 train qat` exporting a packed ternary checkpoint that loads."""
+"""QAT (minicpm4/train/qat.py, an objective of the one loop; quant/fake_quant.py): the straight-through estimator's
+gradients, fake-quantized forward = dequantized weights, the qat task's schedule, a few ternary QAT steps lower the
+held-out loss of a tiny model, a crashed run resumes to the weights of an uninterrupted one, and `minicpm4 train qat`
+(old flags, and --config/--set with --stop-after then a rerun) exporting a checkpoint that loads."""
 
 import json
 import subprocess
@@ -14,7 +15,11 @@ from minicpm4.config import tiny
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
 from minicpm4.quant.primitives import dequantize, quantize_int, quantize_ternary
 from minicpm4.quant.ternary import TernaryLinear
-from minicpm4.train.qat import QATConfig, attach, loss_on, lr_at, remove, train
+from minicpm4.quant.fake_quant import attach, remove
+from minicpm4.train.metrics import read_metrics
+from minicpm4.train.qat import QAT, loss_on
+from minicpm4.train.train_config import TrainConfig
+from minicpm4.train.trainer import lr_factor, train
 
 
 def tiny_model(seed=0):
@@ -60,9 +65,22 @@ def test_ste_gradient_is_the_gradient_at_the_quantized_weight(mode):
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
 
 
-def test_learning_rate_rewarms_then_decays():
-    cfg = QATConfig(steps=100, lr=1e-2, warmup=10, decay_frac=0.2, min_lr_ratio=0.1)
-    lrs = [lr_at(s, cfg) for s in range(100)]
+def qat_config(tmp_path, **kw):
+    return TrainConfig.for_task("qat", out_dir=str(tmp_path / "qat"), threads=1, **kw)
+
+
+def run(cfg, model, tokens, log=None, stop_after=None):
+    """QAT of an in-memory model on tokens[:n - 500] (held out: the rest); returns the metrics records."""
+    objective = QAT(cfg, model, None, tokens[:-500], tokens[-500:])
+    train(cfg, resume=str(objective.run_dir) if (objective.run_dir / "checkpoints").is_dir() else None,
+          stop_after=stop_after, log=log, objective=objective)
+    return read_metrics(objective.run_dir / "metrics.jsonl")
+
+
+def test_learning_rate_rewarms_then_decays(tmp_path):
+    cfg = qat_config(tmp_path, steps=100, lr=1e-2, warmup_steps=10)  # the qat task: decay over the last 20%, to 0.1
+    assert (cfg.decay_steps, cfg.decay_shape, cfg.min_lr_ratio) == (20, "linear", 0.1)
+    lrs = [cfg.lr * lr_factor(cfg, s) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2)
     assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))
     assert lrs[10:80] == [1e-2] * 70
@@ -70,34 +88,38 @@ def test_learning_rate_rewarms_then_decays():
 
 
 def test_few_ternary_qat_steps_lower_the_held_out_loss(tmp_path):
-    model = tiny_model()
-    tokens = patterned_tokens(6000)
-    cfg = QATConfig(mode="ternary", steps=30, lr=1e-2, warmup=3, batch=8, seq_len=32, eval_every=30,
-                    eval_batches=4)
-    history = train(model, tokens[:5000], tokens[5000:], cfg)
+    cfg = qat_config(tmp_path, steps=30, lr=1e-2, warmup_steps=3, batch_size=8, seq_len=32, eval_every=30,
+                     qat={"eval_batches": 4})
+    history = run(cfg, tiny_model(), patterned_tokens(5500))
     before, after = history[0]["eval_loss"], history[-1]["eval_loss"]
     print(f"held-out loss: float {history[0]['float_eval_loss']:.3f}, ternary before QAT {before:.3f}, "
           f"after 30 QAT steps {after:.3f}")
     assert after < before - 1.0
 
 
-def test_interrupted_run_resumes(tmp_path):
+def test_crashed_run_resumes_to_the_uninterrupted_weights(tmp_path):
     tokens = patterned_tokens(3000)
-    cfg = QATConfig(mode="ternary", steps=8, warmup=2, batch=2, seq_len=16, eval_every=8, save_every=4,
-                    eval_batches=1)
-    state = tmp_path / "state.pt"
+    kw = dict(steps=8, warmup_steps=2, batch_size=2, seq_len=16, eval_every=8, save_every=4, qat={"eval_batches": 1})
+    straight = tiny_model()
+    full = run(qat_config(tmp_path / "a", **kw), straight, tokens)
 
-    def stop_at_end(msg):
+    def crash_at_end(msg):
         if msg.startswith("step 8/8"):
             raise KeyboardInterrupt
 
+    cfg = qat_config(tmp_path / "b", **kw)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_model(), tokens[:2500], tokens[2500:], cfg, state, log=stop_at_end)
-    assert torch.load(state, weights_only=False)["step"] == 4
+        run(cfg, tiny_model(), tokens, log=crash_at_end)
+    run_dir = tmp_path / "b" / "qat.qat-run"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000004"
     logs = []
-    history = train(tiny_model(seed=1), tokens[:2500], tokens[2500:], cfg, state, log=logs.append)
-    assert logs[0] == f"resumed at step 4 from {state}"
+    resumed = tiny_model(seed=1)  # the weights must come from the checkpoint
+    history = run(cfg, resumed, tokens, log=logs.append)
+    assert logs[0] == f"resumed at step 4 from {run_dir / 'checkpoints' / 'step_0000004'}"
     assert [h["step"] for h in history] == list(range(9))
+    assert [h["loss"] for h in history[1:]] == [h["loss"] for h in full[1:]]  # the same batches after the resume
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli_train_qat_exports_packed_ternary(tmp_path):
@@ -119,4 +141,34 @@ def test_cli_train_qat_exports_packed_ternary(tmp_path):
     assert [h["step"] for h in hist] == [0, 1, 2, 3, 4] and "float_eval_loss" in hist[0]
     model, _ = minicpm4.load(out)
     assert isinstance(model.model.layers[0].mlp.up_proj, TernaryLinear)
-    assert not (tmp_path / "qat.qat-state.pt").exists()
+    assert not (tmp_path / "qat.qat-state.pt").exists() and not (tmp_path / "qat.qat-run").exists()
+
+
+def test_cli_train_qat_takes_the_train_config_and_resumes(tmp_path, real_text):
+    """--config/--set like pretrain (int4 through qat.mode), --stop-after, then the same command finishes the run."""
+    from train_util import small_tokenizer
+
+    from minicpm4.io.loader import save_pretrained
+    from minicpm4.quant.int4 import Int4Linear
+    tok = small_tokenizer(real_text)  # a small vocabulary keeps the two runs cheap
+    cfg = tiny()
+    cfg.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    save_pretrained(MiniCPM4ForCausalLM(cfg), tok, tmp_path / "float")
+    text = tmp_path / "text.txt"
+    text.write_text(real_text[:12000])
+    conf = tmp_path / "qat.toml"
+    conf.write_text(f'model = "{tmp_path / "float"}"\ndata = "{text}"\nout_dir = "{tmp_path / "q4"}"\nsteps = 4\n'
+                    'warmup_steps = 1\nbatch_size = 2\nseq_len = 32\neval_every = 2\n[qat]\ngroup_size = 64\n')
+    cmd = [sys.executable, "-m", "minicpm4.cli", "train", "qat", "--config", str(conf), "--set", "qat.mode=int4"]
+    r = subprocess.run(cmd + ["--stop-after", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 2 and not (tmp_path / "q4").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "resumed at step 2" in r.stderr and r.stdout.strip() == str(tmp_path / "q4")
+    saved = json.loads((tmp_path / "q4" / "qat_history.json").read_text())
+    assert [h["step"] for h in saved["history"]] == [0, 1, 2, 3, 4]
+    assert saved["config"]["qat"] == {"mode": "int4", "group_size": 64, "eval_batches": 8}
+    model, _ = minicpm4.load(tmp_path / "q4")
+    assert isinstance(model.model.layers[0].mlp.up_proj, Int4Linear)

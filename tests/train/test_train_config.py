@@ -106,3 +106,29 @@ def test_mup_scales_lr_and_init_with_width():
     assert stds[64]["matrix"] == pytest.approx(0.1 / math.sqrt(2), rel=0.03)
     assert stds[256]["matrix"] == pytest.approx(0.1 / math.sqrt(8), rel=0.03)
     assert stds[64]["embedding"] == pytest.approx(0.1, rel=0.03) == stds[256]["embedding"]
+
+
+def test_each_task_has_its_defaults_and_its_section():
+    qat = TrainConfig.load(None, ["steps=100", "model=m"], task="qat")
+    assert (qat.lr, qat.warmup_steps, qat.decay_steps, qat.decay_shape, qat.min_lr_ratio, qat.weight_decay) == \
+        (2e-3, 20, 20, "linear", 0.1, 0.0)  # re-warmup, then linear decay over the last 20%
+    assert (qat.batch_size, qat.micro_batch_size, qat.seq_len, qat.eval_every, qat.qat.mode) == \
+        (8, 8, 128, 50, "ternary")
+    draft = TrainConfig.load(None, ["data=[\"a.txt\", \"b.txt\"]", "draft.max_windows=8"], task="draft")
+    assert draft.data == ["a.txt", "b.txt"] and draft.draft.max_windows == 8
+    assert draft.to_dict()["draft"]["ce_weight"] == 0.1
+    pre = TrainConfig.load(None, ["data=x"])
+    assert (pre.lr, pre.decay_shape, pre.eval_every) == (1e-2, "exponential", 0)  # pretraining's, unchanged
+
+
+@pytest.mark.parametrize("task, override, message", [
+    ("qat", "qat.mode=int8", "qat.mode must be one of ternary, int4, float, got 'int8'"),
+    ("qat", "qat.bits=4", r"unknown key\(s\) qat.bits"),
+    ("qat", "qat.group_size=64.5", "qat.group_size must be a int, got 64.5"),
+    ("draft", "draft.target_dtype=int8", "draft.target_dtype must be bf16, fp32 or fp16"),
+    ("pretrain", 'data=["a", "b"]', "data: a list of files is for task draft"),
+    ("qat", "decay_steps=300", r"decay_steps \(300\) exceed steps \(200\)"),
+])
+def test_bad_task_settings_are_rejected(task, override, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.load(None, ["data=x", override], task=task)
