@@ -29,11 +29,14 @@ from minicpm4.config import ModelConfig
 from minicpm4.engine.engine import Engine
 from minicpm4.engine.sampling import SamplingParams
 from minicpm4.errors import CheckpointError, ConfigError, InputError
+from minicpm4.io.loader import load
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
 from minicpm4.spec.eagle import SHARED, EagleDraft
+from minicpm4.spec.frspec import load_vocab
 from minicpm4.train.checkpoint import list_checkpoints, rng_state, save_checkpoint
 from minicpm4.train.objective import Objective
 from minicpm4.train.train_config import TrainConfig
+from minicpm4.train.trainer import train
 from minicpm4.weights import checkpoint_files, read_state_dict
 
 LEGACY = "checkpoint.pt"  # the resume file of the draft trainer before issue 15
@@ -153,8 +156,6 @@ class DraftTraining(Objective):
     def from_config(cls, cfg: TrainConfig, log: Callable[[str], None] | None = None,
                     rank: int = 0, world: int = 1) -> "DraftTraining":
         """The target cfg.model in draft.target_dtype, the text files cfg.data, the FR-Spec vocabulary draft.frspec."""
-        from minicpm4.io.loader import load
-        from minicpm4.spec.frspec import load_vocab
         files = cfg.data if isinstance(cfg.data, list) else [cfg.data] if cfg.data else []
         if not files:
             raise ConfigError("draft training needs data: one or more text files")
@@ -225,7 +226,6 @@ def train_draft(cfg: TrainConfig, target: MiniCPM4ForCausalLM | None = None, tok
     """Train (or resume: rerun with the same settings) the draft of cfg (task draft) in cfg.out_dir. target,
     tokens, vocab: given in memory instead of read per cfg (model, data, draft.frspec). Returns trainer.train's
     result; "output" is the draft directory once every step is done."""
-    from minicpm4.train.trainer import train
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if target is None or tokens is None:
         objective = DraftTraining.from_config(cfg, log, rank, world)

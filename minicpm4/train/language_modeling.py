@@ -24,10 +24,14 @@ from minicpm4.io.loader import load, merge_overrides
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
 from minicpm4.text.tokenizer import Tokenizer
 from minicpm4.train import mtp as mtp_heads, process_group as pg
+from minicpm4.train.chat_data import ChatLoader
 from minicpm4.train.checkpoint import write_model_dir
+from minicpm4.train.length_buckets import BucketLoader
 from minicpm4.train.linear_cross_entropy import IGNORE
+from minicpm4.train.longrope import extend_rope
 from minicpm4.train.mup import init_weights, param_groups
 from minicpm4.train.objective import Objective
+from minicpm4.train.token_loader import DecayMix, PackedLoader, TokenShards
 from minicpm4.train.train_config import TrainConfig
 
 
@@ -46,11 +50,9 @@ class LanguageModeling(Objective):
         if cfg.tokenizer:
             tokenizer = Tokenizer.from_dir(cfg.tokenizer)
         if cfg.task == "pretrain":
-            from minicpm4.train.token_loader import DecayMix, PackedLoader, TokenShards
             shards = TokenShards(cfg.data)
             tokenizer = tokenizer or Tokenizer.from_dir(shards.tokenizer_dir)
             if cfg.length_buckets:  # the long-context stage: one document per row, rows of similar length
-                from minicpm4.train.length_buckets import BucketLoader
                 loader = BucketLoader(shards, cfg.seq_len, cfg.batch_size, cfg.length_buckets, cfg.seed, rank, world)
             else:
                 loader = PackedLoader(shards, cfg.seq_len, cfg.batch_size, cfg.seed, rank, world)
@@ -63,7 +65,6 @@ class LanguageModeling(Objective):
         elif cfg.task == "sft":
             if tokenizer is None:
                 raise ConfigError("sft needs a tokenizer: start from a model directory or set tokenizer")
-            from minicpm4.train.chat_data import ChatLoader
             loader = ChatLoader(cfg.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, rank, world,
                                 cfg.tool_format)
             data_vocab = tokenizer.vocab_size
@@ -77,7 +78,6 @@ class LanguageModeling(Objective):
             model = MiniCPM4ForCausalLM(mc)
             init_weights(model, cfg.init_std, cfg.mup)
         if cfg.longrope_from:  # LongRoPE factors stretching the trained length to max_position_embeddings
-            from minicpm4.train.longrope import extend_rope
             extend_rope(model, cfg.longrope_from)
         if data_vocab > model.config.vocab_size:
             raise ConfigError(f"the data's vocabulary ({data_vocab}) is larger than the model's vocab_size "

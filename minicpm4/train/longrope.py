@@ -22,6 +22,7 @@ import math
 
 from minicpm4.config import ModelConfig
 from minicpm4.errors import ConfigError
+from minicpm4.model.decoder import RotaryEmbedding
 
 ALPHA, BETA = 1.0, 4.0  # a dimension with >= 4 circles in the original window has seen all of its angles often
 
@@ -54,7 +55,6 @@ def longrope_scaling(mc: ModelConfig, original: int) -> dict:
 def extend_rope(model, original: int) -> None:
     """Give a built MiniCPM4ForCausalLM the LongRoPE settings: its config gains rope_scaling (saved with every
     checkpoint) and its rotary embedding is rebuilt from it (it holds no parameters, only derived buffers)."""
-    from minicpm4.model.decoder import RotaryEmbedding
     mc = ModelConfig.from_dict({**model.config.to_dict(), "rope_scaling": longrope_scaling(model.config, original)})
     model.config = mc
     model.model.rotary_emb = RotaryEmbedding(mc).to(model.model.embed_tokens.weight.device)

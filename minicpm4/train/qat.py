@@ -27,11 +27,15 @@ import torch
 from torch import nn
 
 from minicpm4.config import PRESETS
+from minicpm4.corpus import kjv_text
 from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.fileio import atomic_write_text
-from minicpm4.io.loader import load
-from minicpm4.quant.fake_quant import (attach, bypassed, group_of, parametrized_names, plain_names, quantized_names,
-                                       remove)
+from minicpm4.io.loader import load, save_pretrained
+from minicpm4.quant.fake_quant import (attach, bypassed, group_of, parametrized_names, plain_names,
+                                       quantized_names, remove)
+from minicpm4.quant.gptq_format import save_quantized
+from minicpm4.quant.primitives import quantize_int
+from minicpm4.quant.ternary_format import save_ternary
 from minicpm4.text.tokenizer import Tokenizer
 from minicpm4.train.checkpoint import list_checkpoints, rng_state, save_checkpoint, write_model_dir
 from minicpm4.train.language_modeling import LanguageModeling
@@ -129,7 +133,6 @@ class QAT(LanguageModeling):
             except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError(f"data: cannot read the training text {cfg.data} ({e})") from None
         else:
-            from minicpm4.corpus import kjv_text
             text = kjv_text()
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         train_tokens, eval_tokens = split_tokens(bos + tok.encode(text), cfg.seq_len)
@@ -186,15 +189,11 @@ class QAT(LanguageModeling):
         if self.names:
             remove(model)
         if cfg.qat.mode == "ternary":
-            from minicpm4.quant.ternary_format import save_ternary
             save_ternary(model, tok, out)
         elif cfg.qat.mode == "int4":
-            from minicpm4.quant.gptq_format import save_quantized
-            from minicpm4.quant.primitives import quantize_int
             qt = {n: quantize_int(model.get_submodule(n).weight, 4, cfg.qat.group_size, True) for n in self.names}
             save_quantized(model, qt, tok, out)
         else:
-            from minicpm4.io.loader import save_pretrained
             save_pretrained(model, tok, out)
         history = read_metrics(self.run_dir / "metrics.jsonl")
         atomic_write_text(out / "qat_history.json", json.dumps({"config": cfg.to_dict(), "history": history},

@@ -22,6 +22,7 @@ from typing import Any
 
 from minicpm4.config import ModelConfig
 from minicpm4.errors import ConfigError
+from minicpm4.train.length_buckets import check_bounds
 
 DECAY_SHAPES = ("exponential", "linear", "cosine")
 TASKS = ("pretrain", "sft", "qat", "draft")
@@ -148,7 +149,6 @@ class TrainConfig:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                               f"({self.micro_batch_size})")
         if self.length_buckets:
-            from minicpm4.train.length_buckets import check_bounds
             check_bounds(self.length_buckets, self.seq_len)
             if self.task != "pretrain" or self.decay_data:
                 raise ConfigError("length_buckets are for pretraining without decay_data (sft packs its own rows)")

@@ -28,8 +28,10 @@ from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.train import process_group as pg
 from minicpm4.train.checkpoint import (check_compatible, list_checkpoints, load_checkpoint, rng_state,
                                        save_checkpoint, set_rng_state)
+from minicpm4.train.language_modeling import LanguageModeling
 from minicpm4.train.metrics import MetricsLog, progress_bar
 from minicpm4.train.objective import Objective
+from minicpm4.train.qat import QAT
 from minicpm4.train.schedule import wsd_factor
 from minicpm4.train.train_config import TrainConfig
 
@@ -174,8 +176,6 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step, objective
 def objective_for(cfg: TrainConfig, rank: int = 0, world: int = 1,
                   log: Callable[[str], None] | None = None) -> Objective:
     """The objective of cfg.task, built from the config (loads the model, opens the data)."""
-    from minicpm4.train.language_modeling import LanguageModeling
-    from minicpm4.train.qat import QAT
     if cfg.task in ("pretrain", "sft"):
         return LanguageModeling.from_config(cfg, rank, world)
     if cfg.task == "qat":

@@ -33,8 +33,13 @@ import torch
 
 from minicpm4.config import PRESETS, ModelConfig, preset
 from minicpm4.errors import ConfigError
+from minicpm4.fileio import atomic_write_text
+from minicpm4.io.loader import load
 from minicpm4.train.metrics import read_metrics
+from minicpm4.train.scaling_bench import evaluate, fit_sigmoid, plot_fit, predict
+from minicpm4.train.token_loader import PackedLoader, TokenShards
 from minicpm4.train.train_config import TrainConfig
+from minicpm4.train.trainer import train
 
 PARAMETRISATIONS = ("mup", "sp")
 
@@ -64,7 +69,6 @@ def sweep(base: TrainConfig, widths: list[int], lrs: list[float], params=PARAMET
           bench: list[dict] | None = None):
     """Every (parametrisation, width, lr) run: a list of {param, width, lr, loss, steps, stopped, curve}, plus
     bench_loss and bench_acc for finished runs when `bench` items are given."""
-    from minicpm4.train.trainer import train
     work = Path(work or tempfile.mkdtemp(prefix="tunnel."))
     results = []
     for param in params:
@@ -101,8 +105,6 @@ def sweep(base: TrainConfig, widths: list[int], lrs: list[float], params=PARAMET
 
 def bench_scores(model_dir: Path, items: list[dict]) -> dict:
     """{"bench_loss", "bench_acc"} of a checkpoint's model on ScalingBench-style items."""
-    from minicpm4.io.loader import load
-    from minicpm4.train.scaling_bench import evaluate
     model, tokenizer = load(model_dir, dtype="fp32")
     r = evaluate(model, tokenizer, items)
     return {"bench_loss": r["cond_loss"], "bench_acc": r["accuracy"]}
@@ -111,7 +113,6 @@ def bench_scores(model_dir: Path, items: list[dict]) -> dict:
 def scaling_bench(results: list[dict]) -> dict | None:
     """Fit the loss -> accuracy sigmoid on every scored run, add pred_acc to each, and pick per parametrisation and
     width the rate with the best predicted accuracy: {"fit", "best": {param: {width: {lr, bench_loss, ...}}}}."""
-    from minicpm4.train.scaling_bench import fit_sigmoid, predict
     scored = [r for r in results if "bench_loss" in r]
     if len(scored) < 3:
         return None
@@ -144,9 +145,6 @@ def drift(best: dict[int, dict]) -> float:
 def coordinate_check(base: TrainConfig, widths: list[int], lr: float, steps: int, params=PARAMETRISATIONS,
                      work: Path | None = None) -> dict[str, dict[int, list[float]]]:
     """{param: {width: per-layer output RMS}} after `steps` steps at rate `lr`, on one training batch."""
-    from minicpm4.io.loader import load
-    from minicpm4.train.token_loader import PackedLoader, TokenShards
-    from minicpm4.train.trainer import train
     work = Path(work or tempfile.mkdtemp(prefix="coord."))
     batch = PackedLoader(TokenShards(base.data), base.seq_len, base.micro_batch_size, base.seed).next_batch()
     out: dict[str, dict[int, list[float]]] = {}
@@ -201,7 +199,6 @@ def write_report(out: Path, results: list[dict], coord: dict | None, with_plot: 
     """results.jsonl, summary.json (best rate per width, drift; ScalingBench fit and best rates when the runs were
     scored) and the plots tunnel.png (+ scaling_bench.png) into out; returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
-    from minicpm4.fileio import atomic_write_text
     bench = scaling_bench(results)
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results))
     best = best_rates(results)
@@ -214,7 +211,6 @@ def write_report(out: Path, results: list[dict], coord: dict | None, with_plot: 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     summary["plot"] = str(plot(results, coord, out / "tunnel.png")) if with_plot else None
     if bench and with_plot:
-        from minicpm4.train.scaling_bench import plot_fit
         points = [(r["bench_loss"], r["bench_acc"], f"{r['param']} w{r['width']}") for r in results if "bench_loss" in r]
         summary["bench_plot"] = str(plot_fit(points, bench["fit"], out / "scaling_bench.png"))
     return summary
