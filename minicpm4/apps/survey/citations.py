@@ -20,32 +20,43 @@ import re
 
 from minicpm4.apps.survey.document import text_blocks, to_markdown
 
-CITE = re.compile(r"\s*(?:\\cite[pt]?\{([^}]*)\}|\[((?:p\d+\s*[,;]?\s*)+)\])")
+# \cite{k1,k2} (any keys), or a bracket of comma-separated keys of which at least one is a bibkey like p12
+CITE = re.compile(r"\s*(?:\\cite[pt]?\{([^}]*)\}|\[([\w:.\-]+(?:\s*[,;]\s*[\w:.\-]+)*)\])")
 UNSUPPORTED = "**[UNSUPPORTED]**"
+
+
+def _keys(m: re.Match) -> list[str] | None:
+    """The keys of a CITE match, or None when it is a bracket that cites nothing (e.g. "[note]")."""
+    inner = m.group(1) if m.group(1) is not None else m.group(2)
+    keys = [k.strip() for k in re.split(r"[,;]", inner) if k.strip()]
+    if m.group(1) is None and not any(re.fullmatch(r"p\d+", k) for k in keys):
+        return None
+    return keys
 
 
 def cited_keys(sentence: str) -> list[str]:
     """Bibkeys cited in `sentence`, first use first, each once."""
-    keys = []
+    out = []
     for m in CITE.finditer(sentence):
-        for key in re.split(r"[,;]", m.group(1) if m.group(1) is not None else m.group(2)):
-            if (key := key.strip()) and key not in keys:
-                keys.append(key)
-    return keys
+        out += [k for k in _keys(m) or () if k not in out]
+    return out
 
 
 def strip_citations(sentence: str) -> str:
-    return re.sub(r"\s+([.,;:!?])", r"\1", CITE.sub("", sentence)).strip()
+    text = CITE.sub(lambda m: m.group(0) if _keys(m) is None else "", sentence)
+    return re.sub(r"\s+([.,;:!?])", r"\1", text).strip()
 
 
 def split_sentences(text: str) -> list[str]:
     parts = [p for p in re.split(r"(?<=[.!?])\s+(?=\S)", text.strip()) if p]
     out: list[str] = []
     for part in parts:
-        lead = re.match(r"(?:\s*(?:\\cite[pt]?\{[^}]*\}|\[(?:p\d+\s*[,;]?\s*)+\]))+", part)
-        if lead and out:  # "Claim. \cite{p1} Next claim." -> the citation belongs to "Claim."
-            out[-1] += " " + lead.group(0).strip()
-            part = part[lead.end():].strip()
+        end = 0
+        while (m := CITE.match(part, end)) and _keys(m) is not None:
+            end = m.end()
+        if end and out:  # "Claim. \cite{p1} Next claim." -> the citation belongs to "Claim."
+            out[-1] += " " + part[:end].strip()
+            part = part[end:].strip()
         if part:
             out.append(part)
     return out
