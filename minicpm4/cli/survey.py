@@ -75,12 +75,15 @@ def survey_cmd(topic, sources, out, base_url, model_name, api_key, model_path, d
     if max_steps < 1:
         raise click.BadParameter("must be at least 1", param_hint="--max-steps")
     log = lambda m: click.echo(m, err=True)  # noqa: E731
-    retriever = make_retriever(Path(sources), index_dir, embed_base_url, embed_model, api_key, chunk_words,
-                               chunk_overlap, log)
     sparse_fields = json_object(sparse_config, "--sparse-config") if sparse_config else ({} if sparse else None)
     model = _model(base_url, model_name, api_key, model_path, dtype, int4, threads, context, sparse_fields)
     judge = (_model(judge_base_url, judge_model, api_key, None, dtype, int4, threads, context, what="--judge-base-url")
              if judge_base_url else None)
+    for m in (model, judge):  # a down endpoint fails here, before the index is built
+        if m is not None:
+            m.check()
+    retriever = make_retriever(Path(sources), index_dir, embed_base_url, embed_model, api_key, chunk_words,
+                               chunk_overlap, log)
     settings = LoopSettings(max_steps=max_steps, context=context, max_new_tokens=max_new_tokens,
                             temperature=temperature, seed=seed, sparse=sparse_fields is not None)
     report = run_survey(topic, Path(out), model, retriever, settings, judge, context, restart, log)
