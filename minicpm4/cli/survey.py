@@ -61,10 +61,14 @@ def _model(base_url, model_name, api_key, model_path, dtype, int4, threads, cont
 @click.option("--embed-model", default=None, help="Model id at --embed-base-url.")
 @click.option("--chunk-words", default=160, show_default=True, help="Passage size in words.")
 @click.option("--chunk-overlap", default=32, show_default=True, help="Words shared by windows of a long paragraph.")
+@click.option("--guided", is_flag=True,
+              help="For models too small for the step format: the loop plans and searches, the model writes "
+                   "section titles and paragraphs.")
+@click.option("--sections", default=4, show_default=True, help="With --guided: sections to plan.")
 @click.option("--restart", is_flag=True, help="Discard a saved run state for OUT and start over.")
 def survey_cmd(topic, sources, out, base_url, model_name, api_key, model_path, dtype, int4, threads, context, sparse,
                sparse_config, max_steps, max_new_tokens, temperature, seed, judge_base_url, judge_model, index_dir,
-               embed_base_url, embed_model, chunk_words, chunk_overlap, restart):
+               embed_base_url, embed_model, chunk_words, chunk_overlap, guided, sections, restart):
     """Write a survey on TOPIC from the passages of --sources (Plan-Retrieve-Write); rerun to resume."""
     from pathlib import Path
 
@@ -85,7 +89,8 @@ def survey_cmd(topic, sources, out, base_url, model_name, api_key, model_path, d
     retriever = make_retriever(Path(sources), index_dir, embed_base_url, embed_model, api_key, chunk_words,
                                chunk_overlap, log)
     settings = LoopSettings(max_steps=max_steps, context=context, max_new_tokens=max_new_tokens,
-                            temperature=temperature, seed=seed, sparse=sparse_fields is not None)
+                            temperature=temperature, seed=seed, sparse=sparse_fields is not None, guided=guided,
+                            guided_sections=sections)
     report = run_survey(topic, Path(out), model, retriever, settings, judge, context, restart, log)
     click.echo(f"{out}: {report['steps']} steps ({report['finish_reason']}), {report['passages_retrieved']} passages "
                f"retrieved, {len(report['references'])} cited; citations kept {report['citations_kept']}, removed "

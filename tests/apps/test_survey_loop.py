@@ -155,3 +155,29 @@ def test_endpoint_down_is_a_clear_error(survey_sources, tmp_path):
     assert proc.returncode == 2
     assert f"error: --base-url {url}: endpoint not reachable" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "index").exists()  # it failed before building anything
+
+
+def test_guided_steps_plan_search_and_write(survey_retriever, tmp_path):
+    def reply(prompt):
+        if prompt.startswith("List 2 section titles"):
+            return "Sure!" if "survey on: Zorblax\n" in prompt else "1. Zorblax handshakes\n2. Glimmerfish spawning\nok"
+        if "Write one paragraph" in prompt:
+            keys = re.findall(r"^\[(p\d+)\]", prompt, re.M)
+            return f"Zorblax uses a quaternary handshake [{keys[0]}]. Fish glow [p999]."
+        return "Yes" if "quaternary" in prompt.split("Claim:\n", 1)[-1] else "No"
+
+    with serving(FakeEndpoint(reply)) as url:
+        report = run_survey("Odd protocols", tmp_path / "s.md", EndpointChat(url), survey_retriever,
+                            LoopSettings(max_steps=10, guided=True, guided_sections=2, first_k=3, k=2),
+                            log=lambda m: None)
+        state = load_state(state_path(tmp_path / "s.md"))
+        # a model that cannot list titles: the outline comes from the titles of what the topic retrieves
+        run_survey("Zorblax", tmp_path / "t.md", EndpointChat(url), survey_retriever,
+                   LoopSettings(max_steps=1, guided=True, guided_sections=2), log=lambda m: None)
+    assert [n["title"] for n in state.survey["sections"]] == ["Zorblax handshakes", "Glimmerfish spawning"]
+    assert [len(h["results"]) for h in state.history] == [0, 3, 3] and report["finish_reason"] == "finalize"
+    assert report["citations"] == 4 and report["citations_removed"] == 2 and report["unsupported_sentences"] == 0
+    md = (tmp_path / "s.md").read_text()
+    assert md.count("Zorblax uses a quaternary handshake [") == 2 and "p999" not in md
+    fallback = load_state(state_path(tmp_path / "t.md"))
+    assert fallback.history[0]["errors"] and fallback.survey["sections"][0]["title"] == "zorblax"

@@ -6,6 +6,8 @@ they are cut, each to an equal share of the tokens left once the survey and the 
 `sparse` (InfLLM v2 on the serving model) they go in whole, in one long prompt. When even the survey alone
 does not fit, each written part is shown shortened in the prompt (never in the saved survey).
 
+`guided` replaces the step format with guided.py's steps, for models too small to follow it.
+
 Sampling is seeded by step (seed + step), so a resumed run asks the same question with the same seed as an
 uninterrupted one would.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from minicpm4.apps.survey.citations import judgment_key, premise, write_survey
 from minicpm4.apps.survey.document import UpdateError, apply_update
+from minicpm4.apps.survey.guided import guided_step
 from minicpm4.apps.survey.judge import Judge, fit_text
 from minicpm4.apps.survey.protocol import SYSTEM, parse_reply, passage_block, user_prompt
 from minicpm4.apps.survey.state import RunState, open_state, state_path
@@ -35,6 +38,8 @@ class LoopSettings:
     temperature: float = 0.7
     seed: int = 0
     sparse: bool = False  # passages uncut in one long prompt
+    guided: bool = False  # the loop plans and searches; the model writes titles and paragraphs (guided.py)
+    guided_sections: int = 4
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -144,7 +149,7 @@ def run_survey(topic: str, out: Path, model, retriever, settings: LoopSettings, 
     with tqdm(total=settings.max_steps, initial=min(state.step, settings.max_steps), desc="survey steps",
               unit="step", file=sys.stderr) as bar:
         while state.finish_reason is None and state.step < settings.max_steps:
-            record = run_step(state, model, retriever, settings)
+            record = (guided_step if settings.guided else run_step)(state, model, retriever, settings)
             state.final = None
             state.save(path)
             bar.update(1)
