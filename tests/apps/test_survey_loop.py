@@ -181,3 +181,20 @@ def test_guided_steps_plan_search_and_write(survey_retriever, tmp_path):
     assert md.count("Zorblax uses a quaternary handshake [") == 2 and "p999" not in md
     fallback = load_state(state_path(tmp_path / "t.md"))
     assert fallback.history[0]["errors"] and fallback.survey["sections"][0]["title"] == "zorblax"
+
+
+def test_passages_are_cut_to_a_dense_context_and_whole_with_sparse():
+    from minicpm4.apps.survey.loop import build_messages
+    from minicpm4.apps.survey.state import RunState
+
+    words = " ".join(f"w{i}" for i in range(2000))  # ~2,700 estimated tokens per passage
+    state = RunState(topic="T", settings={})
+    state.retrieved = {f"p{i}": {"title": f"t{i}", "source": f"s{i}.txt", "text": f"{words} END{i}"} for i in range(4)}
+    state.last["results"] = list(state.retrieved)
+    count = EndpointChat.count_tokens
+    dense, cut = build_messages(state, LoopSettings(context=4096, max_new_tokens=512), count)
+    assert cut == 4 and sum(count(m["content"]) for m in dense) <= 4096 - 512
+    assert all(f"bibkey: p{i}" in dense[1]["content"] and f"END{i}" not in dense[1]["content"] for i in range(4))
+    sparse, cut = build_messages(state, LoopSettings(context=4096, max_new_tokens=512, sparse=True), count)
+    assert cut == 0 and all(f"END{i}" in sparse[1]["content"] for i in range(4))
+    assert sum(count(m["content"]) for m in sparse) > 10000  # one long prompt, for InfLLM v2
