@@ -53,3 +53,21 @@ def test_index_is_reused_and_rebuilt_when_sources_change(survey_sources, survey_
     assert len(rebuilt.passages) == len(index.passages) + 1
     assert "Velvet ants" in top_texts(Retriever(rebuilt, embedder), ["wingless wasp"], 1)[0]
     assert not any(p.name.endswith(".tmp") or p.name.endswith(".old") for p in tmp_path.iterdir())
+
+
+def test_endpoint_embeddings_match_the_local_model(survey_retriever):
+    import numpy as np
+    import pytest
+    from fake_openai import FakeEndpoint, serving
+
+    from minicpm4.apps.survey.embedders import EmbeddingError, EndpointEmbedder
+
+    local = survey_retriever.embedder
+    texts = ["threads share memory", "processes do not", "asyncio runs one event loop"]
+    scale = lambda ts: [3.0 * v for v in local.embed(ts)]  # noqa: E731  (unnormalised, as some servers send)
+    with serving(FakeEndpoint(lambda p: "", embed=scale)) as url:
+        remote = EndpointEmbedder(url, "minilm", batch_size=2).embed(texts)
+    np.testing.assert_allclose(remote, local.embed(texts), atol=1e-5)
+    with serving(FakeEndpoint(lambda p: "", embed=lambda ts: local.embed(ts)[:1])) as url:
+        with pytest.raises(EmbeddingError, match="1 embeddings for 3 inputs"):
+            EndpointEmbedder(url, "minilm").embed(texts)
