@@ -146,7 +146,8 @@ def run_survey(topic: str, out: Path, model, retriever, settings: LoopSettings, 
     if state.finish_reason == "max_steps" and state.step < settings.max_steps:
         state.finish_reason = None  # a larger --max-steps continues a run that stopped at the old limit
     model.check()
-    with tqdm(total=settings.max_steps, initial=min(state.step, settings.max_steps), desc="survey steps",
+    total = min(settings.max_steps, settings.guided_sections + 1) if settings.guided else settings.max_steps
+    with tqdm(total=total, initial=min(state.step, total), desc="survey steps",
               unit="step", file=sys.stderr) as bar:
         while state.finish_reason is None and state.step < settings.max_steps:
             record = (guided_step if settings.guided else run_step)(state, model, retriever, settings)
