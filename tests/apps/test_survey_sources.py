@@ -25,6 +25,12 @@ def test_html_keeps_the_main_body_only(tmp_path):
     assert "Navigation link" not in doc.text and "Footer words" not in doc.text and "color" not in doc.text
 
 
+def test_sphinx_title_suffix_is_dropped(tmp_path):
+    (tmp_path / "t.html").write_text("<title>threading \u2014 Thread-based parallelism \u2014 Python 3.11.2 "
+                                     "documentation</title><div role='main'><p>x</p></div>")
+    assert read_document(tmp_path / "t.html", tmp_path).title == "threading \u2014 Thread-based parallelism"
+
+
 def test_chunks_pack_paragraphs_and_window_long_ones():
     paras = [" ".join(f"p{i}w{j}" for j in range(n)) for i, n in enumerate((30, 30, 30, 250))]
     out = chunk("\n\n".join(paras), words=100, overlap=20)

@@ -31,7 +31,7 @@ def _node(title: str = "") -> dict:
 def _path(position: str) -> list[int]:
     parts = position.strip().lower().split("/")
     out = []
-    for depth, part in enumerate(parts):
+    for part in parts:
         m = re.fullmatch(r"(?:sub)*sections?[-_ ]?(\d+)", part.replace("subsction", "subsection"))
         if not m or int(m.group(1)) < 1:
             raise UpdateError(f"unknown position {position!r}: use one of {', '.join(TOP)}, section-N, "

@@ -23,7 +23,7 @@ from pathlib import Path
 from minicpm4.apps.survey.sources import Passage, list_sources, passages
 from minicpm4.errors import CheckpointError
 
-FORMAT = 1
+FORMAT = 2  # 2: Sphinx title suffixes dropped
 
 
 def fingerprint(root: Path, files: list[Path], words: int, overlap: int, embedder_name: str) -> dict:

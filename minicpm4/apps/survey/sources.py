@@ -117,7 +117,9 @@ def read_document(path: Path, root: Path) -> Document:
         parser = _HTMLText()
         parser.feed(raw)
         parser.close()
-        return Document(rel, _clean(parser.title) or path.stem, _clean(parser.text()))
+        # Sphinx titles end in " — <project> <version> documentation": the same on every page, so only noise
+        title = re.sub(r"\s+\u2014\s+[^\u2014]*\bdocumentation$", "", _clean(parser.title))
+        return Document(rel, title or path.stem, _clean(parser.text()))
     heading = re.search(r"^#\s+(.+)$", raw, re.M) if kind == "markdown" else None
     return Document(rel, heading.group(1).strip() if heading else path.stem, _clean(raw))
 
