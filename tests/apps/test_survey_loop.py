@@ -198,3 +198,15 @@ def test_passages_are_cut_to_a_dense_context_and_whole_with_sparse():
     sparse, cut = build_messages(state, LoopSettings(context=4096, max_new_tokens=512, sparse=True), count)
     assert cut == 0 and all(f"END{i}" in sparse[1]["content"] for i in range(4))
     assert sum(count(m["content"]) for m in sparse) > 10000  # one long prompt, for InfLLM v2
+
+
+def test_a_rejected_update_changes_nothing_and_is_shown_to_the_model(survey_retriever, tmp_path):
+    bad = {"update": "section-1/subsection-1", "content": {"title": 5}}  # would create the nodes, then fail
+    steps = [lambda p: step(bad, search("threads")), lambda p: step(None, FINALIZE)]
+    writer = Writer(steps)
+    with serving(FakeEndpoint(writer)) as url:
+        run_survey("T", tmp_path / "s.md", EndpointChat(url), survey_retriever, LoopSettings(), log=lambda m: None)
+    state = load_state(state_path(tmp_path / "s.md"))
+    assert state.survey["sections"] == [] and state.history[0]["updated"] is None
+    assert state.history[0]["errors"] == ["section-1/subsection-1.title must be a string"]
+    assert "**Problems with your last reply**\n- section-1/subsection-1.title must be a string" in writer.survey_prompts[1]

@@ -14,6 +14,7 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,6 @@ class LoopSettings:
 
 
 def _shrink_survey(survey: dict, chars: int) -> dict:
-    import copy
     view = copy.deepcopy(survey)
 
     def cut(text: str) -> str:
@@ -108,8 +108,10 @@ def run_step(state: RunState, model, retriever, s: LoopSettings) -> dict:
     errors = list(step.errors)
     position = None
     if step.update is not None:
+        draft = copy.deepcopy(state.survey)  # a rejected update leaves no half-made section behind
         try:
-            position = apply_update(state.survey, step.update["update"], step.update["content"])
+            position = apply_update(draft, step.update["update"], step.update["content"])
+            state.survey = draft
         except UpdateError as e:
             errors.append(str(e))
     results = []
@@ -143,6 +145,7 @@ def run_survey(topic: str, out: Path, model, retriever, settings: LoopSettings, 
     state = open_state(path, topic, settings.as_dict(), restart)
     if state.step and state.final is None:
         log(f"[survey: resuming {path} after step {state.step}]")
+    state.settings = settings.as_dict()  # a resumed run goes on with this command's settings
     if state.finish_reason == "max_steps" and state.step < settings.max_steps:
         state.finish_reason = None  # a larger --max-steps continues a run that stopped at the old limit
     model.check()
