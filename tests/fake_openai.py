@@ -3,7 +3,7 @@
 `reply(prompt) -> str` decides each answer from the last user message. `failures` is a list of HTTP
 statuses returned, in order, to the first requests (then normal service), to exercise retries. Requests
 whose prompt contains "BADREQUEST" get a 400. The server records every prompt and the most requests it
-ever had in flight at once.
+ever had in flight at once. With `embed(texts) -> list of vectors` it also serves /v1/embeddings.
 """
 
 import asyncio
@@ -18,11 +18,21 @@ from fastapi.responses import JSONResponse
 
 
 class FakeEndpoint:
-    def __init__(self, reply, failures=(), delay=0.0):
-        self.reply, self.failures, self.delay = reply, list(failures), delay
+    def __init__(self, reply, failures=(), delay=0.0, embed=None):
+        self.reply, self.failures, self.delay, self.embed = reply, list(failures), delay, embed
         self.prompts, self.in_flight, self.max_in_flight, self.statuses = [], 0, 0, []
         self.app = FastAPI()
         self.app.post("/v1/chat/completions")(self.complete)
+        if embed is not None:
+            self.app.post("/v1/embeddings")(self.embeddings)
+
+    async def embeddings(self, request: Request):
+        body = await request.json()
+        texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
+        vectors = self.embed(texts)
+        return {"object": "list", "model": body["model"], "usage": {"prompt_tokens": 1, "total_tokens": 1},
+                "data": [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]}
+                         for i, v in enumerate(vectors)]}
 
     async def complete(self, request: Request):
         body = await request.json()

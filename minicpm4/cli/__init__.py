@@ -4,6 +4,7 @@
     quantize  quantize                                       spec      frspec
     train     train pretrain | sft | qat | draft | draft-data tunnel    tunnel
     data      data tokenize | train-classifier | filter | synth | demo-corpus | demo-score | verify
+    survey    survey | eval survey
     options   the flags and helpers they share
 
 Thin wrappers: each command parses flags into library calls. Errors the library raises for bad input
@@ -37,7 +38,8 @@ def data_group():
 
 def _register_all() -> None:
     import importlib
-    for name in ("generate", "serve", "quantize", "spec", "train", "tunnel", "data"):
+    # "survey" joins the `eval` group if a module before it made one, so it stays last
+    for name in ("generate", "serve", "quantize", "spec", "train", "tunnel", "data", "survey"):
         importlib.import_module(f"minicpm4.cli.{name}").register(cli)
 
 
