@@ -7,7 +7,9 @@ chat template), with the same per-sample seeds, temperature 1, top-p 1, on one E
   chunk     chunk_tokens < max_len: each round tops the unfinished samples up with new prompts to batch_groups x G,
             runs every sample for at most chunk_tokens, and rounds repeat until batch_groups groups completed;
             unfinished samples resume next round (re-prefilling prompt + generated tokens)
-The policy version increases every step (the weights do not change here: rollout only).
+The policy version increases every step (the weights do not change here: rollout only). One short generation
+warms the model up before either mode is timed; the modes run one after the other, so on a shared machine compare
+sampled_tok_per_s too (a drop in it is contention, not the rollout scheme).
 
 Reported per mode: rollout seconds per step (mean), groups and samples finished, steps per hour of rollout, idle
 decode slots (1 - busy slot-steps / offered slot-steps, rollout.py), re-prefilled tokens, response-length
@@ -29,6 +31,7 @@ import torch
 
 import minicpm4
 from minicpm4.engine.engine import Engine
+from minicpm4.engine.sampling import SamplingParams
 from minicpm4.train.rl.chain_tasks import chain_tasks
 from minicpm4.train.rl.rollout import ChunkRollout, RolloutSettings, idle_share
 
@@ -62,7 +65,9 @@ def run_mode(model, tokenizer, args, chunk: int) -> dict:
     return {"chunk_tokens": chunk, "rollout_s": time.perf_counter() - t_all, "step_s_mean": statistics.mean(step_s),
             "steps_per_hour": 3600 / statistics.mean(step_s), "rounds": len(h),
             "samples_trained": len(lengths), "samples_left_in_buffer": ro.active,
-            "tokens_sampled": sum(r.tokens for r in h), "prefill_tokens": sum(r.prefill_tokens for r in h),
+            "tokens_sampled": sum(r.tokens for r in h),
+            "sampled_tok_per_s": sum(r.tokens for r in h) / max(sum(r.wall_s for r in h), 1e-9),
+            "prefill_tokens": sum(r.prefill_tokens for r in h),
             "idle_share": idle_share(busy, 1, offered), "truncated_share": sum(x >= args.max_len for x in lengths)
             / len(lengths), "len_p50": q[4], "len_p90": q[8], "len_max": max(lengths)}
 
@@ -80,6 +85,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = minicpm4.load(args.model)
+    # warm-up outside the timings: kernels built or loaded, caches allocated, before the first mode runs
+    _, warm = next(prompt_source(tokenizer, 1, args.seed))
+    Engine(model).generate([warm], SamplingParams(max_new_tokens=8))
     results = {}
     for name, chunk in (("vanilla", args.max_len), ("chunk", args.chunk)):
         print(f"{name}: chunk_tokens={chunk}", flush=True)
