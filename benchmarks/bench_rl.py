@@ -81,10 +81,12 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="auto", help="load dtype: auto, bf16, fp32")
+    ap.add_argument("--int4", action="store_true", help="keep the GGUF's Q4_1 weights 4-bit (the fast CPU decode)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = minicpm4.load(args.model)
+    model, tokenizer = minicpm4.load(args.model, dtype=args.dtype, int4=args.int4)
     # warm-up outside the timings: kernels built or loaded, caches allocated, before the first mode runs
     _, warm = next(prompt_source(tokenizer, 1, args.seed))
     Engine(model).generate([warm], SamplingParams(max_new_tokens=8))
