@@ -129,8 +129,13 @@ def test_bad_prompts_are_refused(models):
     with pytest.raises(InputError, match="does not fit"):
         ro.round([("long", [1] * 2040)], version=0)  # 2040 + 12 + 1 > 2048 positions
     ro.round([("k", [1, 2])], version=0)
-    with pytest.raises(InputError, match="already in flight"):
-        ro.round([("k", [1, 2])], version=0)
+    buffered = list(ro.buffer)
+    for bad, match in (([("k", [1, 2])], "already in flight"), ([("n", [3]), ("n", [4])], "already in flight"),
+                       ([("ok", [3]), ("v", [512])], "outside the vocabulary"), ([("e", [])], "empty")):
+        with pytest.raises(InputError, match=match):
+            ro.round(bad, version=1)
+        # refused before anything changed: the buffer, the keys in flight, the engine's queue
+        assert ro.buffer == buffered and set(ro.prompts) == {"k"} and not ro.engine.has_work
 
 
 def test_collate_layout():

@@ -132,13 +132,21 @@ class ChunkRollout:
         """Samples in flight: unfinished ones in the buffer."""
         return len(self.buffer)
 
+    def _check(self, prompts: Sequence[tuple[Hashable, Sequence[int]]]) -> None:
+        """InputError for a prompt the round cannot take, before anything is queued or registered."""
+        keys = [k for k, _ in prompts]
+        vocab = self.engine.config.vocab_size
+        for key, prompt in prompts:
+            if key in self.prompts or keys.count(key) > 1:
+                raise InputError(f"prompt key {key!r} is already in flight")
+            if not prompt or not all(0 <= int(t) < vocab for t in prompt):
+                raise InputError(f"prompt {key!r} is empty or has a token id outside the vocabulary ({vocab})")
+            if len(prompt) + self.s.max_len + 1 > self.engine.max_len:
+                raise InputError(f"prompt of {len(prompt)} tokens + max_len {self.s.max_len} does not fit the "
+                                 f"engine's context of {self.engine.max_len}")
+
     def _new_samples(self, key: Hashable, prompt: Sequence[int]) -> list[Sample]:
         prompt = [int(t) for t in prompt]
-        if key in self.prompts:
-            raise InputError(f"prompt key {key!r} is already in flight")
-        if len(prompt) + self.s.max_len + 1 > self.engine.max_len:
-            raise InputError(f"prompt of {len(prompt)} tokens + max_len {self.s.max_len} does not fit the engine's "
-                             f"context of {self.engine.max_len}")
         self.prompts[key] = prompt
         out = []
         for i in range(self.s.group_size):
@@ -149,7 +157,9 @@ class ChunkRollout:
 
     def round(self, prompts: Sequence[tuple[Hashable, Sequence[int]]], version: int) -> list[Group]:
         """One round: the buffer's samples, then G new samples per (key, prompt ids), each for at most chunk_tokens
-        tokens sampled by the engine's current weights (policy `version`). Returns the groups completed."""
+        tokens sampled by the engine's current weights (policy `version`). Returns the groups completed.
+        A bad prompt raises InputError before anything changes."""
+        self._check(prompts)
         resumed = self.buffer
         todo = resumed + [smp for key, p in prompts for smp in self._new_samples(key, p)]
         self.buffer = []
