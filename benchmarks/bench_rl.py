@@ -98,7 +98,7 @@ def main() -> None:
                                for k, v in results[name].items()), flush=True)
     v, c = results["vanilla"], results["chunk"]
     ratios = {"steps_per_hour": c["steps_per_hour"] / v["steps_per_hour"],
-              "idle_share": c["idle_share"] / v["idle_share"] if v["idle_share"] else float("nan")}
+              "idle_share": c["idle_share"] / v["idle_share"] if v["idle_share"] else None}
     print(f"chunk / vanilla: steps per hour x{ratios['steps_per_hour']:.2f}, "
           f"idle decode slots {c['idle_share']:.1%} vs {v['idle_share']:.1%}")
     print(json.dumps({"bench": "rl_rollout", "args": vars(args), "vanilla": v, "chunk": c, "ratios": ratios}))
