@@ -1,0 +1,108 @@
+"""Chunk-wise against vanilla rollout at equal samples, rollout only (the learner comes with the training loop).
+
+Both modes run the same prompts (chain_tasks: arithmetic word problems with power-law step counts, in the model's
+chat template), with the same per-sample seeds, temperature 1, top-p 1, on one Engine of batch_groups x G slots:
+  vanilla   chunk_tokens = max_len: each step's round runs batch_groups new prompts until every sample ends (EOS or
+            max_len), so the step waits for its longest sample
+  chunk     chunk_tokens < max_len: each round tops the unfinished samples up with new prompts to batch_groups x G,
+            runs every sample for at most chunk_tokens, and rounds repeat until batch_groups groups completed;
+            unfinished samples resume next round (re-prefilling prompt + generated tokens)
+The policy version increases every step (the weights do not change here: rollout only). One short generation
+warms the model up before either mode is timed; the modes run one after the other, so on a shared machine compare
+sampled_tok_per_s too (a drop in it is contention, not the rollout scheme).
+
+Reported per mode: rollout seconds per step (mean), groups and samples finished, steps per hour of rollout, idle
+decode slots (1 - busy slot-steps / offered slot-steps, rollout.py), re-prefilled tokens, response-length
+percentiles; then chunk / vanilla ratios. A chunk-wise run ends with samples still in its buffer (work started for
+later steps): counted, not hidden. The last stdout line is one JSON object with every number.
+
+    python benchmarks/bench_rl.py                                  # default model, 3 steps, 2 groups x 4, 256 / 64
+    python benchmarks/bench_rl.py --steps 6 --groups 4 --g 8 --max-len 1024 --chunk 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import minicpm4
+from minicpm4.engine.engine import Engine
+from minicpm4.engine.sampling import SamplingParams
+from minicpm4.train.rl.chain_tasks import chain_tasks
+from minicpm4.train.rl.rollout import ChunkRollout, RolloutSettings, idle_share
+
+
+def prompt_source(tokenizer, n: int, seed: int):
+    for i, task in enumerate(chain_tasks(n, seed=seed)):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": task.prompt}])
+        yield i, tokenizer.encode(text)
+
+
+def run_mode(model, tokenizer, args, chunk: int) -> dict:
+    g, groups_per_step = args.g, args.groups
+    settings = RolloutSettings(group_size=g, chunk_tokens=chunk, max_len=args.max_len, seed=args.seed)
+    ro = ChunkRollout(Engine(model, max_slots=groups_per_step * g), settings)
+    source = prompt_source(tokenizer, 10_000, args.seed)
+    step_s, lengths, carry = [], [], []
+    t_all = time.perf_counter()
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        got = carry
+        while len(got) < groups_per_step:
+            got += ro.refill_round(source, version=step, max_active=groups_per_step * g)
+        batch, carry = got[:groups_per_step], got[groups_per_step:]
+        step_s.append(time.perf_counter() - t0)
+        lengths += [len(s.tokens) for grp in batch for s in grp.samples]
+        print(f"  chunk={chunk} step {step}: {step_s[-1]:.1f} s, {len(ro.history)} rounds so far, "
+              f"{ro.active} unfinished in the buffer", flush=True)
+    h = ro.history
+    busy, offered = sum(r.busy for r in h), sum(r.steps * r.slots for r in h)
+    q = statistics.quantiles(lengths, n=10) if len(lengths) > 1 else lengths * 9
+    return {"chunk_tokens": chunk, "rollout_s": time.perf_counter() - t_all, "step_s_mean": statistics.mean(step_s),
+            "steps_per_hour": 3600 / statistics.mean(step_s), "rounds": len(h),
+            "samples_trained": len(lengths), "samples_left_in_buffer": ro.active,
+            "tokens_sampled": sum(r.tokens for r in h),
+            "sampled_tok_per_s": sum(r.tokens for r in h) / max(sum(r.wall_s for r in h), 1e-9),
+            "prefill_tokens": sum(r.prefill_tokens for r in h),
+            "idle_share": idle_share(busy, 1, offered), "truncated_share": sum(x >= args.max_len for x in lengths)
+            / len(lengths), "len_p50": q[4], "len_p90": q[8], "len_max": max(lengths)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--groups", type=int, default=2, help="groups (prompts) per training step")
+    ap.add_argument("--g", type=int, default=4, help="samples per prompt")
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="auto", help="load dtype: auto, bf16, fp32")
+    ap.add_argument("--int4", action="store_true", help="keep the GGUF's Q4_1 weights 4-bit (the fast CPU decode)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = minicpm4.load(args.model, dtype=args.dtype, int4=args.int4)
+    # warm-up outside the timings: kernels built or loaded, caches allocated, before the first mode runs
+    _, warm = next(prompt_source(tokenizer, 1, args.seed))
+    Engine(model).generate([warm], SamplingParams(max_new_tokens=8))
+    results = {}
+    for name, chunk in (("vanilla", args.max_len), ("chunk", args.chunk)):
+        print(f"{name}: chunk_tokens={chunk}", flush=True)
+        results[name] = run_mode(model, tokenizer, args, chunk)
+        print("  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in results[name].items()), flush=True)
+    v, c = results["vanilla"], results["chunk"]
+    ratios = {"steps_per_hour": c["steps_per_hour"] / v["steps_per_hour"],
+              "idle_share": c["idle_share"] / v["idle_share"] if v["idle_share"] else None}
+    print(f"chunk / vanilla: steps per hour x{ratios['steps_per_hour']:.2f}, "
+          f"idle decode slots {c['idle_share']:.1%} vs {v['idle_share']:.1%}")
+    print(json.dumps({"bench": "rl_rollout", "args": vars(args), "vanilla": v, "chunk": c, "ratios": ratios}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Chunk-wise rollout through the Engine (MiniCPM4 technical report, p. 21, Algorithm 1).
+
+Every round, each active sample generates at most `chunk_tokens` new tokens:
+- a sample that emits EOS (finish "stop"), or reaches `max_len` response tokens (finish "length": truncated,
+  which overlong filtering drops from the loss), is finished; when all G samples of its prompt are finished the
+  group goes out to training;
+- an unfinished sample keeps its tokens and their log-probs, each token tagged with the policy version that
+  sampled it, in the buffer, and resumes next round: prompt + generated tokens become the new prompt, which the
+  engine prefills with the weights of that round, and its next chunk is sampled (and its log-probs reported) by
+  the policy of that round. Buffered samples are queued before the round's new prompts.
+Vanilla rollout is the same code with chunk_tokens = max_len: every sample finishes in its first round.
+
+Log-probs: the engine reports, per sampled token, log_softmax(logits)[token] of the model's raw logits (engine.py
+_accept), the full-softmax log-probability at temperature 1. Rollout samples with temperature 1, top-p 1, no top-k,
+min-p or repetition penalty (the paper's settings), so that IS the log-prob of the distribution actually sampled
+from, and it is the per-chunk denominator of the importance ratio (loss.py). Other sampling settings would make the
+stored log-probs wrong, so they are not offered.
+
+Seeds: each sample owns a torch.Generator seeded from (settings.seed, its serial number), carried across chunks, so
+a chunk-wise rollout under an unchanged policy samples what the vanilla rollout samples.
+
+Idle decode slots: in a round of n requests on an engine of S slots, each engine step offers min(n, S) slots; a
+slot is busy in a step when its request gets a token in it (a request whose prefill ends gets its first token and
+then a decode token in the same step: still one busy slot), so
+
+    idle_share = 1 - busy slot-steps / (steps * min(n, S))
+
+the share of slot-steps spent waiting (for prefill, or for the round's longest sample once the others are done).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Hashable, Iterator, Sequence
+
+import torch
+
+from minicpm4.engine.engine import Engine
+from minicpm4.engine.sampling import SamplingParams
+from minicpm4.errors import InputError
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    group_size: int = 16  # G responses per prompt (the paper's production setting)
+    chunk_tokens: int = 8192  # per round; = max_len for vanilla rollout (8k was the paper's best)
+    max_len: int = 32768  # response tokens; a sample reaching it is truncated
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] | None = None  # None -> the model's eos ids
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1 or self.chunk_tokens < 1 or self.max_len < 1:
+            raise InputError("group_size, chunk_tokens and max_len must be >= 1")
+
+    @property
+    def vanilla(self) -> bool:
+        return self.chunk_tokens >= self.max_len
+
+
+@dataclass(eq=False)
+class Sample:
+    key: Hashable  # the prompt's key; the G samples of a prompt share it
+    index: int  # 0..G-1 within its group
+    prompt: list[int]
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    logprobs: list[float] = field(default_factory=list)  # per token, under the policy that sampled it
+    versions: list[int] = field(default_factory=list)  # per token, that policy's version
+    finish_reason: str | None = None  # None: unfinished; "stop": EOS; "length": truncated at max_len
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+    def chunks(self) -> list[tuple[int, int, int]]:
+        """(version, start, end) for each run of tokens sampled by one policy version."""
+        out: list[tuple[int, int, int]] = []
+        for i, v in enumerate(self.versions):
+            if out and out[-1][0] == v and out[-1][2] == i:
+                out[-1] = (v, out[-1][1], i + 1)
+            else:
+                out.append((v, i, i + 1))
+        return out
+
+
+@dataclass
+class Group:
+    key: Hashable
+    prompt: list[int]
+    samples: list[Sample]
+    rewards: list[float] | None = None  # set by the caller's reward function
+
+
+@dataclass
+class RoundStats:
+    version: int
+    requests: int  # samples run this round (resumed + new)
+    resumed: int  # of which came from the buffer
+    steps: int  # engine steps
+    tokens: int  # tokens sampled
+    busy: int  # slot-steps that produced a token
+    prefill_tokens: int  # prompt tokens prefilled (resumed samples re-prefill prompt + generated)
+    slots: int  # min(requests, engine.max_slots)
+    wall_s: float
+    finished: int  # samples finished this round
+    buffered: int  # samples left unfinished after it
+
+    @property
+    def idle_share(self) -> float:
+        return idle_share(self.busy, self.steps, self.slots)
+
+
+def idle_share(busy: int, steps: int, slots: int) -> float:
+    """1 - busy / (steps * slots): the share of decode slot-steps that produced no token."""
+    return 1.0 - busy / (steps * slots) if steps and slots else 0.0
+
+
+class ChunkRollout:
+    """Runs rounds on an Engine, keeping unfinished samples (buffer) and finished ones of incomplete groups."""
+
+    def __init__(self, engine: Engine, settings: RolloutSettings):
+        self.engine, self.s = engine, settings
+        self.buffer: list[Sample] = []
+        self.finished: dict[Hashable, list[Sample]] = {}  # finished samples of groups not yet complete
+        self.prompts: dict[Hashable, list[int]] = {}
+        self.serial = 0
+        self.history: list[RoundStats] = []
+
+    @property
+    def active(self) -> int:
+        """Samples in flight: unfinished ones in the buffer."""
+        return len(self.buffer)
+
+    def _check(self, prompts: Sequence[tuple[Hashable, Sequence[int]]]) -> None:
+        """InputError for a prompt the round cannot take, before anything is queued or registered."""
+        keys = [k for k, _ in prompts]
+        vocab = self.engine.config.vocab_size
+        for key, prompt in prompts:
+            if key in self.prompts or keys.count(key) > 1:
+                raise InputError(f"prompt key {key!r} is already in flight")
+            if not prompt or not all(0 <= int(t) < vocab for t in prompt):
+                raise InputError(f"prompt {key!r} is empty or has a token id outside the vocabulary ({vocab})")
+            if len(prompt) + self.s.max_len + 1 > self.engine.max_len:
+                raise InputError(f"prompt of {len(prompt)} tokens + max_len {self.s.max_len} does not fit the "
+                                 f"engine's context of {self.engine.max_len}")
+
+    def _new_samples(self, key: Hashable, prompt: Sequence[int]) -> list[Sample]:
+        prompt = [int(t) for t in prompt]
+        self.prompts[key] = prompt
+        out = []
+        for i in range(self.s.group_size):
+            gen = torch.Generator().manual_seed(self.s.seed * 1_000_003 + self.serial)
+            self.serial += 1
+            out.append(Sample(key, i, prompt, gen))
+        return out
+
+    def round(self, prompts: Sequence[tuple[Hashable, Sequence[int]]], version: int) -> list[Group]:
+        """One round: the buffer's samples, then G new samples per (key, prompt ids), each for at most chunk_tokens
+        tokens sampled by the engine's current weights (policy `version`). Returns the groups completed.
+        A bad prompt raises InputError before anything changes."""
+        self._check(prompts)
+        resumed = self.buffer
+        todo = resumed + [smp for key, p in prompts for smp in self._new_samples(key, p)]
+        self.buffer = []
+        if not todo:
+            return []
+        reqs = []
+        for smp in todo:
+            n = min(self.s.chunk_tokens, self.s.max_len - len(smp.tokens))
+            params = SamplingParams(max_new_tokens=n, temperature=1.0, top_p=1.0, logprobs=0,
+                                    stop_token_ids=None if self.s.stop_token_ids is None else list(self.s.stop_token_ids))
+            req = self.engine.make_request(smp.prompt + smp.tokens, params)
+            req.generator = smp.generator  # the sample's own stream, continued from its last chunk
+            self.engine.enqueue(req)
+            reqs.append(req)
+        t0, steps, tokens, busy = time.perf_counter(), 0, 0, 0
+        while not all(r.finished for r in reqs):
+            events = self.engine.step()
+            tokens += len(events)
+            busy += len({r.id for r, _ in events})
+            steps += 1
+        wall = time.perf_counter() - t0
+        done = []
+        for smp, req in zip(todo, reqs):
+            out = req.out
+            smp.tokens += out.token_ids
+            smp.logprobs += [lp for lp, _ in out.logprobs]
+            smp.versions += [version] * len(out.token_ids)
+            if out.finish_reason == "stop":
+                smp.finish_reason = "stop"
+            elif len(smp.tokens) >= self.s.max_len or out.finish_reason != "length":
+                smp.finish_reason = "length"  # max_len, or (cancelled / context) treated as truncated
+            if smp.finish_reason is None:
+                self.buffer.append(smp)
+            else:
+                done.append(smp)
+        self.history.append(RoundStats(version, len(todo), len(resumed), steps, tokens, busy,
+                                       sum(len(r.prompt) for r in reqs), min(len(todo), self.engine.max_slots),
+                                       wall, len(done), len(self.buffer)))
+        return self._complete(done)
+
+    def _complete(self, done: list[Sample]) -> list[Group]:
+        groups = []
+        for smp in done:
+            got = self.finished.setdefault(smp.key, [])
+            got.append(smp)
+            if len(got) == self.s.group_size:
+                del self.finished[smp.key]
+                groups.append(Group(smp.key, self.prompts.pop(smp.key), sorted(got, key=lambda x: x.index)))
+        return groups
+
+    def refill_round(self, prompt_source: Iterator[tuple[Hashable, Sequence[int]]], version: int,
+                     max_active: int) -> list[Group]:
+        """A round whose new prompts bring the unfinished samples up to max_active (whole groups of G: the decode
+        slots a round fills), merged with the buffer as Algorithm 1 merges unfinished samples with new prompts."""
+        free_groups = max(0, (max_active - self.active) // self.s.group_size)
+        new = [p for _, p in zip(range(free_groups), prompt_source)]
+        return self.round(new, version)
