@@ -6,7 +6,8 @@
 
 A checkpoint is assembled in a temporary sibling directory and renamed into place, and `latest` is replaced
 atomically after that, so a crash at any moment leaves the previous checkpoint intact and `latest` pointing
-at a complete one. The oldest checkpoints beyond `keep` are deleted only after the new one is in place.
+at a complete one. The oldest checkpoints beyond `keep` are deleted only after the new one is in place, and
+only a finite one is written (guards.py), so rotation never trades a good checkpoint for a NaN one.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from minicpm4.config import ModelConfig
 from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.fileio import atomic_write_text
 from minicpm4.text.tokenizer import Tokenizer
-from minicpm4.weights import checkpoint_files, read_state_dict, write_hf_dir
+from minicpm4.train.guards import require_finite, rotation_victims
+from minicpm4.weights import check_finite, checkpoint_files, read_state_dict, write_hf_dir
 
 STATE = "state.pt"
 
@@ -42,6 +44,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(out_dir: str | os.PathLike, step: int, config: ModelConfig, model_state: dict[str, torch.Tensor],
                     tokenizer: Tokenizer, train_state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoints/step_NNNNNNN atomically and point `latest` at it; returns its path."""
+    require_finite(f"checkpoint at step {step}", model=model_state, optimizer=train_state.get("optimizer", {}))
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
@@ -60,7 +63,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, config: ModelConfig, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_text(root / "latest", name + "\n")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+    for old in rotation_victims([p for p in root.glob("step_*") if p.is_dir()], keep, final):
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -88,6 +91,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Path, ModelConfig, dict[st
     try:
         config = ModelConfig.from_json(ckpt / "model" / "config.json")
         model_state = read_state_dict(checkpoint_files(ckpt / "model"), torch.float32)
+        check_finite(model_state, "model.safetensors")  # garbage bytes under a valid header would train on as NaN
         try:
             train_state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):

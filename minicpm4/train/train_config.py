@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0  # checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM)
     keep_checkpoints: int = 2
+    skip_nonfinite_steps: int = 0  # non-finite loss/grad-norm steps skipped before the run stops (guards.py)
     log_every: int = 1
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
     tool_format: str = "json"  # sft: how tool calls are written into assistant turns (minicpm4.text.tool_calls formats)
@@ -71,7 +73,11 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "micro_batch_size", "steps", "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "decay_steps", "save_every", "threads", "weight_decay", "grad_clip"):
+        for name, value in vars(self).items():  # nan and inf parse as floats, and pass the range checks below
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
+        for name in ("warmup_steps", "decay_steps", "save_every", "threads", "weight_decay", "grad_clip",
+                     "skip_nonfinite_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "init_std", "adam_eps"):

@@ -30,7 +30,7 @@ from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.io.loader import load, merge_overrides
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
 from minicpm4.text.tokenizer import Tokenizer
-from minicpm4.train import mtp as mtp_heads, process_group as pg
+from minicpm4.train import guards, mtp as mtp_heads, process_group as pg
 from minicpm4.train.checkpoint import (check_compatible, list_checkpoints, load_checkpoint, rng_state,
                                        save_checkpoint, set_rng_state)
 from minicpm4.train.linear_cross_entropy import IGNORE
@@ -148,6 +148,8 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step) -> dict:
     out = Path(cfg.out_dir)
     if resume is None and list_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints: continue with --resume {out}, or use another out_dir")
+    if rank == 0:
+        guards.remove_stale_tmp(out / "checkpoints")  # left by a run killed mid-save
     model, tokenizer, loader, accum = prepare(cfg, rank, world)
     start, ckpt_state = 0, None
     if resume is not None:
@@ -194,6 +196,7 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step) -> dict:
         return path
 
     result = {"step": start, "loss": None, "checkpoint": None, "interrupted": False}
+    bad_steps = guards.NonFiniteSteps(cfg.skip_nonfinite_steps, out)
     with StopFlag() as stop, progress_bar(cfg.steps, start, rank == 0) as bar:
         t0, tokens = time.perf_counter(), 0
         for step in range(start, end):
@@ -202,8 +205,9 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step) -> dict:
             elapsed = time.perf_counter() - t0
             rec = {"step": step + 1, "loss": loss, "lr": cfg.lr * lr_factor(cfg, step), "grad_norm": grad_norm,
                    "tokens": n_tokens, "tok_per_s": tokens / elapsed, **extra}
-            if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+            if (step + 1) % cfg.log_every == 0 or step + 1 == end or not guards.finite_step(rec):
                 metrics.write(rec)
+            bad_steps.check(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / elapsed:.0f}")
             result.update(step=step + 1, loss=loss)
@@ -261,6 +265,7 @@ def train_step(cfg, net, model, opt, loader, step, accum, world, device) -> tupl
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: DTensor
-    opt.step()
+    if guards.finite_step({"loss": loss, "grad_norm": grad_norm}):  # a non-finite update never reaches the weights
+        opt.step()
     opt.zero_grad(set_to_none=True)
     return loss, grad_norm, int(batch["input_ids"].numel()) * world, extra
