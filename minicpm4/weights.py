@@ -1,13 +1,15 @@
 """Safetensors checkpoints: read (single file or sharded index) into the model, and write atomically.
 
 Names are the Hugging Face ones, so no rename table is needed for MiniCPM4 or Llama checkpoints.
-Every tensor is checked against the model's own shapes before anything is assigned, and every
-failure names the file and the tensor.
+Every tensor is checked against the model's own shapes, and every float tensor for NaN and infinities (random
+bytes under a valid header, which would otherwise load and generate garbage), before anything is assigned;
+every failure names the file and the tensor. MINICPM4_SKIP_FINITE_CHECK=1 skips the finiteness check.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -65,6 +67,37 @@ def read_state_dict(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Te
     return state
 
 
+def first_nonfinite(tensors: dict) -> str | None:
+    """Name of the first floating-point tensor holding a NaN or an infinity (nested dicts and lists are walked,
+    as in an optimizer state), else None. A sum is one pass without a temporary and is finite whenever every
+    element is (NaN and inf propagate); only a non-finite sum, which finite values can also overflow to, is
+    checked element-wise."""
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and value.numel() and not math.isfinite(value.sum()) \
+                    and not bool(torch.isfinite(value).all()):
+                return str(name)
+        elif isinstance(value, (dict, list, tuple)):
+            inner = first_nonfinite(value if isinstance(value, dict) else dict(enumerate(value)))
+            if inner is not None:
+                return f"{name}.{inner}"
+    return None
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    if os.environ.get("MINICPM4_SKIP_FINITE_CHECK") == "1":
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # memory-bound sums: more threads add little, and stall when a core is busy
+    try:
+        bad = first_nonfinite(state)
+    finally:
+        torch.set_num_threads(threads)
+    if bad is not None:
+        raise CheckpointError(f"{source}: tensor {bad} holds NaN or infinite values; the weights are corrupt "
+                              f"(set MINICPM4_SKIP_FINITE_CHECK=1 to load them anyway)")
+
+
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Assign `state` to `model`'s parameters after checking names and shapes; tied heads may be absent."""
     expected = dict(model.state_dict())
@@ -84,6 +117,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
         if tuple(state[name].shape) != tuple(ref.shape):
             raise CheckpointError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
                                   f"config.json implies {tuple(ref.shape)}")
+    check_finite(state, source)
     model.load_state_dict(state, strict=False, assign=True)
     if tied:  # assign=True replaced the embedding Parameter; re-tie the head to it
         model.lm_head.weight = model.model.embed_tokens.weight

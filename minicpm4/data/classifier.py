@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
+from minicpm4.children import wrap
 from minicpm4.data.preprocessing import Preprocessor
 from minicpm4.errors import ConfigError
 from minicpm4.fileio import atomic_write, atomic_write_text
@@ -145,8 +146,8 @@ def _train_file(train_file: Path, params: TrainParams):
     model_file = str(train_file.with_suffix(".bin"))
     args = dict(dim=params.dim, lr=params.lr, wordNgrams=params.word_ngrams, minCount=params.min_count,
                 epoch=params.epoch, bucket=params.bucket, thread=params.threads, seed=params.seed)
-    run = subprocess.run([sys.executable, "-c", _FIT, str(train_file), json.dumps(args), model_file],
-                         capture_output=True, text=True)
+    run = subprocess.run(wrap([sys.executable, "-c", _FIT, str(train_file), json.dumps(args), model_file]),
+                         capture_output=True, text=True)  # wrap: it dies with us (children.py)
     if run.returncode != 0:
         err = (run.stderr.strip().splitlines() or ["no output"])[-1]
         if "NaN" in err:

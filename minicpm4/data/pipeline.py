@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from minicpm4.children import forks_die_with_parent
 from minicpm4.errors import ConfigError
 from minicpm4.fileio import atomic_write_text
 
@@ -181,7 +182,9 @@ def run_job(job: FilterJob) -> dict:
     from minicpm4.data.filter_report import job_report
 
     for stage in build_stages(job):
-        # fork: workers inherit the imported modules instead of re-importing torch & co. per worker
-        LocalPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=min(stage.workers, stage.tasks),
-                              logging_dir=str(Path(job.output) / "logs" / stage.name), start_method="fork").run()
+        # fork: workers inherit the imported modules instead of re-importing torch & co. per worker; they and
+        # datatrove's manager process die with this one, even under kill -9 (children.py)
+        with forks_die_with_parent():
+            LocalPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=min(stage.workers, stage.tasks),
+                                  logging_dir=str(Path(job.output) / "logs" / stage.name), start_method="fork").run()
     return job_report(job.output)

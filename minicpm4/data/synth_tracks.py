@@ -26,6 +26,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from minicpm4.children import wrap
 from minicpm4.data import synth_prompts as P
 from minicpm4.data.constraints import failures, layered
 from minicpm4.data.synth_client import ChatClient
@@ -96,7 +97,8 @@ async def math(ctx, seed_id, doc):
 def run_python_tests(solution: str, tests: str, timeout: float = 10.0) -> bool:
     """Run solution + asserts in a fresh isolated interpreter; True if it exits 0 within the timeout."""
     try:
-        done = subprocess.run([sys.executable, "-I", "-c", f"{solution}\n\n{tests}\n"], capture_output=True,
+        # wrap: the timeout is ours to enforce, so a looping solution must not outlive us (children.py)
+        done = subprocess.run(wrap([sys.executable, "-I", "-c", f"{solution}\n\n{tests}\n"]), capture_output=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         return False

@@ -13,6 +13,8 @@ import torch
 
 from minicpm4.errors import InputError
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; signed ones are what every client can send
+
 
 @dataclass
 class SamplingParams:
@@ -37,6 +39,7 @@ class SamplingParams:
             ("min_p", 0 <= self.min_p <= 1),
             ("repetition_penalty", self.repetition_penalty > 0),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20),
+            ("seed", self.seed is None or 0 <= self.seed <= MAX_SEED),
         ]
         for name, ok in checks:
             if not ok:

@@ -19,9 +19,11 @@ import contextlib
 import inspect
 import json
 import shlex
+import shutil
 import sys
 from typing import Any, Awaitable, Callable
 
+from minicpm4 import children
 from minicpm4.errors import InputError, MiniCPM4Error
 from minicpm4.text.tool_calls import ToolCallError, detect_format, parse_output, render_messages
 
@@ -64,8 +66,11 @@ class MCPTools:
                     # the servers' stderr goes to ours; the SDK needs a real file there, which a replaced
                     # sys.stderr (pytest capture, Jupyter) is not
                     errlog = sys.stderr if _has_fileno(sys.stderr) else sys.__stderr__
+                    if shutil.which(argv[0]) is None:  # the launcher below would only report it on stderr
+                        raise FileNotFoundError(f"{argv[0]}: command not found")
+                    wrapped = children.wrap(argv)  # so the server dies with us, even under kill -9
                     streams = await self._stack.enter_async_context(
-                        stdio_client(StdioServerParameters(command=argv[0], args=argv[1:]), errlog=errlog))
+                        stdio_client(StdioServerParameters(command=wrapped[0], args=wrapped[1:]), errlog=errlog))
                     session = await self._stack.enter_async_context(
                         ClientSession(*streams, read_timeout_seconds=self.timeout))
                     await session.initialize()

@@ -23,6 +23,10 @@ from minicpm4.errors import InputError
 from minicpm4.serve.protocol import ChatCompletionRequest, CompletionRequest, sampling_params
 
 
+class ClientGone(Exception):
+    """A non-streaming client disconnected before its answer was ready."""
+
+
 class Completions:
     def __init__(self, server):
         self.s = server  # minicpm4.serve.server.Server: llm, engine, limits, tool format
@@ -49,17 +53,27 @@ class Completions:
         return streams
 
     async def collect(self, http: HTTPRequest, streams: list[Stream], body) -> list[str]:
-        """Whole texts of every choice; cancels everything if the client goes away meanwhile."""
+        """Whole texts of every choice. A client that goes away meanwhile cancels them all at once (its
+        `http.disconnect` wakes `gone`; serve/guard.py keeps it visible) and gets ClientGone."""
         async def one(st: Stream) -> str:
             ts = self.s.llm.text_stream(st.req.params, body.stops)
             parts = [ts.push(t) async for t in st]
             return "".join(parts) + ts.finish()
+
+        async def gone() -> None:
+            while (await http.receive())["type"] != "http.disconnect":
+                pass
         task = asyncio.gather(*(one(st) for st in streams))
-        while not task.done():
-            await asyncio.wait([task], timeout=0.25)
-            if not task.done() and await http.is_disconnected():
-                for st in streams:
-                    self.s.engine.cancel(st)
+        watcher = asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not task.done():
+            for st in streams:
+                self.s.engine.cancel(st)
+            await task  # the engine ends each cancelled stream at its next step
+            raise ClientGone("the client closed the connection; its requests were cancelled")
         return task.result()
 
     def usage(self, prompt: list[int], streams: list[Stream]) -> dict:

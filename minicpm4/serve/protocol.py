@@ -1,16 +1,28 @@
 """OpenAI API request bodies (the fields we honour, with their ranges) and OpenAI-style error bodies.
 
 Unknown fields are ignored, as OpenAI does; a known field of the wrong type or out of range is a 400 that
-names it. Sampling fields map onto SamplingParams in `sampling_params`.
+names it. OpenAI fields this server does not implement (UNSUPPORTED) are a 400 when set to anything but their
+neutral value, never silently ignored. Text that is not valid Unicode (a lone surrogate such as "\ud800", which
+JSON can spell but UTF-8 cannot) is a 400 naming the field; it is not replaced. Sampling fields map onto
+SamplingParams in `sampling_params`.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from minicpm4.engine.sampling import SamplingParams
+from minicpm4.engine.sampling import MAX_SEED, SamplingParams
+from minicpm4.text.tokenizer import invalid_unicode
+
+# field -> the values that mean "off"; any other is refused, as the server would otherwise ignore it (best_of
+# equal to n also means off: every candidate is returned)
+UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}), "frequency_penalty": (None, 0),
+               "presence_penalty": (None, 0), "response_format": (None, {"type": "text"}), "functions": (None, []),
+               "function_call": (None, "none")}
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -20,6 +32,22 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 
 class _Base(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def _bad_text(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(path, why) of the first string (or key) in a JSON value that is not valid Unicode, else None."""
+    if isinstance(value, str):
+        why = invalid_unicode(value)
+        return (path, why) if why else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        name = str(key).encode("utf-8", "backslashreplace").decode()  # error texts must be encodable themselves
+        sub = f"{path}.{name}" if path else name
+        found = _bad_text(key, sub) if isinstance(key, str) else None
+        found = found or _bad_text(item, sub)
+        if found:
+            return found
+    return None
 
 
 class FunctionSpec(_Base):
@@ -33,9 +61,14 @@ class Tool(_Base):
     function: FunctionSpec
 
 
+class ContentPart(_Base):
+    type: Literal["text"]  # images and audio would be dropped unseen: refused instead
+    text: str | None = None
+
+
 class ChatMessage(_Base):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
@@ -44,7 +77,7 @@ class ChatMessage(_Base):
         """A plain dict for the chat template; text parts of a content list are joined."""
         content = self.content
         if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+            content = "".join(p.text or "" for p in content if p.type == "text")
         d: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
         for key in ("name", "tool_calls", "tool_call_id"):
             if getattr(self, key) is not None:
@@ -64,12 +97,27 @@ class _Sampling(_Base):
     top_k: int = Field(default=0, ge=0)  # extensions, as vLLM and llama.cpp accept them
     min_p: float = Field(default=0.0, ge=0, le=1)
     repetition_penalty: float = Field(default=1.0, gt=0, le=10)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checked(cls, data):
+        """Before field parsing: the whole body must be valid Unicode, and unsupported fields neutral."""
+        bad = _bad_text(data)
+        if bad:
+            raise PydanticCustomError("unicode", "not valid Unicode ({why})", {"param": bad[0], "why": bad[1]})
+        if isinstance(data, dict):
+            for name, neutral in UNSUPPORTED.items():
+                if name in data and data[name] not in neutral and not (name == "best_of" and
+                                                                       data[name] == data.get("n", 1)):
+                    raise PydanticCustomError("unsupported", "not supported by this server (got {value}; "
+                                              "leave it out)", {"param": name, "value": json.dumps(data[name])})
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -118,8 +166,9 @@ class CompletionRequest(_Sampling):
 
 
 def sampling_params(body: _Sampling, max_new_tokens: int, stop_token_ids: list[int], index: int) -> SamplingParams:
-    """The n-th choice's SamplingParams; with a seed, choice i uses seed + i so the n choices differ."""
+    """The n-th choice's SamplingParams; with a seed, choice i uses seed + i (wrapping past MAX_SEED) so the n
+    choices differ."""
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=body.temperature, top_p=body.top_p,
                           top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
-                          seed=None if body.seed is None else body.seed + index, stop_token_ids=stop_token_ids,
+                          seed=None if body.seed is None else (body.seed + index) % (MAX_SEED + 1), stop_token_ids=stop_token_ids,
                           logprobs=body.logprobs_k)

@@ -255,7 +255,7 @@ def import_legacy_checkpoint(objective: DraftTraining, path: Path) -> Path:
         group.setdefault("base_lr", cfg.lr)
     train_state = {"optimizer": opt_state, "optimizer_layout": "torch", "rng": rng_state(), "config": cfg.to_dict(),
                    "data": {}, "mtp": {}}
-    ckpt = save_checkpoint(objective.run_dir, step, lambda d: objective.save_model(d, weights), train_state,
+    ckpt = save_checkpoint(objective.run_dir, step, weights, lambda d: objective.save_model(d, weights), train_state,
                            cfg.keep_checkpoints)
     path.unlink()
     return ckpt

@@ -43,6 +43,18 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3")
 
 
+def invalid_unicode(text: str) -> str | None:
+    """Why `text` is not Unicode text, or None. A lone surrogate ("\ud800" in JSON) is a Python str that no
+    encoding can write, and the tokenizers backend refuses it."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"lone surrogate {text[e.start]!r} at character {e.start}"
+    return None
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus its tokenizer_config: encode/decode, chat template, save/load."""
 
@@ -105,6 +117,9 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids for `text`; special tokens written in the text (e.g. `<|im_start|>`) stay whole."""
+        bad = invalid_unicode(text)
+        if bad:
+            raise InputError(f"text is not valid Unicode: {bad}")
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and not self._backend_adds_specials:
             if self.config.get("add_bos_token") and self.bos_token_id is not None:

@@ -7,7 +7,8 @@
 
 A checkpoint is assembled in a temporary sibling directory and renamed into place, and `latest` is replaced
 atomically after that, so a crash at any moment leaves the previous checkpoint intact and `latest` pointing
-at a complete one. The oldest checkpoints beyond `keep` are deleted only after the new one is in place.
+at a complete one. The oldest checkpoints beyond `keep` are deleted only after the new one is in place, and
+only a finite one is written (guards.py), so rotation never trades a good checkpoint for a NaN one.
 state.pt holds only tensors and plain containers, so it is read with torch.load(weights_only=True).
 """
 
@@ -27,7 +28,8 @@ from minicpm4.config import ModelConfig
 from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.fileio import atomic_write_text
 from minicpm4.text.tokenizer import Tokenizer
-from minicpm4.weights import checkpoint_files, read_state_dict, write_hf_dir
+from minicpm4.train.guards import require_finite, rotation_victims
+from minicpm4.weights import check_finite, checkpoint_files, read_state_dict, write_hf_dir
 
 STATE = "state.pt"
 
@@ -50,10 +52,11 @@ def write_model_dir(directory: Path, config: ModelConfig, model_state: dict[str,
     write_hf_dir(directory, cfg, state, tokenizer, config.tie_word_embeddings)
 
 
-def save_checkpoint(out_dir: str | os.PathLike, step: int, write_model: Callable[[Path], Any],
-                    train_state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(out_dir: str | os.PathLike, step: int, weights: dict[str, torch.Tensor],
+                    write_model: Callable[[Path], Any], train_state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoints/step_NNNNNNN atomically and point `latest` at it; returns its path. write_model(dir) writes
-    the model directory (dir does not exist yet)."""
+    the model directory (dir does not exist yet) from `weights`, which must be finite, as the optimizer state must."""
+    require_finite(f"checkpoint at step {step}", model=weights, optimizer=train_state.get("optimizer", {}))
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
@@ -69,7 +72,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, write_model: Callable
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_text(root / "latest", name + "\n")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+    for old in rotation_victims([p for p in root.glob("step_*") if p.is_dir()], keep, final):
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -97,6 +100,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Path, ModelConfig, dict[st
     try:
         config = ModelConfig.from_json(ckpt / "model" / "config.json")
         model_state = read_state_dict(checkpoint_files(ckpt / "model"), torch.float32)
+        check_finite(model_state, "model.safetensors")  # garbage bytes under a valid header would train on as NaN
         try:
             train_state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from minicpm4.fileio import atomic_write_text
+from minicpm4.train.guards import from_json_safe, json_safe
 
 
 class MetricsLog:
@@ -37,7 +38,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # strict JSON, NaN spelled
             self._file.flush()
         if self._tb is not None:
             for key, value in record.items():
@@ -52,7 +53,7 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [from_json_safe(json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def progress_bar(total: int, initial: int, enabled: bool):

@@ -241,7 +241,7 @@ def import_legacy_state(objective: QAT, path: Path) -> Path:
     train_state = {"optimizer": opt_state, "optimizer_layout": "torch", "rng": rng_state(), "config": cfg.to_dict(),
                    "data": {"generator": torch.Generator().manual_seed(cfg.seed + step).get_state()}, "mtp": {}}
     files = plain_names(model_state)
-    ckpt = save_checkpoint(objective.run_dir, step, lambda d: objective.save_model(d, files), train_state,
+    ckpt = save_checkpoint(objective.run_dir, step, files, lambda d: objective.save_model(d, files), train_state,
                            cfg.keep_checkpoints)
     metrics = MetricsLog(objective.run_dir / "metrics.jsonl", 0)
     for row in history:

@@ -24,6 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
+from minicpm4.children import die_with_parent
 from minicpm4.errors import InputError
 from minicpm4.fileio import atomic_write, atomic_write_text
 from minicpm4.text.tokenizer import Tokenizer
@@ -86,6 +87,11 @@ def _source_record(path: Path) -> dict:
 
 
 _worker_tokenizer: Tokenizer | None = None
+
+
+def _init_pool_worker(tokenizer_dir: str, parent: int) -> None:
+    die_with_parent(parent)  # spawned workers hold their task pipe's both ends: they would outlive a kill -9 of us
+    _init_worker(tokenizer_dir)
 
 
 def _init_worker(tokenizer_dir: str) -> None:
@@ -163,7 +169,8 @@ def tokenize_to_shards(inputs: list[str], tokenizer: Tokenizer, out_dir: str | o
         log(f"{len(records)} of {len(files)} shards already done, skipped")
     if workers > 1 and len(todo) > 1:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
-        with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(str(tok_dir),)) as pool:
+        with ctx.Pool(min(workers, len(todo)), initializer=_init_pool_worker,
+                      initargs=(str(tok_dir), os.getpid())) as pool:
             for record, task in zip(pool.imap(_tokenize_file, todo), todo):
                 records[task[0]] = record
                 if log:

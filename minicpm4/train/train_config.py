@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0  # checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM)
     keep_checkpoints: int = 2
+    skip_nonfinite_steps: int = 0  # non-finite loss/grad-norm steps skipped before the run stops (guards.py)
     log_every: int = 1  # a metrics.jsonl record every N steps
     print_every: int = 0  # a progress line to the log every N steps (0: none; evaluations always print one)
     eval_every: int = 0  # held-out evaluation every N steps, before the first and at the last (qat; 0: none)
@@ -113,8 +115,11 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "micro_batch_size", "steps", "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name, value in vars(self).items():  # nan and inf parse as floats, and pass the range checks below
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
         for name in ("warmup_steps", "decay_steps", "save_every", "threads", "weight_decay", "grad_clip",
-                     "print_every", "eval_every"):
+                     "print_every", "eval_every", "skip_nonfinite_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "init_std", "adam_eps"):

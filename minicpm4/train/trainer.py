@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from minicpm4.errors import CheckpointError, ConfigError
-from minicpm4.train import process_group as pg
+from minicpm4.train import guards, process_group as pg
 from minicpm4.train.checkpoint import (check_compatible, list_checkpoints, load_checkpoint, rng_state,
                                        save_checkpoint, set_rng_state)
 from minicpm4.train.language_modeling import LanguageModeling
@@ -89,6 +89,8 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step, objective
     resume = objective.resume_from(resume)
     if resume is None and list_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints: continue with --resume {out}, or use another out_dir")
+    if rank == 0:
+        guards.remove_stale_tmp(out / "checkpoints")  # left by a run killed mid-save
     start, ckpt_state = 0, None
     if resume is not None:
         ckpt, saved_mc, state, ckpt_state = load_checkpoint(resume)
@@ -122,7 +124,8 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step, objective
             files, extra = objective.split_state(model_state)
             state = {"optimizer": opt_state, "optimizer_layout": layout, "data": objective.state_dict(),
                      "rng": rng_state(), "config": cfg.to_dict(), "mtp": extra}
-            path = save_checkpoint(out, step, lambda d: objective.save_model(d, files), state, cfg.keep_checkpoints)
+            path = save_checkpoint(out, step, files, lambda d: objective.save_model(d, files), state,
+                                   cfg.keep_checkpoints)
             if log:
                 log(f"checkpoint {path}")
         pg.barrier()
@@ -130,7 +133,7 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step, objective
 
     def report(rec: dict, evaluated: bool) -> None:
         n = rec["step"]
-        if n % cfg.log_every == 0 or n == end or evaluated:
+        if n % cfg.log_every == 0 or n == end or evaluated or not guards.finite_step(rec):
             metrics.write(rec)
         if log and (evaluated or (cfg.print_every and (n % cfg.print_every == 0 or n == end))):
             log(f"step {n}/{cfg.steps}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in rec.items()
@@ -141,6 +144,7 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step, objective
         held_out = objective.evaluate(0)  # before any step: the starting point of the held-out curve
         if held_out:
             report({"step": 0, **held_out}, True)
+    bad_steps = guards.NonFiniteSteps(cfg.skip_nonfinite_steps, out)
     with StopFlag() as stop, progress_bar(cfg.steps, start, rank == 0) as bar:
         t0, tokens = time.perf_counter(), 0
         for step in range(start, end):
@@ -152,6 +156,7 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step, objective
             if evaluated:
                 rec.update(objective.evaluate(step + 1))
             report(rec, evaluated)
+            bad_steps.check(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tokens / elapsed:.0f}")
             result.update(step=step + 1, loss=rec["loss"])
@@ -221,6 +226,7 @@ def train_step(cfg: TrainConfig, net, objective: Objective, opt, step: int, accu
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     rec["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP
-    opt.step()
+    if guards.finite_step(rec):  # a non-finite update never reaches the weights
+        opt.step()
     opt.zero_grad(set_to_none=True)
     return rec, objective.tokens(batch) * world
