@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minicpm4.children import forks_die_with_parent
+from minicpm4.data.filter_report import job_report
 from minicpm4.errors import ConfigError
 from minicpm4.fileio import atomic_write_text
 
@@ -100,7 +101,7 @@ def fix_inputs(job: FilterJob) -> tuple[str, str, int]:
 def build_stages(job: FilterJob) -> list[Stage]:
     from datatrove.pipeline.readers import JsonlReader
 
-    from minicpm4.data.reader import CorpusReader
+    from minicpm4.data.reader import CorpusReader  # datatrove: imported when a job is built
     from minicpm4.data.writer import AtomicJsonlWriter
 
     if job.dedup not in DEDUP:
@@ -119,7 +120,7 @@ def build_stages(job: FilterJob) -> list[Stage]:
     steps = [CorpusReader(root, paths_file=paths_file, text_key=job.text_key, rejects_writer=rejects("input"))]
     steps += [_heuristic(name, rejects(name)) for name in job.heuristics]
     if job.classifier:
-        from minicpm4.data.quality_filter import QualityFilter
+        from minicpm4.data.quality_filter import QualityFilter  # fastText only for a classifier step
         steps.append(QualityFilter(job.classifier, job.threshold, rejects("quality"), job.batch_size))
     filtered = out / ("kept" if job.dedup == "none" else "filtered")
     steps.append(AtomicJsonlWriter(str(filtered)))
@@ -133,7 +134,7 @@ def build_stages(job: FilterJob) -> list[Stage]:
 
 
 def _heuristic(name: str, rejects):
-    from minicpm4.data.word_tokenizer import RegexWordTokenizer
+    from minicpm4.data.word_tokenizer import RegexWordTokenizer  # datatrove's tokenizer base
 
     words = RegexWordTokenizer()
     if name == "gopher_quality":
@@ -163,7 +164,7 @@ def _minhash(out, tasks, workers, reread, rejects, kept) -> list[Stage]:
     from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
                                                   MinhashDedupFilter, MinhashDedupSignature)
 
-    from minicpm4.data.word_tokenizer import RegexWordTokenizer
+    from minicpm4.data.word_tokenizer import RegexWordTokenizer  # datatrove's tokenizer base
 
     cfg = MinhashConfig()
     d = out / "dedup"
@@ -179,7 +180,6 @@ def run_job(job: FilterJob) -> dict:
     """Run (or resume) every stage with LocalPipelineExecutor; return the merged report."""
     from datatrove.executor import LocalPipelineExecutor
 
-    from minicpm4.data.filter_report import job_report
 
     for stage in build_stages(job):
         # fork: workers inherit the imported modules instead of re-importing torch & co. per worker; they and

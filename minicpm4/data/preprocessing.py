@@ -55,7 +55,7 @@ def load_backend(tokenizer: str | os.PathLike | None):
     from tokenizers import Tokenizer
 
     if tokenizer in (None, "default"):
-        from minicpm4.io.loader import default_model_dir
+        from minicpm4.io.loader import default_model_dir  # torch: only for the default tokenizer
         tokenizer = default_model_dir()
     path = Path(tokenizer)
     file = path / "tokenizer.json" if path.is_dir() else path

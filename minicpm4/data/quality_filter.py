@@ -29,7 +29,7 @@ class QualityFilter(BaseFilter):
     @property
     def classifier(self):
         if self._classifier is None:
-            from minicpm4.data.classifier import QualityClassifier
+            from minicpm4.data.classifier import QualityClassifier  # fastText, loaded per worker
             self._classifier = QualityClassifier.load(self.model_path)
         return self._classifier
 

@@ -21,7 +21,7 @@ from minicpm4.errors import ConfigError
 
 def read_seeds(paths: list[str], text_key: str = "text", limit: int = 0) -> list[tuple[str, str]]:
     """(seed id, text) for every usable record of the seed files; ids are the record's id or path:line."""
-    from minicpm4.data.pipeline import list_inputs
+    from minicpm4.data.pipeline import list_inputs  # datatrove-backed readers: seeds only
     from minicpm4.data.records import open_records
 
     seeds = []

@@ -20,7 +20,9 @@ from fastapi.responses import StreamingResponse
 
 from minicpm4.engine.async_engine import Stream
 from minicpm4.errors import InputError
+from minicpm4.serve.agent import run_agent
 from minicpm4.serve.protocol import ChatCompletionRequest, CompletionRequest, sampling_params
+from minicpm4.text.tool_calls import StreamParser, parse_output, render_messages
 
 
 class ClientGone(Exception):
@@ -92,7 +94,6 @@ class Completions:
         if body.tool_choice not in (None, "none") and not tools:  # OpenAI's rule
             raise InputError("tool_choice: only allowed when tools are given")
         if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
-            from minicpm4.text.tool_calls import render_messages
             messages = render_messages(messages, tools or None, body.tool_choice, self.s.tool_format)
         if body.tool_choice == "none":
             tools = []
@@ -109,7 +110,6 @@ class Completions:
     async def chat_mcp(self, body: ChatCompletionRequest, http: HTTPRequest, messages: list[dict]):
         """The server's own MCP tools (serve --mcp): the tool-use loop runs here, the client gets the answer
         and, in `tool_messages`, the calls and results that led to it."""
-        from minicpm4.serve.agent import run_agent
         if body.n > 1 or body.logprobs or body.tool_choice not in (None, "auto"):
             raise InputError("n > 1, logprobs and tool_choice other than auto are not supported when the server "
                              "runs its MCP tools itself; send your own tools to get the calls back instead")
@@ -144,7 +144,6 @@ class Completions:
         calls: list[dict] = []
         content: str | None = text
         if tools:
-            from minicpm4.text.tool_calls import parse_output
             content, calls = parse_output(text, tools, self.s.tool_format)
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
@@ -233,7 +232,6 @@ async def merged(c: Completions, streams: list[Stream], body, tools) -> AsyncIte
             ts = c.s.llm.text_stream(st.req.params, body.stops)
             parser, n_calls = None, 0
             if tools:
-                from minicpm4.text.tool_calls import StreamParser
                 parser = StreamParser(c.s.tool_format, tools)
 
             async def emit(events):

@@ -24,11 +24,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minicpm4.engine.async_engine import AsyncEngine, QueueFull
 from minicpm4.errors import InputError
-from minicpm4.serve.agent import AgentError
+from minicpm4.serve.agent import AgentError, MCPTools
 from minicpm4.serve.completions import ClientGone, Completions
 from minicpm4.serve.guard import RequestGuard
 from minicpm4.serve.llm import LLM
 from minicpm4.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from minicpm4.text.tool_calls import detect_format
 
 
 class Server:
@@ -39,7 +40,6 @@ class Server:
         self.max_tokens, self.max_request_bytes = max_tokens, max_request_bytes
         self.engine = AsyncEngine(llm.engine, max_queue=max_queue)
         if tool_format is None:
-            from minicpm4.text.tool_calls import detect_format
             tool_format = detect_format(llm.tokenizer.chat_template, llm.tokenizer.backend.get_vocab())
         self.tool_format = tool_format
         self.mcp_commands = list(mcp_commands or [])
@@ -56,7 +56,6 @@ def create_app(server: Server) -> FastAPI:
     async def lifespan(_: FastAPI):
         async with AsyncExitStack() as stack:
             if server.mcp_commands:
-                from minicpm4.serve.agent import MCPTools
                 server.mcp = await stack.enter_async_context(MCPTools(server.mcp_commands))
             yield
         server.mcp = None
