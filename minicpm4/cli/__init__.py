@@ -37,7 +37,7 @@ def data_group():
 
 def _register_all() -> None:
     import importlib
-    for name in ("generate", "serve", "quantize", "spec", "train", "tunnel", "data"):
+    for name in ("generate", "serve", "quantize", "spec", "train", "tunnel", "data", "eval"):
         importlib.import_module(f"minicpm4.cli.{name}").register(cli)
 
 
