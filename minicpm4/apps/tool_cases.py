@@ -152,7 +152,7 @@ def _filesystem(d: _Draw) -> tuple[dict, list[str]]:
 
 def _clock(d: _Draw) -> tuple[dict, list[str]]:
     kind = d.rng.choice(["get_current_time", "convert_time", "add_days", "days_between", "day_of_week"])
-    (city, zone), (city2, zone2) = d.zone(), d.zone()
+    (_, zone), (_, zone2) = d.zone(), d.zone()
     if kind == "get_current_time":
         return _call("get_current_time", timezone=zone), [f"What time is it in the {zone} time zone?",
                                                           f"Tell me the current time in {zone}."]

@@ -32,7 +32,8 @@ def _cases(cases_path, seed):
 @click.option("--cases", "cases_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Cases JSONL (default: generated with --seed).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the generated cases.")
-@click.option("--limit", type=int, default=None, help="Only the first N cases.")
+@click.option("--limit", type=int, default=None,
+              help="Only N cases, evenly spaced through the file (so every server and kind stays in).")
 @click.option("-o", "--out", "out_dir", required=True,
               help="Output folder: results.jsonl (a rerun resumes) and report.json.")
 @click.option("--concurrency", default=8, show_default=True, help="Cases in flight (their turns share a batch).")
@@ -44,7 +45,11 @@ def mcp_eval(model_path, base_url, served_model, fmt, cases_path, seed, limit, o
     import asyncio
 
     from minicpm4.apps.tool_eval import evaluate, format_report
-    cases = _cases(cases_path, seed)[:limit]
+    cases = _cases(cases_path, seed)
+    if limit is not None:
+        if limit < 1:
+            raise click.BadParameter("must be at least 1", param_hint="--limit")
+        cases = [cases[i * len(cases) // limit] for i in range(min(limit, len(cases)))]
     meta = {"model": base_url and served_model or model_path or "default", "cases_file": cases_path, "seed": seed}
 
     def progress(record):

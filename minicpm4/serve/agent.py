@@ -2,10 +2,12 @@
 
     minicpm4 agent --model M --mcp "python serve/server.py --flag" [--mcp "CMD ARGS" ...] --prompt "What is 2+3?"
     -> agent_main(model, mcp_commands, prompt, max_tokens=512, temperature=0.0, max_turns=8, dtype="auto",
-                  system=None)
+                  system=None, call_timeout=60, max_output_chars=20000, confirm=ask_on_terminal)
 
 MCPTools starts each server with the official SDK (`stdio_client` + `ClientSession`), lists its tools as OpenAI
-function specs and sends each call to the server that owns the tool; a name no server exposes is refused.
+function specs and sends each call to the server that owns the tool; a name no server exposes is refused. A call
+that times out, a server that dies mid-call, an oversized result and a destructive tool the user declines each
+become an "error: ..." (or cut) tool result, so one bad tool never ends the loop.
 run_agent is the loop: render the conversation with the tools (tools.render_messages) -> complete -> parse
 (tools.parse_output) -> run the calls and append their results as `tool` messages, until the model answers
 without calling anything. `complete` is any function from rendered chat messages to the model's raw text, so
@@ -216,11 +218,22 @@ def complete_with_llm(llm, max_tokens: int = 512, temperature: float = 0.0) -> C
     return lambda messages: llm.chat(messages, params).text
 
 
+def ask_on_terminal(name: str, arguments: dict) -> bool:
+    """Ask on the terminal before a destructive tool runs; without a terminal to ask on, the answer is no."""
+    if not sys.stdin or not sys.stdin.isatty():
+        print(f"[declined] {name} is marked destructive and there is no terminal to confirm it on "
+              "(pass --yes to allow such tools)", flush=True)
+        return False
+    answer = input(f"Run destructive tool {name}({json.dumps(arguments, ensure_ascii=False)})? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
 def agent_main(model: str | None, mcp_commands: list[str], prompt: str, max_tokens: int = 512,
                temperature: float = 0.0, max_turns: int = 8, dtype: str = "auto",
-               system: str | None = None) -> list[dict]:
+               system: str | None = None, call_timeout: float = 60.0, max_output_chars: int = 20_000,
+               confirm: Callable[[str, dict], bool] | None = ask_on_terminal) -> list[dict]:
     """Load the model, start the MCP servers, run the agent on one prompt; prints each tool call, each result
-    and the final answer, and returns the conversation."""
+    and the final answer, and returns the conversation. confirm=None runs destructive tools without asking."""
     from minicpm4.serve.llm import LLM
     if not mcp_commands:
         raise InputError("the agent needs at least one MCP server command (--mcp)")
@@ -239,7 +252,8 @@ def agent_main(model: str | None, mcp_commands: list[str], prompt: str, max_toke
             print(message["content"], flush=True)
 
     async def run() -> list[dict]:
-        async with MCPTools(mcp_commands) as tools:
+        async with MCPTools(mcp_commands, call_timeout=call_timeout, max_output_chars=max_output_chars,
+                            confirm=confirm) as tools:
             return await run_agent(complete_with_llm(llm, max_tokens, temperature), tools, messages, fmt,
                                    max_turns, on_message=show)
     return asyncio.run(run())
