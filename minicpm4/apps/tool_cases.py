@@ -248,7 +248,8 @@ def _multi(d: _Draw, server: str) -> tuple[str, list[dict], str]:
         return server, [_call("save_note", key=key, text=text), _call("delete_note", key=key)], \
             f"Save a note {key} saying '{text}', then delete it again."
     a, b, key = d.int(), d.int(), d.key()  # cross-server: a result saved as a note
-    return "calculator+notes", [_call("multiply", a=a, b=b), _uses(_call("save_note", key=key, text=str(a * b)), "text")], \
+    save = _uses(_call("save_note", key=key, text=str(a * b)), "text")
+    return "calculator+notes", [_call("multiply", a=a, b=b), save], \
         f"Multiply {a} by {b} and save the result in a note called {key}."
 
 

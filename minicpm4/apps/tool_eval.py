@@ -71,7 +71,8 @@ def predicted_calls(raw: str, specs: list[dict], fmt: str) -> list[dict] | None:
             for c in calls] or None
 
 
-def _assistant_call(step: dict, k: int) -> tuple[dict, str]:
+def assistant_call(step: dict, k: int) -> tuple[dict, str]:
+    """A ground-truth step as the assistant message that makes the call, and the call id its result answers."""
     call_id = f"call_{k}"
     return {"role": "assistant", "content": None, "tool_calls": [
         {"id": call_id, "type": "function",
@@ -89,7 +90,7 @@ async def run_case(case: dict, complete: Complete, tools: MCPTools, fmt: str) ->
         steps.append({"truth": {"name": truth["name"], "arguments": truth["arguments"]}, "predicted": predicted,
                       "raw": raw, "scores": score_call(predicted, truth)})
         if k + 1 < len(case["steps"]):
-            message, call_id = _assistant_call(truth, k)
+            message, call_id = assistant_call(truth, k)
             result = await tools.call(truth["name"], truth["arguments"])
             conversation += [message, {"role": "tool", "tool_call_id": call_id, "content": result}]
     return {"id": case["id"], "server": case["server"], "kind": case.get("kind", "single"), "steps": steps}

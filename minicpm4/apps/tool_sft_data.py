@@ -18,7 +18,7 @@ from pathlib import Path
 
 from minicpm4.apps.mcp_servers import SERVERS, server_command
 from minicpm4.apps.tool_cases import generate_cases
-from minicpm4.apps.tool_eval import _assistant_call, check_cases, offered_specs
+from minicpm4.apps.tool_eval import assistant_call, check_cases, offered_specs
 from minicpm4.fileio import atomic_write_text
 from minicpm4.serve.agent import MCPTools
 
@@ -45,7 +45,7 @@ async def build_tool_chats(cases: list[dict]) -> list[dict]:
             messages = [{"role": "user", "content": case["query"]}]
             result = ""
             for k, step in enumerate(case["steps"]):
-                message, call_id = _assistant_call(step, k)
+                message, call_id = assistant_call(step, k)
                 result = await tools.call(step["name"], step["arguments"])
                 messages += [message, {"role": "tool", "tool_call_id": call_id, "content": result}]
             messages.append({"role": "assistant", "content": f"Done. The tool returned: {result}"})

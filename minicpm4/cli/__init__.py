@@ -4,6 +4,7 @@
     quantize  quantize                                       spec      frspec
     train     train pretrain | sft | qat | draft | draft-data tunnel    tunnel
     data      data tokenize | train-classifier | filter | synth | demo-corpus | demo-score | verify
+    eval      eval mcp | mcp-cases | mcp-sft-data (the `eval` group lives in eval.py)
     options   the flags and helpers they share
 
 Thin wrappers: each command parses flags into library calls. Errors the library raises for bad input

@@ -32,7 +32,8 @@ def test_levels_nest():
     assert levels([{"name": "write_file", "arguments": missing}]) == (True, False, False)
     wrong = {**TRUTH["arguments"], "content": "hello!"}
     assert levels([{"name": "write_file", "arguments": wrong}]) == (True, True, False)
-    assert levels([{"name": "write_file", "arguments": {**TRUTH["arguments"], "overwrite": False}}]) == (True, True, False)
+    flipped = {**TRUTH["arguments"], "overwrite": False}
+    assert levels([{"name": "write_file", "arguments": flipped}]) == (True, True, False)
 
 
 def test_no_prediction_is_wrong_at_every_level():
@@ -50,9 +51,9 @@ def test_the_call_with_the_right_name_is_scored_else_the_first():
 
 
 def test_accuracies_are_percent_over_steps():
-    scores = [score_call([{"name": "add", "arguments": {"a": 2, "b": 3}}], {"name": "add", "arguments": {"a": 2, "b": 3}}),
-              score_call([{"name": "add", "arguments": {"a": 2, "b": 4}}], {"name": "add", "arguments": {"a": 2, "b": 3}}),
-              score_call([{"name": "add", "arguments": {"a": 2}}], {"name": "add", "arguments": {"a": 2, "b": 3}}),
-              score_call(None, {"name": "add", "arguments": {"a": 2, "b": 3}})]
+    truth = {"name": "add", "arguments": {"a": 2, "b": 3}}
+    predictions = [[truth], [{"name": "add", "arguments": {"a": 2, "b": 4}}], [{"name": "add", "arguments": {"a": 2}}],
+                   None]
+    scores = [score_call(p, truth) for p in predictions]
     assert accuracies(scores) == {"function_name": 75.0, "argument_names": 50.0, "argument_values": 25.0, "steps": 4}
     assert accuracies([]) == {"function_name": 0.0, "argument_names": 0.0, "argument_values": 0.0, "steps": 0}
