@@ -4,8 +4,10 @@
 # cases) and as many non-tool control chats (KJV verse completion) -> `train sft` on each, same settings and steps
 # -> `eval mcp` on both results. Every stage resumes: rerun the same command after an interruption.
 #   bash runs/mcp_tool_use.sh [OUT]    PYTHON picks the interpreter, THREADS (1) torch threads, STEPS (16) SFT steps,
-#                                      PER_SERVER (25) training cases per server, LIMIT (all) eval cases,
-#                                      MODEL (the default model's directory); OUT/times.txt: seconds per stage
+#                                      SEQ_LEN (1024) and BATCH (2) the SFT rows and rows per step, ARMS ("tool control")
+#                                      the SFT arms, PER_SERVER (25) training cases per server, LIMIT (all) eval cases
+#                                      (evenly spaced), MODEL (the default model's directory); OUT/times.txt: seconds
+#                                      per stage
 set -euo pipefail
 OUT=${1:-runs/out/mcp_tool_use}
 PY=${PYTHON:-python}
@@ -28,7 +30,7 @@ sft() {  # sft NAME DATA: full fine-tuning of the default model, the same settin
   local resume=
   [ -f "$OUT/sft_$1/checkpoints/latest" ] && resume=--resume
   "$PY" -m minicpm4.cli train sft $resume --set data="$2" --set model="$MODEL" --set out_dir="$OUT/sft_$1" \
-    --set seq_len=1024 --set batch_size=2 --set micro_batch_size=2 --set steps="$STEPS" --set warmup_steps=2 \
+    --set seq_len="${SEQ_LEN:-1024}" --set batch_size="${BATCH:-2}" --set micro_batch_size="${BATCH:-2}" --set steps="$STEPS" --set warmup_steps=2 \
     --set decay_steps=$((STEPS / 4)) --set lr=2e-4 --set mup=false --set weight_decay=0 --set threads="$THREADS" \
     --set save_every=4 2> "$OUT/sft_$1.log"
 }
@@ -36,12 +38,14 @@ sft() {  # sft NAME DATA: full fine-tuning of the default model, the same settin
 stage eval_before evaluate before "$MODEL"
 [ -f "$OUT/sft_control.jsonl" ] || stage sft_data "$PY" -m minicpm4.cli eval mcp-sft-data --cases "$OUT/cases.jsonl" \
   --per-server "${PER_SERVER:-25}" -o "$OUT/sft_tool.jsonl" --control "$OUT/sft_control.jsonl"
-stage sft_tool sft tool "$OUT/sft_tool.jsonl"
-stage sft_control sft control "$OUT/sft_control.jsonl"
-for arm in tool control; do
+ARMS=${ARMS:-tool control}
+for arm in $ARMS; do
+  stage "sft_$arm" sft "$arm" "$OUT/sft_$arm.jsonl"
+done
+for arm in $ARMS; do
   stage "eval_$arm" evaluate "$arm" "$OUT/sft_$arm/checkpoints/$(cat "$OUT/sft_$arm/checkpoints/latest")/model"
 done
 echo "before / after tool SFT / after control SFT (overall: function name, argument names, argument values):"
-for name in before tool control; do
+for name in before $ARMS; do
   "$PY" -c "import json,sys; o=json.load(open(sys.argv[1]))['overall']; print(sys.argv[2], o)" "$OUT/eval_$name/report.json" "$name"
 done
