@@ -45,6 +45,8 @@ def mcp_eval(model_path, base_url, served_model, fmt, cases_path, seed, limit, o
     import asyncio
 
     from minicpm4.apps.tool_eval import evaluate, format_report
+    if base_url and model_path:
+        raise click.UsageError("give --model or --base-url, not both")
     cases = _cases(cases_path, seed)
     if limit is not None:
         if limit < 1:

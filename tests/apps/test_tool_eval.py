@@ -84,6 +84,18 @@ def test_eval_mcp_on_the_tiny_tool_model(tool_model_dir, tmp_path):
     again = CliRunner().invoke(cli, argv, catch_exceptions=False)
     assert again.exit_code == 0 and json.loads((tmp_path / "out" / "report.json").read_text()) == report
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == len(cases)
+    # the same model behind the OpenAI-compatible server, evaluated through --base-url: the same scores
+    from server_util import running_server
+
+    from minicpm4.serve.llm import LLM
+    with running_server(LLM.load(str(tool_model_dir), dtype="fp32")) as (url, _):
+        remote = CliRunner().invoke(cli, ["eval", "mcp", "--base-url", url + "/v1", "--served-model", "test-model",
+                                          "--cases", str(tmp_path / "cases.jsonl"), "-o", str(tmp_path / "remote"),
+                                          "--max-new-tokens", "40"], catch_exceptions=False)
+    assert remote.exit_code == 0, remote.output
+    assert json.loads((tmp_path / "remote" / "report.json").read_text())["overall"] == report["overall"]
+    both = CliRunner().invoke(cli, argv + ["--base-url", "http://127.0.0.1:1/v1"])
+    assert both.exit_code == 2 and "give --model or --base-url, not both" in both.output
 
 
 def test_bad_cases_files_name_the_line_and_field(tmp_path):
