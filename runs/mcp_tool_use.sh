@@ -3,16 +3,17 @@
 # eval cases -> `eval mcp` before -> tool SFT chats by reverse generation (no query or call shared with the eval
 # cases) and as many non-tool control chats (KJV verse completion) -> `train sft` on each, same settings and steps
 # -> `eval mcp` on both results. Every stage resumes: rerun the same command after an interruption.
-#   bash runs/mcp_tool_use.sh [OUT]    PYTHON picks the interpreter, THREADS (1) torch threads, STEPS (16) SFT steps,
-#                                      SEQ_LEN (1024) and BATCH (2) the SFT rows and rows per step, ARMS ("tool control")
-#                                      the SFT arms, PER_SERVER (25) training cases per server, LIMIT (all) eval cases
-#                                      (evenly spaced), MODEL (the default model's directory); OUT/times.txt: seconds
-#                                      per stage
+#   bash runs/mcp_tool_use.sh [OUT]    PYTHON picks the interpreter, THREADS (1) torch threads, STEPS (20) SFT steps,
+#                                      SEQ_LEN (2048) and BATCH (2) the SFT rows and rows per step, ARMS ("tool control")
+#                                      the SFT arms, PER_SERVER (25) training cases per server, LIMIT (40; empty: all
+#                                      210) eval cases, evenly spaced, MODEL (the default model's directory);
+#                                      OUT/times.txt: seconds per stage. About 40 min on 2 shared cores (BENCHMARKS.md).
 set -euo pipefail
 OUT=${1:-runs/out/mcp_tool_use}
 PY=${PYTHON:-python}
 THREADS=${THREADS:-1}
-STEPS=${STEPS:-16}
+STEPS=${STEPS:-20}
+LIMIT=${LIMIT-40}
 export OMP_NUM_THREADS=$THREADS
 MODEL=${MODEL:-$("$PY" -c "from minicpm4.io.loader import default_model_dir; print(default_model_dir())")}
 LIMIT_FLAG=${LIMIT:+--limit $LIMIT}
@@ -30,7 +31,7 @@ sft() {  # sft NAME DATA: full fine-tuning of the default model, the same settin
   local resume=
   [ -f "$OUT/sft_$1/checkpoints/latest" ] && resume=--resume
   "$PY" -m minicpm4.cli train sft $resume --set data="$2" --set model="$MODEL" --set out_dir="$OUT/sft_$1" \
-    --set seq_len="${SEQ_LEN:-1024}" --set batch_size="${BATCH:-2}" --set micro_batch_size="${BATCH:-2}" --set steps="$STEPS" --set warmup_steps=2 \
+    --set seq_len="${SEQ_LEN:-2048}" --set batch_size="${BATCH:-2}" --set micro_batch_size="${BATCH:-2}" --set steps="$STEPS" --set warmup_steps=2 \
     --set decay_steps=$((STEPS / 4)) --set lr=2e-4 --set mup=false --set weight_decay=0 --set threads="$THREADS" \
     --set save_every=4 2> "$OUT/sft_$1.log"
 }
