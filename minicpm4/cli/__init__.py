@@ -5,6 +5,7 @@
     train     train pretrain | sft | qat | draft | draft-data tunnel    tunnel
     data      data tokenize | train-classifier | filter | synth | demo-corpus | demo-score | verify
     survey    survey | eval survey
+    eval      eval mcp | mcp-cases | mcp-sft-data (the `eval` group lives in eval.py)
     options   the flags and helpers they share
 
 Thin wrappers: each command parses flags into library calls. Errors the library raises for bad input
@@ -38,8 +39,8 @@ def data_group():
 
 def _register_all() -> None:
     import importlib
-    # "survey" joins the `eval` group if a module before it made one, so it stays last
-    for name in ("generate", "serve", "quantize", "spec", "train", "tunnel", "data", "survey"):
+    # `eval` makes the eval group; "survey" adds `eval survey` to it, so it comes after
+    for name in ("generate", "serve", "quantize", "spec", "train", "tunnel", "data", "eval", "survey"):
         importlib.import_module(f"minicpm4.cli.{name}").register(cli)
 
 

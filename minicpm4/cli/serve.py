@@ -53,11 +53,20 @@ def serve(model_path, dtype, int4, sparse, sparse_config, host, port, api_key, s
 @click.option("--temperature", default=0.0, show_default=True)
 @click.option("--model", "model_path", default=None, help=MODEL_HELP)
 @click.option("--dtype", default="auto", show_default=True)
-def agent(prompt, mcp_commands, system, max_turns, max_new_tokens, temperature, model_path, dtype):
-    """Answer PROMPT with tools from MCP servers (stdio), printing each call and result (serve extra)."""
-    from minicpm4.serve.agent import agent_main
+@click.option("--call-timeout", default=60.0, show_default=True, help="Seconds one tool call may take.")
+@click.option("--max-output-chars", default=20_000, show_default=True,
+              help="Longest tool result passed to the model (longer ones are cut, saying so).")
+@click.option("--yes", is_flag=True, help="Run tools the servers mark destructive without asking.")
+def agent(prompt, mcp_commands, system, max_turns, max_new_tokens, temperature, model_path, dtype, call_timeout,
+          max_output_chars, yes):
+    """Answer PROMPT with tools from MCP servers (stdio), printing each call and result (serve extra).
+
+    Tools a server marks destructive (e.g. deleting a file) are confirmed on the terminal first, or declined
+    when there is no terminal; --yes runs them without asking."""
+    from minicpm4.serve.agent import agent_main, ask_on_terminal
     agent_main(model_path, list(mcp_commands), prompt, max_tokens=max_new_tokens, temperature=temperature,
-               max_turns=max_turns, dtype=dtype, system=system)
+               max_turns=max_turns, dtype=dtype, system=system, call_timeout=call_timeout,
+               max_output_chars=max_output_chars, confirm=None if yes else ask_on_terminal)
 
 
 def register(cli: click.Group) -> None:
