@@ -2,7 +2,7 @@
 
     generate  setup | generate | chat | info | convert       serve     serve | agent
     quantize  quantize                                       spec      frspec
-    train     train pretrain | sft | qat | draft | draft-data tunnel    tunnel
+    train     train pretrain | sft | rl | qat | draft | ...    tunnel    tunnel
     data      data tokenize | train-classifier | filter | synth | demo-corpus | demo-score | verify
     survey    survey | eval survey
     options   the flags and helpers they share
@@ -28,7 +28,7 @@ def cli():
 
 @cli.group("train")
 def train_group():
-    """Training: pretraining, SFT, QAT, draft heads."""
+    """Training: pretraining, SFT, RL, QAT, draft heads."""
 
 
 @cli.group("data")

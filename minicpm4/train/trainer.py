@@ -1,4 +1,4 @@
-"""The one training loop: `train(config)` runs pretraining, SFT, QAT and EAGLE draft training alike, each an
+"""The one training loop: `train(config)` runs pretraining, SFT, QAT, RL and EAGLE draft training, each an
 Objective (objective.py) that says what trains on which batches towards which loss; the CLI is a thin wrapper.
 
 One optimizer step: the objective's global batch (over all processes) is split into cfg.accumulation(world)
@@ -32,6 +32,7 @@ from minicpm4.train.language_modeling import LanguageModeling
 from minicpm4.train.metrics import MetricsLog, progress_bar
 from minicpm4.train.objective import Objective
 from minicpm4.train.qat import QAT
+from minicpm4.train.rl.objective import RL
 from minicpm4.train.schedule import wsd_factor
 from minicpm4.train.train_config import TrainConfig
 
@@ -64,7 +65,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
           objective: Objective | None = None) -> dict:
     """Run (or continue, with `resume` = a checkpoint or the run directory) until cfg.steps, or `stop_after`
     total steps. on_step(metrics record) -> True stops the run there, as a signal would (early stopping).
-    objective: default objective_for(cfg) (pretrain, sft, qat; draft: spec.draft_training.train_draft).
+    objective: default objective_for(cfg) (pretrain, sft, qat, rl; draft: spec.draft_training.train_draft).
     Returns {"step", "loss", "checkpoint", "interrupted", "output" (what the objective's finish() returned once
     every step is done)}."""
     rank, world, device, created = pg.init_process_group()
@@ -180,6 +181,8 @@ def objective_for(cfg: TrainConfig, rank: int = 0, world: int = 1,
         return LanguageModeling.from_config(cfg, rank, world)
     if cfg.task == "qat":
         return QAT.from_config(cfg, rank, world, log=log)
+    if cfg.task == "rl":
+        return RL.from_config(cfg, rank, world)
     raise ConfigError(f"task {cfg.task!r} has no objective in minicpm4.train (draft: minicpm4.spec.draft_training, "
                       "`minicpm4 train draft`)")
 
