@@ -114,20 +114,27 @@ def test_loss_is_the_global_mean_whatever_the_split(model_dir, tmp_path, token_l
 
 
 def test_interrupted_run_resumes_exactly(model_dir, tmp_path):
-    full, _ = run(rl_config(model_dir, tmp_path / "full"))
-    cfg = rl_config(model_dir, tmp_path / "cut")
-    _, first = run(cfg, stop_after=2)
-    assert first["interrupted"] is False and first["step"] == 2
+    """Stopped after step 3, resumed to 5: the same weights, reference and curve as one run. The reference is
+    refreshed at step 2 (so the resumed run must take it from the checkpoint, not from the start model) and 4.
+    12 slots for batches of 4 samples: steps end with samples in flight, finished samples of incomplete groups and
+    informative groups carried to the next step, all of which the checkpoint must hold."""
+    section = {"ref_refresh": 2, "max_active": 12}
+    full, _ = run(rl_config(model_dir, tmp_path / "full", steps=5, rl=section))
+    cfg = rl_config(model_dir, tmp_path / "cut", steps=5, rl=section)
+    _, first = run(cfg, stop_after=3)
+    assert first["interrupted"] is False and first["step"] == 3
     _, _, _, state = load_checkpoint(first["checkpoint"])
-    assert state["data"]["buffer"], "the checkpoint should hold unfinished samples (the test's point)"
+    data = state["data"]
+    assert data["buffer"] and data["finished"] and data["carry"], "the test's point: rollout state in flight"
+    assert data["reference_refreshed_at"] == 2
     resumed, second = run(cfg, resume=str(tmp_path / "cut"))
-    assert second["step"] == 4
+    assert second["step"] == 5
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
-    for k, v in full.reference.model.state_dict().items():  # refreshed at step 3, after the resume
+    for k, v in full.reference.model.state_dict().items():
         assert torch.equal(v, resumed.reference.model.state_dict()[k]), k
     a, b = records(tmp_path / "full"), records(tmp_path / "cut")
-    assert [(r["loss"], r["reward"]) for r in a] == [(r["loss"], r["reward"]) for r in b]
+    assert [(r["loss"], r["kl"], r["reward"]) for r in a] == [(r["loss"], r["kl"], r["reward"]) for r in b]
 
 
 @pytest.mark.parametrize("settings, field", [
