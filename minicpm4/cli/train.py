@@ -1,6 +1,6 @@
-"""`minicpm4 train pretrain | sft | rl | qat | draft | draft-data`: thin wrappers over minicpm4.train's one training loop
-(trainer.train with the task's objective) and the draft objective in minicpm4.spec. Every training subcommand reads a
-TrainConfig through --config/--set; the flags of qat and draft are aliases of its keys."""
+"""`minicpm4 train pretrain | sft | rl | qat | draft | draft-data`: thin wrappers over minicpm4.train's one training
+loop (trainer.train with the task's objective) and the draft objective in minicpm4.spec. Every training subcommand
+reads a TrainConfig through --config/--set; the flags of qat and draft are aliases of its keys."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from model_util import random_model
 from train_util import TINY_MODEL, small_tokenizer
 
 from minicpm4.config import ModelConfig, tiny
-from minicpm4.errors import ConfigError
+from minicpm4.errors import CheckpointError, ConfigError
 from minicpm4.train.checkpoint import load_checkpoint, write_model_dir
 from minicpm4.train.rl.chain_tasks import chain_tasks
 from minicpm4.train.rl.objective import RL
@@ -135,6 +135,9 @@ def test_interrupted_run_resumes_exactly(model_dir, tmp_path):
         assert torch.equal(v, resumed.reference.model.state_dict()[k]), k
     a, b = records(tmp_path / "full"), records(tmp_path / "cut")
     assert [(r["loss"], r["kl"], r["reward"]) for r in a] == [(r["loss"], r["kl"], r["reward"]) for r in b]
+    other = rl_config(model_dir, tmp_path / "cut", steps=5, rl={**section, "group_size": 4})
+    with pytest.raises(CheckpointError, match=r"rl\.group_size \(2 -> 4\)"):  # the prompts in flight hold 2 each
+        run(other, resume=str(tmp_path / "cut"))
 
 
 @pytest.mark.parametrize("settings, field", [
