@@ -67,7 +67,7 @@ def records(out):
 
 
 def test_rl_steps_change_the_weights_with_finite_metrics(model_dir, tmp_path):
-    cfg = rl_config(model_dir, tmp_path / "run", steps=3)
+    cfg = rl_config(model_dir, tmp_path / "run", steps=3, eval_every=3, rl={"eval_prompts": 3})
     obj = RL.from_config(cfg)
     obj.reward = e_share
     before = {k: v.clone() for k, v in obj.model.state_dict().items()}
@@ -75,7 +75,10 @@ def test_rl_steps_change_the_weights_with_finite_metrics(model_dir, tmp_path):
     assert result["step"] == 3
     moved = [k for k, v in obj.model.state_dict().items() if not torch.equal(v, before[k])]
     assert len(moved) == len(before)  # every tensor trained
-    recs = records(tmp_path / "run")
+    held_out = records(tmp_path / "run")
+    assert [r["step"] for r in held_out if "eval_reward" in r] == [0, 3]  # greedy, on held-out prompts
+    assert all(0 <= r["eval_reward"] <= 1 for r in held_out if "eval_reward" in r)
+    recs = [r for r in held_out if "loss" in r]
     assert [r["step"] for r in recs] == [1, 2, 3]
     for r in recs:
         for k in ("loss", "pg_loss", "kl", "ratio_mean", "reward", "grad_norm", "rollout_s", "idle_share"):
@@ -185,3 +188,19 @@ def test_cli_train_rl_runs_and_resumes(model_dir, tmp_path):
     assert all(r["topped_up"] == 2 and r["reward"] == 0 for r in recs)
     _, _, _, state = load_checkpoint(out)
     assert state["config"]["rl"]["kl_coef"] == 0.01 and "reference" in state["data"]
+
+
+def test_task_source_is_seekable_with_a_disjoint_held_out_stream(model_dir):
+    from minicpm4.text.tokenizer import Tokenizer
+    from minicpm4.train.rl.task_source import REWARDS, TaskSource
+    src = TaskSource(Tokenizer.from_dir(model_dir), seed=3, max_steps=4, chat_template=False)
+    assert src.task(7) == TaskSource(src.tokenizer, seed=3, max_steps=4).task(7)  # a pure function of (seed, i)
+    assert src.task(7) != src.task(8) and src.task(7) != TaskSource(src.tokenizer, seed=4, max_steps=4).task(7)
+    train_qs = {src.task(i).question for i in range(50)}
+    assert not train_qs & {src.task(("held-out", i)).question for i in range(50)}
+    task = src.task(7)
+    assert REWARDS["math"](task.worked, task).value == 1.0
+    assert REWARDS["math"](task.worked.replace(f"\\boxed{{{task.answer}}}", f"\\boxed{{{task.answer + 1}}}"),
+                           task).value == 0.0
+    ids = src.prompt_ids(7)
+    assert ids[0] == src.tokenizer.bos_token_id and src.tokenizer.decode(ids[1:]) == task.prompt
