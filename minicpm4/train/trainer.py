@@ -119,9 +119,10 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step, objective
     def save(step: int) -> Path | None:
         path = None
         model_state, opt_state = pg.full_states(model, opt)  # every rank: a collective under FSDP
+        data = objective.state_dict()  # every rank: an objective may gather per-process state (rl's rollouts)
         if rank == 0:
             files, extra = objective.split_state(model_state)
-            state = {"optimizer": opt_state, "optimizer_layout": layout, "data": objective.state_dict(),
+            state = {"optimizer": opt_state, "optimizer_layout": layout, "data": data,
                      "rng": rng_state(), "config": cfg.to_dict(), "mtp": extra}
             path = save_checkpoint(out, step, lambda d: objective.save_model(d, files), state, cfg.keep_checkpoints)
             if log:

@@ -127,9 +127,9 @@ def test_interrupted_run_resumes_exactly(model_dir, tmp_path):
     _, first = run(cfg, stop_after=3)
     assert first["interrupted"] is False and first["step"] == 3
     _, _, _, state = load_checkpoint(first["checkpoint"])
-    data = state["data"]
+    data = state["data"]["ranks"][0]
     assert data["buffer"] and data["finished"] and data["carry"], "the test's point: rollout state in flight"
-    assert data["reference_refreshed_at"] == 2
+    assert state["data"]["reference_refreshed_at"] == 2
     resumed, second = run(cfg, resume=str(tmp_path / "cut"))
     assert second["step"] == 5
     for k, v in full.model.state_dict().items():

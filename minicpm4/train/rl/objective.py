@@ -240,26 +240,35 @@ class RL(Objective):
 
     # ---- checkpoints ----
     def state_dict(self) -> dict[str, Any]:
+        """{"world", "ranks": every process's rollout state (gathered: called on every rank), "reference"?}."""
         ro = self.rollout
-        state = {"next_index": self.next_index, "serial": ro.serial,
+        local = {"next_index": self.next_index, "serial": ro.serial,
                  "buffer": [_sample_state(s) for s in ro.buffer],
                  "finished": [[k, [_sample_state(s) for s in v]] for k, v in ro.finished.items()],
                  "prompts": [[k, list(p)] for k, p in ro.prompts.items()],
                  "carry": [{"key": g.key, "prompt": list(g.prompt), "rewards": list(g.rewards),
                             "samples": [_sample_state(s) for s in g.samples]} for g in self.carry]}
-        if self.reference is not None:
+        ranks = [local]
+        if self.world > 1:
+            ranks = [None] * self.world
+            torch.distributed.all_gather_object(ranks, local)
+        state = {"world": self.world, "ranks": ranks}
+        if self.reference is not None:  # the same on every process (refreshed from DDP-synchronised weights)
             state["reference"] = {k: v.detach().cpu().clone() for k, v in self.reference.model.state_dict().items()}
             state["reference_refreshed_at"] = self.reference.refreshed_at
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ro = self.rollout
-        self.next_index, ro.serial = int(state["next_index"]), int(state["serial"])
-        ro.buffer = [_sample(d) for d in state["buffer"]]
-        ro.finished = {_key(k): [_sample(d) for d in v] for k, v in state["finished"]}
-        ro.prompts = {_key(k): list(p) for k, p in state["prompts"]}
+        if int(state["world"]) != self.world:
+            raise ConfigError(f"the checkpoint's rollouts belong to {state['world']} processes; resume with as many "
+                              f"(this run has {self.world})")
+        ro, mine = self.rollout, state["ranks"][self.rank]
+        self.next_index, ro.serial = int(mine["next_index"]), int(mine["serial"])
+        ro.buffer = [_sample(d) for d in mine["buffer"]]
+        ro.finished = {_key(k): [_sample(d) for d in v] for k, v in mine["finished"]}
+        ro.prompts = {_key(k): list(p) for k, p in mine["prompts"]}
         self.carry = [Group(_key(g["key"]), list(g["prompt"]), [_sample(d) for d in g["samples"]], list(g["rewards"]))
-                      for g in state["carry"]]
+                      for g in mine["carry"]]
         if self.reference is not None:
             if "reference" not in state:
                 raise ConfigError("rl.kl_coef > 0 but the checkpoint holds no reference model (saved with kl_coef 0)")
