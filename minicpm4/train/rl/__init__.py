@@ -7,6 +7,6 @@ training loop (objective.py, `minicpm4 train rl`) and the building blocks it cal
     sandbox           run a program under limits, no network code_reward     fraction of tests passed
     rollout           chunk-wise rollout through the Engine  logprobs        a batch's per-token log-probs (learner)
     reference         the KL reference model, refreshed every N steps
-    batch             groups -> padded tensors -> the loss       chain_tasks     long-tailed arithmetic word problems
-    task_source       seekable prompts with answers, rewards    objective       RL, the Objective of `train rl`
+    batch             groups -> padded tensors -> the loss   chain_tasks     long-tailed arithmetic word problems
+    task_source       seekable prompts with answers, rewards objective       RL, the Objective of `train rl`
 """
