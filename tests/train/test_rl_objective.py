@@ -86,6 +86,7 @@ def test_rl_steps_change_the_weights_with_finite_metrics(model_dir, tmp_path):
         for k in ("loss", "pg_loss", "kl", "ratio_mean", "reward", "grad_norm", "rollout_s", "idle_share"):
             assert math.isfinite(r[k]), (k, r)
         assert r["grad_norm"] > 0 and 0 <= r["reward"] <= 1 and r["groups_dropped"] >= 0
+        assert 0 <= r.get("reward_rollout", 0) <= 1
     assert recs[0]["kl"] == 0.0 and recs[1]["kl"] > 0  # the reference is the start policy, then the policy moves
     assert any(r["version_lag"] > 0 for r in recs)  # samples begun under an older policy finished later
 

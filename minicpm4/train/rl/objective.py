@@ -96,6 +96,7 @@ class RL(Objective):
         self.next_index = rank  # the next training task this process rolls out
         self.carry: list[Group] = []  # informative groups beyond a batch, for the next step
         self.stats: dict[str, float] = {}  # the last next_batch's rollout metrics
+        self._seen: list[float] = []  # rewards of every group completed in this step's rollout
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, rank: int = 0, world: int = 1) -> "RL":
@@ -132,6 +133,7 @@ class RL(Objective):
         for g in groups:
             task = self.source.task(g.key)
             g.rewards = [float(self.reward(self._decode(s.tokens), task).value) for s in g.samples]
+            self._seen += g.rewards
         return groups
 
     def _draw(self, version: int):
@@ -147,7 +149,7 @@ class RL(Objective):
         r = self.cfg.rl
         if self.reference is not None:
             self.reference.maybe_refresh(self.model, step)
-        t0, rounds0 = time.perf_counter(), len(self.rollout.history)
+        t0, rounds0, self._seen = time.perf_counter(), len(self.rollout.history), []
         draw, dropped, topped = self._draw(step), 0, 0
         if r.dynamic_sampling:
             filled = fill_batch(draw, self.groups, self.carry, r.max_draws)
@@ -187,7 +189,11 @@ class RL(Objective):
         rounds = self.rollout.history[rounds0:]
         resp = b["mask"].sum(1).float()
         lag = (step - b["versions"])[b["mask"]].float()  # policy versions between sampling a token and now
-        return {"reward": b["rewards"].mean().item(), "solved": (b["rewards"] >= 1).float().mean().item(),
+        # reward: of the trained batch (dynamic sampling keeps only mixed groups); reward_rollout: of every group
+        # this step's rollout completed, dropped and carried ones included (the unbiased curve; absent when the
+        # step trained only on groups carried from the last)
+        seen = {"reward_rollout": sum(self._seen) / len(self._seen)} if self._seen else {}
+        return {"reward": b["rewards"].mean().item(), **seen, "solved": (b["rewards"] >= 1).float().mean().item(),
                 "groups_dropped": float(dropped), "topped_up": float(topped), "rounds": float(len(rounds)),
                 "rollout_s": rollout_s,
                 "idle_share": idle_share(sum(x.busy for x in rounds), 1, sum(x.steps * x.slots for x in rounds)),
