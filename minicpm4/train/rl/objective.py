@@ -61,7 +61,6 @@ from minicpm4.train.rl.rollout import ChunkRollout, Group, RolloutSettings, Samp
 from minicpm4.train.rl.task_source import REWARDS, RewardFn, TaskSource
 from minicpm4.train.train_config import TrainConfig
 
-BATCH_KEYS = ("input_ids", "mask", "behavior_logp", "versions", "truncated", "advantages", "garbled", "rewards")
 SUMS = ("loss", "pg_loss", "kl", "ratio_mean", "clip_low", "clip_high", "dual_clip")  # loss: per counts[0]
 
 
