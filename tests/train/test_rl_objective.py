@@ -42,8 +42,9 @@ def e_share(text: str, task) -> Reward:
 def model_dir(tmp_path_factory):
     text = "\n".join(t.prompt + "\n" + t.worked for t in chain_tasks(150, seed=5, max_steps=4))
     tok = small_tokenizer(text, 300)
-    # 31 stop ids: a random model then ends ~10% of its samples per token, so response lengths vary, groups finish
-    # in different rounds and steps end with unfinished samples in the rollout buffer (what resume must keep)
+    # 31 of ~300 ids stop a sample (about 1 token in 10 were the random model's choices uniform), so response
+    # lengths vary, groups finish in different rounds and steps end with unfinished samples in the rollout buffer
+    # (what resume must keep)
     stops = [tok.eos_token_id] + list(range(100, 130))
     mc = ModelConfig.from_dict({**tiny().to_dict(), **TINY_MODEL, "vocab_size": tok.vocab_size,
                                 "eos_token_id": stops, "bos_token_id": tok.bos_token_id})
