@@ -2,7 +2,7 @@
 
     generate  setup | generate | chat | info | convert       serve     serve | agent
     quantize  quantize                                       spec      frspec
-    train     train pretrain | sft | qat | draft | draft-data tunnel    tunnel
+    train     train pretrain | sft | rl | qat | draft | ...    tunnel    tunnel
     data      data tokenize | train-classifier | filter | synth | demo-corpus | demo-score | verify
     survey    survey | eval survey
     eval      eval mcp | mcp-cases | mcp-sft-data (the `eval` group lives in eval.py)
@@ -29,7 +29,7 @@ def cli():
 
 @cli.group("train")
 def train_group():
-    """Training: pretraining, SFT, QAT, draft heads."""
+    """Training: pretraining, SFT, RL, QAT, draft heads."""
 
 
 @cli.group("data")

@@ -1,6 +1,6 @@
-"""`minicpm4 train pretrain | sft | qat | draft | draft-data`: thin wrappers over minicpm4.train's one training loop
-(trainer.train with the task's objective) and the draft objective in minicpm4.spec. Every training subcommand reads a
-TrainConfig through --config/--set; the flags of qat and draft are aliases of its keys."""
+"""`minicpm4 train pretrain | sft | rl | qat | draft | draft-data`: thin wrappers over minicpm4.train's one training
+loop (trainer.train with the task's objective) and the draft objective in minicpm4.spec. Every training subcommand
+reads a TrainConfig through --config/--set; the flags of qat and draft are aliases of its keys."""
 
 from __future__ import annotations
 
@@ -68,6 +68,16 @@ def pretrain(config, overrides, resume, stop_after):
 def sft(config, overrides, resume, stop_after):
     """Supervised fine-tuning on chat JSONL (OpenAI messages): loss on assistant tokens, packed documents."""
     _run("sft", config, overrides, resume, stop_after)
+
+
+@click.command()
+@train_options
+def rl(config, overrides, resume, stop_after):
+    """RL on a loadable model (--set model=DIR from `train sft`, a .gguf, or default): GRPO with DAPO's dynamic
+    sampling, clip-higher and token-level loss, dual-clip, per-chunk importance weights and a refreshed KL
+    reference, on chunk-wise rollout through the engine; settings in the [rl] section (e.g. --set rl.chunk_tokens=256;
+    rl.chunk_tokens = rl.max_len is vanilla rollout). Prompts: arithmetic word problems, math reward."""
+    _run("rl", config, overrides, resume, stop_after)
 
 
 @click.command("qat")
@@ -165,5 +175,5 @@ def draft_data(model_path, data, out_path, count, prompt_len, new_tokens, batch_
 
 def register(cli: click.Group) -> None:
     group = cli.commands["train"]
-    for command in (pretrain, sft, qat, draft, draft_data):
+    for command in (pretrain, sft, rl, qat, draft, draft_data):
         group.add_command(command)

@@ -126,7 +126,9 @@ def check_compatible(ckpt: Path, saved: ModelConfig, current: ModelConfig, saved
     fixed = {"task": None, "seq_len": None, "batch_size": None, "steps": None, "seed": None, "mup": None,
              "mtp_depth": 0}  # value of a key missing from an older checkpoint's config
     fixed.update({"qat": {"qat.mode": None, "qat.group_size": None},
-                  "draft": {"draft.max_windows": None}}.get(run.get("task"), {}))
+                  "draft": {"draft.max_windows": None},
+                  "rl": {"rl.group_size": None, "rl.max_active": None, "rl.task": None,
+                         "rl.task_max_steps": None}}.get(run.get("task"), {}))
     saved_run, run = _flat(saved_run), _flat(run)
     diff = [f"{k} ({saved_run.get(k, d)!r} -> {run.get(k, d)!r})" for k, d in fixed.items()
             if saved_run.get(k, d) != run.get(k, d)]
@@ -139,6 +141,6 @@ def _flat(run: dict) -> dict:
     """A run config with its sections' keys as `section.key`."""
     out = dict(run)
     for k, v in run.items():
-        if isinstance(v, dict) and k in ("qat", "draft"):
+        if isinstance(v, dict) and k in ("qat", "draft", "rl"):
             out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
     return out

@@ -21,15 +21,16 @@ An objective says what trains, on what, towards what:
                             (n: the global counts), and detached sums [j] for the metrics
     metrics(sums, n)        {"loss": ..., ...} from the global batch's sums and counts
     evaluate(step)          held-out metrics, every cfg.eval_every steps and at step 0 ({} when there is none)
-    state_dict / load_state_dict   where the data stands (and whatever else must resume exactly)
+    state_dict / load_state_dict   where the data stands (and whatever else must resume exactly); state_dict runs
+                            on every process at each checkpoint (rank 0 writes it), so it may gather per-process state
     split_state(state)      (the model directory's tensors, tensors kept in state.pt instead), from the model's
                             full state dict
     save_model(dir, state)  write the checkpoint's model directory
     load_model(state, extra)  the inverse of both, on resume
     finish()                what the run produces once every step is done (an exported model), or None
 
-Pretraining and SFT (language_modeling.py), QAT (qat.py) and EAGLE draft training (spec/draft_training.py) are
-objectives; trainer.objective_for builds the ones of this package from a TrainConfig.
+Pretraining and SFT (language_modeling.py), QAT (qat.py), RL (rl/objective.py) and EAGLE draft training
+(spec/draft_training.py) are objectives; trainer.objective_for builds the ones of this package from a TrainConfig.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from minicpm4.errors import ConfigError
 from minicpm4.train.length_buckets import check_bounds
 
 DECAY_SHAPES = ("exponential", "linear", "cosine")
-TASKS = ("pretrain", "sft", "qat", "draft")
+TASKS = ("pretrain", "sft", "qat", "draft", "rl")
 QAT_MODES = ("ternary", "int4", "float")
 
 
@@ -48,7 +48,34 @@ class DraftOptions:
     target_dtype: str = "bf16"  # the frozen target's dtype (the draft trains in fp32)
 
 
-SECTIONS = {"qat": QATOptions, "draft": DraftOptions}
+@dataclass
+class RLOptions:
+    """The `rl` section: GRPO with chunk-wise rollout (train/rl/objective.py). batch_size counts samples (groups of
+    group_size responses), so batch_size / group_size prompts are trained per step."""
+    group_size: int = 8  # G responses per prompt (the paper: 16)
+    chunk_tokens: int = 256  # tokens each unfinished sample generates per rollout round; = max_len: vanilla rollout
+    max_len: int = 512  # response tokens; a sample reaching it is truncated (overlong filtering drops it)
+    max_active: int = 0  # samples decoded per round (engine slots); 0 = this process's batch (batch_size / world)
+    task: str = "chain"  # the prompt source: chain (train/rl/chain_tasks.py arithmetic word problems)
+    task_max_steps: int = 32  # chain: most operations per problem (power-law distributed, see chain_tasks.py)
+    reward: str = "math"  # math: math_reward of the final boxed answer against the task's (0 if malformed)
+    chat_template: bool = True  # wrap each prompt in the tokenizer's chat template (else the bare question)
+    eps_low: float = 0.2  # the clip range [1 - eps_low, 1 + eps_high] (clip-higher: eps_low < eps_high)
+    eps_high: float = 0.28
+    dual_clip_c: float = 3.0  # dual-clip constant (> 1); 0 = off
+    kl_coef: float = 0.001  # beta of the k3 KL to the reference; 0 = no reference model
+    ref_refresh: int = 0  # copy the policy into the KL reference every N steps; 0 = a fixed reference
+    token_level: bool = True  # DAPO token-level averaging (else GRPO's per-sample means)
+    chunk_importance: bool = True  # ratio against the log-prob of the chunk's sampling policy (else the step's)
+    std_normalize: bool = True  # GRPO advantages divided by the group's std (False: Dr. GRPO)
+    overlong_filter: bool = True
+    garble_filter: bool = True
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal and roll out more to refill
+    max_draws: int = 8  # rollout rounds per step at most before topping the batch up with dropped groups
+    eval_prompts: int = 16  # held-out prompts per evaluation (greedy, one response each; reward mean)
+
+
+SECTIONS = {"qat": QATOptions, "draft": DraftOptions, "rl": RLOptions}
 
 
 @dataclass
@@ -100,6 +127,7 @@ class TrainConfig:
     longrope_from: int = 0  # > 0: LongRoPE factors stretching this trained length to max_position_embeddings
     qat: QATOptions = field(default_factory=QATOptions)
     draft: DraftOptions = field(default_factory=DraftOptions)
+    rl: RLOptions = field(default_factory=RLOptions)
 
     def __post_init__(self) -> None:
         for name, kind in SECTIONS.items():
@@ -261,6 +289,10 @@ def task_defaults(d: dict[str, Any]) -> dict[str, Any]:
                 "decay_steps": max(0, steps - warmup) if isinstance(steps, int) and isinstance(warmup, int) else 0,
                 "decay_shape": "cosine", "weight_decay": 0.0, "seq_len": 256, "batch_size": 4,
                 "micro_batch_size": d.get("batch_size", 4), "dtype": "fp32", "save_every": 50, "print_every": 10}
+    if task == "rl":  # the paper's constant lr 1e-5 (muP); fp32 so the learner's log-probs match the engine's
+        return {"model": "default", "out_dir": "runs/out/rl", "steps": 100, "lr": 1e-5, "warmup_steps": 0,
+                "decay_steps": 0, "weight_decay": 0.0, "batch_size": 16, "micro_batch_size": 4, "dtype": "fp32",
+                "fused_loss": False, "save_every": 10, "print_every": 1}
     return {}
 
 
@@ -288,6 +320,40 @@ def _check_sections(cfg: TrainConfig) -> None:
                           f"{dr.ce_weight}")
     if dr.target_dtype not in ("bf16", "fp32", "fp16"):
         raise ConfigError(f"draft.target_dtype must be bf16, fp32 or fp16, got {dr.target_dtype!r}")
+    _check_rl(cfg)
+
+
+RL_TASKS = ("chain",)
+RL_REWARDS = ("math",)
+
+
+def _check_rl(cfg: TrainConfig) -> None:
+    r = cfg.rl
+    for name in ("group_size", "chunk_tokens", "max_len", "task_max_steps", "max_draws", "eval_prompts"):
+        if getattr(r, name) <= 0:
+            raise ConfigError(f"rl.{name} must be positive, got {getattr(r, name)}")
+    for name in ("max_active", "ref_refresh", "kl_coef"):
+        if getattr(r, name) < 0:
+            raise ConfigError(f"rl.{name} must be >= 0, got {getattr(r, name)}")
+    if r.group_size < 2:
+        raise ConfigError(f"rl.group_size must be >= 2 (GRPO compares responses within a group), got {r.group_size}")
+    if not (0 <= r.eps_low < 1 and r.eps_high >= 0):
+        raise ConfigError(f"rl.eps_low must be in [0, 1) and rl.eps_high >= 0, got {r.eps_low}, {r.eps_high}")
+    if r.dual_clip_c != 0 and r.dual_clip_c <= 1:
+        raise ConfigError(f"rl.dual_clip_c must be > 1 (or 0: off), got {r.dual_clip_c}")
+    if r.task not in RL_TASKS:
+        raise ConfigError(f"rl.task must be one of {', '.join(RL_TASKS)}, got {r.task!r}")
+    if r.reward not in RL_REWARDS:
+        raise ConfigError(f"rl.reward must be one of {', '.join(RL_REWARDS)}, got {r.reward!r}")
+    if cfg.task != "rl":
+        return
+    if cfg.batch_size % r.group_size:
+        raise ConfigError(f"batch_size ({cfg.batch_size}, samples per step) must be a multiple of rl.group_size "
+                          f"({r.group_size})")
+    if cfg.parallel != "ddp":
+        raise ConfigError("task rl needs parallel=ddp: the engine rolls out on the whole (unsharded) model")
+    if cfg.mtp_depth:
+        raise ConfigError("task rl trains no multi-token-prediction heads: set mtp_depth=0")
 
 
 def _check_extras(cfg: TrainConfig) -> None:

@@ -1,4 +1,4 @@
-"""The one training loop: `train(config)` runs pretraining, SFT, QAT and EAGLE draft training alike, each an
+"""The one training loop: `train(config)` runs pretraining, SFT, QAT, RL and EAGLE draft training, each an
 Objective (objective.py) that says what trains on which batches towards which loss; the CLI is a thin wrapper.
 
 One optimizer step: the objective's global batch (over all processes) is split into cfg.accumulation(world)
@@ -32,6 +32,7 @@ from minicpm4.train.language_modeling import LanguageModeling
 from minicpm4.train.metrics import MetricsLog, progress_bar
 from minicpm4.train.objective import Objective
 from minicpm4.train.qat import QAT
+from minicpm4.train.rl.objective import RL
 from minicpm4.train.schedule import wsd_factor
 from minicpm4.train.train_config import TrainConfig
 
@@ -64,7 +65,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
           objective: Objective | None = None) -> dict:
     """Run (or continue, with `resume` = a checkpoint or the run directory) until cfg.steps, or `stop_after`
     total steps. on_step(metrics record) -> True stops the run there, as a signal would (early stopping).
-    objective: default objective_for(cfg) (pretrain, sft, qat; draft: spec.draft_training.train_draft).
+    objective: default objective_for(cfg) (pretrain, sft, qat, rl; draft: spec.draft_training.train_draft).
     Returns {"step", "loss", "checkpoint", "interrupted", "output" (what the objective's finish() returned once
     every step is done)}."""
     rank, world, device, created = pg.init_process_group()
@@ -120,9 +121,10 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step, objective
     def save(step: int) -> Path | None:
         path = None
         model_state, opt_state = pg.full_states(model, opt)  # every rank: a collective under FSDP
+        data = objective.state_dict()  # every rank: an objective may gather per-process state (rl's rollouts)
         if rank == 0:
             files, extra = objective.split_state(model_state)
-            state = {"optimizer": opt_state, "optimizer_layout": layout, "data": objective.state_dict(),
+            state = {"optimizer": opt_state, "optimizer_layout": layout, "data": data,
                      "rng": rng_state(), "config": cfg.to_dict(), "mtp": extra}
             path = save_checkpoint(out, step, files, lambda d: objective.save_model(d, files), state,
                                    cfg.keep_checkpoints)
@@ -185,6 +187,8 @@ def objective_for(cfg: TrainConfig, rank: int = 0, world: int = 1,
         return LanguageModeling.from_config(cfg, rank, world)
     if cfg.task == "qat":
         return QAT.from_config(cfg, rank, world, log=log)
+    if cfg.task == "rl":
+        return RL.from_config(cfg, rank, world)
     raise ConfigError(f"task {cfg.task!r} has no objective in minicpm4.train (draft: minicpm4.spec.draft_training, "
                       "`minicpm4 train draft`)")
 

@@ -80,11 +80,12 @@ def from_groups(groups: Sequence[Group], decode: Callable[[list[int]], str] | No
 
 
 def batch_loss(model: torch.nn.Module, batch: RLBatch, settings: LossSettings = LossSettings(), *,
-               ref_logp: torch.Tensor | None = None, prox_logp: torch.Tensor | None = None,
+               ref_logp: torch.Tensor | None = None, prox_logp: torch.Tensor | None = None, rows_per_pass: int = 8,
                ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The policy loss of `batch` under `model` (with grad): loss.policy_loss on token_logprobs."""
+    """The policy loss of `batch` under `model` (with grad): loss.policy_loss on token_logprobs, `rows_per_pass`
+    rows per forward (a DDP-wrapped model needs one forward per backward: rows_per_pass >= B)."""
     if batch.advantages is None:
         raise ValueError("the batch has no advantages (build it with from_groups)")
-    logp = token_logprobs(model, batch.input_ids)  # [B, L-1]
+    logp = token_logprobs(model, batch.input_ids, rows_per_pass)  # [B, L-1]
     return policy_loss(logp, batch.behavior_logp, batch.advantages, batch.mask, settings, prox_logp=prox_logp,
                        ref_logp=ref_logp, truncated=batch.truncated, garbled=batch.garbled)
