@@ -92,7 +92,7 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step, objective
         raise ConfigError(f"{out} already holds checkpoints: continue with --resume {out}, or use another out_dir")
     if rank == 0:
         guards.remove_stale_tmp(out / "checkpoints")  # left by a run killed mid-save
-    start, ckpt_state = 0, None
+    start, ckpt_state, ckpt = 0, None, None
     if resume is not None:
         ckpt, saved_mc, state, ckpt_state = load_checkpoint(resume)
         check_compatible(ckpt, saved_mc, objective.config, ckpt_state.get("config", {}), cfg.to_dict())
@@ -141,7 +141,8 @@ def _train(cfg, rank, world, device, resume, stop_after, log, on_step, objective
             log(f"step {n}/{cfg.steps}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in rec.items()
                                                      if k not in ("step", "tokens", "tok_per_s")))
 
-    result = {"step": start, "loss": None, "checkpoint": None, "interrupted": False, "output": None}
+    # "checkpoint": the run's newest, so a run resumed at its last step still names the one it stands on
+    result = {"step": start, "loss": None, "checkpoint": ckpt, "interrupted": False, "output": None}
     if start == 0 and cfg.eval_every:
         held_out = objective.evaluate(0)  # before any step: the starting point of the held-out curve
         if held_out:
