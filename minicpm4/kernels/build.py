@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -67,6 +68,25 @@ def _build_dir(name: str, source: bytes, flags: list[str]) -> Path:
     return cache_root() / f"{name}-{key}"
 
 
+STALE_LOCK_S = 600  # a build takes a minute or two; a lock this old belongs to a build that was killed
+
+
+def remove_stale_lock(build: Path) -> bool:
+    """torch's cpp_extension marks a build in progress by the file `lock` in its directory and waits, forever, for
+    it to go away; a build killed mid-way (Ctrl-C, kill -9) leaves it behind. Remove it once it is older than any
+    build takes; returns whether it did."""
+    lock = build / "lock"
+    try:
+        stale = time.time() - lock.stat().st_mtime > STALE_LOCK_S
+    except FileNotFoundError:
+        return False
+    if stale:
+        warnings.warn(f"minicpm4: removing {lock}, left by a kernel build that did not finish", RuntimeWarning,
+                      stacklevel=2)
+        lock.unlink(missing_ok=True)
+    return stale
+
+
 def extension(name: str) -> ModuleType | None:
     """The compiled module of minicpm4/kernels/csrc/<name>.cpp, or None (with one warning) where it cannot be built.
     MINICPM4_NATIVE=0 is read at every call, so it can be switched off after a build."""
@@ -96,6 +116,7 @@ def _build(name: str) -> ModuleType | None:
     source += b"".join((CSRC / h).read_bytes() for h in re.findall(r'^#include "(\w+\.h)"', source.decode(), re.M))
     build = _build_dir(name, source, flags)
     build.mkdir(parents=True, exist_ok=True)
+    remove_stale_lock(build)
     from torch.utils import cpp_extension
     try:
         return cpp_extension.load(name=f"minicpm4_{name}", sources=[str(src)], extra_cflags=flags,

@@ -26,3 +26,21 @@ def test_cpu_flags_name_the_instruction_sets():
         pytest.skip("no /proc/cpuinfo on this system")
     assert flags and all(f == f.strip() and f for f in flags)
     assert ("sse2" in flags) or ("asimd" in flags) or ("fp" in flags), sorted(flags)[:20]  # x86-64 or aarch64
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
+    import os
+    import time
+    import warnings
+
+    from minicpm4.kernels.build import STALE_LOCK_S, remove_stale_lock
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not remove_stale_lock(tmp_path) and lock.exists()  # a build in progress: wait for it
+    old = time.time() - STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert remove_stale_lock(tmp_path)
+    assert not lock.exists() and "did not finish" in str(caught[0].message)
+    assert not remove_stale_lock(tmp_path)  # nothing there
