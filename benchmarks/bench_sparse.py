@@ -11,7 +11,7 @@ dense_len = -1 (always sparse).
            dense: SDPA with the G query heads of a KV head folded into query rows (faster than enable_gqa,
            which copies k and v G times), as the model's dense decode runs it. sparse: infllmv2_attention
            given cached compressed keys (compressed=(C1, C2)), as the model's KVCache.compressed provides them:
-           the C++ step (csrc/sparse_attention.cpp). `torch` is the same call with MINICPM4_NATIVE=0, the
+           the C++ step (csrc/sparse_attention.h). `torch` is the same call with MINICPM4_NATIVE=0, the
            pure-PyTorch reference (sparse_decode.select_one + attend_one), timed in the same rounds.
 
 Data: random q, k, v (iid normal), the worst case for the PyTorch reference's prefill: its stage 2 attends a chunk

@@ -22,6 +22,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=__import__("minicpm4.kernels.isa", fromlist=["supported"]).supported())
+def tier(request, monkeypatch) -> str:
+    """Each instruction-set tier of the native kernels this CPU runs (minicpm4/kernels/isa.py), forced through
+    MINICPM4_ISA for the test; the test id names the tier. Skips where the kernels cannot be built."""
+    from minicpm4 import kernels
+    monkeypatch.setenv("MINICPM4_ISA", request.param)
+    if kernels.native() is None:
+        pytest.skip("the native kernels could not be built here (no C++ compiler or ninja; see the warning)")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def smollm_gguf() -> Path:
     """Path to SmolLM2-135M-Instruct.Q4_1.gguf; MINICPM4_TEST_GGUF overrides the default model cache."""

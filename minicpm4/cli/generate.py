@@ -16,8 +16,8 @@ def setup():
     from minicpm4 import kernels
     from minicpm4.io.loader import default_model_dir
     click.echo(default_model_dir())
-    for name, ext in kernels.EXTENSIONS.items():
-        click.echo(f"native {name} kernels: {'built' if ext() else 'unavailable (PyTorch path)'}")
+    ext = kernels.native()
+    click.echo(f"native kernels ({kernels.isa.selected()}): {'built' if ext else 'unavailable (PyTorch path)'}")
 
 
 @click.command()
@@ -91,11 +91,21 @@ def _reply(llm, ids, params, stop) -> str:
 
 
 @click.command()
-@click.argument("model_path")
+@click.argument("model_path", required=False)
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--int4", is_flag=True, help="Load a GGUF's Q4_1 layer weights 4-bit.")
-def info(model_path, dtype, int4):
-    """Print shapes, parameter count, dtype and memory of MODEL_PATH."""
+@click.option("--system", is_flag=True, help="Print the CPU, its features, the kernel tiers it runs (MINICPM4_ISA "
+              "forces a lower one) and the code path of each native op (builds the kernels if needed).")
+def info(model_path, dtype, int4, system):
+    """Print shapes, parameter count, dtype and memory of MODEL_PATH; with --system, the CPU and the kernels."""
+    if system:
+        from minicpm4 import kernels
+        for line in kernels.isa.report(kernels.native()):
+            click.echo(line)
+        if model_path is None:
+            return
+    if model_path is None:
+        raise click.UsageError("MODEL_PATH is required (or --system)")
     from minicpm4.io.loader import load
     from minicpm4.quant.int4 import Int4Linear
     from minicpm4.quant.int8 import Int8Linear

@@ -1,49 +1,31 @@
-"""Native CPU kernels: C++ sources in csrc/, compiled on first use by build.py (cached; None where no compiler).
+"""Native CPU kernels: C++ in csrc/, compiled on first use for this CPU's instruction-set tier (isa.py, build.py;
+cached; None where no compiler).
 
-One function per extension, so no caller spells an extension's name:
+    native()   the module of csrc/ops.cpp for the selected tier (MINICPM4_ISA forces a lower one):
+               int4_mm / int8_mm       weight-only int4 / int8 products (csrc/int4_gemm.h, int8_gemm.h)
+               ternary_gemv / _unpack  ternary products on bit planes (csrc/ternary_gemv.h)
+               sparse_decode / _prefill  InfLLM v2 decode step and prefill chunk (csrc/sparse_attention.h)
+               DecodeStack             the decode step's whole layer stack in one call (csrc/decode_stack.h)
 
-    qgemm()             int4 / int8 weight-only GEMM for few rows (csrc/int4_gemm.h, int8_gemm.h)
-    ternary()           ternary GEMV on bit planes (csrc/ternary_gemv.h)
-    sparse_attention()  InfLLM v2 decode step and prefill chunk (csrc/sparse_attention.h)
-    decode()            the decode step's whole layer stack in one call (csrc/decode.cpp)
-
-Each returns the loaded module, or None: the caller then runs its pure-PyTorch reference, which lives next to the
-caller (quant/, sparse/, model/native_stack.py) and which the tests hold each kernel to.
+It returns the loaded module, or None: the caller then runs its pure-PyTorch reference, which lives next to the
+caller (quant/, sparse/, model/native_stack.py) and which the tests hold each tier's kernels to.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
-from types import ModuleType
 
-from minicpm4.kernels.build import cpu_flags, extension
+from minicpm4.kernels import isa
+from minicpm4.kernels.build import native
+from minicpm4.kernels.isa import cpu_flags
 
-__all__ = ["LayerKind", "cpu_flags", "extension", "qgemm", "ternary", "sparse_attention", "decode", "EXTENSIONS"]
+__all__ = ["LayerKind", "cpu_flags", "isa", "native"]
 
 
 class LayerKind(IntEnum):
     """Weight layout of a linear layer in the C++ decode stack; the same values as csrc/layer_kind.h's enum
-    (the `decode` extension exports its own as LAYER_KINDS, and a test checks the two agree)."""
+    (the module exports its own as LAYER_KINDS, and a test checks the two agree)."""
     BF16 = 0     # dense bf16 weight [N, K]
     INT4 = 1     # torch's int4pack CPU layout + scales_and_zeros (Int4Linear)
     INT8 = 2     # int8 rows + per-row scales (Int8Linear)
     TERNARY = 3  # 2 bit planes + 8-bit group scales + a row scale (TernaryLinear)
-
-
-def qgemm() -> ModuleType | None:
-    return extension("qgemm")
-
-
-def ternary() -> ModuleType | None:
-    return extension("ternary")
-
-
-def sparse_attention() -> ModuleType | None:
-    return extension("sparse_attention")
-
-
-def decode() -> ModuleType | None:
-    return extension("decode")
-
-
-EXTENSIONS = {"decode": decode, "qgemm": qgemm, "ternary": ternary, "sparse_attention": sparse_attention}

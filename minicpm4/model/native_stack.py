@@ -1,4 +1,4 @@
-"""The decode step's layer stack in C++ (csrc/decode.cpp), for fused bf16 models on CPU.
+"""The decode step's layer stack in C++ (csrc/decode_stack.h), for fused bf16 models on CPU.
 
 A batch-1 decode step of a small model is bound by per-op overhead: the Python layers issue ~25 torch calls per
 layer. `NativeDecoder` hands the whole stack to one C++ call that runs 4 matmuls, 1 attention call and 4 fused
@@ -35,7 +35,7 @@ _EMPTY = torch.empty(0)
 
 
 def _linear_args(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None:
-    """(weight, scales, second scales, kind, group) for csrc/decode.cpp's Linear, or None for a layer it cannot
+    """(weight, scales, second scales, kind, group) for csrc/decode_stack.h's Linear, or None for a layer it cannot
     run. Ternary layers run csrc/ternary_gemv.h, the kernel TernaryLinear itself calls."""
     if isinstance(m, Int4Linear):
         return m.qweight, m.scales_and_zeros, _EMPTY, LayerKind.INT4, m.group_size
@@ -70,7 +70,7 @@ class NativeDecoder:
         attn0 = layers[0].self_attn
         if attn0.qkv_proj is None or cfg.head_dim % 2:
             return None
-        ext = kernels.decode()
+        ext = kernels.native()
         if ext is None:
             return None
         stack = ext.DecodeStack(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,

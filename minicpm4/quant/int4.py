@@ -8,7 +8,7 @@ GGUF Q4_1 stores, per 32 weights, an fp16 scale d and minimum m with w = d * q +
 exactly with scale = d and zero = m + 8d; the one loss is holding scale and zero in bf16 (the kernel's dtype).
 Decode reads 4.5 bits per weight instead of bf16's 16, which is what bounds decode speed on CPU.
 
-The product runs csrc/int4_gemm.h (through csrc/qgemm.cpp): for up to 16 activation rows (decode steps, draft-tree
+The product runs csrc/int4_gemm.h (bound in csrc/ops.cpp): for up to 16 activation rows (decode steps, draft-tree
 verification) a kernel that unpacks each weight once for all rows (~2x torch's kernel at one row), for more rows
 (prefill) blocks of the weight dequantized to bf16 and a bf16 GEMM; torch's _weight_int4pack_mm_for_cpu without a
 compiler. The pure-PyTorch reference is the formula above applied to the unpacked values
@@ -83,7 +83,7 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)
-        ext = kernels.qgemm()
+        ext = kernels.native()
         mm = ext.int4_mm if ext is not None else torch.ops.aten._weight_int4pack_mm_for_cpu
         y = mm(x2, self.qweight, self.group_size, self.scales_and_zeros)
         y = y.view(*x.shape[:-1], self.out_features)

@@ -55,7 +55,7 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)
-        ext = kernels.qgemm()
+        ext = kernels.native()
         mm = ext.int8_mm if ext is not None else torch.ops.aten._weight_int8pack_mm
         y = mm(x2, self.qweight, self.scales)
         y = y.view(*x.shape[:-1], self.out_features)

@@ -12,7 +12,7 @@ so w[n, k] = dscale[n] * qscale[n, k // 32] * c[n, k]. The 8-bit group scale is 
 `quant.dequantize` (relative error <= 1 / (2 * qscale), i.e. <= 0.2% for groups within 2.5x of the row's
 largest scale); it brings the layer to 0.14x the bytes of bf16 instead of the 0.16x a bf16 scale would cost.
 
-Decode (a few rows of x) runs csrc/ternary.cpp's gemv: per group it takes the signed sum of the activations
+Decode (a few rows of x) runs csrc/ternary_gemv.h's gemv: per group it takes the signed sum of the activations
 under the +1 / -1 codes (one bf16 dot product against codes expanded to {-1, 0, 1}, or masked fp32 adds and
 subtracts) and scales it once, reading 1/7 of bf16's bytes (benchmarks/bench_quant.py measures it against bf16).
 Prefill unpacks blocks of rows to bf16 (csrc unpack) and multiplies them with torch's bf16 GEMM. Without a
@@ -121,21 +121,21 @@ class TernaryLinear(nn.Module):
         return (x.to(dtype) @ self.dequantize().to(dtype).T).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ext = kernels.ternary()
+        ext = kernels.native()
         if ext is None:
             return self.forward_reference(x)
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype not in (torch.bfloat16, torch.float32):
             x2 = x2.to(torch.bfloat16)
         if x2.shape[0] <= GEMV_MAX_ROWS:
-            y = ext.gemv(x2, self.planes, self.qscale, self.dscale)
+            y = ext.ternary_gemv(x2, self.planes, self.qscale, self.dscale)
         else:  # prefill: bf16 GEMM on unpacked blocks of rows, never the whole float weight at once
             xb = x2.to(torch.bfloat16)
             rows = max(64, UNPACK_BYTES // (2 * self.in_features))
             y = torch.empty(x2.shape[0], self.out_features, dtype=torch.bfloat16)
             for n0 in range(0, self.out_features, rows):
                 n1 = min(n0 + rows, self.out_features)
-                y[:, n0:n1] = xb @ ext.unpack(self.planes, self.qscale, self.dscale, n0, n1).T
+                y[:, n0:n1] = xb @ ext.ternary_unpack(self.planes, self.qscale, self.dscale, n0, n1).T
         y = y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 

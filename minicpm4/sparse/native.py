@@ -1,4 +1,4 @@
-"""InfLLM v2 in C++ (csrc/sparse_attention.cpp / .h), bf16 on CPU: the Python face of the native kernels.
+"""InfLLM v2 in C++ (csrc/sparse_attention.h), bf16 on CPU: the Python face of the native kernels.
 
     native_step    one query per row (a decode step): selection + attention for every (row, KV head) in one call;
                    reference: sparse_decode.select_one + attend_one.
@@ -24,7 +24,7 @@ def _ext(q: torch.Tensor, tensors: tuple[torch.Tensor, ...], kvh: int):
     if (any(x.dtype != torch.bfloat16 or x.device.type != "cpu" for x in tensors) or h % kvh or h // kvh > 16
             or d > 256 or torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
         return None
-    return kernels.sparse_attention()
+    return kernels.native()
 
 
 def _args(cfg: SparseConfig, k_sel: int) -> tuple[int, ...]:
@@ -43,7 +43,7 @@ def native_step(q: torch.Tensor, qs: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if ext is None:
         return None
     bsz, h, _, d = q.shape
-    out, _ = ext.decode(q.reshape(bsz, h, d).contiguous(), qs.reshape(bsz, h, d).contiguous(),
+    out, _ = ext.sparse_decode(q.reshape(bsz, h, d).contiguous(), qs.reshape(bsz, h, d).contiguous(),
                         *_last_dim_contiguous(k, v, c1, c2), t, *_args(cfg, k_sel))
     return out.view(bsz, h, 1, d)
 
@@ -55,5 +55,5 @@ def native_chunk(q: torch.Tensor, qs: torch.Tensor, k: torch.Tensor, v: torch.Te
     ext = _ext(q, (q, qs, k, v, c1, c2), k.shape[1])
     if ext is None:
         return None
-    out, _ = ext.prefill(*_last_dim_contiguous(q, qs, k, v, c1, c2), positions, *_args(cfg, k_sel), False)
+    out, _ = ext.sparse_prefill(*_last_dim_contiguous(q, qs, k, v, c1, c2), positions, *_args(cfg, k_sel), False)
     return out

@@ -1,4 +1,4 @@
-"""The C++ decode stack (model/native_stack.py, csrc/decode.cpp) against the Python layers of model/decoder.py.
+"""The C++ decode stack (model/native_stack.py, csrc/decode_stack.h) against the Python layers of model/decoder.py.
 
 Both run bf16 with fp32 math inside norms, rotary and softmax, but attention and the quantized products sum in
 different orders (our kernels against SDPA and torch's), so they are not bit-identical. The honest comparison is against the truth both approximate:

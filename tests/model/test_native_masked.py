@@ -1,4 +1,4 @@
-"""The C++ stack (csrc/decode.cpp) for T > 1 tokens with explicit slots and a mask: tree verification
+"""The C++ stack (csrc/decode_stack.h) for T > 1 tokens with explicit slots and a mask: tree verification
 (MiniCPM4ForCausalLM.forward_masked) and the EAGLE draft layer, against the Python layers of model/decoder.py.
 
 As in test_native.py, bf16 paths are compared with the fp32 model they both approximate: the native path must be

@@ -56,7 +56,7 @@ def test_kernel_equals_reference_within_bf16_scale_rounding(q4_1_tensors):
 def test_our_kernel_runs_and_a_row_never_depends_on_its_neighbours(q4_1_tensors):
     """Speculative verification runs 12 rows where plain decode runs 1: each row's result must be bitwise what it
     is alone, or greedy outputs could differ. Also: the kernel is really taken for <= 16 rows on this CPU."""
-    ext = kernels.qgemm()
+    ext = kernels.native()
     assert ext is not None and ext.has_kernels()
     g = torch.Generator().manual_seed(1)
     for t in q4_1_tensors:
@@ -76,7 +76,7 @@ def test_a_part_block_of_rows_goes_to_torchs_kernel(q4_1_tensors):
     raw = np.array(q4_1_tensors[0].data)[:96]
     layer, head, tail = (Int4Linear.from_q4_1(r) for r in (raw, raw[:64], raw[64:]))
     x = torch.randn(3, layer.in_features).to(torch.bfloat16)
-    ext = kernels.qgemm()
+    ext = kernels.native()
     assert ext.int4_supported(x, head.qweight, head.group_size, head.scales_and_zeros)
     assert not ext.int4_supported(x, tail.qweight, tail.group_size, tail.scales_and_zeros)
     got = layer(x)

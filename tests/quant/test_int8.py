@@ -44,7 +44,7 @@ def test_kernel_equals_reference():
 def test_our_kernel_runs_and_a_row_never_depends_on_its_neighbours():
     """Each row bitwise what it is alone (speculative verification must round like a decode step); shapes our
     kernel does not take (K not a multiple of 32) give torch's result."""
-    ext = kernels.qgemm()
+    ext = kernels.native()
     assert ext is not None and ext.has_kernels()
     g = torch.Generator().manual_seed(2)
     layer = Int8Linear.from_float(torch.randn(298, 160, generator=g))  # 74 blocks of 4 rows and 2 more

@@ -50,7 +50,7 @@ def test_layer_holds_the_quantizer_codes_with_8_bit_group_scales():
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 37])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernel_equals_reference(rows, dtype):
-    ext = kernels.ternary()
+    ext = kernels.native()
     assert ext is not None, "the ternary kernel did not build (needs a C++ compiler and ninja)"
     layer = TernaryLinear.from_float(weights(203, 320, seed=rows))  # 203 rows: the 4-row blocks leave a tail
     g = torch.Generator().manual_seed(rows)
@@ -94,7 +94,7 @@ def test_loader_falls_back_to_reference_when_disabled(monkeypatch):
     monkeypatch.setenv("MINICPM4_NATIVE", "0")
     build._build.cache_clear()
     try:
-        assert kernels.ternary() is None
+        assert kernels.native() is None
         assert torch.allclose(layer(x), fast, rtol=1e-5, atol=1e-6)
     finally:
         build._build.cache_clear()
@@ -106,8 +106,8 @@ def test_loader_warns_once_without_a_compiler(monkeypatch):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert kernels.ternary() is None
-            assert kernels.ternary() is None
+            assert kernels.native() is None
+            assert kernels.native() is None
         assert len(caught) == 1 and "C++ compiler" in str(caught[0].message)
     finally:
         build._build.cache_clear()

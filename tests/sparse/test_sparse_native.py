@@ -24,7 +24,7 @@ PAPER = dict(kernel_size=32, kernel_stride=16, block_size=64, window_size=256, i
 
 @pytest.fixture(scope="module")
 def ext():
-    ext = kernels.sparse_attention()
+    ext = kernels.native()
     assert ext is not None, "the C++ sparse kernel did not build (needs a C++ compiler and ninja)"
     return ext
 
@@ -44,7 +44,7 @@ def _both(ext, q, qs, k, v, t, cfg):
     idx_ref = select_one(qs, t, c1, c2, cfg, k_sel)
     out_ref = attend_one(q, k, v, t, idx_ref, cfg.block_size)
     bsz, h, _, d = q.shape
-    out, idx = ext.decode(q.reshape(bsz, h, d).contiguous(), qs.reshape(bsz, h, d).contiguous(), k, v, c1, c2, t,
+    out, idx = ext.sparse_decode(q.reshape(bsz, h, d).contiguous(), qs.reshape(bsz, h, d).contiguous(), k, v, c1, c2, t,
                           cfg.kernel_size, cfg.kernel_stride, cfg.block_size, cfg.init_blocks, cfg.local_blocks, k_sel)
     return (out.view_as(out_ref), idx), (out_ref, idx_ref)
 
@@ -165,7 +165,7 @@ def test_native_chunk_equals_the_chunked_reference(ext, h, kvh, d, cfg, monkeypa
     conf = SparseConfig(**cfg)
     c1, c2 = (pad_kernels(c) for c in compress_both(k, conf))
     k_sel = conf.n_select(-(-s // conf.block_size))
-    _, idx = ext.prefill(q, q, k, v, c1, c2, positions, conf.kernel_size, conf.kernel_stride, conf.block_size,
+    _, idx = ext.sparse_prefill(q, q, k, v, c1, c2, positions, conf.kernel_size, conf.kernel_stride, conf.block_size,
                          conf.init_blocks, conf.local_blocks, k_sel, True)
     assert torch.equal(idx, select_blocks(q, k, positions, conf, kv_lens=kv_lens).long())
     with torch.no_grad():

@@ -1,5 +1,5 @@
 // Dense attention of a few new tokens per row over the KV cache (decode steps, tree verification, the draft's
-// passes), for csrc/decode.cpp's layer stack.
+// passes), for csrc/decode_stack.h's layer stack.
 //
 // Why not at::scaled_dot_product_attention: its CPU flash kernel is built for blocks of queries; for 1-12 queries
 // it costs far more per call than the arithmetic (a large share of an int4 decode step; see BENCHMARKS.md).

@@ -24,7 +24,7 @@
 // speculative decoding's verification equal to plain decode. The reference is quant/int4.py's formula
 // (tests/quant/test_int4.py).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <type_traits>
@@ -37,6 +37,15 @@
 #endif
 
 namespace int4 {
+
+// The code path int4 products take in this build (minicpm4 info --system prints it).
+inline const char* path() {
+#ifdef MINICPM4_INT4_KERNEL
+  return "avx512_bf16 (vdpbf16ps)";
+#else
+  return "torch (_weight_int4pack_mm_for_cpu)";
+#endif
+}
 
 constexpr int64_t kBlockN = 64;
 constexpr int64_t kMaxRows = 16;  // rows per call the few-row kernel takes; more go to prefill()

@@ -9,7 +9,7 @@
 // not depend on the rows beside it, so verification rounds like a decode step. The reference is
 // Int8Linear.dequantize (tests/quant/test_int8.py).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstdint>
@@ -20,6 +20,14 @@
 #endif
 
 namespace int8 {
+
+inline const char* path() {
+#ifdef MINICPM4_INT8_KERNEL
+  return "avx512_bf16 (vdpbf16ps)";
+#else
+  return "torch (_weight_int8pack_mm)";
+#endif
+}
 
 constexpr int64_t kMaxRows = 16;  // activation rows per call the few-row kernel takes; more go to prefill()
 constexpr int64_t kChunk = 8;     // activation rows per pass over the weights

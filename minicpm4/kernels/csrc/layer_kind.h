@@ -1,5 +1,5 @@
 // Weight layout of a linear layer in the decode stack. minicpm4/kernels/__init__.py's LayerKind has the same
-// values; decode.cpp exports these as LAYER_KINDS and tests/kernels/test_kernels.py checks that both agree.
+// values; ops.cpp exports these as LAYER_KINDS and tests/kernels/test_kernels.py checks that both agree.
 #pragma once
 #include <cstdint>
 

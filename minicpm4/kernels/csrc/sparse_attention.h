@@ -18,7 +18,7 @@
 //   stage 2   o_i = sum_p bf16(softmax_p(q_i . K_p / sqrt(D))) V_p   over the tokens p <= t of those blocks,
 //             read in place from the KV cache (any strides with a contiguous last dim)
 //
-// This header holds the kernel; sparse_attention.cpp exposes it to Python on its own, and decode.cpp's layer
+// This header holds the kernel and its Python face (bound in ops.cpp), and decode_stack.h's layer
 // stack calls it (with the compressed-key upkeep below) when a model runs InfLLM v2.
 //
 // Rounding follows the reference: stage-1 dot products are rounded to bf16 (the reference's bf16 matmul
@@ -30,7 +30,7 @@
 // are 16 keys and each of the G query heads needs one instruction per pair of dimensions; P V interleaves two
 // value rows so lanes are 16 output dimensions. Elsewhere a portable scalar loop computes the same sums.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -48,6 +48,15 @@
 #endif
 
 namespace infllm {
+
+// The code path of the attention loops (dot products, softmax) in this build; dense_attention.h shares them.
+inline const char* path() {
+#ifdef SPARSE_AVX512BF16
+  return "avx512_bf16 (vdpbf16ps)";
+#else
+  return "scalar";
+#endif
+}
 
 using at::BFloat16;
 using at::Tensor;
@@ -464,5 +473,43 @@ struct CacheStep {
     return out;
   }
 };
+
+// The Python faces of decode_into / prefill_into (csrc/ops.cpp binds them as sparse_decode / sparse_prefill).
+// q, qs [B, H, D] bf16 contiguous (stage-2 and stage-1 queries); k, v [B, KVH, S, D] bf16 (contiguous last dim);
+// c1, c2 [B, KVH, N, D] bf16 compressed keys holding at least the kernels complete at t; t [B] int64 positions
+// (row b attends keys [0, t_b]). Returns (out [B, H, D] bf16, idx [B, KVH, k_sel] int64, -1 = empty slot).
+inline std::tuple<Tensor, Tensor> decode_op(Tensor q, Tensor qs, Tensor k, Tensor v, Tensor c1, Tensor c2, Tensor t,
+                                  int64_t kernel_size, int64_t stride, int64_t block, int64_t init_blocks,
+                                  int64_t local_blocks, int64_t k_sel) {
+  for (const Tensor* x : {&q, &qs, &k, &v, &c1, &c2})
+    TORCH_CHECK(x->scalar_type() == at::kBFloat16 && x->stride(-1) == 1,
+                "sparse decode: bf16 tensors with a contiguous last dim");
+  TORCH_CHECK(q.is_contiguous() && qs.is_contiguous() && q.dim() == 3 && k.dim() == 4, "sparse decode: q [B, H, D]");
+  t = t.to(at::kLong).contiguous();
+  Tensor out = at::empty_like(q);
+  Tensor idx = at::empty({q.size(0), k.size(1), k_sel}, q.options().dtype(at::kLong));
+  const Params P{kernel_size, stride, block, init_blocks, local_blocks, k_sel, k_sel};
+  decode_into(q, qs, k, v, c1, c2, t.data_ptr<int64_t>(), P, out.data_ptr<at::BFloat16>(),
+                      idx.data_ptr<int64_t>());
+  return {out, idx};
+}
+
+// q, qs [B, H, T, D] bf16 (contiguous last dim); pos [B, T] positions, clamped to the rows' lengths; k, v, c1,
+// c2 as for decode. Returns (out [B, H, T, D] bf16, idx [B, KVH, T, k_sel] int64 when with_idx, else empty).
+inline std::tuple<Tensor, Tensor> prefill_op(Tensor q, Tensor qs, Tensor k, Tensor v, Tensor c1, Tensor c2, Tensor pos,
+                                   int64_t kernel_size, int64_t stride, int64_t block, int64_t init_blocks,
+                                   int64_t local_blocks, int64_t k_sel, bool with_idx) {
+  for (const Tensor* x : {&q, &qs, &k, &v, &c1, &c2})
+    TORCH_CHECK(x->scalar_type() == at::kBFloat16 && x->stride(-1) == 1,
+                "sparse prefill: bf16 tensors with a contiguous last dim");
+  TORCH_CHECK(q.dim() == 4 && qs.sizes() == q.sizes() && k.dim() == 4, "sparse prefill: q [B, H, T, D]");
+  pos = pos.to(at::kLong).contiguous();
+  Tensor out = at::empty(q.sizes(), q.options());
+  Tensor idx = at::empty({with_idx ? q.size(0) : 0, k.size(1), q.size(2), k_sel}, q.options().dtype(at::kLong));
+  const Params P{kernel_size, stride, block, init_blocks, local_blocks, k_sel, k_sel};
+  prefill_into(q, qs, k, v, c1, c2, pos.data_ptr<int64_t>(), P, out.data_ptr<at::BFloat16>(),
+                       with_idx ? idx.data_ptr<int64_t>() : nullptr);
+  return {out, idx};
+}
 
 }  // namespace infllm

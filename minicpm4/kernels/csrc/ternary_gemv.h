@@ -1,5 +1,5 @@
-// Ternary weight x float activation gemv, shared by csrc/ternary.cpp (TernaryLinear's own calls) and
-// csrc/decode.cpp (the C++ decode stack's ternary layers), so both run the very same kernel.
+// Ternary weight x float activation gemv, shared by TernaryLinear (through ops.cpp) and csrc/decode_stack.h (the
+// C++ decode stack's ternary layers), so both run the very same kernel.
 //
 // Weight layout (per output row n, per group g of 32 input columns k = 32g .. 32g+31):
 //   planes[n, g, 0]  uint32 bit j set <=> code c[n, 32g+j] = +1
@@ -14,7 +14,7 @@
 // once per group with one FMA, products are exact and accumulation is fp32; several weight rows are interleaved
 // so their dependency chains overlap, and each row's codes serve up to 4 activation rows.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
 #include <cstring>
@@ -24,6 +24,16 @@
 #endif
 
 namespace ternary {
+
+inline const char* path() {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  return "avx512_bf16";
+#elif defined(__AVX512F__)
+  return "avx512f";
+#else
+  return "scalar";
+#endif
+}
 
 constexpr int64_t kGroup = 32;
 
@@ -217,6 +227,38 @@ inline at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& planes, const a
   run_blocks<Rows>(static_cast<const float*>(xf.data()), yb, M, w);
 #endif
   return y;
+}
+
+// The dequantized weight rows [n0, n1) as bf16 [n1 - n0, K].
+inline at::Tensor unpack(const at::Tensor& planes, const at::Tensor& qscale, const at::Tensor& dscale, int64_t n0, int64_t n1) {
+  check_weight(planes, qscale, dscale);
+  const int64_t N = planes.size(0), G = planes.size(1), K = G * kGroup;
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N, "row range [", n0, ", ", n1, ") outside [0, ", N, ")");
+  at::Tensor w = at::empty({n1 - n0, K}, at::TensorOptions().dtype(at::kBFloat16));
+  const uint32_t* pl = reinterpret_cast<const uint32_t*>(planes.data_ptr<int32_t>());
+  const uint8_t* qs = qscale.data_ptr<uint8_t>();
+  const float* ds = dscale.data_ptr<float>();
+  at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+  at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) {
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = ds[n] * static_cast<float>(qs[n * G + g]);
+        const at::BFloat16 pos(s), neg(-s), zero(0.f);
+        const uint32_t plus = pl[(n * G + g) * 2], minus = pl[(n * G + g) * 2 + 1];
+        at::BFloat16* out = wp + (n - n0) * K + g * kGroup;
+#ifdef __AVX512BW__
+        // 32 bf16 lanes = one zmm: blend the +s and -s bit patterns in under the two 32-bit masks
+        __m512i v = _mm512_maskz_mov_epi16(plus, _mm512_set1_epi16(static_cast<int16_t>(pos.x)));
+        v = _mm512_mask_mov_epi16(v, minus, _mm512_set1_epi16(static_cast<int16_t>(neg.x)));
+        _mm512_storeu_si512(out, v);
+        (void)zero;
+#else
+        for (int j = 0; j < kGroup; ++j) out[j] = (plus >> j & 1u) ? pos : ((minus >> j & 1u) ? neg : zero);
+#endif
+      }
+    }
+  });
+  return w;
 }
 
 }  // namespace ternary

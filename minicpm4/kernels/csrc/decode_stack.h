@@ -22,7 +22,8 @@
 // InfLLM v2 models: attention is sparse_attention.h's step instead of SDPA once kv_len >= dense_len, with the
 // cache's compressed keys kept up to date as the Python backend keeps them (tests/sparse/test_sparse_native.py).
 
-#include <torch/extension.h>
+#pragma once
+#include <ATen/ATen.h>
 
 #include <cmath>
 #include <limits>
@@ -36,10 +37,11 @@
 #include "sparse_attention.h"
 #include "ternary_gemv.h"
 
+namespace stack {
+
 using at::BFloat16;
 using at::Tensor;
 
-namespace {
 
 // A linear layer in one of the four weight layouts the model uses (no bias).
 struct Linear {
@@ -50,7 +52,7 @@ struct Linear {
   int64_t group;  // int4 group size
 
   Tensor operator()(const Tensor& x) const {  // x [M, K] bf16 -> [M, N] bf16
-    if (kind == kInt4) return int4::mm(x, w, group, s);  // Int4Linear's own kernel (csrc/qgemm.cpp)
+    if (kind == kInt4) return int4::mm(x, w, group, s);  // Int4Linear's own kernel (csrc/ops.cpp)
     if (kind == kInt8) return int8::mm(x, w, s);  // Int8Linear's own kernel
     if (kind == kTernary) return ternary::gemv(x, w, s, s2);  // TernaryLinear's own kernel, bf16 out
     return at::mm(x, w.t());
@@ -107,8 +109,6 @@ void silu_mul(const BFloat16* g, const BFloat16* u, BFloat16* out, int64_t n) {
     out[i] = bf(bf(gi / (1.f + std::exp(-gi))) * static_cast<float>(u[i]));
   }
 }
-
-}  // namespace
 
 class DecodeStack {
  public:
@@ -234,17 +234,4 @@ class DecodeStack {
   std::vector<Layer> layers_;
 };
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::dict kinds;
-  kinds["BF16"] = int64_t(kBF16);
-  kinds["INT4"] = int64_t(kInt4);
-  kinds["INT8"] = int64_t(kInt8);
-  kinds["TERNARY"] = int64_t(kTernary);
-  m.attr("LAYER_KINDS") = kinds;
-  pybind11::class_<DecodeStack>(m, "DecodeStack")
-      .def(pybind11::init<int64_t, int64_t, int64_t, double, double>())
-      .def("add_layer", &DecodeStack::add_layer)
-      .def("forward", &DecodeStack::forward)
-      .def("set_sparse", &DecodeStack::set_sparse)
-      .def("attach_sparse", &DecodeStack::attach_sparse);
-}
+}  // namespace stack
