@@ -44,7 +44,23 @@ def _register_all() -> None:
         importlib.import_module(f"minicpm4.cli.{name}").register(cli)
 
 
+def _hold_torch_to_the_forced_tier() -> None:
+    """MINICPM4_ISA=<tier> forces our kernels' tier; hold torch's own kernels (ATen, oneDNN) to the same
+    instruction sets, unless their variables are set already, so the command runs as on a CPU of that tier. It
+    must happen before torch is imported, which the command modules defer."""
+    import os
+    from minicpm4.kernels import isa
+    try:
+        tier = isa.selected() if os.environ.get("MINICPM4_ISA") else None
+    except MiniCPM4Error as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    for key, value in (isa.torch_environment(tier) if tier else {}).items():
+        os.environ.setdefault(key, value)
+
+
 def main() -> None:
+    _hold_torch_to_the_forced_tier()
     _register_all()
     try:
         cli(standalone_mode=False)

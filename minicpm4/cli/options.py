@@ -29,9 +29,13 @@ def sampling_options(f):
 def model_options(f):
     opts = [
         click.option("--model", "model_path", default=None, help=MODEL_HELP),
-        click.option("--dtype", default="auto", show_default=True, help="bf16 (auto on CPU) or fp32."),
-        click.option("--int4", is_flag=True,
-                     help="Keep a GGUF's Q4_1 layer weights 4-bit (int4 kernel) and the head int8: faster decode on CPU."),
+        click.option("--dtype", default="auto", show_default=True,
+                     help="bf16 or fp32. auto: bf16 where the CPU has bf16 dot products (avx512_bf16 / AMX / Arm "
+                          "BF16) or the weights stay int4, else fp32 (printed at load)."),
+        click.option("--int4/--no-int4", default=None,
+                     help="Keep a GGUF's Q4_1 layer weights 4-bit (int4 kernel) and the head int8: faster decode on "
+                          "CPU. Default: on for the default model unless --dtype is given (as llama.cpp runs its "
+                          "GGUF), off otherwise."),
         click.option("--sparse/--no-sparse", default=None,
                      help="InfLLM v2 sparse attention on/off (default: on when config.json has a sparse_config)."),
         click.option("--sparse-config", default=None,
@@ -82,13 +86,31 @@ def config_overrides(sparse, sparse_config) -> dict | None:
     return {"sparse_config": fields} if sparse or sparse_config is not None else None
 
 
-def load_llm(model_path, dtype, int4=False, sparse=None, sparse_config=None, draft=None, frspec=None, spec_json=None,
+def describe(model) -> str:
+    """The loaded weights and activations and the kernel tier, e.g. "int4 weights, bf16 activations, kernels
+    avx512_bf16": what --dtype auto / --int4 chose on this CPU, printed once at load."""
+    from minicpm4 import kernels
+    from minicpm4.quant.int4 import Int4Linear
+    from minicpm4.quant.int8 import Int8Linear
+    from minicpm4.quant.ternary import TernaryLinear
+    kinds = {name for m in model.modules() for t, name in ((Int4Linear, "int4"), (Int8Linear, "int8"),
+                                                            (TernaryLinear, "ternary")) if isinstance(m, t)}
+    act = str(next(model.parameters()).dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+    weights = "+".join(sorted(kinds)) + f" weights (other tensors {act})" if kinds else f"{act} weights"
+    tier = kernels.isa.selected() if kernels.native() is not None else None
+    return f"{weights}, {act} activations, kernels {tier or 'none (PyTorch paths)'}"
+
+
+def load_llm(model_path, dtype, int4=None, sparse=None, sparse_config=None, draft=None, frspec=None, spec_json=None,
           **engine_kwargs):
     from minicpm4.serve.llm import LLM
+    if int4 is None:  # the default model is a Q4_1 GGUF: keep its weights 4-bit unless a dtype was asked for
+        int4 = model_path in (None, "default") and dtype == "auto"
     overrides = config_overrides(sparse, sparse_config)
     spec = None if spec_json is None else json_object(spec_json, "--spec")
     t0 = time.perf_counter()
     llm = LLM.load(model_path, dtype=dtype, config_overrides=overrides, int4=int4, draft=draft, frspec=frspec,
                    spec=spec, **engine_kwargs)
-    click.echo(f"[loaded {model_path or 'default model'} in {time.perf_counter() - t0:.1f}s]", err=True)
+    click.echo(f"[loaded {model_path or 'default model'} in {time.perf_counter() - t0:.1f}s: {describe(llm.model)}]",
+               err=True)
     return llm

@@ -237,14 +237,19 @@ class Engine:
         self._cache = new
 
     def _prefill(self) -> list[tuple[Request, int]]:
-        """Up to prefill_chunk prompt tokens, oldest request first; first tokens for completed prompts."""
+        """Up to prefill_chunk prompt tokens, oldest request first; first tokens for completed prompts.
+
+        A prompt's chunks are always [0, c), [c, 2c), ... (c = prefill_chunk), whatever else is prefilling: the
+        step's budget decides only which chunks run now. So a request's prefill, and with it every token it
+        generates, never depends on the requests beside it (batch invariance; greedy replies equal one-at-a-time).
+        """
         events, budget = [], self.prefill_chunk
         for req in sorted((r for r in self.slots if r is not None and r.prefilled < len(r.prompt)),
                           key=lambda r: r.id):
-            if budget <= 0:
-                break
             p0 = req.prefilled
-            chunk = req.prompt[p0:p0 + min(budget, self.prefill_chunk)]
+            chunk = req.prompt[p0:p0 + self.prefill_chunk]
+            if len(chunk) > budget:  # next step; the step's first chunk always fits (len <= prefill_chunk)
+                break
             pos = torch.arange(p0, p0 + len(chunk))[None]
             logits = self.model(torch.tensor([chunk]), positions=pos, cache=self._cache.rows(slice(req.slot, req.slot + 1)),
                                 logits_to_keep=1)

@@ -36,9 +36,21 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.floa
           "fp16": torch.float16, "float16": torch.float16}
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: str = "cpu") -> torch.dtype:
-    if dtype is None or dtype == "auto":
+def auto_dtype(compact_weights: bool = False, device: str = "cpu") -> torch.dtype:
+    """What dtype "auto" means here. bf16 where bf16 products are native (kernels.isa.native_bf16: avx512_bf16 /
+    AMX, Arm BF16) or off the CPU. Elsewhere a bf16 matmul is emulated and several times slower than fp32, so
+    plain float models run in fp32; models whose linear layers stay int4 / int8 / ternary (compact_weights) keep
+    bf16 activations, because our kernels turn them into int8 or fp32 inside and never run a bf16 product: bf16
+    storage halves the activation traffic and is the model's reference numerics (model/decoder.py)."""
+    if not str(device).startswith("cpu") or compact_weights:
         return torch.bfloat16
+    from minicpm4.kernels import isa
+    return torch.bfloat16 if isa.selected_has_bf16() else torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str = "cpu", compact_weights: bool = False) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return auto_dtype(compact_weights, device)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r} (use one of: {', '.join(DTYPES)})")
@@ -88,12 +100,11 @@ def load(source: str | os.PathLike | None = None, dtype: str | torch.dtype | Non
     int4: keep a GGUF's quantized layer weights quantized instead of dequantizing them: Q4_0 / Q4_1 as Int4Linear,
     Q8_0 as Int8Linear (bf16 activations); see quant/gguf_blocks.py.
     """
-    dtype = resolve_dtype(dtype)
     if source is None or str(source) == "default":
         source = default_gguf_path() if int4 else default_model_dir()
     path = Path(source)
     if path.suffix == ".gguf" or path.is_file():
-        return _load_gguf(path, dtype, config_overrides, int4)
+        return _load_gguf(path, resolve_dtype(dtype, compact_weights=int4), config_overrides, int4)
     if int4:
         raise ConfigError(f"{source}: int4 loading reads Q4_1 weights from a GGUF file; this is not one")
     if path.is_dir():
@@ -103,15 +114,16 @@ def load(source: str | os.PathLike | None = None, dtype: str | torch.dtype | Non
     raise CheckpointError(f"{source}: no such file or directory")
 
 
-def _load_dir(path: Path, dtype: torch.dtype, overrides: dict | None):
+def _load_dir(path: Path, dtype: str | torch.dtype | None, overrides: dict | None):
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{path}: config.json not found (is this a Hugging Face model directory?)")
     config = ModelConfig.from_json(cfg_path)
     if overrides:
         config = ModelConfig.from_dict(merge_overrides(config.to_dict(), overrides))
-    state = read_state_dict(checkpoint_files(path), dtype)
     qc = quant_config_of(path, config.extra)
+    dtype = resolve_dtype(dtype, compact_weights=qc is not None)
+    state = read_state_dict(checkpoint_files(path), dtype)
     layers = ternary_layers(qc, state, str(path)) if is_ternary(qc) else gptq_layers(qc, state, str(path))
     model = build_model(config, state, str(path), layers=layers)
     return model, Tokenizer.from_dir(path)

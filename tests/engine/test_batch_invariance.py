@@ -1,0 +1,29 @@
+"""Batch invariance: a request's tokens never depend on which other requests share its batch, on every kernel
+tier this CPU runs, for the models `chat` / `serve` load by default (the default model with its Q4_1 weights
+kept 4-bit, dtype auto) and for the same model with float weights (dtype auto: bf16 where the CPU has bf16 dot
+products, fp32 elsewhere). Greedy, EOS ignored, so every row decodes the same number of steps."""
+
+import pytest
+
+from minicpm4.engine.engine import Engine
+from minicpm4.engine.sampling import SamplingParams
+from minicpm4.serve.llm import LLM
+
+QUESTIONS = [  # tests/serve/test_server.py asks all 16 through the server"Name three colors.", "What is 2+2?", "Say hello in French.", "What is the capital of Italy?",
+             "Give me a word that rhymes with cat.", "Count from one to five.", "What is water made of?",
+             "Name a planet.", "What day comes after Monday?", "Spell the word dog.", "Name a fruit.",
+             "What is the opposite of hot?", "How many legs does a spider have?", "Name an ocean.",
+             "What color is the sky?", "Write one word about the sea."]
+
+
+@pytest.mark.parametrize("int4", [True, False], ids=["int4", "float"])
+def test_requests_together_equal_one_at_a_time(tier, int4, smollm_gguf):
+    llm = LLM.load(smollm_gguf, dtype="auto", int4=int4)  # as `serve` loads it (native stack attached)
+    prompts = [llm.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS[:10]]
+    # a prefill chunk shorter than the prompts, so prompts are prefilled over several steps beside each other
+    engine = Engine(llm.model, prefill_chunk=24, max_slots=16)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    together = [g.token_ids for g in engine.generate(prompts, params)]
+    alone = [engine.generate([p], params)[0].token_ids for p in prompts]
+    assert together == alone
+    assert all(len(t) == 6 for t in together)
