@@ -102,4 +102,36 @@ for h, kvh, dim, s in ((9, 3, 64, 777), (4, 4, 80, 300)):  # GQA group 3; head_d
     check(f"InfLLM v2 decode step, {h}/{kvh} heads, d {dim}, {s} keys",
           torch.equal(idx, idx_ref) and diff <= 2 * 2.0 ** -8 * out_ref.float().abs().max().item(), f"max diff {diff:.2g}")
 
+import copy  # noqa: E402
+
+from minicpm4.config import tiny  # noqa: E402
+from minicpm4.model.decoder import MiniCPM4ForCausalLM  # noqa: E402
+from minicpm4.model.kv_cache import KVCache  # noqa: E402
+from minicpm4.model.native_stack import attach  # noqa: E402
+
+
+def decode_logits(model, ids, steps, dtype):  # teacher-forced: prefill, then one token a step -> [1, steps, V]
+    n = ids.shape[1] - steps
+    cache = KVCache(model.config, 1, ids.shape[1], dtype=dtype)
+    with torch.no_grad():
+        model(ids[:, :n], cache=cache)
+        return torch.stack([model(ids[:, n + i:n + i + 1], cache=cache)[:, -1] for i in range(steps)], 1)
+
+
+torch.manual_seed(0)  # the tiny MiniCPM4 config (muP multipliers, GQA): the whole decode step in C++ (decode_stack.h)
+m32 = MiniCPM4ForCausalLM(tiny()).eval()
+m = attach(copy.deepcopy(m32).to(torch.bfloat16))
+ids = torch.randint(0, 512, (1, 24))
+truth = decode_logits(m32, ids, 4, torch.float32)
+calls, stack_call = [], type(m.native).__call__
+type(m.native).__call__ = lambda self, *a, **k: calls.append(1) or stack_call(self, *a, **k)
+native = decode_logits(m, ids, 4, torch.bfloat16)
+type(m.native).__call__ = stack_call
+check("the C++ decode stack runs the prefill and each step", len(calls) == 5, f"{len(calls)} calls")
+m.native = None
+python = decode_logits(m, ids, 4, torch.bfloat16)
+err, ref_err = (native - truth).abs().mean().item(), (python - truth).abs().mean().item()
+check("decode stack as close to fp32 as the Python layers", err <= 1.25 * ref_err,
+      f"mean error {err:.3g}, Python layers {ref_err:.3g}")
+
 sys.exit(1 if failures else 0)

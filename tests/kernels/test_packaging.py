@@ -75,3 +75,41 @@ def test_the_installed_kernels_compile_the_same_sources(wheel, tmp_path):
     csrc, digest = r.stdout.split()
     assert Path(csrc) == site / "minicpm4" / "kernels" / "csrc"
     assert digest == hashlib.sha256(build.sources()).hexdigest()
+
+
+def test_prebuilt_modules_load_instead_of_a_build(monkeypatch, tmp_path):
+    """MINICPM4_NATIVE_PREBUILT=DIR (scripts/test_aarch64.sh, prebuilt wheels): native() imports
+    DIR/minicpm4_native_<tier>.so and never compiles; a tier missing there or a file that does not load warns and
+    gives the PyTorch path."""
+    import warnings
+
+    from minicpm4 import kernels
+    built = kernels.native()
+    if built is None:
+        pytest.skip("the native kernels could not be built here (no C++ compiler or ninja; see the warning)")
+    tier = built.ISA
+    prebuilt = tmp_path / "prebuilt"
+    prebuilt.mkdir()
+    shutil.copy(built.__file__, prebuilt / f"minicpm4_native_{tier}.so")
+    # in a fresh process (one process holds one module of a name), with no compiler and an empty build cache
+    code = ("import torch, warnings; warnings.simplefilter('error'); from minicpm4 import kernels; ext = kernels.native(); "
+            "x = torch.ones(2, 64, dtype=torch.bfloat16); w = torch.ones(32, 64, dtype=torch.int8); "
+            "print(ext.__file__, ext.ISA, ext.int8_mm(x, w, torch.ones(32, dtype=torch.bfloat16)).unique().item())")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "MINICPM4_NATIVE_PREBUILT": str(prebuilt),
+           "MINICPM4_NATIVE_CACHE": str(tmp_path / "cache"), "CXX": str(tmp_path / "no-compiler"), "MINICPM4_ISA": tier}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == [str(prebuilt / f"minicpm4_native_{tier}.so"), tier, "64.0"]
+    assert not (tmp_path / "cache").exists()
+    (prebuilt / f"minicpm4_native_{tier}.so").write_bytes(b"not a shared object")
+    monkeypatch.setattr(build, "_build", lambda tier: pytest.fail("compiled although prebuilt modules were named"))
+    try:
+        for directory, why in ((tmp_path, "has no"), (prebuilt, "does not load")):
+            monkeypatch.setenv("MINICPM4_NATIVE_PREBUILT", str(directory))
+            build._load_prebuilt.cache_clear()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert kernels.native() is None
+            assert len(caught) == 1 and why in str(caught[0].message), [str(w.message) for w in caught]
+    finally:
+        build._load_prebuilt.cache_clear()
