@@ -6,6 +6,7 @@ The wheel is built offline, from a copy of the package (the worktree gets no bui
 setuptools (--no-build-isolation: nothing is downloaded): ~5 s."""
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -84,14 +85,17 @@ def test_prebuilt_modules_load_instead_of_a_build(monkeypatch, tmp_path):
     import warnings
 
     from minicpm4 import kernels
-    built = kernels.native()
-    if built is None:
+    if kernels.native() is None:
         pytest.skip("the native kernels could not be built here (no C++ compiler or ninja; see the warning)")
-    tier = built.ISA
+    # the module a fresh process builds (cached): in this one, after a rebuild, torch names it minicpm4_native_<tier>_v1
+    r = subprocess.run([sys.executable, "-c", "from minicpm4 import kernels; m = kernels.native(); print(m.__file__, m.ISA)"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    built, tier = r.stdout.split()
     prebuilt = tmp_path / "prebuilt"
     prebuilt.mkdir()
-    shutil.copy(built.__file__, prebuilt / f"minicpm4_native_{tier}.so")
-    # in a fresh process (one process holds one module of a name), with no compiler and an empty build cache
+    shutil.copy(built, prebuilt / f"minicpm4_native_{tier}.so")
+    # in another fresh process (one process holds one module of a name), with no compiler and an empty build cache
     code = ("import torch, warnings; warnings.simplefilter('error'); from minicpm4 import kernels; ext = kernels.native(); "
             "x = torch.ones(2, 64, dtype=torch.bfloat16); w = torch.ones(32, 64, dtype=torch.int8); "
             "print(ext.__file__, ext.ISA, ext.int8_mm(x, w, torch.ones(32, dtype=torch.bfloat16)).unique().item())")
