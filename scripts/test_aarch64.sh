@@ -103,8 +103,9 @@ for tier in "${TIERS[@]}"; do
     if ! dir=$(build_tier "$tier"); then log "$tier: the cross-compile FAILED"; status=1; continue; fi
     t1=$(date +%s)
     log "$tier: running the checks under qemu-aarch64 -cpu ${CPU[$tier]}"
-    if qemu-aarch64 -L "$SYSROOT" -cpu "${CPU[$tier]}" -E PYTHONPATH="$SITE:$REPO" -E LD_LIBRARY_PATH="$SITE/torch/lib" \
-        -E MINICPM4_NATIVE_PREBUILT="$dir" -E PYTHONDONTWRITEBYTECODE=1 -E TIER="$tier" -E OMP_NUM_THREADS=2 \
+    if qemu-aarch64 -L "$SYSROOT" -cpu "${CPU[$tier]}" \
+        -E PYTHONPATH="$SITE:$REPO" -E LD_LIBRARY_PATH="$SITE/torch/lib" -E MINICPM4_NATIVE_PREBUILT="$dir" \
+        -E PYTHONDONTWRITEBYTECODE=1 -E TIER="$tier" -E OMP_NUM_THREADS=2 \
         "$SYSROOT/usr/bin/python3.11" "$REPO/scripts/aarch64_checks.py"
     then result=passed; else result=FAILED; status=1; fi
     t2=$(date +%s)

@@ -59,7 +59,8 @@ def test_the_wheel_declares_the_console_script_and_the_torch_range(wheel):
     z = zipfile.ZipFile(wheel)
     info = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA")).rsplit("/", 1)[0]
     assert "minicpm4 = minicpm4.cli:main" in z.read(f"{info}/entry_points.txt").decode()
-    requires = [line for line in z.read(f"{info}/METADATA").decode().splitlines() if line.startswith("Requires-Dist: torch")]
+    metadata = z.read(f"{info}/METADATA").decode().splitlines()
+    requires = [line for line in metadata if line.startswith("Requires-Dist: torch")]
     assert requires == ["Requires-Dist: torch>=2.6"], requires  # the 2.13.0 pin lives in constraints.txt
 
 
@@ -87,16 +88,18 @@ def test_prebuilt_modules_load_instead_of_a_build(monkeypatch, tmp_path):
     from minicpm4 import kernels
     if kernels.native() is None:
         pytest.skip("the native kernels could not be built here (no C++ compiler or ninja; see the warning)")
-    # the module a fresh process builds (cached): in this one, after a rebuild, torch names it minicpm4_native_<tier>_v1
-    r = subprocess.run([sys.executable, "-c", "from minicpm4 import kernels; m = kernels.native(); print(m.__file__, m.ISA)"],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    # the module a fresh process builds (cached); in this process, after a rebuild, torch names it ..._<tier>_v1
+    code = "from minicpm4 import kernels; m = kernels.native(); print(m.__file__, m.ISA)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]
     built, tier = r.stdout.split()
     prebuilt = tmp_path / "prebuilt"
     prebuilt.mkdir()
     shutil.copy(built, prebuilt / f"minicpm4_native_{tier}.so")
     # in another fresh process (one process holds one module of a name), with no compiler and an empty build cache
-    code = ("import torch, warnings; warnings.simplefilter('error'); from minicpm4 import kernels; ext = kernels.native(); "
+    code = ("import torch, warnings; warnings.simplefilter('error'); from minicpm4 import kernels; "
+            "ext = kernels.native(); "
             "x = torch.ones(2, 64, dtype=torch.bfloat16); w = torch.ones(32, 64, dtype=torch.int8); "
             "print(ext.__file__, ext.ISA, ext.int8_mm(x, w, torch.ones(32, dtype=torch.bfloat16)).unique().item())")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "MINICPM4_NATIVE_PREBUILT": str(prebuilt),

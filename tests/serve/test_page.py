@@ -48,7 +48,8 @@ def browser():
     before the model loads."""
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver_path:
-        missing = " and ".join(name for name, path in (("chromium", chromium), ("chromedriver", driver_path)) if not path)
+        missing = " and ".join(name for name, path in (("chromium", chromium), ("chromedriver", driver_path))
+                               if not path)
         (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(f"{missing} not found on PATH: {INSTALL}")
     options = Options()
     options.binary_location = chromium
