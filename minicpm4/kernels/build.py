@@ -10,12 +10,18 @@ build runs on every CPU of that tier, and a lower tier can be built and tested o
 Where no C++ compiler or ninja is found, a header is missing, or the build fails, `native` warns once per tier
 and returns None; callers then run their pure-PyTorch reference path. MINICPM4_NATIVE=0 disables native kernels
 altogether.
+
+MINICPM4_NATIVE_PREBUILT=DIR loads DIR/minicpm4_native_<tier>.so, built elsewhere, instead of compiling: for a
+machine that cannot run the compiler (scripts/test_aarch64.sh cross-compiles the aarch64 tiers and loads them
+under emulation) or modules shipped prebuilt. A tier missing there, or one that does not load, warns and returns
+None as a failed build does; it is never compiled in its place, so a broken prebuilt set is not hidden.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -80,12 +86,31 @@ def native(tier: str | None = None) -> ModuleType | None:
         tier = isa.selected()
     elif tier not in isa.supported():
         raise MiniCPM4Error(f"kernel tier {tier!r} does not run on this CPU (it runs {', '.join(isa.supported())})")
-    return _build(tier or "generic")
+    prebuilt = os.environ.get("MINICPM4_NATIVE_PREBUILT")
+    return _load_prebuilt(tier or "generic", prebuilt) if prebuilt else _build(tier or "generic")
 
 
 def _unavailable(tier: str, why: str) -> None:
     warnings.warn(f"minicpm4 native kernels ({tier}) unavailable: {why}; using the slower pure-PyTorch path",
                   RuntimeWarning, stacklevel=3)
+
+
+@functools.cache
+def _load_prebuilt(tier: str, directory: str) -> ModuleType | None:
+    name = f"minicpm4_native_{tier}"  # the module's PyInit_ name, as TORCH_EXTENSION_NAME set it
+    path = Path(directory) / f"{name}.so"
+    if not path.is_file():
+        _unavailable(tier, f"MINICPM4_NATIVE_PREBUILT has no {path}")
+        return None
+    import torch  # noqa: F401  (loads libc10 / libtorch, which the module links against)
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError as e:  # another architecture, another torch's ABI, a missing library
+        _unavailable(tier, f"{path} does not load ({e})")
+        return None
+    return module
 
 
 @functools.cache
