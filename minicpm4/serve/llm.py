@@ -84,7 +84,7 @@ class LLM:
     # ---- weights ----
     def read_weights(self, path: str) -> MiniCPM4ForCausalLM:
         """The checkpoint at `path`, a local model directory or .gguf file (never a Hub id: nothing is downloaded),
-        loaded as this LLM's model was (dtype, overrides, int4; the C++ stack attached if it was), for
+        loaded as this LLM's model was (dtype, overrides, int4; fused and the C++ stack attached if it was), for
         swap_weights. Directories are read from safetensors (a pickled pytorch_model.bin is refused). InputError
         naming the path when it is not a loadable checkpoint with this model's config (architecture, vocabulary)."""
         if not Path(path).exists():
@@ -98,7 +98,7 @@ class LLM:
         if diff:
             raise InputError(f"model_path: {path} is not a checkpoint of the served model: its config differs in "
                              f"{', '.join(diff)}")
-        return attach(model) if hasattr(self.model, "native") else model
+        return attach(model) if self.model.fused else model  # set up as the served model was (attach fuses)
 
     def swap_weights(self, model: MiniCPM4ForCausalLM) -> None:
         """Serve `model` (from read_weights) from the engine's next step on. The caller makes sure no request is
