@@ -1,6 +1,10 @@
 """The two generating endpoints, /v1/chat/completions and /v1/completions: request -> prompt ids -> one engine
 request per choice -> OpenAI response objects, whole or as server-sent events.
 
+For trainers, /v1/completions also takes token-id prompts and returns token ids (return_token_ids), honours
+stop_token_ids / ignore_eos, continues a seeded sample with seed_offset (replayed_generator), and every response
+names the weight_version it ran on (serve/reload.py).
+
 Text handling per choice is LLM.text_stream (stop strings and stop tokens never reach the client); with
 `tools`, the model's text goes through minicpm4.text.tool_calls (rendered into the prompt, parsed back into
 `tool_calls`, incrementally when streaming). A client that disconnects cancels its requests at once,

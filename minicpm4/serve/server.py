@@ -2,10 +2,10 @@
 
 Endpoints: /v1/models, /v1/chat/completions, /v1/completions (whole or streamed as server-sent events; token-id
 prompts, and with return_token_ids the generated ids, for trainers), /health, /metrics (Prometheus text), a chat
-page at /, and POST /update_weights_from_disk (admin key only; serve/reload.py). All requests share one engine thread that
-batches decode steps across them (continuous batching, see engine/async_engine.py). With `mcp_commands` the
-server starts those MCP servers and answers chat requests that bring no tools of their own by running the
-tool-use loop itself (agent.run_agent) over the MCP tools.
+page at /, and POST /update_weights_from_disk (admin key only; serve/reload.py). All requests share one engine
+thread that batches decode steps across them (continuous batching, see engine/async_engine.py). With
+`mcp_commands` the server starts those MCP servers and answers chat requests that bring no tools of their own by
+running the tool-use loop itself (agent.run_agent) over the MCP tools.
 
 Safe by default: binds 127.0.0.1; with an API key every /v1 route needs `Authorization: Bearer KEY` (401);
 bodies over `max_request_bytes` get 413; more than max_slots running plus max_queue waiting get 429; bad

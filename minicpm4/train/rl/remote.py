@@ -12,8 +12,8 @@ The answer's logprobs.token_logprobs are the behaviour log-probs; its weight_ver
 Weights: publish(version, write) writes the policy into a fresh directory (write = the trainer's checkpoint
 writer, safetensors) and POSTs /update_weights_from_disk {"model_path", "weight_version"} (SGLang's endpoint and
 fields; ours takes an integer version) to every server with the admin key; each server drains its running
-requests, swaps, and reports the version. The directory must be readable by the servers at the same path (one machine or a
-shared filesystem).
+requests, swaps, and reports the version. The directory must be readable by the servers at the same path (one
+machine or a shared filesystem).
 
 Which servers: ours (minicpm4 serve) implements all of the above and is what the tests run. Neither vLLM nor SGLang
 is tested here, and neither works unchanged: vLLM has return_token_ids, stop_token_ids and ignore_eos but no
