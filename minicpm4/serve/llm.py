@@ -91,7 +91,7 @@ class LLM:
             raise InputError(f"model_path: {path}: no such file or directory")
         try:
             model, _ = load(Path(path), **self.load_options)
-        except (MiniCPM4Error, OSError, ValueError, KeyError, RuntimeError) as e:
+        except (MiniCPM4Error, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             raise InputError(f"model_path: {path} is not a loadable checkpoint: {e}") from None
         a, b = self.model.config.to_dict(), model.config.to_dict()
         diff = sorted(k for k in set(a) | set(b) if k != "torch_dtype" and a.get(k) != b.get(k))

@@ -2,8 +2,8 @@
 {"model_path": DIR}), for trainers whose rollouts run on this server (train/rl/remote.py).
 
 Order of a reload:
-1. the new checkpoint is read and checked (LLM.read_weights, on a worker thread) while the old weights keep serving;
-   a bad path or another architecture is a 400 and changes nothing;
+1. the new checkpoint is read and checked (LLM.read_weights, on a worker thread) while the old weights keep serving
+   (so memory holds both models until the swap); a bad path or another architecture is a 400 and changes nothing;
 2. admission closes: new requests wait (they are not refused);
 3. the running and queued requests finish on the old weights (drained, never aborted, so every response comes
    from one set of weights; a reload therefore waits for the longest running request, at most max_tokens);
