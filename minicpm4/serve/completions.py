@@ -2,8 +2,8 @@
 request per choice -> OpenAI response objects, whole or as server-sent events.
 
 For trainers, /v1/completions also takes token-id prompts and returns token ids (return_token_ids), honours
-stop_token_ids / ignore_eos, continues a seeded sample with seed_offset (replayed_generator), and every response
-names the weight_version it ran on (serve/reload.py).
+stop_token_ids / ignore_eos, continues a seeded sample with seed_offset (protocol.replayed_generator), and every
+response names the weight_version it ran on (serve/reload.py).
 
 Text handling per choice is LLM.text_stream (stop strings and stop tokens never reach the client); with
 `tools`, the model's text goes through minicpm4.text.tool_calls (rendered into the prompt, parsed back into
@@ -19,15 +19,13 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-import torch
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
 from minicpm4.engine.async_engine import Stream
-from minicpm4.engine.sampling import SamplingParams, sample_token
 from minicpm4.errors import InputError
 from minicpm4.serve.agent import run_agent
-from minicpm4.serve.protocol import ChatCompletionRequest, CompletionRequest, sampling_params
+from minicpm4.serve.protocol import ChatCompletionRequest, CompletionRequest, replayed_generator, sampling_params
 from minicpm4.text.tool_calls import StreamParser, parse_output, render_messages
 
 
@@ -252,18 +250,6 @@ class Completions:
                                             "finish_reason": finish(st), **self.token_ids(prompt, st, body)}]}
         if body.stream_options and body.stream_options.include_usage:
             yield {**head, "choices": [], "usage": self.usage(prompt, streams)}
-
-
-def replayed_generator(params: SamplingParams, draws: int, vocab_size: int) -> torch.Generator:
-    """A generator seeded with params.seed that has made the draws of `draws` sampled tokens. sample_token draws the
-    same amount whatever the logits (greedy: none; else torch.multinomial of one sample, which is Gumbel-max: one
-    exponential per vocabulary entry), so replaying it on zero logits leaves the stream exactly where a request
-    that sampled those tokens left it. Cost: `draws` samplings over the vocabulary, no forward pass."""
-    gen = torch.Generator().manual_seed(params.seed)
-    logits, seen = torch.zeros(vocab_size), torch.empty(0, dtype=torch.long)
-    for _ in range(draws):
-        sample_token(logits, params, seen, gen)
-    return gen
 
 
 def finish(st: Stream) -> str:

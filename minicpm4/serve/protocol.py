@@ -4,7 +4,7 @@ Unknown fields are ignored, as OpenAI does; a known field of the wrong type or o
 names it. OpenAI fields this server does not implement (UNSUPPORTED) are a 400 when set to anything but their
 neutral value, never silently ignored. Text that is not valid Unicode (a lone surrogate such as "\ud800", which
 JSON can spell but UTF-8 cannot) is a 400 naming the field; it is not replaced. Sampling fields map onto
-SamplingParams in `sampling_params`.
+SamplingParams in `sampling_params`; `replayed_generator` serves seed_offset.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from minicpm4.engine.sampling import MAX_SEED, SamplingParams
+from minicpm4.engine.sampling import MAX_SEED, SamplingParams, sample_token
 from minicpm4.text.tokenizer import invalid_unicode
 
 # field -> the values that mean "off"; any other is refused, as the server would otherwise ignore it (best_of
@@ -161,7 +162,7 @@ class CompletionRequest(_Sampling):
     # a final stop token included, aligned with logprobs.token_logprobs), so nothing is re-tokenized
     return_token_ids: bool = False
     # ours: tokens already sampled from `seed` (earlier chunks of one sample); the choice draws what it would have
-    # drawn next had one request sampled them all (completions.replayed_generator)
+    # drawn next had one request sampled them all (replayed_generator)
     seed_offset: int = Field(default=0, ge=0)
 
     @field_validator("prompt", mode="before")
@@ -196,6 +197,18 @@ def sampling_params(body: _Sampling, max_new_tokens: int, stop_token_ids: list[i
                           seed=None if body.seed is None else (body.seed + index) % (MAX_SEED + 1), stop_token_ids=stop_token_ids,
                           ignore_eos=body.ignore_eos, extra_stop_token_ids=list(body.stop_token_ids or ()),
                           logprobs=body.logprobs_k)
+
+
+def replayed_generator(params: SamplingParams, draws: int, vocab_size: int) -> torch.Generator:
+    """A generator seeded with params.seed that has made the draws of `draws` sampled tokens. sample_token draws the
+    same amount whatever the logits (greedy: none; else torch.multinomial of one sample, which is Gumbel-max: one
+    exponential per vocabulary entry), so replaying it on zero logits leaves the stream exactly where a request
+    that sampled those tokens left it. Cost: `draws` samplings over the vocabulary, no forward pass."""
+    gen = torch.Generator().manual_seed(params.seed)
+    logits, seen = torch.zeros(vocab_size), torch.empty(0, dtype=torch.long)
+    for _ in range(draws):
+        sample_token(logits, params, seen, gen)
+    return gen
 
 
 class ReloadWeightsRequest(_Base):

@@ -21,7 +21,7 @@ stored log-probs wrong, so they are not offered.
 Seeds: each sample owns a torch.Generator seeded from (settings.seed, its serial number), carried across chunks, so
 a chunk-wise rollout under an unchanged policy samples what the vanilla rollout samples. A server cannot hold the
 generator between requests; it is sent the seed (generator.initial_seed()) and the number of tokens already
-sampled from it (len(tokens)), and our server replays that many draws first (serve/completions.py), which is the
+sampled from it (len(tokens)), and our server replays that many draws first (serve/protocol.py), which is the
 same stream.
 
 Idle decode slots: in a round of n requests on an engine of S slots, each engine step offers min(n, S) slots; a slot
