@@ -16,6 +16,8 @@ from minicpm4.cli.options import MODEL_HELP, load_llm, model_options
 @click.option("--port", default=8000, show_default=True)
 @click.option("--api-key", envvar="MINICPM4_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on /v1 routes (or set MINICPM4_API_KEY).")
+@click.option("--admin-key", envvar="MINICPM4_ADMIN_KEY", default=None,
+              help="Key for POST /update_weights_from_disk (default: --api-key; with neither, reloads are refused).")
 @click.option("--served-model-name", default=None, help="Model id in the API (default: the model's file name).")
 @click.option("--max-batch", default=16, show_default=True, help="Requests decoded together at most.")
 @click.option("--max-queue", default=64, show_default=True, help="Requests waiting at most (then 429).")
@@ -26,7 +28,7 @@ from minicpm4.cli.options import MODEL_HELP, load_llm, model_options
                    "their own get these servers' tools, called by the server.")
 @click.option("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), show_default="cores - 1",
               help="Compute threads; one core is left to the HTTP side, whose work would stall the others.")
-def serve(model_path, dtype, int4, sparse, sparse_config, host, port, api_key, served_model_name, max_batch,
+def serve(model_path, dtype, int4, sparse, sparse_config, host, port, api_key, admin_key, served_model_name, max_batch,
           max_queue, max_tokens, max_model_len, mcp_commands, threads):
     """OpenAI-compatible server (needs the serve extra: pip install 'minicpm4[serve]')."""
     try:
@@ -39,8 +41,8 @@ def serve(model_path, dtype, int4, sparse, sparse_config, host, port, api_key, s
     torch.set_num_threads(threads)
     llm = load_llm(model_path, dtype, int4, sparse, sparse_config, max_len=max_model_len, max_slots=max_batch)
     name = served_model_name or (Path(model_path).name if model_path else "SmolLM2-135M-Instruct")
-    run(llm, name, host=host, port=port, api_key=api_key, max_queue=max_queue, max_tokens=max_tokens,
-        mcp_commands=list(mcp_commands))
+    run(llm, name, host=host, port=port, api_key=api_key, admin_key=admin_key, max_queue=max_queue,
+        max_tokens=max_tokens, mcp_commands=list(mcp_commands))
 
 
 @click.command()

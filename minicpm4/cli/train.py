@@ -32,9 +32,9 @@ def _print_result(result: dict) -> None:
     click.echo(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.items()}))
 
 
-def _run(task, config, overrides, resume, stop_after):
+def _run(task, config, overrides, resume, stop_after, flags=None):
     from minicpm4.train.trainer import train
-    cfg = _load(task, config, overrides)
+    cfg = _load(task, config, overrides, flags)
     result = train(cfg, resume=cfg.out_dir if resume == "auto" else resume, stop_after=stop_after, log=_echo_err)
     _print_result(result)
 
@@ -72,12 +72,17 @@ def sft(config, overrides, resume, stop_after):
 
 @click.command()
 @train_options
-def rl(config, overrides, resume, stop_after):
+@click.option("--rollout-url", "rollout_urls", multiple=True,
+              help="rl.rollout_urls: roll out on this OpenAI-compatible server (http://host:port; repeatable) instead "
+                   "of in process; its admin key from $MINICPM4_ADMIN_KEY (else $MINICPM4_API_KEY).")
+def rl(config, overrides, resume, stop_after, rollout_urls):
     """RL on a loadable model (--set model=DIR from `train sft`, a .gguf, or default): GRPO with DAPO's dynamic
     sampling, clip-higher and token-level loss, dual-clip, per-chunk importance weights and a refreshed KL
-    reference, on chunk-wise rollout through the engine; settings in the [rl] section (e.g. --set rl.chunk_tokens=256;
-    rl.chunk_tokens = rl.max_len is vanilla rollout). Prompts: arithmetic word problems, math reward."""
-    _run("rl", config, overrides, resume, stop_after)
+    reference, on chunk-wise rollout through the engine or `minicpm4 serve` servers; settings in the [rl] section
+    (e.g. --set rl.chunk_tokens=256; rl.chunk_tokens = rl.max_len is vanilla rollout). Prompts: arithmetic word
+    problems, math reward."""
+    flags = {"rl.rollout_urls": list(rollout_urls) or None}
+    _run("rl", config, overrides, resume, stop_after, flags)
 
 
 @click.command("qat")

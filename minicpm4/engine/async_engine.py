@@ -18,6 +18,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from minicpm4.engine.engine import Engine, Generation, Request, StopFn
 from minicpm4.engine.sampling import SamplingParams
 
@@ -104,9 +106,13 @@ class AsyncEngine:
     def queued(self) -> int:
         return max(self._outstanding - self.engine.running, 0)
 
-    def submit(self, prompt: list[int], params: SamplingParams, stop_fn: StopFn | None = None) -> Stream:
-        """Queue a request from the event loop; InputError for a bad prompt, QueueFull past the limits."""
+    def submit(self, prompt: list[int], params: SamplingParams, stop_fn: StopFn | None = None,
+               generator: torch.Generator | None = None) -> Stream:
+        """Queue a request from the event loop; InputError for a bad prompt, QueueFull past the limits.
+        generator: sample from this stream instead of a fresh one seeded with params.seed (a continued sample)."""
         req = self.engine.make_request(prompt, params, stop_fn)
+        if generator is not None:
+            req.generator = generator
         with self._lock:
             if self._outstanding >= self.engine.max_slots + self.max_queue:
                 raise QueueFull(f"{self._outstanding} requests are running or queued; try again later")

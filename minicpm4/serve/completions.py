@@ -1,6 +1,10 @@
 """The two generating endpoints, /v1/chat/completions and /v1/completions: request -> prompt ids -> one engine
 request per choice -> OpenAI response objects, whole or as server-sent events.
 
+For trainers, /v1/completions also takes token-id prompts and returns token ids (return_token_ids), honours
+stop_token_ids / ignore_eos, continues a seeded sample with seed_offset (protocol.replayed_generator), and every
+response names the weight_version it ran on (serve/reload.py).
+
 Text handling per choice is LLM.text_stream (stop strings and stop tokens never reach the client); with
 `tools`, the model's text goes through minicpm4.text.tool_calls (rendered into the prompt, parsed back into
 `tool_calls`, incrementally when streaming). A client that disconnects cancels its requests at once,
@@ -21,7 +25,7 @@ from fastapi.responses import StreamingResponse
 from minicpm4.engine.async_engine import Stream
 from minicpm4.errors import InputError
 from minicpm4.serve.agent import run_agent
-from minicpm4.serve.protocol import ChatCompletionRequest, CompletionRequest, sampling_params
+from minicpm4.serve.protocol import ChatCompletionRequest, CompletionRequest, replayed_generator, sampling_params
 from minicpm4.text.tool_calls import StreamParser, parse_output, render_messages
 
 
@@ -34,25 +38,52 @@ class Completions:
         self.s = server  # minicpm4.serve.server.Server: llm, engine, limits, tool format
 
     # ---- shared ----
-    def submit(self, prompt: list[int], body) -> list[Stream]:
+    async def submit(self, prompt: list[int], body) -> tuple[list[Stream], int]:
+        """One engine request per choice, and the weights version they run on (waits while weights are swapped)."""
         llm, ctx = self.s.llm, self.s.llm.engine.max_len
         if len(prompt) >= ctx:
             raise InputError(f"prompt of {len(prompt)} tokens does not fit the context of {ctx} tokens")
         limit = body.token_limit
         if limit is not None and limit > self.s.max_tokens:
             raise InputError(f"max_tokens={limit} is above this server's limit of {self.s.max_tokens}")
+        vocab = llm.model.config.vocab_size
+        bad = [t for t in body.stop_token_ids or () if not 0 <= t < vocab]
+        if bad:
+            raise InputError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary (size {vocab})")
+        offset = getattr(body, "seed_offset", 0)
+        if offset > ctx:
+            raise InputError(f"seed_offset: {offset} is more tokens than the context of {ctx} can hold")
         max_new = min(limit if limit is not None else self.s.max_tokens, ctx - len(prompt))
-        stop_ids = llm.stop_token_ids
-        streams: list[Stream] = []
+        params = [sampling_params(body, max_new, llm.stop_token_ids, i) for i in range(body.n)]
+        gens = [None] * body.n
+        if offset:
+            gens = [await asyncio.to_thread(replayed_generator, p, offset, vocab) for p in params]
+        version = await self.s.weights.admitted()
+        streams: list[Stream] = []  # from here to the return, no await: every stream runs on `version`
         try:
-            for i in range(body.n):
-                streams.append(self.s.engine.submit(prompt, sampling_params(body, max_new, stop_ids, i),
-                                                    llm.stop_fn(body.stops)))
+            for p, gen in zip(params, gens):
+                streams.append(self.s.engine.submit(prompt, p, llm.stop_fn(body.stops), gen))
         except BaseException:
             for st in streams:
                 self.s.engine.cancel(st)
             raise
-        return streams
+        return streams, version
+
+    def prompt_ids(self, p) -> list[int]:
+        """/v1/completions' prompt (a string or token ids, alone or as a batch of one) as token ids."""
+        if isinstance(p, list) and p and not isinstance(p[0], int):
+            if len(p) != 1:
+                raise InputError("prompt: one prompt per request is supported (a string or a list of token ids)")
+            p = p[0]
+        if isinstance(p, str):
+            return self.s.llm.encode_text(p)
+        if not p:
+            raise InputError("prompt: the list of token ids is empty")
+        vocab = self.s.llm.model.config.vocab_size
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise InputError(f"prompt: token id {bad[0]} is outside the vocabulary (size {vocab})")
+        return list(p)
 
     async def collect(self, http: HTTPRequest, streams: list[Stream], body) -> list[str]:
         """Whole texts of every choice. A client that goes away meanwhile cancels them all at once (its
@@ -98,9 +129,10 @@ class Completions:
         if body.tool_choice == "none":
             tools = []
         prompt = self.s.llm.encode_chat(messages)
-        streams = self.submit(prompt, body)
+        streams, version = await self.submit(prompt, body)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"id": rid, "object": "chat.completion", "created": created, "model": self.s.model_name}
+        head = {"id": rid, "object": "chat.completion", "created": created, "model": self.s.model_name,
+                "weight_version": version}
         if body.stream:
             return sse(self.chat_events(head, prompt, streams, body, tools), self, streams)
         texts = await self.collect(http, streams, body)
@@ -117,7 +149,7 @@ class Completions:
 
         async def complete(rendered: list[dict]) -> str:
             prompt = self.s.llm.encode_chat(rendered)
-            streams = self.submit(prompt, body.model_copy(update={"n": 1}))
+            streams, _ = await self.submit(prompt, body.model_copy(update={"n": 1}))
             text = (await self.collect(http, streams, body))[0]
             used[0] += len(prompt)
             used[1] += len(streams[0].generation.token_ids)
@@ -179,23 +211,24 @@ class Completions:
 
     # ---- /v1/completions ----
     async def complete(self, body: CompletionRequest, http: HTTPRequest):
-        p = body.prompt
-        if isinstance(p, list) and len(p) != 1 and not all(isinstance(t, int) for t in p):
-            raise InputError("prompt: one prompt per request is supported (a string or a list of token ids)")
-        if isinstance(p, list) and p and not isinstance(p[0], int):
-            p = p[0]
-        prompt = p if isinstance(p, list) else self.s.llm.encode_text(p)
+        prompt = self.prompt_ids(body.prompt)
         if body.echo:
             raise InputError("echo is not supported")
-        streams = self.submit(prompt, body)
+        streams, version = await self.submit(prompt, body)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": created, "model": self.s.model_name}
+        head = {"id": rid, "object": "text_completion", "created": created, "model": self.s.model_name,
+                "weight_version": version}
         if body.stream:
             return sse(self.completion_events(head, prompt, streams, body), self, streams)
         texts = await self.collect(http, streams, body)
-        choices = [{"index": i, "text": text, "logprobs": self.completion_logprobs(st), "finish_reason": finish(st)}
-                   for i, (text, st) in enumerate(zip(texts, streams))]
+        choices = [{"index": i, "text": text, "logprobs": self.completion_logprobs(st), "finish_reason": finish(st),
+                    **self.token_ids(prompt, st, body)} for i, (text, st) in enumerate(zip(texts, streams))]
         return {**head, "choices": choices, "usage": self.usage(prompt, streams)}
+
+    def token_ids(self, prompt: list[int], st: Stream, body: CompletionRequest) -> dict:
+        if not body.return_token_ids:
+            return {}
+        return {"prompt_token_ids": prompt, "token_ids": list(st.generation.token_ids)}
 
     def completion_logprobs(self, st: Stream) -> dict | None:
         if st.req.params.logprobs is None:
@@ -214,7 +247,7 @@ class Completions:
             elif kind == "end":
                 st = streams[i]
                 yield {**head, "choices": [{"index": i, "text": "", "logprobs": self.completion_logprobs(st),
-                                            "finish_reason": finish(st)}]}
+                                            "finish_reason": finish(st), **self.token_ids(prompt, st, body)}]}
         if body.stream_options and body.stream_options.include_usage:
             yield {**head, "choices": [], "usage": self.usage(prompt, streams)}
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from minicpm4.engine.engine import Engine, Generation
 from minicpm4.engine.sampling import SamplingParams
+from minicpm4.errors import InputError, MiniCPM4Error
 from minicpm4.io.loader import load
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
 from minicpm4.model.native_stack import attach
@@ -56,11 +58,14 @@ class TextStream:
 
 
 class LLM:
-    def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, speculative=None, **engine_kwargs):
+    def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, speculative=None,
+                 load_options: dict | None = None, **engine_kwargs):
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, **engine_kwargs)
         # a SpeculativeDecoder (batch 1, same stream/generate contract) replaces the engine for generate/stream
         self.speculative = speculative
+        # how read_weights loads a checkpoint: as LLM.load loaded this model, else at the model's dtype
+        self.load_options = load_options or {"dtype": self.engine.dtype, "config_overrides": None, "int4": False}
 
     @classmethod
     def load(cls, source=None, dtype="auto", config_overrides: dict | None = None, int4: bool = False,
@@ -68,12 +73,38 @@ class LLM:
              **engine_kwargs) -> "LLM":
         """draft: an EAGLE draft directory or a smaller model (see speculative.build_speculative); frspec: an
         FR-Spec vocabulary file for an EAGLE draft; spec: tree/chain options (topk, num_iter, tree_size, gamma)."""
-        model, tokenizer = load(source, dtype=dtype, config_overrides=config_overrides, int4=int4)
+        options = {"dtype": dtype, "config_overrides": config_overrides, "int4": int4}
+        model, tokenizer = load(source, **options)
         model = attach(model)
         speculative = None
         if draft is not None:
             speculative = build_speculative(model, draft, frspec, spec, engine_kwargs.get("max_len"))
-        return cls(model, tokenizer, speculative, **engine_kwargs)
+        return cls(model, tokenizer, speculative, options, **engine_kwargs)
+
+    # ---- weights ----
+    def read_weights(self, path: str) -> MiniCPM4ForCausalLM:
+        """The checkpoint at `path`, a local model directory or .gguf file (never a Hub id: nothing is downloaded),
+        loaded as this LLM's model was (dtype, overrides, int4; fused and the C++ stack attached if it was), for
+        swap_weights. Directories are read from safetensors (a pickled pytorch_model.bin is refused). InputError
+        naming the path when it is not a loadable checkpoint with this model's config (architecture, vocabulary)."""
+        if not Path(path).exists():
+            raise InputError(f"model_path: {path}: no such file or directory")
+        try:
+            model, _ = load(Path(path), **self.load_options)
+        except (MiniCPM4Error, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise InputError(f"model_path: {path} is not a loadable checkpoint: {e}") from None
+        a, b = self.model.config.to_dict(), model.config.to_dict()
+        diff = sorted(k for k in set(a) | set(b) if k != "torch_dtype" and a.get(k) != b.get(k))
+        if diff:
+            raise InputError(f"model_path: {path} is not a checkpoint of the served model: its config differs in "
+                             f"{', '.join(diff)}")
+        return attach(model) if self.model.fused else model  # set up as the served model was (attach fuses)
+
+    def swap_weights(self, model: MiniCPM4ForCausalLM) -> None:
+        """Serve `model` (from read_weights) from the engine's next step on. The caller makes sure no request is
+        running: a request's KV cache rows were written by the old weights."""
+        self.model = self.engine.model = model.eval()
+        self.engine.config, self.engine.dtype = model.config, next(model.parameters()).dtype
 
     # ---- prompts ----
     def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
@@ -145,7 +176,7 @@ class LLM:
             on_finish(generation)
 
     def text_stream(self, params: SamplingParams, stop: Sequence[str] = ()) -> "TextStream":
-        return TextStream(self.tokenizer, stop, set(params.stop_token_ids or ()))
+        return TextStream(self.tokenizer, stop, set(params.stop_token_ids or ()) | set(params.extra_stop_token_ids))
 
     def _final_text(self, g: Generation, params: SamplingParams, stop: Sequence[str]) -> str:
         ids = g.token_ids

@@ -4,7 +4,7 @@ Unknown fields are ignored, as OpenAI does; a known field of the wrong type or o
 names it. OpenAI fields this server does not implement (UNSUPPORTED) are a 400 when set to anything but their
 neutral value, never silently ignored. Text that is not valid Unicode (a lone surrogate such as "\ud800", which
 JSON can spell but UTF-8 cannot) is a 400 naming the field; it is not replaced. Sampling fields map onto
-SamplingParams in `sampling_params`.
+SamplingParams in `sampling_params`; `replayed_generator` serves seed_offset.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from minicpm4.engine.sampling import MAX_SEED, SamplingParams
+from minicpm4.engine.sampling import MAX_SEED, SamplingParams, sample_token
 from minicpm4.text.tokenizer import invalid_unicode
 
 # field -> the values that mean "off"; any other is refused, as the server would otherwise ignore it (best_of
@@ -103,6 +104,8 @@ class _Sampling(_Base):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    stop_token_ids: list[int] | None = None  # vLLM's: also stop on these ids (kept as the last generated id)
+    ignore_eos: bool = False  # vLLM's: do not stop on the model's eos ids (stop_token_ids still stop)
 
     @model_validator(mode="before")
     @classmethod
@@ -155,6 +158,27 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default for this endpoint
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
+    # for trainers (RL rollout): vLLM's name; each choice gets prompt_token_ids and token_ids (every generated id,
+    # a final stop token included, aligned with logprobs.token_logprobs), so nothing is re-tokenized
+    return_token_ids: bool = False
+    # ours: tokens already sampled from `seed` (earlier chunks of one sample); the choice draws what it would have
+    # drawn next had one request sampled them all (replayed_generator)
+    seed_offset: int = Field(default=0, ge=0)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v):
+        """Token ids are JSON integers: not booleans, floats or digit strings, which pydantic would coerce."""
+        ids = lambda x: isinstance(x, list) and all(type(t) is int for t in x)  # noqa: E731
+        if isinstance(v, str) or ids(v) or (isinstance(v, list) and all(isinstance(x, str) or ids(x) for x in v)):
+            return v
+        raise ValueError("must be a string, a list of token ids (integers), or a list holding one of those")
+
+    @model_validator(mode="after")
+    def _offset(self):
+        if self.seed_offset and self.seed is None:
+            raise PydanticCustomError("seed_offset", "seed_offset needs a seed", {"param": "seed_offset"})
+        return self
 
     @property
     def token_limit(self) -> int | None:
@@ -171,4 +195,26 @@ def sampling_params(body: _Sampling, max_new_tokens: int, stop_token_ids: list[i
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=body.temperature, top_p=body.top_p,
                           top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                           seed=None if body.seed is None else (body.seed + index) % (MAX_SEED + 1), stop_token_ids=stop_token_ids,
+                          ignore_eos=body.ignore_eos, extra_stop_token_ids=list(body.stop_token_ids or ()),
                           logprobs=body.logprobs_k)
+
+
+def replayed_generator(params: SamplingParams, draws: int, vocab_size: int) -> torch.Generator:
+    """A generator seeded with params.seed that has made the draws of `draws` sampled tokens. sample_token draws the
+    same amount whatever the logits (greedy: none; else torch.multinomial of one sample, which is Gumbel-max: one
+    exponential per vocabulary entry), so replaying it on zero logits leaves the stream exactly where a request
+    that sampled those tokens left it. Cost: `draws` samplings over the vocabulary, no forward pass."""
+    gen = torch.Generator().manual_seed(params.seed)
+    logits, seen = torch.zeros(vocab_size), torch.empty(0, dtype=torch.long)
+    for _ in range(draws):
+        sample_token(logits, params, seen, gen)
+    return gen
+
+
+class ReloadWeightsRequest(_Base):
+    """POST /update_weights_from_disk: SGLang's endpoint and field names (SGLang's weight_version is any string;
+    ours is an integer, as rollout chunks are tagged with policy versions). Other SGLang fields are ignored: a
+    reload here always drains running requests (serve/reload.py)."""
+    model_path: str = Field(min_length=1)  # a local model directory (or .gguf file) of the served architecture
+    weight_version: int | None = Field(default=None, ge=0)  # the version reported from now on (a trainer's step);
+    # default: the current version + 1

@@ -1,10 +1,11 @@
 """OpenAI-compatible HTTP server: `minicpm4 serve` (FastAPI + uvicorn, the `serve` extra).
 
-Endpoints: /v1/models, /v1/chat/completions, /v1/completions (whole or streamed as server-sent events),
-/health, /metrics (Prometheus text) and a chat page at /. All requests share one engine thread that
-batches decode steps across them (continuous batching, see engine/async_engine.py). With `mcp_commands` the
-server starts those MCP servers and answers chat requests that bring no tools of their own by running the
-tool-use loop itself (agent.run_agent) over the MCP tools.
+Endpoints: /v1/models, /v1/chat/completions, /v1/completions (whole or streamed as server-sent events; token-id
+prompts, and with return_token_ids the generated ids, for trainers), /health, /metrics (Prometheus text), a chat
+page at /, and POST /update_weights_from_disk (admin key only; serve/reload.py). All requests share one engine
+thread that batches decode steps across them (continuous batching, see engine/async_engine.py). With
+`mcp_commands` the server starts those MCP servers and answers chat requests that bring no tools of their own by
+running the tool-use loop itself (agent.run_agent) over the MCP tools.
 
 Safe by default: binds 127.0.0.1; with an API key every /v1 route needs `Authorization: Bearer KEY` (401);
 bodies over `max_request_bytes` get 413; more than max_slots running plus max_queue waiting get 429; bad
@@ -14,12 +15,14 @@ OpenAI-style error body. A 500 only ever means a bug.
 
 from __future__ import annotations
 
+import hmac
 from contextlib import AsyncExitStack, asynccontextmanager
 from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minicpm4.engine.async_engine import AsyncEngine, QueueFull
@@ -28,17 +31,20 @@ from minicpm4.serve.agent import AgentError, MCPTools
 from minicpm4.serve.completions import ClientGone, Completions
 from minicpm4.serve.guard import RequestGuard
 from minicpm4.serve.llm import LLM
-from minicpm4.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from minicpm4.serve.protocol import ChatCompletionRequest, CompletionRequest, ReloadWeightsRequest, error_body
+from minicpm4.serve.reload import WeightReloader
 from minicpm4.text.tool_calls import detect_format
 
 
 class Server:
     def __init__(self, llm: LLM, model_name: str, api_key: str | None = None, max_queue: int = 64,
                  max_tokens: int = 4096, max_request_bytes: int = 1 << 20, tool_format: str | None = None,
-                 mcp_commands: list[str] | None = None):
+                 mcp_commands: list[str] | None = None, admin_key: str | None = None):
         self.llm, self.model_name, self.api_key = llm, model_name, api_key
+        self.admin_key = admin_key or api_key  # may reload weights; None: nobody may
         self.max_tokens, self.max_request_bytes = max_tokens, max_request_bytes
         self.engine = AsyncEngine(llm.engine, max_queue=max_queue)
+        self.weights = WeightReloader(llm, self.engine)
         if tool_format is None:
             tool_format = detect_format(llm.tokenizer.chat_template, llm.tokenizer.backend.get_vocab())
         self.tool_format = tool_format
@@ -98,7 +104,24 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": server.engine.running, "queued": server.engine.queued}
+        return {"status": "ok", "running": server.engine.running, "queued": server.engine.queued,
+                "weight_version": server.weights.version}
+
+    @app.post("/update_weights_from_disk")  # SGLang's endpoint and body; serve/reload.py
+    async def update_weights(request: Request):
+        if server.admin_key is None:
+            return error(403, "weight reload is disabled: start the server with --admin-key (or --api-key)",
+                         "permission_error", code="reload_disabled")
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {server.admin_key}".encode()):
+            return error(401, "missing or wrong admin key (send Authorization: Bearer KEY)", "authentication_error",
+                         code="invalid_api_key")
+        try:
+            body = ReloadWeightsRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        version = await server.weights.reload(body.model_path, body.weight_version)
+        return {"success": True, "message": f"serving {body.model_path}", "weight_version": version}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():

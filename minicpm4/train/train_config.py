@@ -73,6 +73,16 @@ class RLOptions:
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal and roll out more to refill
     max_draws: int = 8  # rollout rounds per step at most before topping the batch up with dropped groups
     eval_prompts: int = 16  # held-out prompts per evaluation (greedy, one response each; reward mean)
+    # rollout on OpenAI-compatible servers (train/rl/remote.py; `minicpm4 serve --dtype fp32 --admin-key K`) instead
+    # of the in-process engine: base URLs (http://host:port); under torchrun process r takes urls[r::world] when
+    # there are at least as many URLs as processes, else all of them
+    rollout_urls: list = field(default_factory=list)
+    rollout_key_env: str = "MINICPM4_API_KEY"  # the environment variable holding the servers' API key (keys are
+    # read from the environment, never written into the saved config)
+    rollout_admin_key_env: str = "MINICPM4_ADMIN_KEY"  # ... holding their admin key for weight reloads (unset: the
+    # API key)
+    rollout_weights_dir: str = ""  # where each step's policy is written for the servers to load (default
+    # OUT/rollout_weights); the servers must read it at the same path
 
 
 SECTIONS = {"qat": QATOptions, "draft": DraftOptions, "rl": RLOptions}
@@ -345,6 +355,9 @@ def _check_rl(cfg: TrainConfig) -> None:
         raise ConfigError(f"rl.task must be one of {', '.join(RL_TASKS)}, got {r.task!r}")
     if r.reward not in RL_REWARDS:
         raise ConfigError(f"rl.reward must be one of {', '.join(RL_REWARDS)}, got {r.reward!r}")
+    bad = [u for u in r.rollout_urls if not (isinstance(u, str) and u.startswith(("http://", "https://")))]
+    if bad:
+        raise ConfigError(f"rl.rollout_urls must be http(s):// base URLs, got {bad[0]!r}")
     if cfg.task != "rl":
         return
     if cfg.batch_size % r.group_size:

@@ -164,7 +164,8 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
                            max_leaves=8)
 fields = st.sampled_from(["messages", "model", "max_tokens", "temperature", "top_p", "n", "stop", "stream", "seed",
-                          "logprobs", "top_logprobs", "tools", "tool_choice", "prompt", "stream_options"])
+                          "logprobs", "top_logprobs", "tools", "tool_choice", "prompt", "stream_options",
+                          "stop_token_ids", "ignore_eos", "return_token_ids", "seed_offset"])
 message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]),
                                  "content": st.text(max_size=20) | json_values})
 

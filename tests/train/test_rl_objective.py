@@ -157,6 +157,7 @@ def test_interrupted_run_resumes_exactly(model_dir, tmp_path):
     ({"rl": {"group_sise": 4}}, "rl.group_sise"),
     ({"batch_size": 6, "micro_batch_size": 2, "rl": {"group_size": 4}}, "batch_size"),
     ({"parallel": "fsdp"}, "parallel"),
+    ({"rl": {"rollout_urls": ["localhost:8000"]}}, "rl.rollout_urls"),
 ])
 def test_config_errors_name_the_field(settings, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -227,3 +228,28 @@ def test_two_processes_train_in_sync_and_resume_exactly(model_dir, tmp_path):
     assert all(x["cut_buffer_2"] > 0 for x in ranks)  # both processes had samples in flight at the stop
     a, b = records(tmp_path / "full"), records(tmp_path / "cut")
     assert [x["loss"] for x in a] == [x["loss"] for x in b] and len(a) == 4
+
+
+def test_rollout_on_a_server_trains_as_in_process(model_dir, tmp_path, monkeypatch):
+    """rl.rollout_urls: every step writes the policy, the server reloads it as version `step`, and the rounds run
+    there; with the same seeds the run equals the in-process one (curve and weights), and the versions the server
+    reports tag the chunks as the in-process steps do (version_lag: samples resumed across steps)."""
+    from server_util import running_server
+
+    import minicpm4
+    from minicpm4.serve.llm import LLM
+    local, _ = run(rl_config(model_dir, tmp_path / "local", steps=3))
+    monkeypatch.setenv("MINICPM4_ADMIN_KEY", "adm")
+    with running_server(LLM(*minicpm4.load(model_dir, dtype="fp32"), max_slots=8), admin_key="adm") as (url, srv):
+        remote, result = run(rl_config(model_dir, tmp_path / "remote", steps=3, rl={"rollout_urls": [url]}))
+        assert srv.weights.version == 2  # reloaded before each step's rollout: versions 0, 1, 2
+    assert result["step"] == 3
+    a, b = records(tmp_path / "local"), records(tmp_path / "remote")
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("loss", "kl", "reward", "response_len", "buffered", "version_lag"):
+            assert rb[k] == pytest.approx(ra[k], abs=1e-5), (k, ra, rb)
+        assert "idle_share" in ra and "idle_share" not in rb  # a server's decode slots are not observable
+    assert max(r["version_lag"] for r in a) > 0  # some trained tokens were sampled by an earlier step's weights
+    for k, v in local.model.state_dict().items():
+        torch.testing.assert_close(remote.model.state_dict()[k], v, atol=1e-5, rtol=0)
+    assert sorted(p.name for p in (tmp_path / "remote" / "rollout_weights" / "rank0").iterdir()) == ["v0000002"]

@@ -135,7 +135,7 @@ def test_bad_prompts_are_refused(models):
         with pytest.raises(InputError, match=match):
             ro.round(bad, version=1)
         # refused before anything changed: the buffer, the keys in flight, the engine's queue
-        assert ro.buffer == buffered and set(ro.prompts) == {"k"} and not ro.engine.has_work
+        assert ro.buffer == buffered and set(ro.prompts) == {"k"} and not ro.backend.engine.has_work
 
 
 def test_collate_layout():

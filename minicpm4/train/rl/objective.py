@@ -28,6 +28,11 @@ its own prompts: process r takes task indices r, r + world, ...). The model has 
 in eval mode does not change the learner's forward. dtype fp32 (the rl default) keeps the learner's log-probs equal
 to the engine's; under bf16 autocast the importance ratio also carries the bf16 rounding.
 
+With rl.rollout_urls the rounds run on OpenAI-compatible servers instead (remote.py): before the step's first
+round, the policy is written (the checkpoint writer, safetensors) and every server reloads it as version `step`;
+the servers report the version each chunk was sampled with, which tags its tokens. Start the servers in fp32
+(`minicpm4 serve --dtype fp32`) so their log-probs are the learner's. Evaluation stays in process.
+
 Exact resume: state_dict holds the next task index, the rollout's buffer of unfinished samples (tokens, log-probs,
 versions, each sample's generator state), its finished samples of incomplete groups, its serial counter, the carried
 groups with their rewards, and the reference model's weights with the step it was refreshed at. The loop restores
@@ -36,6 +41,7 @@ the global RNG. Rollout metrics (reward, rollout_s, ...) are this process's; the
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Hashable
@@ -57,7 +63,8 @@ from minicpm4.train.rl.dynamic_sampling import fill_batch
 from minicpm4.train.rl.logprobs import token_logprobs
 from minicpm4.train.rl.loss import LossSettings
 from minicpm4.train.rl.reference import ReferenceModel
-from minicpm4.train.rl.rollout import ChunkRollout, Group, RolloutSettings, Sample, idle_share
+from minicpm4.train.rl.remote import RemoteBackend
+from minicpm4.train.rl.rollout import ChunkRollout, EngineBackend, Group, RolloutSettings, Sample, idle_share
 from minicpm4.train.rl.task_source import REWARDS, RewardFn, TaskSource
 from minicpm4.train.train_config import TrainConfig
 
@@ -88,7 +95,9 @@ class RL(Objective):
         self.settings = LossSettings(r.eps_low, r.eps_high, r.dual_clip_c or None, r.token_level,
                                      r.chunk_importance, r.kl_coef, r.overlong_filter, r.garble_filter)
         self.source = TaskSource(tokenizer, cfg.seed, r.task_max_steps, r.chat_template)
-        self.rollout = ChunkRollout(Engine(model, max_slots=self.max_active),
+        self.engine = Engine(model, max_slots=self.max_active)  # rollout by default; evaluation always
+        self.remote = _remote_backend(cfg, model.config, rank, world) if r.rollout_urls else None
+        self.rollout = ChunkRollout(self.remote or EngineBackend(self.engine),
                                     RolloutSettings(r.group_size, r.chunk_tokens, r.max_len,
                                                     seed=cfg.seed * 65_537 + rank))
         self.reference = ReferenceModel(model, r.ref_refresh) if r.kl_coef > 0 else None
@@ -148,6 +157,9 @@ class RL(Objective):
         r = self.cfg.rl
         if self.reference is not None:
             self.reference.maybe_refresh(self.model, step)
+        if self.remote is not None:  # the servers sample with this step's weights (a no-op once they do)
+            self.remote.publish(step, lambda d: write_model_dir(d, self.config, self.model.state_dict(),
+                                                                self.tokenizer))
         t0, rounds0, self._seen = time.perf_counter(), len(self.rollout.history), []
         draw, dropped, topped = self._draw(step), 0, 0
         if r.dynamic_sampling:
@@ -186,6 +198,7 @@ class RL(Objective):
 
     def _rollout_stats(self, b, step, rounds0, rollout_s, dropped, topped) -> dict[str, float]:
         rounds = self.rollout.history[rounds0:]
+        slot_steps = sum(x.steps * x.slots for x in rounds)  # 0 on servers, whose steps are not observable
         resp = b["mask"].sum(1).float()
         lag = (step - b["versions"])[b["mask"]].float()  # policy versions between sampling a token and now
         # reward: of the trained batch (dynamic sampling keeps only mixed groups); reward_rollout: of every group
@@ -195,7 +208,7 @@ class RL(Objective):
         return {"reward": b["rewards"].mean().item(), **seen, "solved": (b["rewards"] >= 1).float().mean().item(),
                 "groups_dropped": float(dropped), "topped_up": float(topped), "rounds": float(len(rounds)),
                 "rollout_s": rollout_s,
-                "idle_share": idle_share(sum(x.busy for x in rounds), 1, sum(x.steps * x.slots for x in rounds)),
+                **({"idle_share": idle_share(sum(x.busy for x in rounds), 1, slot_steps)} if slot_steps else {}),
                 "response_len": resp.mean().item(), "truncated": b["truncated"].float().mean().item(),
                 "garbled": b["garbled"].float().mean().item(), "buffered": float(self.rollout.active),
                 "version_lag": lag.mean().item() if lag.numel() else 0.0}
@@ -239,7 +252,7 @@ class RL(Objective):
         r = self.cfg.rl
         keys = [("held-out", i) for i in range(r.eval_prompts)]
         params = SamplingParams(max_new_tokens=r.max_len, temperature=0.0)
-        outs = self.rollout.engine.generate([self.source.prompt_ids(k) for k in keys], params)
+        outs = self.engine.generate([self.source.prompt_ids(k) for k in keys], params)
         rewards = [self.reward(self._decode(o.token_ids), self.source.task(k)).value for k, o in zip(keys, outs)]
         return {"eval_reward": sum(rewards) / len(rewards)}
 
@@ -287,6 +300,17 @@ class RL(Objective):
         if self.config.tie_word_embeddings:  # the HF file omits the tied head
             state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
         self.model.load_state_dict({**state, **extra})
+
+
+def _remote_backend(cfg: TrainConfig, config, rank: int, world: int) -> RemoteBackend:
+    """rl.rollout_urls as this process's RemoteBackend; keys from the environment variables the config names."""
+    r = cfg.rl
+    urls = r.rollout_urls[rank::world] if len(r.rollout_urls) >= world else r.rollout_urls
+    key = os.environ.get(r.rollout_key_env) or None
+    admin = os.environ.get(r.rollout_admin_key_env) or key
+    weights = Path(r.rollout_weights_dir or Path(cfg.out_dir) / "rollout_weights") / f"rank{rank}"
+    return RemoteBackend(urls, config.vocab_size, config.max_position_embeddings, config.eos_token_ids, weights,
+                         key, admin)
 
 
 def _key(k) -> Hashable:

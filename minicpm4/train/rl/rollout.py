@@ -1,4 +1,6 @@
-"""Chunk-wise rollout through the Engine (MiniCPM4 technical report, p. 21, Algorithm 1).
+"""Chunk-wise rollout (MiniCPM4 technical report, p. 21, Algorithm 1) on a backend: the in-process Engine
+(EngineBackend, the default) or OpenAI-compatible servers (remote.RemoteBackend); the bookkeeping below is the
+same for both.
 
 Every round, each active sample generates at most `chunk_tokens` new tokens:
 - a sample that emits EOS (finish "stop"), or reaches `max_len` response tokens (finish "length": truncated,
@@ -17,22 +19,26 @@ from, and it is the per-chunk denominator of the importance ratio (loss.py). Oth
 stored log-probs wrong, so they are not offered.
 
 Seeds: each sample owns a torch.Generator seeded from (settings.seed, its serial number), carried across chunks, so
-a chunk-wise rollout under an unchanged policy samples what the vanilla rollout samples.
+a chunk-wise rollout under an unchanged policy samples what the vanilla rollout samples. A server cannot hold the
+generator between requests; it is sent the seed (generator.initial_seed()) and the number of tokens already
+sampled from it (len(tokens)), and our server replays that many draws first (serve/protocol.py), which is the
+same stream.
 
-Idle decode slots: in a round of n requests on an engine of S slots, each engine step offers min(n, S) slots; a
-slot is busy in a step when its request gets a token in it (a request whose prefill ends gets its first token and
-then a decode token in the same step: still one busy slot), so
+Idle decode slots: in a round of n requests on an engine of S slots, each engine step offers min(n, S) slots; a slot
+is busy in a step when its request gets a token in it (a request whose prefill ends gets its first token and then a
+decode token in the same step: still one busy slot), so
 
     idle_share = 1 - busy slot-steps / (steps * min(n, S))
 
 the share of slot-steps spent waiting (for prefill, or for the round's longest sample once the others are done).
+Only the in-process engine's steps are observable; rounds on servers report 0 steps and no idle share.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Hashable, Iterator, Sequence
+from typing import Hashable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -116,11 +122,65 @@ def idle_share(busy: int, steps: int, slots: int) -> float:
     return 1.0 - busy / (steps * slots) if steps and slots else 0.0
 
 
-class ChunkRollout:
-    """Runs rounds on an Engine, keeping unfinished samples (buffer) and finished ones of incomplete groups."""
+@dataclass
+class Chunk:
+    """What a backend returns for one sample's chunk."""
+    token_ids: list[int]
+    logprobs: list[float]  # per token: log_softmax of the raw logits of the policy that sampled it
+    finish_reason: str  # "stop" (a stop token, kept as the last id), "length" (max_tokens reached), else cut short
+    version: int | None = None  # the policy version the backend reports having sampled with (None: the round's)
 
-    def __init__(self, engine: Engine, settings: RolloutSettings):
-        self.engine, self.s = engine, settings
+
+@dataclass
+class BackendRound:
+    chunks: list[Chunk]  # one per job, in order
+    steps: int = 0  # engine steps and busy slot-steps (0: not observable, as through a server)
+    busy: int = 0
+
+
+class RolloutBackend(Protocol):
+    """Where chunks are sampled: EngineBackend (in process, the default) or remote.RemoteBackend (OpenAI-compatible
+    servers). run() samples each job's chunk with temperature 1, top-p 1 and nothing else, continuing the sample's
+    own random stream: `generator` (seeded with generator.initial_seed()) after `len(sample.tokens)` draws."""
+    vocab_size: int
+    max_len: int  # context: prompt + response tokens
+    max_slots: int  # requests decoded at once (0: unknown)
+
+    def run(self, jobs: Sequence[tuple[Sample, int]], stop_token_ids: list[int] | None) -> BackendRound: ...
+
+
+class EngineBackend:
+    """Chunks from an Engine in this process; the engine runs on the policy model object itself."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.vocab_size, self.max_len, self.max_slots = engine.config.vocab_size, engine.max_len, engine.max_slots
+
+    def run(self, jobs, stop_token_ids) -> BackendRound:
+        reqs = []
+        for smp, n in jobs:
+            params = SamplingParams(max_new_tokens=n, temperature=1.0, top_p=1.0, logprobs=0,
+                                    stop_token_ids=stop_token_ids)
+            req = self.engine.make_request(smp.prompt + smp.tokens, params)
+            req.generator = smp.generator  # the sample's own stream, continued from its last chunk
+            self.engine.enqueue(req)
+            reqs.append(req)
+        steps, busy = 0, 0
+        while not all(r.finished for r in reqs):
+            events = self.engine.step()
+            busy += len({r.id for r, _ in events})
+            steps += 1
+        return BackendRound([Chunk(r.out.token_ids, [lp for lp, _ in r.out.logprobs], r.out.finish_reason)
+                             for r in reqs], steps, busy)
+
+
+class ChunkRollout:
+    """Runs rounds on a backend (an Engine is wrapped in EngineBackend), keeping unfinished samples (buffer) and
+    finished ones of incomplete groups."""
+
+    def __init__(self, backend: RolloutBackend | Engine, settings: RolloutSettings):
+        self.backend = EngineBackend(backend) if isinstance(backend, Engine) else backend
+        self.s = settings
         self.buffer: list[Sample] = []
         self.finished: dict[Hashable, list[Sample]] = {}  # finished samples of groups not yet complete
         self.prompts: dict[Hashable, list[int]] = {}
@@ -135,15 +195,15 @@ class ChunkRollout:
     def _check(self, prompts: Sequence[tuple[Hashable, Sequence[int]]]) -> None:
         """InputError for a prompt the round cannot take, before anything is queued or registered."""
         keys = [k for k, _ in prompts]
-        vocab = self.engine.config.vocab_size
+        vocab, context = self.backend.vocab_size, self.backend.max_len
         for key, prompt in prompts:
             if key in self.prompts or keys.count(key) > 1:
                 raise InputError(f"prompt key {key!r} is already in flight")
             if not prompt or not all(0 <= int(t) < vocab for t in prompt):
                 raise InputError(f"prompt {key!r} is empty or has a token id outside the vocabulary ({vocab})")
-            if len(prompt) + self.s.max_len + 1 > self.engine.max_len:
+            if len(prompt) + self.s.max_len + 1 > context:
                 raise InputError(f"prompt of {len(prompt)} tokens + max_len {self.s.max_len} does not fit the "
-                                 f"engine's context of {self.engine.max_len}")
+                                 f"engine's context of {context}")
 
     def _new_samples(self, key: Hashable, prompt: Sequence[int]) -> list[Sample]:
         prompt = [int(t) for t in prompt]
@@ -157,36 +217,28 @@ class ChunkRollout:
 
     def round(self, prompts: Sequence[tuple[Hashable, Sequence[int]]], version: int) -> list[Group]:
         """One round: the buffer's samples, then G new samples per (key, prompt ids), each for at most chunk_tokens
-        tokens sampled by the engine's current weights (policy `version`). Returns the groups completed.
-        A bad prompt raises InputError before anything changes."""
+        tokens sampled by the backend's current weights (policy `version`, unless the backend reports the version it
+        sampled with). Returns the groups completed. A bad prompt raises InputError before anything changes."""
         self._check(prompts)
         resumed = self.buffer
         todo = resumed + [smp for key, p in prompts for smp in self._new_samples(key, p)]
         self.buffer = []
         if not todo:
             return []
-        reqs = []
-        for smp in todo:
-            n = min(self.s.chunk_tokens, self.s.max_len - len(smp.tokens))
-            params = SamplingParams(max_new_tokens=n, temperature=1.0, top_p=1.0, logprobs=0,
-                                    stop_token_ids=None if self.s.stop_token_ids is None else list(self.s.stop_token_ids))
-            req = self.engine.make_request(smp.prompt + smp.tokens, params)
-            req.generator = smp.generator  # the sample's own stream, continued from its last chunk
-            self.engine.enqueue(req)
-            reqs.append(req)
-        t0, steps, tokens, busy = time.perf_counter(), 0, 0, 0
-        while not all(r.finished for r in reqs):
-            events = self.engine.step()
-            tokens += len(events)
-            busy += len({r.id for r, _ in events})
-            steps += 1
+        jobs = [(smp, min(self.s.chunk_tokens, self.s.max_len - len(smp.tokens))) for smp in todo]
+        stop = None if self.s.stop_token_ids is None else list(self.s.stop_token_ids)
+        prefill = sum(len(smp.prompt) + len(smp.tokens) for smp in todo)  # resumed: prompt + generated again
+        t0 = time.perf_counter()
+        got = self.backend.run(jobs, stop)
         wall = time.perf_counter() - t0
         done = []
-        for smp, req in zip(todo, reqs):
-            out = req.out
+        for (smp, n), out in zip(jobs, got.chunks, strict=True):
+            if len(out.logprobs) != len(out.token_ids) or len(out.token_ids) > n:
+                raise InputError(f"the rollout backend returned {len(out.token_ids)} tokens with "
+                                 f"{len(out.logprobs)} log-probs for a chunk of at most {n}")
             smp.tokens += out.token_ids
-            smp.logprobs += [lp for lp, _ in out.logprobs]
-            smp.versions += [version] * len(out.token_ids)
+            smp.logprobs += out.logprobs
+            smp.versions += [version if out.version is None else out.version] * len(out.token_ids)
             if out.finish_reason == "stop":
                 smp.finish_reason = "stop"
             elif len(smp.tokens) >= self.s.max_len or out.finish_reason != "length":
@@ -195,9 +247,9 @@ class ChunkRollout:
                 self.buffer.append(smp)
             else:
                 done.append(smp)
-        self.history.append(RoundStats(version, len(todo), len(resumed), steps, tokens, busy,
-                                       sum(len(r.prompt) for r in reqs), min(len(todo), self.engine.max_slots),
-                                       wall, len(done), len(self.buffer)))
+        tokens = sum(len(c.token_ids) for c in got.chunks)
+        self.history.append(RoundStats(version, len(todo), len(resumed), got.steps, tokens, got.busy, prefill,
+                                       min(len(todo), self.backend.max_slots), wall, len(done), len(self.buffer)))
         return self._complete(done)
 
     def _complete(self, done: list[Sample]) -> list[Group]:
