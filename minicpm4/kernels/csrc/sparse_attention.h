@@ -28,10 +28,17 @@
 // Dot products: with AVX512-BF16 (vdpbf16ps: 32 bf16 multiply-adds per instruction, fp32 accumulation),
 // 16 key rows are transposed as 32-bit pairs (a 16x16 dword transpose), so the 16 lanes of one accumulator
 // are 16 keys and each of the G query heads needs one instruction per pair of dimensions; P V interleaves two
-// value rows so lanes are 16 output dimensions. Elsewhere a portable scalar loop computes the same sums.
-
+// value rows so lanes are 16 output dimensions. Every other tier (scalar, avx2, avx512, neon*) runs one portable
+// implementation on ATen's Vectorized<float> (W = 8 / 16 / 4 fp32 lanes by the tier, the scalar tier's a plain
+// array the compiler vectorises for SSE2): bf16 widened to fp32 by a 16-bit shift (bf16 is the top half of an
+// fp32), fp32 FMA. Dot products put W dimensions of one key in the lanes (G accumulators per key, the queries
+// widened once), and W keys' accumulators of a head are summed across lanes in one small transpose-add
+// (hsum_tile), so no key is transposed; P V puts W output dimensions in the lanes, keys in tiles of 64 that
+// stay in L1 while the chunks of D pass over them. The elementwise loops (exp, bf16 rounding) are plain C++ on
+// bit patterns that the compiler vectorises; exp is the same Cephes polynomial as the AVX-512 one.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
@@ -45,16 +52,26 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define SPARSE_AVX512BF16 1
+#elif defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 namespace infllm {
 
 // The code path of the attention loops (dot products, softmax) in this build; dense_attention.h shares them.
 inline const char* path() {
-#ifdef SPARSE_AVX512BF16
+#if defined(SPARSE_AVX512BF16)
   return "avx512_bf16 (vdpbf16ps)";
+#elif defined(__AVX512F__)
+  return "avx512 (fp32 FMA, 16 lanes)";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2 (fp32 FMA, 8 lanes)";
+#elif defined(__ARM_NEON)
+  return "neon (fp32 FMA, 4 lanes)";
 #else
-  return "scalar";
+  return "scalar (portable fp32, compiler-vectorised)";
 #endif
 }
 
@@ -64,6 +81,92 @@ using at::Tensor;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 inline float round_bf16(float x) { return static_cast<float>(static_cast<BFloat16>(x)); }
+
+// Bit-pattern helpers for loops the compiler vectorises (no branches, no calls): bf16 <-> fp32 by shifts,
+// round-to-nearest-even as c10::BFloat16 rounds (finite values; NaN stays NaN).
+inline uint32_t bits(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
+inline float from_bits(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
+inline float widen(BFloat16 h) { return from_bits(static_cast<uint32_t>(h.x) << 16); }
+inline uint32_t rne_bits(float x) { const uint32_t u = bits(x); return u + 0x7FFFu + (u >> 16 & 1u); }
+inline float rne_bf16(float x) { return from_bits(rne_bits(x) & 0xFFFF0000u); }
+inline BFloat16 narrow(float x) { return BFloat16(static_cast<uint16_t>(rne_bits(x) >> 16), BFloat16::from_bits()); }
+
+// exp(x) for one fp32 (Cephes polynomial, ~1 ulp, as exp512 below); below -87.3 (-inf included) it is 0, above
+// 88.3 it is exp(88.3). Round-to-nearest of x log2(e) by adding and subtracting 1.5 * 2^23 (exact for
+// |x log2(e)| < 2^22), whose bit pattern then holds n in its low bits: 2^n = bits((pattern - 0x4B400000 + 127) << 23).
+inline float exp_poly(float x) {
+  const bool live = x >= -87.3f;
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float t = x * 1.44269504088896341f + 12582912.f;
+  const float n = t - 12582912.f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + (r + 1.f);
+  const float y = p * from_bits((bits(t) + (127u - 0x4B400000u)) << 23);
+  return live ? y : 0.f;
+}
+
+#ifndef SPARSE_AVX512BF16
+using Vec = at::vec::Vectorized<float>;
+constexpr int W = Vec::size();
+
+// W bf16 -> W fp32 lanes.
+inline Vec load_bf16(const BFloat16* p) {
+#if defined(__AVX512F__)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+#elif defined(__AVX2__)
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+#elif defined(__ARM_NEON) && !defined(CPU_CAPABILITY_SVE256)
+  return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p)), 16));
+#else
+  alignas(64) float f[W];
+  for (int k = 0; k < W; ++k) f[k] = widen(p[k]);
+  return Vec::loadu(f);
+#endif
+}
+
+// a[0..W) -> the vector whose lane w is the sum of a[w]'s lanes (a transpose-add tree).
+inline Vec hsum_tile(const Vec* a) {
+#if defined(__AVX512F__)
+  __m512 b[8], c[4];
+  for (int k = 0; k < 8; ++k) {  // b[k] quarters: a[2k] (q0+q2, q1+q3), a[2k+1] (q0+q2, q1+q3)
+    const __m512 x = a[2 * k], y = a[2 * k + 1];
+    b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+  }
+  for (int k = 0; k < 4; ++k)  // c[k] quarter L = 4 partial sums of a[4k + L]
+    c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0xDD));
+  const __m512 e0 = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1]));
+  const __m512 e1 = _mm512_add_ps(_mm512_unpacklo_ps(c[2], c[3]), _mm512_unpackhi_ps(c[2], c[3]));
+  // quarter L: sums of a[L], a[4 + L], a[8 + L], a[12 + L]
+  const __m512 g = _mm512_add_ps(_mm512_shuffle_ps(e0, e1, 0x44), _mm512_shuffle_ps(e0, e1, 0xEE));
+  const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(idx, g);
+#elif defined(__AVX2__)
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // 128-bit halves: a[0..3], a[4..7]
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+#elif defined(__ARM_NEON) && !defined(CPU_CAPABILITY_SVE256)
+  return vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3]));
+#else
+  alignas(64) float f[W], s[W];
+  for (int w = 0; w < W; ++w) {
+    a[w].store(f);
+    float t = 0.f;
+    for (int k = 0; k < W; ++k) t += f[k];
+    s[w] = t;
+  }
+  return Vec::loadu(s);
+#endif
+}
+#endif
 
 #ifdef SPARSE_AVX512BF16
 // 16 rows of 16 dwords in r[0..15] -> r[c] lane k = input row k, dword c.
@@ -137,6 +240,30 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
     }
     return;
   }
+#else
+  if (D % W == 0) {
+    alignas(64) float qf[G * 256];  // the queries in fp32, D <= 256
+    for (int64_t x = 0; x < G * D; ++x) qf[x] = widen(q[x]);
+    Vec tile[G][W];  // tile[i][k]: head i's W partial sums of key j0 + k
+    for (int64_t j0 = 0; j0 < n; j0 += W) {
+      const int64_t m = std::min<int64_t>(W, n - j0);
+      for (int64_t k = 0; k < m; ++k) {
+        const BFloat16* kr = rows[j0 + k];
+        Vec acc[G];
+        for (int i = 0; i < G; ++i) acc[i] = Vec(0.f);
+        for (int64_t c = 0; c < D; c += W) {
+          const Vec kv = load_bf16(kr + c);
+          for (int i = 0; i < G; ++i) acc[i] = at::vec::fmadd(Vec::loadu(qf + i * D + c), kv, acc[i]);
+        }
+        for (int i = 0; i < G; ++i) tile[i][k] = acc[i];
+      }
+      for (int i = 0; i < G; ++i) {
+        for (int64_t k = m; k < W; ++k) tile[i][k] = Vec(0.f);
+        hsum_tile(tile[i]).store(out + i * ld + j0);
+      }
+    }
+    return;
+  }
 #endif
   for (int64_t j = 0; j < n; ++j)
     for (int i = 0; i < G; ++i) {
@@ -146,10 +273,18 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
     }
 }
 
-// o[i, :] = sum_j p[i * ld + j] * rows[j] (fp32 sums) for i < G; p bf16 with p[i * ld + j] = 0 for n <= j < n
-// rounded up to 2; o [G, D] fp32.
+// Probabilities as P V reads them: bf16 for vdpbf16ps; elsewhere fp32 holding bf16-rounded values (no widening
+// in the inner loop).
+#ifdef SPARSE_AVX512BF16
+using Prob = BFloat16;
+#else
+using Prob = float;
+#endif
+
+// o[i, :] = sum_j p[i * ld + j] * rows[j] (fp32 sums) for i < G; p[i * ld + j] = 0 for n <= j < n rounded up to
+// 2; o [G, D] fp32.
 template <int G>
-void weighted_sum(const BFloat16* p, int64_t ld, const BFloat16* const* rows, int64_t n, int64_t D, float* o) {
+void weighted_sum(const Prob* p, int64_t ld, const BFloat16* const* rows, int64_t n, int64_t D, float* o) {
 #ifdef SPARSE_AVX512BF16
   if (D % 32 == 0) {
     const uint32_t* pd = reinterpret_cast<const uint32_t*>(p);  // probabilities of keys (2j, 2j + 1)
@@ -171,6 +306,24 @@ void weighted_sum(const BFloat16* p, int64_t ld, const BFloat16* const* rows, in
     }
     return;
   }
+#else
+  if (D % W == 0) {
+    std::fill(o, o + G * D, 0.f);
+    constexpr int64_t kTile = 64;  // keys whose rows stay in L1 while the D / W chunks pass over them
+    for (int64_t j0 = 0; j0 < n; j0 += kTile) {
+      const int64_t j1 = std::min(n, j0 + kTile);
+      for (int64_t c = 0; c < D; c += W) {
+        Vec acc[G];
+        for (int i = 0; i < G; ++i) acc[i] = Vec::loadu(o + i * D + c);
+        for (int64_t j = j0; j < j1; ++j) {
+          const Vec vv = load_bf16(rows[j] + c);
+          for (int i = 0; i < G; ++i) acc[i] = at::vec::fmadd(Vec(p[i * ld + j]), vv, acc[i]);
+        }
+        for (int i = 0; i < G; ++i) acc[i].store(o + i * D + c);
+      }
+    }
+    return;
+  }
 #endif
   std::fill(o, o + G * D, 0.f);
   for (int64_t j = 0; j < n; ++j)
@@ -186,11 +339,13 @@ inline void exp_shift(float* x, int64_t n, float shift) {
 #ifdef SPARSE_AVX512BF16
   const __m512 s = _mm512_set1_ps(shift);
   for (; j + 16 <= n; j += 16) _mm512_storeu_ps(x + j, exp512(_mm512_add_ps(_mm512_loadu_ps(x + j), s)));
-#endif
   for (; j < n; ++j) x[j] = std::exp(x[j] + shift);
+#else
+  for (; j < n; ++j) x[j] = exp_poly(x[j] + shift);
+#endif
 }
 
-// The softmax loops below, 16 lanes at a time (scalar loops with a running max or sum do not vectorise
+// The softmax loops below, a vector at a time (scalar loops with a running max or sum do not vectorise
 // without -ffast-math, and at 64K keys they were a fifth of the step). Rounding to bf16 is round-to-nearest-even
 // either way (vcvtneps2bf16 also flushes denormals, which no score here reaches).
 
@@ -210,8 +365,19 @@ inline float scale_max(float* x, int64_t n, float scale, bool round) {
     vm = _mm512_max_ps(vm, v);
   }
   m = _mm512_reduce_max_ps(vm);
-#endif
   for (; j < n; ++j) m = std::max(m, x[j] = (round ? round_bf16(x[j]) : x[j]) * scale);
+#else
+  if (round)
+    for (int64_t i = 0; i < n; ++i) x[i] = rne_bf16(x[i]) * scale;
+  else
+    for (int64_t i = 0; i < n; ++i) x[i] *= scale;
+  Vec vm(-kInf);
+  for (; j + W <= n; j += W) vm = at::vec::maximum(vm, Vec::loadu(x + j));
+  alignas(64) float f[W];
+  vm.store(f);
+  for (int k = 0; k < W; ++k) m = std::max(m, f[k]);
+  for (; j < n; ++j) m = std::max(m, x[j]);
+#endif
   return m;
 }
 
@@ -222,21 +388,29 @@ inline float sum(const float* x, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   for (; j + 16 <= n; j += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + j));
   t = _mm512_reduce_add_ps(acc);
+#else
+  Vec acc(0.f);
+  for (; j + W <= n; j += W) acc = acc + Vec::loadu(x + j);
+  alignas(64) float f[W];
+  acc.store(f);
+  for (int k = 0; k < W; ++k) t += f[k];
 #endif
   for (; j < n; ++j) t += x[j];
   return t;
 }
 
-// out[j] = bf16(x[j] * c).
-inline void to_bf16(const float* x, int64_t n, float c, BFloat16* out) {
+// out[j] = bf16(x[j] * c) (as a Prob).
+inline void to_prob(const float* x, int64_t n, float c, Prob* out) {
   int64_t j = 0;
 #ifdef SPARSE_AVX512BF16
   const __m512 s = _mm512_set1_ps(c);
   for (; j + 16 <= n; j += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
                         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + j), s)));
-#endif
   for (; j < n; ++j) out[j] = x[j] * c;
+#else
+  for (; j < n; ++j) out[j] = rne_bf16(x[j] * c);
+#endif
 }
 
 struct Params {
@@ -247,7 +421,7 @@ struct Params {
 struct Scratch {  // per thread, grown as needed
   std::vector<const BFloat16*> rows;
   std::vector<float> s, score, blocks;
-  std::vector<BFloat16> p;
+  std::vector<Prob> p;
   std::vector<int64_t> order;
   std::vector<float> o;
 };
@@ -321,9 +495,9 @@ void step(const BFloat16* q, const BFloat16* qs, const BFloat16* kbase, const BF
   for (int i = 0; i < G; ++i) {
     float* s = w.s.data() + i * ld2;
     exp_shift(s, n, -scale_max(s, n, scale, false));
-    BFloat16* pi = w.p.data() + i * ld2;
-    to_bf16(s, n, 1.f / sum(s, n), pi);
-    std::fill(pi + n, pi + ld2, BFloat16(0.f));
+    Prob* pi = w.p.data() + i * ld2;
+    to_prob(s, n, 1.f / sum(s, n), pi);
+    std::fill(pi + n, pi + ld2, Prob(0.f));
   }
   // values: same tokens, rows of the value cache
   n = 0;
