@@ -112,6 +112,13 @@ inline float exp_poly(float x) {
   return live ? y : 0.f;
 }
 
+// The selected rows are blocks of 64 contiguous keys scattered over the cache, so the hardware prefetcher loses
+// the stream at every block boundary; the row pointers are known ahead, so fetch kAhead rows early.
+constexpr int64_t kAhead = 96;
+inline void prefetch_row(const BFloat16* r, int64_t D) {
+  for (int64_t d = 0; d < D; d += 32) __builtin_prefetch(r + d, 0, 1);
+}
+
 #ifndef SPARSE_AVX512BF16
 using Vec = at::vec::Vectorized<float>;
 constexpr int W = Vec::size();
@@ -193,6 +200,9 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
+#endif
+
+#ifdef __AVX512F__
 // exp for fp32 lanes (Cephes polynomial, ~1 ulp); below -87.3 (-inf included) it is 0.
 inline __m512 exp512(__m512 x) {
   const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
@@ -212,9 +222,71 @@ inline __m512 exp512(__m512 x) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// exp512 on 8 lanes (AVX2 has no scalef: 2^n is built in the exponent bits, n <= 127 by the clamp at 88.3).
+inline __m256 exp256(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(live, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#endif
+
+#if defined(__ARM_NEON) && !defined(CPU_CAPABILITY_SVE256)
+// exp512 on 4 lanes.
+inline float32x4_t exp_neon(float32x4_t x) {
+  const uint32x4_t live = vcgeq_f32(x, vdupq_n_f32(-87.3f));
+  x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.3f)), vdupq_n_f32(88.3f));
+  const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
+  float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+  r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+  float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
+  p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+  p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.f)), p, vmulq_f32(r, r));
+  const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127)), 23);
+  return vreinterpretq_f32_u32(vandq_u32(live, vreinterpretq_u32_f32(vmulq_f32(p, vreinterpretq_f32_s32(e)))));
+}
+#endif
+
+#ifndef SPARSE_AVX512BF16
+// exp of W lanes: the intrinsics above, or exp_poly lane by lane (the scalar tier: GCC keeps the clamps' float
+// compares as branches under its default -ftrapping-math, so that loop stays scalar).
+inline Vec exp_vec(Vec x) {
+#if defined(__AVX512F__)
+  return exp512(x);
+#elif defined(__AVX2__) && defined(__FMA__)
+  return exp256(x);
+#elif defined(__ARM_NEON) && !defined(CPU_CAPABILITY_SVE256)
+  return exp_neon(x);
+#else
+  alignas(64) float f[W];
+  x.store(f);
+  for (int k = 0; k < W; ++k) f[k] = exp_poly(f[k]);
+  return Vec::loadu(f);
+#endif
+}
+#endif
+
 // out[i * ld + j] = q_i . rows[j] (fp32 sums) for i < G, j < n; q [G, D] contiguous; ld >= n rounded up to 16.
+// also: rows read next (stage 2's values), prefetched alongside, or nullptr.
 template <int G>
-void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, float* out, int64_t ld) {
+void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, float* out, int64_t ld,
+          const BFloat16* const* also = nullptr) {
 #ifdef SPARSE_AVX512BF16
   if (D % 32 == 0) {
     const uint32_t* qd = reinterpret_cast<const uint32_t*>(q);  // q as dimension pairs
@@ -226,6 +298,11 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
         __m512i r[16];
         for (int k = 0; k < 16; ++k)
           r[k] = k < m ? _mm512_loadu_si512(rows[j0 + k] + 2 * c) : _mm512_setzero_si512();
+        if (c == 0)
+          for (int64_t k = j0 + kAhead; k < std::min(n, j0 + kAhead + 16); ++k) {
+            prefetch_row(rows[k], D);
+            if (also) prefetch_row(also[k], D);
+          }
         transpose16(r);
         for (int k = 0; k < 16; ++k) kt[c + k] = r[k];
       }
@@ -249,6 +326,10 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
       const int64_t m = std::min<int64_t>(W, n - j0);
       for (int64_t k = 0; k < m; ++k) {
         const BFloat16* kr = rows[j0 + k];
+        if (j0 + k + kAhead < n) {
+          prefetch_row(rows[j0 + k + kAhead], D);
+          if (also) prefetch_row(also[j0 + k + kAhead], D);
+        }
         Vec acc[G];
         for (int i = 0; i < G; ++i) acc[i] = Vec(0.f);
         for (int64_t c = 0; c < D; c += W) {
@@ -316,6 +397,7 @@ void weighted_sum(const Prob* p, int64_t ld, const BFloat16* const* rows, int64_
         Vec acc[G];
         for (int i = 0; i < G; ++i) acc[i] = Vec::loadu(o + i * D + c);
         for (int64_t j = j0; j < j1; ++j) {
+          if (c == 0 && j + kAhead < n) prefetch_row(rows[j + kAhead], D);
           const Vec vv = load_bf16(rows[j] + c);
           for (int i = 0; i < G; ++i) acc[i] = at::vec::fmadd(Vec(p[i * ld + j]), vv, acc[i]);
         }
@@ -341,6 +423,8 @@ inline void exp_shift(float* x, int64_t n, float shift) {
   for (; j + 16 <= n; j += 16) _mm512_storeu_ps(x + j, exp512(_mm512_add_ps(_mm512_loadu_ps(x + j), s)));
   for (; j < n; ++j) x[j] = std::exp(x[j] + shift);
 #else
+  const Vec s(shift);
+  for (; j + W <= n; j += W) exp_vec(Vec::loadu(x + j) + s).store(x + j);
   for (; j < n; ++j) x[j] = exp_poly(x[j] + shift);
 #endif
 }
@@ -419,7 +503,7 @@ struct Params {
 };
 
 struct Scratch {  // per thread, grown as needed
-  std::vector<const BFloat16*> rows;
+  std::vector<const BFloat16*> rows, vrows;
   std::vector<float> s, score, blocks;
   std::vector<Prob> p;
   std::vector<int64_t> order;
@@ -483,14 +567,18 @@ void step(const BFloat16* q, const BFloat16* qs, const BFloat16* kbase, const BF
   std::sort(w.order.begin(), w.order.begin() + K);
   for (int64_t k = 0; k < P.k_sel; ++k) idx[k] = k < K ? w.order[k] : -1;
 
-  // stage 2: the selected tokens p <= t, in block order
+  // stage 2: the selected tokens p <= t, in block order: their keys, and the value rows P V reads next
   int64_t n = 0;
+  w.vrows.resize(w.rows.size());
   for (int64_t k = 0; k < K; ++k) {
     const int64_t lo = w.order[k] * P.block, hi = std::min(lo + P.block, t + 1);
-    for (int64_t p = lo; p < hi; ++p) w.rows[n++] = kbase + p * kstride;
+    for (int64_t p = lo; p < hi; ++p, ++n) {
+      w.rows[n] = kbase + p * kstride;
+      w.vrows[n] = vbase + p * vstride;
+    }
   }
   const int64_t ld2 = pad16(n);
-  dots<G>(q, D, w.rows.data(), n, w.s.data(), ld2);
+  dots<G>(q, D, w.rows.data(), n, w.s.data(), ld2, w.vrows.data());
   w.p.resize(G * ld2);
   for (int i = 0; i < G; ++i) {
     float* s = w.s.data() + i * ld2;
@@ -499,14 +587,8 @@ void step(const BFloat16* q, const BFloat16* qs, const BFloat16* kbase, const BF
     to_prob(s, n, 1.f / sum(s, n), pi);
     std::fill(pi + n, pi + ld2, Prob(0.f));
   }
-  // values: same tokens, rows of the value cache
-  n = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t lo = w.order[k] * P.block, hi = std::min(lo + P.block, t + 1);
-    for (int64_t p = lo; p < hi; ++p) w.rows[n++] = vbase + p * vstride;
-  }
   w.o.resize(G * D);
-  weighted_sum<G>(w.p.data(), ld2, w.rows.data(), n, D, w.o.data());
+  weighted_sum<G>(w.p.data(), ld2, w.vrows.data(), n, D, w.o.data());
   for (int64_t i = 0; i < G * D; ++i) out[i] = w.o[i];
 }
 
