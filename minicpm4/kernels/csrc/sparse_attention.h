@@ -70,8 +70,10 @@ inline const char* path() {
   return "avx2 (fp32 FMA, 8 lanes)";
 #elif defined(__ARM_NEON)
   return "neon (fp32 FMA, 4 lanes)";
+#elif defined(__SSE2__)
+  return "scalar (SSE2 fp32, 4 lanes)";
 #else
-  return "scalar (portable fp32, compiler-vectorised)";
+  return "scalar (portable fp32)";
 #endif
 }
 
@@ -119,8 +121,31 @@ inline void prefetch_row(const BFloat16* r, int64_t D) {
   for (int64_t d = 0; d < D; d += 32) __builtin_prefetch(r + d, 0, 1);
 }
 
-#ifndef SPARSE_AVX512BF16
+#if !defined(SPARSE_AVX512BF16) && defined(__SSE2__) && !defined(__AVX2__)
+#define SPARSE_SSE2 1
+// The scalar tier on x86-64: ATen's Vectorized<float> is a plain 8-float array there, whose loops GCC lowers to
+// shuffles (measured: slower than the PyTorch reference); SSE2, which every x86-64 CPU has, gives 4 lanes directly.
+struct Sse {
+  __m128 v;
+  Sse() = default;
+  Sse(__m128 x) : v(x) {}
+  explicit Sse(float x) : v(_mm_set1_ps(x)) {}
+  operator __m128() const { return v; }
+  static constexpr int size() { return 4; }
+  static Sse loadu(const float* p) { return _mm_loadu_ps(p); }
+  void store(float* p) const { _mm_storeu_ps(p, v); }
+};
+inline Sse operator+(Sse a, Sse b) { return _mm_add_ps(a, b); }
+inline Sse vfma(Sse a, Sse b, Sse c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }  // no FMA: two roundings
+inline Sse vmax(Sse a, Sse b) { return _mm_max_ps(a, b); }
+using Vec = Sse;
+#elif !defined(SPARSE_AVX512BF16)
 using Vec = at::vec::Vectorized<float>;
+inline Vec vfma(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
+inline Vec vmax(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
+#endif
+
+#ifndef SPARSE_AVX512BF16
 constexpr int W = Vec::size();
 
 // W bf16 -> W fp32 lanes.
@@ -131,6 +156,8 @@ inline Vec load_bf16(const BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 #elif defined(__ARM_NEON) && !defined(CPU_CAPABILITY_SVE256)
   return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p)), 16));
+#elif defined(SPARSE_SSE2)  // zeros interleaved below each bf16: the 16-bit shift
+  return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_loadl_epi64((const __m128i*)p)));
 #else
   alignas(64) float f[W];
   for (int k = 0; k < W; ++k) f[k] = widen(p[k]);
@@ -162,6 +189,10 @@ inline Vec hsum_tile(const Vec* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 #elif defined(__ARM_NEON) && !defined(CPU_CAPABILITY_SVE256)
   return vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3]));
+#elif defined(SPARSE_SSE2)
+  __m128 r0 = a[0], r1 = a[1], r2 = a[2], r3 = a[3];
+  _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+  return _mm_add_ps(_mm_add_ps(r0, r1), _mm_add_ps(r2, r3));
 #else
   alignas(64) float f[W], s[W];
   for (int w = 0; w < W; ++w) {
@@ -263,9 +294,30 @@ inline float32x4_t exp_neon(float32x4_t x) {
 }
 #endif
 
+#ifdef SPARSE_SSE2
+// exp512 on 4 SSE2 lanes: no FMA, no roundps; n by the 1.5 * 2^23 trick of exp_poly, 2^n in the exponent bits.
+inline __m128 exp_sse2(__m128 x) {
+  const __m128 live = _mm_cmpge_ps(x, _mm_set1_ps(-87.3f));
+  x = _mm_min_ps(_mm_max_ps(x, _mm_set1_ps(-87.3f)), _mm_set1_ps(88.3f));
+  const __m128 magic = _mm_set1_ps(12582912.f);
+  const __m128 n = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)), magic), magic);
+  __m128 r = _mm_sub_ps(x, _mm_mul_ps(n, _mm_set1_ps(0.693359375f)));
+  r = _mm_sub_ps(r, _mm_mul_ps(n, _mm_set1_ps(-2.12194440e-4f)));
+  __m128 p = _mm_set1_ps(1.9875691500e-4f);
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.3981999507e-3f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(8.3334519073e-3f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(4.1665795894e-2f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.6666665459e-1f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(5.0000001201e-1f));
+  p = _mm_add_ps(_mm_mul_ps(p, _mm_mul_ps(r, r)), _mm_add_ps(r, _mm_set1_ps(1.f)));
+  const __m128i e = _mm_slli_epi32(_mm_add_epi32(_mm_cvtps_epi32(n), _mm_set1_epi32(127)), 23);
+  return _mm_and_ps(live, _mm_mul_ps(p, _mm_castsi128_ps(e)));
+}
+#endif
+
 #ifndef SPARSE_AVX512BF16
-// exp of W lanes: the intrinsics above, or exp_poly lane by lane (the scalar tier: GCC keeps the clamps' float
-// compares as branches under its default -ftrapping-math, so that loop stays scalar).
+// exp of W lanes: the intrinsics above, or exp_poly lane by lane (elsewhere: GCC keeps the clamps' float compares
+// as branches under its default -ftrapping-math, so that loop stays scalar).
 inline Vec exp_vec(Vec x) {
 #if defined(__AVX512F__)
   return exp512(x);
@@ -273,6 +325,8 @@ inline Vec exp_vec(Vec x) {
   return exp256(x);
 #elif defined(__ARM_NEON) && !defined(CPU_CAPABILITY_SVE256)
   return exp_neon(x);
+#elif defined(SPARSE_SSE2)
+  return exp_sse2(x);
 #else
   alignas(64) float f[W];
   x.store(f);
@@ -334,7 +388,7 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
         for (int i = 0; i < G; ++i) acc[i] = Vec(0.f);
         for (int64_t c = 0; c < D; c += W) {
           const Vec kv = load_bf16(kr + c);
-          for (int i = 0; i < G; ++i) acc[i] = at::vec::fmadd(Vec::loadu(qf + i * D + c), kv, acc[i]);
+          for (int i = 0; i < G; ++i) acc[i] = vfma(Vec::loadu(qf + i * D + c), kv, acc[i]);
         }
         for (int i = 0; i < G; ++i) tile[i][k] = acc[i];
       }
@@ -399,7 +453,7 @@ void weighted_sum(const Prob* p, int64_t ld, const BFloat16* const* rows, int64_
         for (int64_t j = j0; j < j1; ++j) {
           if (c == 0 && j + kAhead < n) prefetch_row(rows[j + kAhead], D);
           const Vec vv = load_bf16(rows[j] + c);
-          for (int i = 0; i < G; ++i) acc[i] = at::vec::fmadd(Vec(p[i * ld + j]), vv, acc[i]);
+          for (int i = 0; i < G; ++i) acc[i] = vfma(Vec(p[i * ld + j]), vv, acc[i]);
         }
         for (int i = 0; i < G; ++i) acc[i].store(o + i * D + c);
       }
@@ -456,7 +510,7 @@ inline float scale_max(float* x, int64_t n, float scale, bool round) {
   else
     for (int64_t i = 0; i < n; ++i) x[i] *= scale;
   Vec vm(-kInf);
-  for (; j + W <= n; j += W) vm = at::vec::maximum(vm, Vec::loadu(x + j));
+  for (; j + W <= n; j += W) vm = vmax(vm, Vec::loadu(x + j));
   alignas(64) float f[W];
   vm.store(f);
   for (int k = 0; k < W; ++k) m = std::max(m, f[k]);
