@@ -136,6 +136,8 @@ struct Sse {
   void store(float* p) const { _mm_storeu_ps(p, v); }
 };
 inline Sse operator+(Sse a, Sse b) { return _mm_add_ps(a, b); }
+inline Sse operator-(Sse a, Sse b) { return _mm_sub_ps(a, b); }
+inline Sse operator/(Sse a, Sse b) { return _mm_div_ps(a, b); }
 inline Sse vfma(Sse a, Sse b, Sse c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }  // no FMA: two roundings
 inline Sse vmax(Sse a, Sse b) { return _mm_max_ps(a, b); }
 using Vec = Sse;
@@ -206,7 +208,7 @@ inline Vec hsum_tile(const Vec* a) {
 }
 #endif
 
-#ifdef SPARSE_AVX512BF16
+#ifdef __AVX512F__
 // 16 rows of 16 dwords in r[0..15] -> r[c] lane k = input row k, dword c.
 inline void transpose16(__m512i r[16]) {
   __m512i t[16];
@@ -371,7 +373,42 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
     }
     return;
   }
-#else
+#elif defined(__AVX512F__)
+  if (D % 32 == 0) {  // lanes = 16 keys, transposed as dword pairs as above, each pair widened by shift / mask
+    alignas(64) float qf[G * 256];  // the queries in fp32, D <= 256
+    for (int64_t x = 0; x < G * D; ++x) qf[x] = widen(q[x]);
+    const int64_t P = D / 2;
+    const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    alignas(64) __m512i kt[128];
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t m = std::min<int64_t>(16, n - j0);
+      for (int64_t k = j0 + kAhead; k < std::min(n, j0 + kAhead + 16); ++k) {
+        prefetch_row(rows[k], D);
+        if (also) prefetch_row(also[k], D);
+      }
+      for (int64_t c = 0; c < P; c += 16) {
+        __m512i r[16];
+        for (int k = 0; k < 16; ++k)
+          r[k] = k < m ? _mm512_loadu_si512(rows[j0 + k] + 2 * c) : _mm512_setzero_si512();
+        transpose16(r);
+        for (int k = 0; k < 16; ++k) kt[c + k] = r[k];
+      }
+      __m512 acc[G];
+      for (int i = 0; i < G; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < P; ++c) {
+        const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(kt[c], 16));
+        const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(kt[c], hi));
+        for (int i = 0; i < G; ++i) {
+          acc[i] = _mm512_fmadd_ps(even, _mm512_set1_ps(qf[i * D + 2 * c]), acc[i]);
+          acc[i] = _mm512_fmadd_ps(odd, _mm512_set1_ps(qf[i * D + 2 * c + 1]), acc[i]);
+        }
+      }
+      for (int i = 0; i < G; ++i) _mm512_storeu_ps(out + i * ld + j0, acc[i]);
+    }
+    return;
+  }
+#endif
+#ifndef SPARSE_AVX512BF16
   if (D % W == 0) {
     alignas(64) float qf[G * 256];  // the queries in fp32, D <= 256
     for (int64_t x = 0; x < G * D; ++x) qf[x] = widen(q[x]);
