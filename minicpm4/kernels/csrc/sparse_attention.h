@@ -28,14 +28,20 @@
 // Dot products: with AVX512-BF16 (vdpbf16ps: 32 bf16 multiply-adds per instruction, fp32 accumulation),
 // 16 key rows are transposed as 32-bit pairs (a 16x16 dword transpose), so the 16 lanes of one accumulator
 // are 16 keys and each of the G query heads needs one instruction per pair of dimensions; P V interleaves two
-// value rows so lanes are 16 output dimensions. Every other tier (scalar, avx2, avx512, neon*) runs one portable
-// implementation on ATen's Vectorized<float> (W = 8 / 16 / 4 fp32 lanes by the tier, the scalar tier's a plain
-// array the compiler vectorises for SSE2): bf16 widened to fp32 by a 16-bit shift (bf16 is the top half of an
-// fp32), fp32 FMA. Dot products put W dimensions of one key in the lanes (G accumulators per key, the queries
-// widened once), and W keys' accumulators of a head are summed across lanes in one small transpose-add
-// (hsum_tile), so no key is transposed; P V puts W output dimensions in the lanes, keys in tiles of 64 that
-// stay in L1 while the chunks of D pass over them. The elementwise loops (exp, bf16 rounding) are plain C++ on
-// bit patterns that the compiler vectorises; exp is the same Cephes polynomial as the AVX-512 one.
+// value rows so lanes are 16 output dimensions. Every other tier (scalar, avx2, avx512, neon*) widens bf16 to
+// fp32 by a 16-bit shift (bf16 is the top half of an fp32) and multiplies in fp32 (FMA where the tier has it), on
+// ATen's Vectorized<float> (W = 8 lanes on avx2, 4 on NEON) or SSE2 on the x86 scalar tier (4 lanes: ATen's
+// fallback there is an array whose loops compile to shuffles). Dot products put W dimensions of one key in the lanes
+// (G accumulators per key, the queries widened once) and sum W keys' accumulators across lanes in one transpose-add
+// (hsum_tile), so no key is transposed; the avx512 tier instead transposes 16 keys as dword pairs as above and
+// widens each pair by a shift and a mask (a third fewer instructions than lanes = dimensions at D = 64). P V puts
+// W output dimensions in the lanes, keys in tiles of 64 that stay in L1 while the chunks of D pass over them.
+// exp is the same Cephes polynomial on every tier (exp512 / exp256 / exp_neon / exp_sse2 / exp_poly), and the bf16
+// roundings are bit operations in loops the compiler vectorises.
+//
+// Memory: the selected blocks (64 contiguous keys each) are scattered over the cache, so the hardware prefetcher
+// loses the stream at every block; every tier prefetches the key rows, and stage 2's value rows, kAhead rows early.
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
