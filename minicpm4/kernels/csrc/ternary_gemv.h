@@ -10,8 +10,10 @@
 // gemv: y[m, n] = dscale[n] * sum_g qscale[n, g] * (sum_{j: +1} x[m, 32g+j] - sum_{j: -1} x[m, 32g+j]).
 // bf16 x (the engine's case) on AVX512_BF16: the group's codes become 32 bf16 values in {-1, 0, 1} and one
 // vdpbf16ps takes the signed sum (gemv_rows_bf16). fp32 x, or no AVX512_BF16: each half-group of 16 activations is
-// added under the +1 mask and subtracted under the -1 mask (masked vaddps/vsubps); on AVX2 and NEON the codes come
-// from a table of bit patterns and one FMA per 8 / 4 activations takes the sum. Either way the sum is scaled
+// added under the +1 mask and subtracted under the -1 mask (masked vaddps/vsubps); on AVX2, NEON and the x86
+// scalar tier the codes come from a table of bit patterns and one multiply-add per ATen Vectorized<float> of
+// activations (8 / 4 / 8 lanes) takes the sum (measured on the scalar tier: ~35x the bit-by-bit loop, which only
+// other architectures keep). Either way the sum is scaled
 // once per group with one FMA, products are exact and accumulation is fp32; several weight rows are interleaved
 // so their dependency chains overlap, and each row's codes serve up to 4 activation rows.
 #pragma once
@@ -22,7 +24,7 @@
 #include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
-#elif (defined(__AVX2__) && defined(__FMA__)) || defined(__ARM_NEON)
+#elif (defined(__AVX2__) && defined(__FMA__)) || defined(__ARM_NEON) || defined(__SSE2__)
 #include <ATen/cpu/vec/vec.h>
 #define TERNARY_CODE_TABLE 1
 #endif
@@ -36,8 +38,10 @@ inline const char* path() {
   return "avx512f";
 #elif defined(TERNARY_CODE_TABLE) && defined(__AVX2__)
   return "avx2 (fp32 FMA, code table)";
-#elif defined(TERNARY_CODE_TABLE)
+#elif defined(TERNARY_CODE_TABLE) && defined(__ARM_NEON)
   return "neon (fp32 FMA, code table)";
+#elif defined(TERNARY_CODE_TABLE)
+  return "scalar (fp32, code table)";
 #else
   return "scalar";
 #endif
@@ -63,7 +67,7 @@ inline float group_sum_scalar(const float* x, uint32_t plus, uint32_t minus) {
 }
 
 #ifdef TERNARY_CODE_TABLE
-// AVX2 / NEON (no mask registers): a slice of W = 8 / 4 code bits becomes W fp32 codes by one load from a table
+// AVX2 / NEON / SSE2 (no mask registers): a slice of W = 8 / 4 / 8 code bits becomes W fp32 codes by one load from a table
 // of every W-bit pattern, plus[bits] - minus[bits] in {-1, 0, +1}, and one FMA per activation row takes the
 // signed sum (exact products, fp32 accumulation). The table is 2^W x W floats: 8 KiB / 64 B, in L1.
 using Vec = at::vec::Vectorized<float>;
