@@ -58,9 +58,10 @@ def test_native_decode_runs_int4_and_int8_layers(smollm_gguf, real_text):
     assert (native - python).abs().mean() < 0.1 * python.abs().mean()
 
 
-def test_native_decode_with_mup_multipliers_and_fallbacks(monkeypatch):
+def test_native_decode_with_mup_multipliers_and_fallbacks(tier, monkeypatch):
     """The tiny MiniCPM4 config (scale_emb 12, residual scale 1.4/sqrt(2), GQA group 4, head_dim 16): the
-    residual scaling that the default (Llama) model never exercises. Off switch and unfit models fall back."""
+    residual scaling that the default (Llama) model never exercises. Off switch and unfit models fall back. Runs
+    every instruction-set tier (tests/conftest.py's `tier`): norms, SiLU and attention have a path per tier."""
     torch.manual_seed(0)
     m32 = MiniCPM4ForCausalLM(tiny()).eval()
     assert attach(m32).native is None  # fp32 weights: the Python layers run
@@ -78,7 +79,7 @@ def test_native_decode_with_mup_multipliers_and_fallbacks(monkeypatch):
     assert attach(m).native is None
 
 
-def test_native_decode_runs_ternary_layers():
+def test_native_decode_runs_ternary_layers(tier):
     """Every projection a TernaryLinear (the tiny muP config): the C++ stack calls the same gemv TernaryLinear
     does, so native and Python decode agree to bf16 summation-order noise."""
     from minicpm4.quant.ternary import TernaryLinear

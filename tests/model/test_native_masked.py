@@ -22,11 +22,16 @@ PARENTS = [-1, 0, 0, 0, 2, 1, 2, 6, 7, 3]  # root, three children, deeper branch
 
 
 @pytest.fixture(scope="module")
-def models():
-    m32 = random_model(tiny(), seed=3)
-    m16 = attach(copy.deepcopy(m32).to(torch.bfloat16))
+def model32():
+    return random_model(tiny(), seed=3)
+
+
+@pytest.fixture
+def models(model32, tier):
+    """The fp32 model and its bf16 copy on the C++ stack of each instruction-set tier (tests/conftest.py)."""
+    m16 = attach(copy.deepcopy(model32).to(torch.bfloat16))
     assert m16.native is not None, "the C++ decode stack did not build (needs a C++ compiler and ninja)"
-    return m32, m16
+    return model32, m16
 
 
 def _verify(model, prompt: torch.Tensor, tree: DraftTree, dtype) -> tuple[torch.Tensor, torch.Tensor]:

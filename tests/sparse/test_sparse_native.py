@@ -22,11 +22,10 @@ SMALL = dict(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, init
 PAPER = dict(kernel_size=32, kernel_stride=16, block_size=64, window_size=256, init_blocks=1, topk=8, dense_len=-1)
 
 
-@pytest.fixture(scope="module")
-def ext():
-    ext = kernels.native()
-    assert ext is not None, "the C++ sparse kernel did not build (needs a C++ compiler and ninja)"
-    return ext
+@pytest.fixture
+def ext(tier):
+    """The kernels of each instruction-set tier this CPU runs (tests/conftest.py), each its own code path."""
+    return kernels.native()
 
 
 def _case(b, h, kvh, s, d, seed):
@@ -117,7 +116,7 @@ def _decode(model, ids, n, steps, cfg):
     return torch.stack(out, 1), cache
 
 
-def test_native_model_decode_runs_sparse_and_keeps_compressed_keys():
+def test_native_model_decode_runs_sparse_and_keeps_compressed_keys(tier):
     """A bf16 InfLLM v2 model's decode steps through the C++ stack (dense below dense_len, the sparse step from
     then on) agree with the Python layers, and the compressed keys the stack maintains equal pooling the cache."""
     sparse = dict(SMALL, topk=3, window_size=16, dense_len=200)  # 4 blocks of 16 keys: far from dense
@@ -175,7 +174,7 @@ def test_native_chunk_equals_the_chunked_reference(ext, h, kvh, d, cfg, monkeypa
     _assert_close(fast, slow)
 
 
-def test_native_chunked_prefill_through_the_model(monkeypatch):
+def test_native_chunked_prefill_through_the_model(tier, monkeypatch):
     """A bf16 sparse model prefilling in chunks through its KV cache (compressed keys from the cache): the C++
     chunk kernel and the PyTorch path give the same logits up to bf16 rounding."""
     sparse = dict(SMALL, topk=3, window_size=16, dense_len=64)

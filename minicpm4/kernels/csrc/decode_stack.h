@@ -86,8 +86,9 @@ void add_scaled(BFloat16* h, const BFloat16* a, int64_t n, float rs) {
   }
 }
 
-// out[i] = bf16(bf16(silu(g[i])) * u[i]), silu(g) = g / (1 + exp(-g)) in fp32; 16 lanes at a time with the
-// sparse kernel's exp (~1 ulp of std::exp, which the scalar tail uses).
+// out[i] = bf16(bf16(silu(g[i])) * u[i]), silu(g) = g / (1 + exp(-g)) in fp32, with the sparse kernel's exp
+// (~1 ulp of std::exp): 16 lanes at a time on AVX512-BF16 (std::exp in the tail); elsewhere silu a vector at a
+// time into a 256-float buffer, then the bf16 roundings in a loop the compiler vectorises (exp_poly in the tail).
 void silu_mul(const BFloat16* g, const BFloat16* u, BFloat16* out, int64_t n) {
   int64_t i = 0;
 #ifdef SPARSE_AVX512BF16
@@ -103,11 +104,29 @@ void silu_mul(const BFloat16* g, const BFloat16* u, BFloat16* out, int64_t n) {
     const __m512 s = round(_mm512_div_ps(gv, _mm512_add_ps(one, infllm::exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
     _mm256_storeu_si256((__m256i*)(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, load(u + i))));
   }
-#endif
   for (; i < n; ++i) {
     const float gi = g[i];
     out[i] = bf(bf(gi / (1.f + std::exp(-gi))) * static_cast<float>(u[i]));
   }
+#else
+  using infllm::Vec;
+  constexpr int64_t kChunk = 256;
+  alignas(64) float s[kChunk];
+  const Vec one(1.f), zero(0.f);
+  while (n - i >= infllm::W) {
+    const int64_t m = std::min(kChunk, (n - i) / infllm::W * infllm::W);
+    for (int64_t j = 0; j < m; j += infllm::W) {
+      const Vec gv = infllm::load_bf16(g + i + j);
+      (gv / (one + infllm::exp_vec(zero - gv))).store(s + j);
+    }
+    for (int64_t j = 0; j < m; ++j) out[i + j] = infllm::narrow(infllm::rne_bf16(s[j]) * infllm::widen(u[i + j]));
+    i += m;
+  }
+  for (; i < n; ++i) {
+    const float gi = infllm::widen(g[i]);
+    out[i] = bf(bf(gi / (1.f + infllm::exp_poly(-gi))) * infllm::widen(u[i]));
+  }
+#endif
 }
 
 class DecodeStack {

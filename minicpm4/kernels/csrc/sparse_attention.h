@@ -28,10 +28,23 @@
 // Dot products: with AVX512-BF16 (vdpbf16ps: 32 bf16 multiply-adds per instruction, fp32 accumulation),
 // 16 key rows are transposed as 32-bit pairs (a 16x16 dword transpose), so the 16 lanes of one accumulator
 // are 16 keys and each of the G query heads needs one instruction per pair of dimensions; P V interleaves two
-// value rows so lanes are 16 output dimensions. Elsewhere a portable scalar loop computes the same sums.
+// value rows so lanes are 16 output dimensions. Every other tier (scalar, avx2, avx512, neon*) widens bf16 to
+// fp32 by a 16-bit shift (bf16 is the top half of an fp32) and multiplies in fp32 (FMA where the tier has it), on
+// ATen's Vectorized<float> (W = 8 lanes on avx2, 4 on NEON) or SSE2 on the x86 scalar tier (4 lanes: ATen's
+// fallback there is an array whose loops compile to shuffles). Dot products put W dimensions of one key in the lanes
+// (G accumulators per key, the queries widened once) and sum W keys' accumulators across lanes in one transpose-add
+// (hsum_tile), so no key is transposed; the avx512 tier instead transposes 16 keys as dword pairs as above and
+// widens each pair by a shift and a mask (a third fewer instructions than lanes = dimensions at D = 64). P V puts
+// W output dimensions in the lanes, keys in tiles of 64 that stay in L1 while the chunks of D pass over them.
+// exp is the same Cephes polynomial on every tier (exp512 / exp256 / exp_neon / exp_sse2 / exp_poly), and the bf16
+// roundings are bit operations in loops the compiler vectorises.
+//
+// Memory: the selected blocks (64 contiguous keys each) are scattered over the cache, so the hardware prefetcher
+// loses the stream at every block; every tier prefetches the key rows, and stage 2's value rows, kAhead rows early.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
@@ -45,16 +58,28 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define SPARSE_AVX512BF16 1
+#elif defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 namespace infllm {
 
 // The code path of the attention loops (dot products, softmax) in this build; dense_attention.h shares them.
 inline const char* path() {
-#ifdef SPARSE_AVX512BF16
+#if defined(SPARSE_AVX512BF16)
   return "avx512_bf16 (vdpbf16ps)";
+#elif defined(__AVX512F__)
+  return "avx512 (fp32 FMA, 16 lanes)";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2 (fp32 FMA, 8 lanes)";
+#elif defined(__ARM_NEON)
+  return "neon (fp32 FMA, 4 lanes)";
+#elif defined(__SSE2__)
+  return "scalar (SSE2 fp32, 4 lanes)";
 #else
-  return "scalar";
+  return "scalar (portable fp32)";
 #endif
 }
 
@@ -65,7 +90,131 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 inline float round_bf16(float x) { return static_cast<float>(static_cast<BFloat16>(x)); }
 
-#ifdef SPARSE_AVX512BF16
+// Bit-pattern helpers for loops the compiler vectorises (no branches, no calls): bf16 <-> fp32 by shifts,
+// round-to-nearest-even as c10::BFloat16 rounds (finite values; NaN stays NaN).
+inline uint32_t bits(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
+inline float from_bits(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
+inline float widen(BFloat16 h) { return from_bits(static_cast<uint32_t>(h.x) << 16); }
+inline uint32_t rne_bits(float x) { const uint32_t u = bits(x); return u + 0x7FFFu + (u >> 16 & 1u); }
+inline float rne_bf16(float x) { return from_bits(rne_bits(x) & 0xFFFF0000u); }
+inline BFloat16 narrow(float x) { return BFloat16(static_cast<uint16_t>(rne_bits(x) >> 16), BFloat16::from_bits()); }
+
+// exp(x) for one fp32 (Cephes polynomial, ~1 ulp, as exp512 below); below -87.3 (-inf included) it is 0, above
+// 88.3 it is exp(88.3). Round-to-nearest of x log2(e) by adding and subtracting 1.5 * 2^23 (exact for
+// |x log2(e)| < 2^22), whose bit pattern then holds n in its low bits: 2^n = bits((pattern - 0x4B400000 + 127) << 23).
+inline float exp_poly(float x) {
+  const bool live = x >= -87.3f;
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float t = x * 1.44269504088896341f + 12582912.f;
+  const float n = t - 12582912.f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + (r + 1.f);
+  const float y = p * from_bits((bits(t) + (127u - 0x4B400000u)) << 23);
+  return live ? y : 0.f;
+}
+
+// The selected rows are blocks of 64 contiguous keys scattered over the cache, so the hardware prefetcher loses
+// the stream at every block boundary; the row pointers are known ahead, so fetch kAhead rows early.
+constexpr int64_t kAhead = 96;
+inline void prefetch_row(const BFloat16* r, int64_t D) {
+  for (int64_t d = 0; d < D; d += 32) __builtin_prefetch(r + d, 0, 1);
+}
+
+#if !defined(SPARSE_AVX512BF16) && defined(__SSE2__) && !defined(__AVX2__)
+#define SPARSE_SSE2 1
+// The scalar tier on x86-64: ATen's Vectorized<float> is a plain 8-float array there, whose loops GCC lowers to
+// shuffles (measured: slower than the PyTorch reference); SSE2, which every x86-64 CPU has, gives 4 lanes directly.
+struct Sse {
+  __m128 v;
+  Sse() = default;
+  Sse(__m128 x) : v(x) {}
+  explicit Sse(float x) : v(_mm_set1_ps(x)) {}
+  operator __m128() const { return v; }
+  static constexpr int size() { return 4; }
+  static Sse loadu(const float* p) { return _mm_loadu_ps(p); }
+  void store(float* p) const { _mm_storeu_ps(p, v); }
+};
+inline Sse operator+(Sse a, Sse b) { return _mm_add_ps(a, b); }
+inline Sse operator-(Sse a, Sse b) { return _mm_sub_ps(a, b); }
+inline Sse operator/(Sse a, Sse b) { return _mm_div_ps(a, b); }
+inline Sse vfma(Sse a, Sse b, Sse c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }  // no FMA: two roundings
+inline Sse vmax(Sse a, Sse b) { return _mm_max_ps(a, b); }
+using Vec = Sse;
+#elif !defined(SPARSE_AVX512BF16)
+using Vec = at::vec::Vectorized<float>;
+inline Vec vfma(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
+inline Vec vmax(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
+#endif
+
+#ifndef SPARSE_AVX512BF16
+constexpr int W = Vec::size();
+
+// W bf16 -> W fp32 lanes.
+inline Vec load_bf16(const BFloat16* p) {
+#if defined(__AVX512F__)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+#elif defined(__AVX2__)
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+#elif defined(__ARM_NEON) && !defined(CPU_CAPABILITY_SVE256)
+  return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p)), 16));
+#elif defined(SPARSE_SSE2)  // zeros interleaved below each bf16: the 16-bit shift
+  return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_loadl_epi64((const __m128i*)p)));
+#else
+  alignas(64) float f[W];
+  for (int k = 0; k < W; ++k) f[k] = widen(p[k]);
+  return Vec::loadu(f);
+#endif
+}
+
+// a[0..W) -> the vector whose lane w is the sum of a[w]'s lanes (a transpose-add tree).
+inline Vec hsum_tile(const Vec* a) {
+#if defined(__AVX512F__)
+  __m512 b[8], c[4];
+  for (int k = 0; k < 8; ++k) {  // b[k] quarters: a[2k] (q0+q2, q1+q3), a[2k+1] (q0+q2, q1+q3)
+    const __m512 x = a[2 * k], y = a[2 * k + 1];
+    b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+  }
+  for (int k = 0; k < 4; ++k)  // c[k] quarter L = 4 partial sums of a[4k + L]
+    c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0xDD));
+  const __m512 e0 = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1]));
+  const __m512 e1 = _mm512_add_ps(_mm512_unpacklo_ps(c[2], c[3]), _mm512_unpackhi_ps(c[2], c[3]));
+  // quarter L: sums of a[L], a[4 + L], a[8 + L], a[12 + L]
+  const __m512 g = _mm512_add_ps(_mm512_shuffle_ps(e0, e1, 0x44), _mm512_shuffle_ps(e0, e1, 0xEE));
+  const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(idx, g);
+#elif defined(__AVX2__)
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // 128-bit halves: a[0..3], a[4..7]
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+#elif defined(__ARM_NEON) && !defined(CPU_CAPABILITY_SVE256)
+  return vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3]));
+#elif defined(SPARSE_SSE2)
+  __m128 r0 = a[0], r1 = a[1], r2 = a[2], r3 = a[3];
+  _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+  return _mm_add_ps(_mm_add_ps(r0, r1), _mm_add_ps(r2, r3));
+#else
+  alignas(64) float f[W], s[W];
+  for (int w = 0; w < W; ++w) {
+    a[w].store(f);
+    float t = 0.f;
+    for (int k = 0; k < W; ++k) t += f[k];
+    s[w] = t;
+  }
+  return Vec::loadu(s);
+#endif
+}
+#endif
+
+#ifdef __AVX512F__
 // 16 rows of 16 dwords in r[0..15] -> r[c] lane k = input row k, dword c.
 inline void transpose16(__m512i r[16]) {
   __m512i t[16];
@@ -90,6 +239,9 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
+#endif
+
+#ifdef __AVX512F__
 // exp for fp32 lanes (Cephes polynomial, ~1 ulp); below -87.3 (-inf included) it is 0.
 inline __m512 exp512(__m512 x) {
   const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
@@ -109,9 +261,94 @@ inline __m512 exp512(__m512 x) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// exp512 on 8 lanes (AVX2 has no scalef: 2^n is built in the exponent bits, n <= 127 by the clamp at 88.3).
+inline __m256 exp256(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(live, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#endif
+
+#if defined(__ARM_NEON) && !defined(CPU_CAPABILITY_SVE256)
+// exp512 on 4 lanes.
+inline float32x4_t exp_neon(float32x4_t x) {
+  const uint32x4_t live = vcgeq_f32(x, vdupq_n_f32(-87.3f));
+  x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.3f)), vdupq_n_f32(88.3f));
+  const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
+  float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+  r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+  float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
+  p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+  p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.f)), p, vmulq_f32(r, r));
+  const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127)), 23);
+  return vreinterpretq_f32_u32(vandq_u32(live, vreinterpretq_u32_f32(vmulq_f32(p, vreinterpretq_f32_s32(e)))));
+}
+#endif
+
+#ifdef SPARSE_SSE2
+// exp512 on 4 SSE2 lanes: no FMA, no roundps; n by the 1.5 * 2^23 trick of exp_poly, 2^n in the exponent bits.
+inline __m128 exp_sse2(__m128 x) {
+  const __m128 live = _mm_cmpge_ps(x, _mm_set1_ps(-87.3f));
+  x = _mm_min_ps(_mm_max_ps(x, _mm_set1_ps(-87.3f)), _mm_set1_ps(88.3f));
+  const __m128 magic = _mm_set1_ps(12582912.f);
+  const __m128 n = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)), magic), magic);
+  __m128 r = _mm_sub_ps(x, _mm_mul_ps(n, _mm_set1_ps(0.693359375f)));
+  r = _mm_sub_ps(r, _mm_mul_ps(n, _mm_set1_ps(-2.12194440e-4f)));
+  __m128 p = _mm_set1_ps(1.9875691500e-4f);
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.3981999507e-3f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(8.3334519073e-3f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(4.1665795894e-2f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.6666665459e-1f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(5.0000001201e-1f));
+  p = _mm_add_ps(_mm_mul_ps(p, _mm_mul_ps(r, r)), _mm_add_ps(r, _mm_set1_ps(1.f)));
+  const __m128i e = _mm_slli_epi32(_mm_add_epi32(_mm_cvtps_epi32(n), _mm_set1_epi32(127)), 23);
+  return _mm_and_ps(live, _mm_mul_ps(p, _mm_castsi128_ps(e)));
+}
+#endif
+
+#ifndef SPARSE_AVX512BF16
+// exp of W lanes: the intrinsics above, or exp_poly lane by lane (elsewhere: GCC keeps the clamps' float compares
+// as branches under its default -ftrapping-math, so that loop stays scalar).
+inline Vec exp_vec(Vec x) {
+#if defined(__AVX512F__)
+  return exp512(x);
+#elif defined(__AVX2__) && defined(__FMA__)
+  return exp256(x);
+#elif defined(__ARM_NEON) && !defined(CPU_CAPABILITY_SVE256)
+  return exp_neon(x);
+#elif defined(SPARSE_SSE2)
+  return exp_sse2(x);
+#else
+  alignas(64) float f[W];
+  x.store(f);
+  for (int k = 0; k < W; ++k) f[k] = exp_poly(f[k]);
+  return Vec::loadu(f);
+#endif
+}
+#endif
+
 // out[i * ld + j] = q_i . rows[j] (fp32 sums) for i < G, j < n; q [G, D] contiguous; ld >= n rounded up to 16.
+// also: rows read next (stage 2's values), prefetched alongside, or nullptr.
 template <int G>
-void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, float* out, int64_t ld) {
+void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, float* out, int64_t ld,
+          const BFloat16* const* also = nullptr) {
 #ifdef SPARSE_AVX512BF16
   if (D % 32 == 0) {
     const uint32_t* qd = reinterpret_cast<const uint32_t*>(q);  // q as dimension pairs
@@ -123,6 +360,11 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
         __m512i r[16];
         for (int k = 0; k < 16; ++k)
           r[k] = k < m ? _mm512_loadu_si512(rows[j0 + k] + 2 * c) : _mm512_setzero_si512();
+        if (c == 0)
+          for (int64_t k = j0 + kAhead; k < std::min(n, j0 + kAhead + 16); ++k) {
+            prefetch_row(rows[k], D);
+            if (also) prefetch_row(also[k], D);
+          }
         transpose16(r);
         for (int k = 0; k < 16; ++k) kt[c + k] = r[k];
       }
@@ -137,6 +379,69 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
     }
     return;
   }
+#elif defined(__AVX512F__)
+  if (D % 32 == 0) {  // lanes = 16 keys, transposed as dword pairs as above, each pair widened by shift / mask
+    alignas(64) float qf[G * 256];  // the queries in fp32, D <= 256
+    for (int64_t x = 0; x < G * D; ++x) qf[x] = widen(q[x]);
+    const int64_t P = D / 2;
+    const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    alignas(64) __m512i kt[128];
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t m = std::min<int64_t>(16, n - j0);
+      for (int64_t k = j0 + kAhead; k < std::min(n, j0 + kAhead + 16); ++k) {
+        prefetch_row(rows[k], D);
+        if (also) prefetch_row(also[k], D);
+      }
+      for (int64_t c = 0; c < P; c += 16) {
+        __m512i r[16];
+        for (int k = 0; k < 16; ++k)
+          r[k] = k < m ? _mm512_loadu_si512(rows[j0 + k] + 2 * c) : _mm512_setzero_si512();
+        transpose16(r);
+        for (int k = 0; k < 16; ++k) kt[c + k] = r[k];
+      }
+      __m512 acc[G];
+      for (int i = 0; i < G; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < P; ++c) {
+        const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(kt[c], 16));
+        const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(kt[c], hi));
+        for (int i = 0; i < G; ++i) {
+          acc[i] = _mm512_fmadd_ps(even, _mm512_set1_ps(qf[i * D + 2 * c]), acc[i]);
+          acc[i] = _mm512_fmadd_ps(odd, _mm512_set1_ps(qf[i * D + 2 * c + 1]), acc[i]);
+        }
+      }
+      for (int i = 0; i < G; ++i) _mm512_storeu_ps(out + i * ld + j0, acc[i]);
+    }
+    return;
+  }
+#endif
+#ifndef SPARSE_AVX512BF16
+  if (D % W == 0) {
+    alignas(64) float qf[G * 256];  // the queries in fp32, D <= 256
+    for (int64_t x = 0; x < G * D; ++x) qf[x] = widen(q[x]);
+    Vec tile[G][W];  // tile[i][k]: head i's W partial sums of key j0 + k
+    for (int64_t j0 = 0; j0 < n; j0 += W) {
+      const int64_t m = std::min<int64_t>(W, n - j0);
+      for (int64_t k = 0; k < m; ++k) {
+        const BFloat16* kr = rows[j0 + k];
+        if (j0 + k + kAhead < n) {
+          prefetch_row(rows[j0 + k + kAhead], D);
+          if (also) prefetch_row(also[j0 + k + kAhead], D);
+        }
+        Vec acc[G];
+        for (int i = 0; i < G; ++i) acc[i] = Vec(0.f);
+        for (int64_t c = 0; c < D; c += W) {
+          const Vec kv = load_bf16(kr + c);
+          for (int i = 0; i < G; ++i) acc[i] = vfma(Vec::loadu(qf + i * D + c), kv, acc[i]);
+        }
+        for (int i = 0; i < G; ++i) tile[i][k] = acc[i];
+      }
+      for (int i = 0; i < G; ++i) {
+        for (int64_t k = m; k < W; ++k) tile[i][k] = Vec(0.f);
+        hsum_tile(tile[i]).store(out + i * ld + j0);
+      }
+    }
+    return;
+  }
 #endif
   for (int64_t j = 0; j < n; ++j)
     for (int i = 0; i < G; ++i) {
@@ -146,10 +451,18 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
     }
 }
 
-// o[i, :] = sum_j p[i * ld + j] * rows[j] (fp32 sums) for i < G; p bf16 with p[i * ld + j] = 0 for n <= j < n
-// rounded up to 2; o [G, D] fp32.
+// Probabilities as P V reads them: bf16 for vdpbf16ps; elsewhere fp32 holding bf16-rounded values (no widening
+// in the inner loop).
+#ifdef SPARSE_AVX512BF16
+using Prob = BFloat16;
+#else
+using Prob = float;
+#endif
+
+// o[i, :] = sum_j p[i * ld + j] * rows[j] (fp32 sums) for i < G; p[i * ld + j] = 0 for n <= j < n rounded up to
+// 2; o [G, D] fp32.
 template <int G>
-void weighted_sum(const BFloat16* p, int64_t ld, const BFloat16* const* rows, int64_t n, int64_t D, float* o) {
+void weighted_sum(const Prob* p, int64_t ld, const BFloat16* const* rows, int64_t n, int64_t D, float* o) {
 #ifdef SPARSE_AVX512BF16
   if (D % 32 == 0) {
     const uint32_t* pd = reinterpret_cast<const uint32_t*>(p);  // probabilities of keys (2j, 2j + 1)
@@ -171,6 +484,25 @@ void weighted_sum(const BFloat16* p, int64_t ld, const BFloat16* const* rows, in
     }
     return;
   }
+#else
+  if (D % W == 0) {
+    std::fill(o, o + G * D, 0.f);
+    constexpr int64_t kTile = 64;  // keys whose rows stay in L1 while the D / W chunks pass over them
+    for (int64_t j0 = 0; j0 < n; j0 += kTile) {
+      const int64_t j1 = std::min(n, j0 + kTile);
+      for (int64_t c = 0; c < D; c += W) {
+        Vec acc[G];
+        for (int i = 0; i < G; ++i) acc[i] = Vec::loadu(o + i * D + c);
+        for (int64_t j = j0; j < j1; ++j) {
+          if (c == 0 && j + kAhead < n) prefetch_row(rows[j + kAhead], D);
+          const Vec vv = load_bf16(rows[j] + c);
+          for (int i = 0; i < G; ++i) acc[i] = vfma(Vec(p[i * ld + j]), vv, acc[i]);
+        }
+        for (int i = 0; i < G; ++i) acc[i].store(o + i * D + c);
+      }
+    }
+    return;
+  }
 #endif
   std::fill(o, o + G * D, 0.f);
   for (int64_t j = 0; j < n; ++j)
@@ -186,11 +518,15 @@ inline void exp_shift(float* x, int64_t n, float shift) {
 #ifdef SPARSE_AVX512BF16
   const __m512 s = _mm512_set1_ps(shift);
   for (; j + 16 <= n; j += 16) _mm512_storeu_ps(x + j, exp512(_mm512_add_ps(_mm512_loadu_ps(x + j), s)));
-#endif
   for (; j < n; ++j) x[j] = std::exp(x[j] + shift);
+#else
+  const Vec s(shift);
+  for (; j + W <= n; j += W) exp_vec(Vec::loadu(x + j) + s).store(x + j);
+  for (; j < n; ++j) x[j] = exp_poly(x[j] + shift);
+#endif
 }
 
-// The softmax loops below, 16 lanes at a time (scalar loops with a running max or sum do not vectorise
+// The softmax loops below, a vector at a time (scalar loops with a running max or sum do not vectorise
 // without -ffast-math, and at 64K keys they were a fifth of the step). Rounding to bf16 is round-to-nearest-even
 // either way (vcvtneps2bf16 also flushes denormals, which no score here reaches).
 
@@ -210,8 +546,19 @@ inline float scale_max(float* x, int64_t n, float scale, bool round) {
     vm = _mm512_max_ps(vm, v);
   }
   m = _mm512_reduce_max_ps(vm);
-#endif
   for (; j < n; ++j) m = std::max(m, x[j] = (round ? round_bf16(x[j]) : x[j]) * scale);
+#else
+  if (round)
+    for (int64_t i = 0; i < n; ++i) x[i] = rne_bf16(x[i]) * scale;
+  else
+    for (int64_t i = 0; i < n; ++i) x[i] *= scale;
+  Vec vm(-kInf);
+  for (; j + W <= n; j += W) vm = vmax(vm, Vec::loadu(x + j));
+  alignas(64) float f[W];
+  vm.store(f);
+  for (int k = 0; k < W; ++k) m = std::max(m, f[k]);
+  for (; j < n; ++j) m = std::max(m, x[j]);
+#endif
   return m;
 }
 
@@ -222,21 +569,29 @@ inline float sum(const float* x, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   for (; j + 16 <= n; j += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + j));
   t = _mm512_reduce_add_ps(acc);
+#else
+  Vec acc(0.f);
+  for (; j + W <= n; j += W) acc = acc + Vec::loadu(x + j);
+  alignas(64) float f[W];
+  acc.store(f);
+  for (int k = 0; k < W; ++k) t += f[k];
 #endif
   for (; j < n; ++j) t += x[j];
   return t;
 }
 
-// out[j] = bf16(x[j] * c).
-inline void to_bf16(const float* x, int64_t n, float c, BFloat16* out) {
+// out[j] = bf16(x[j] * c) (as a Prob).
+inline void to_prob(const float* x, int64_t n, float c, Prob* out) {
   int64_t j = 0;
 #ifdef SPARSE_AVX512BF16
   const __m512 s = _mm512_set1_ps(c);
   for (; j + 16 <= n; j += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
                         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + j), s)));
-#endif
   for (; j < n; ++j) out[j] = x[j] * c;
+#else
+  for (; j < n; ++j) out[j] = rne_bf16(x[j] * c);
+#endif
 }
 
 struct Params {
@@ -245,9 +600,9 @@ struct Params {
 };
 
 struct Scratch {  // per thread, grown as needed
-  std::vector<const BFloat16*> rows;
+  std::vector<const BFloat16*> rows, vrows;
   std::vector<float> s, score, blocks;
-  std::vector<BFloat16> p;
+  std::vector<Prob> p;
   std::vector<int64_t> order;
   std::vector<float> o;
 };
@@ -309,30 +664,28 @@ void step(const BFloat16* q, const BFloat16* qs, const BFloat16* kbase, const BF
   std::sort(w.order.begin(), w.order.begin() + K);
   for (int64_t k = 0; k < P.k_sel; ++k) idx[k] = k < K ? w.order[k] : -1;
 
-  // stage 2: the selected tokens p <= t, in block order
+  // stage 2: the selected tokens p <= t, in block order: their keys, and the value rows P V reads next
   int64_t n = 0;
+  w.vrows.resize(w.rows.size());
   for (int64_t k = 0; k < K; ++k) {
     const int64_t lo = w.order[k] * P.block, hi = std::min(lo + P.block, t + 1);
-    for (int64_t p = lo; p < hi; ++p) w.rows[n++] = kbase + p * kstride;
+    for (int64_t p = lo; p < hi; ++p, ++n) {
+      w.rows[n] = kbase + p * kstride;
+      w.vrows[n] = vbase + p * vstride;
+    }
   }
   const int64_t ld2 = pad16(n);
-  dots<G>(q, D, w.rows.data(), n, w.s.data(), ld2);
+  dots<G>(q, D, w.rows.data(), n, w.s.data(), ld2, w.vrows.data());
   w.p.resize(G * ld2);
   for (int i = 0; i < G; ++i) {
     float* s = w.s.data() + i * ld2;
     exp_shift(s, n, -scale_max(s, n, scale, false));
-    BFloat16* pi = w.p.data() + i * ld2;
-    to_bf16(s, n, 1.f / sum(s, n), pi);
-    std::fill(pi + n, pi + ld2, BFloat16(0.f));
-  }
-  // values: same tokens, rows of the value cache
-  n = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t lo = w.order[k] * P.block, hi = std::min(lo + P.block, t + 1);
-    for (int64_t p = lo; p < hi; ++p) w.rows[n++] = vbase + p * vstride;
+    Prob* pi = w.p.data() + i * ld2;
+    to_prob(s, n, 1.f / sum(s, n), pi);
+    std::fill(pi + n, pi + ld2, Prob(0.f));
   }
   w.o.resize(G * D);
-  weighted_sum<G>(w.p.data(), ld2, w.rows.data(), n, D, w.o.data());
+  weighted_sum<G>(w.p.data(), ld2, w.vrows.data(), n, D, w.o.data());
   for (int64_t i = 0; i < G * D; ++i) out[i] = w.o[i];
 }
 
