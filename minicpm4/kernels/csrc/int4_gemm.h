@@ -4,9 +4,11 @@
 //
 // Why our own: torch's _weight_int4pack_mm_for_cpu turns each weight into fp32 and multiplies with fp32 FMAs,
 // unpacks the weights again for every block of 4 activation rows, and rounds a row differently depending on the
-// rows beside it. Here each 4-bit weight is unpacked once per call for all rows. Many rows (prefill) take a GEMM
-// on dequantized blocks: bf16 on avx512_bf16, fp32 on every other tier (where a bf16 GEMM, without native bf16
-// dot products, is several times slower than fp32). BENCHMARKS.md has the measurements.
+// rows beside it. Here each 4-bit weight is unpacked once per call for all rows and multiplied by int8
+// activations with integer dot products (on avx512_bf16 CPUs too: this replaced a vdpbf16ps kernel on the bf16
+// activations, which it beats at 1 to 16 rows; BENCHMARKS.md has the measurements). Many rows (prefill) take a
+// GEMM on dequantized blocks: bf16 on avx512_bf16, fp32 on every other tier (where a bf16 GEMM, without native
+// bf16 dot products, is several times slower than fp32).
 //
 // Layout (aten::_convert_weight_to_int4pack_for_cpu, inner k tiles 1): output rows in blocks of 64; for block b
 // and input column k, 32 bytes at w[(b * K + k) * 32 ..]: byte d (d < 16) holds row 64b + d in its low nibble and
@@ -14,31 +16,26 @@
 // row d' low and row 32 + d' high). Per group g of `group` columns, sz[g, n] = (scale, zero) bf16, and
 //   w[n, k] = (q - 8) * scale + zero,   q in 0..15.
 //
-// Two arithmetics, by tier. Either way a row's result never depends on the rows beside it in the call (each
-// output's operations are the same whatever the number of rows), which keeps speculative verification equal to
-// plain decode and a request's greedy tokens independent of its batch neighbours.
-//
-// avx512_bf16 (vdpbf16ps on the bf16 activations as they are). With sx[m, g] = sum_{k in g} x[m, k] (fp32),
-//   y[m, n] = sum_g scale * sum_{k in g} q x  +  (zero - 8 scale) * sx
-// The inner sum runs on vdpbf16ps: the code q becomes the bf16 number 128 + q by OR-ing 0x4300 into its 16 bits
-// (bf16 has step 1 in [128, 256)), and a lane multiplies the pair (k, k+1) of one output row with the pair of x,
-// products exact, fp32 sums. So sum (128 + q) x = 128 sx + sum q x, and
-//   y[m, n] = sum_g scale * D[m, n, g] + (zero - 136 scale) * sx[m, g],   D = the vdpbf16ps sum.
-// Even and odd column pairs are summed in two accumulators, then the per-group FMAs.
-//
-// Every other tier (integer dot products, llama.cpp's Q4_1 x Q8_1 arithmetic): each row's group g of x is
-// quantized to int8 (int8_gemm.h quantize_activations: dx = max|x| / 127, x8 = round_half_even(x / dx)), and
+// Math (llama.cpp's Q4_1 x Q8_1): each row's group g of x is quantized to int8 (int8_gemm.h
+// quantize_activations: dx = max|x| / 127, x8 = round_half_even(x / dx)), and
 //   I[m, n, g] = sum_{k in g} q[n, k] x8[m, k],   S[m, g] = sum_{k in g} x8[m, k]     (exact int32)
 //   y[m, n]    = bf16( sum_g dx[m, g] * (scale * I + (zero - 8 scale) * S) )          (fp32, groups in order)
 // which is exactly x^ @ W^T for the dequantized activations x^ = dx * x8 (S is the group sum of x^, not of x, so
 // that the zero term matches the product term). The extra rounding: |x - x^| <= dx / 2 per element, so an
-// output moves by at most sum_g dx[m, g] / 2 * sum_{k in g} |w[n, k]| from the bf16 path's value.
-// quant/int4.py's Int4Linear.integer_reference is this formula; tests/quant/test_int4.py holds each tier to it
-// and, at that bound, to the float weights. The integer products by tier: the code q (0..15) is the unsigned
-// operand and x8 the signed one, 4 columns per 32-bit lane, so the layout's 4 columns k..k+3 of a block are
-// transposed into lanes (byte unpacks: lane d = bytes d of the 4 columns) and their nibbles split: avx512
-// vpdpbusd, avx2 vpmaddubsw (16-bit pair sums, 8 column quads summed in 16 bits: 8 * 2 * 15 * 127 < 2^15) +
-// vpmaddwd, neon_dotprod sdot, neon smull + sadalp, scalar C++.
+// output moves by at most sum_g dx[m, g] / 2 * sum_{k in g} |w[n, k]| from x @ W^T; in greedy decoding of the
+// default model this changes tokens after a few dozen (BENCHMARKS.md) and not how often the token is the fp32
+// model's (tests/quant/test_int4.py). quant/int4.py's Int4Linear.integer_reference is this formula; the tests
+// hold every tier to it and, at that bound, to the float weights.
+//
+// Each output's operations are the same whatever the number of rows in the call (integer sums are exact, the
+// fp32 steps run per row in a fixed order), so a row's result never depends on the rows beside it: speculative
+// verification equals plain decode, and a request's greedy tokens do not change with its batch neighbours.
+//
+// The integer products by tier: the code q (0..15) is the unsigned operand and x8 the signed one, 4 columns per
+// 32-bit lane, so the layout's 4 columns k..k+3 of a block are transposed into lanes (byte unpacks: lane d = bytes
+// d of the 4 columns) and their nibbles split: avx512 (and avx512_bf16) vpdpbusd, avx2 vpmaddubsw (16-bit pair
+// sums, 8 column quads summed in 16 bits: 8 * 2 * 15 * 127 < 2^15) + vpmaddwd, neon_dotprod (and neon_bf16) sdot,
+// neon smull + sadalp, scalar C++.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -50,9 +47,9 @@
 
 #include "int8_gemm.h"  // quantize_activations, bf16_to_float
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define MINICPM4_INT4_BF16 1
-#elif defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define MINICPM4_INT4_BF16 1  // prefill dequantizes to bf16 for a bf16 GEMM (native bf16 dot products)
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define MINICPM4_INT4_VNNI 1
 #elif defined(__AVX2__)
@@ -68,8 +65,8 @@ namespace int4 {
 
 // The code path int4 products take in this build (minicpm4 info --system prints it).
 inline const char* path() {
-#if defined(MINICPM4_INT4_BF16)
-  return "avx512_bf16 (vdpbf16ps)";
+#if defined(MINICPM4_INT4_VNNI) && defined(MINICPM4_INT4_BF16)
+  return "avx512 (vpdpbusd, int8 activations); prefill: bf16 GEMM";
 #elif defined(MINICPM4_INT4_VNNI)
   return "avx512 (vpdpbusd, int8 activations)";
 #elif defined(MINICPM4_INT4_AVX2)
@@ -85,84 +82,7 @@ inline const char* path() {
 
 constexpr int64_t kBlockN = 64;
 constexpr int64_t kMaxRows = 16;  // rows per call the few-row kernel takes; more go to prefill()
-constexpr int64_t kChunk = 6;     // avx512_bf16: activation rows per pass over a block's weights (4 * 6
-                                  // accumulators; 4 and 8 measured no faster)
 
-#ifdef MINICPM4_INT4_BF16
-// One pass over block b's columns for MB activation rows, covering NJ of its four 16-row quarters (rows
-// 64b + 16q .. +15): bytes 16h .. 16h + 15 of a column hold quarter h in their low nibbles and quarter h + 2 in their
-// high nibbles. NJ = 4 (all quarters, h = 0) keeps 8 accumulator chains busy for MB <= 2; NJ = 2 (quarters h and
-// h + 2) fits the 4 * MB accumulators of larger MB in registers. Out: y[m, n] for those rows, bf16.
-template <int MB, int NJ>
-inline void block_rows(const uint16_t* x, const float* sx, const uint8_t* w, const uint16_t* sz, uint16_t* y,
-                       int64_t b, int h, int64_t K, int64_t N, int64_t group) {
-  const int64_t G = K / group;
-  const __m512i low = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
-  const __m512 c136 = _mm512_set1_ps(-136.f);
-  __m512 out[MB][NJ];
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NJ; ++j) out[m][j] = _mm512_setzero_ps();
-  const uint8_t* wb = w + b * K * 32;
-  for (int64_t g = 0; g < G; ++g) {
-    __m512 acc[MB][NJ][2];
-    for (int m = 0; m < MB; ++m)
-      for (int j = 0; j < NJ; ++j) acc[m][j][0] = acc[m][j][1] = _mm512_setzero_ps();
-    // column pairs alternate between the two accumulators (constant indices keep them in registers)
-    auto step = [&](int64_t k, auto parity) {
-      constexpr int p = decltype(parity)::value;
-      __m512i wv[NJ];
-      for (int half = 0; half < NJ / 2; ++half) {  // bytes 16 * (h + half) .. of columns k and k + 1
-        const int64_t off = 16 * (h + half);
-        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + k * 32 + off));
-        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + (k + 1) * 32 + off));
-        // [a0 c0 a1 c1 .. a15 c15] widened to 16 bits: lane 2d = column k, lane 2d + 1 = column k + 1
-        const __m512i v = _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(a, c), _mm_unpacklo_epi8(a, c)));
-        wv[half] = _mm512_or_si512(_mm512_and_si512(v, low), bias);           // rows 16 (h + half) + d
-        wv[half + NJ / 2] = _mm512_or_si512(_mm512_srli_epi16(v, 4), bias);  // rows 32 + 16 (h + half) + d
-      }
-      for (int m = 0; m < MB; ++m) {
-        int32_t pair;  // x[m, k], x[m, k + 1] as one 32-bit lane, broadcast
-        std::memcpy(&pair, x + m * K + k, 4);
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-        for (int j = 0; j < NJ; ++j) acc[m][j][p] = _mm512_dpbf16_ps(acc[m][j][p], (__m512bh)wv[j], xv);
-      }
-    };
-    for (int64_t k = g * group; k < (g + 1) * group; k += 4) {
-      step(k, std::integral_constant<int, 0>{});
-      step(k + 2, std::integral_constant<int, 1>{});
-    }
-    for (int j = 0; j < NJ; ++j) {
-      // 16 (scale, zero) bf16 pairs = 16 32-bit lanes: scale in the low half, zero in the high half
-      const int64_t n = b * kBlockN + 16 * (j < NJ / 2 ? h + j : 2 + h + j - NJ / 2);
-      const __m512i pair = _mm512_loadu_si512(sz + (g * N + n) * 2);
-      const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-      const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(static_cast<int>(0xFFFF0000))));
-      const __m512 zz = _mm512_fmadd_ps(c136, s, z);
-      for (int m = 0; m < MB; ++m) {
-        const __m512 d = _mm512_add_ps(acc[m][j][0], acc[m][j][1]);
-        out[m][j] = _mm512_fmadd_ps(s, d, out[m][j]);
-        out[m][j] = _mm512_fmadd_ps(zz, _mm512_set1_ps(sx[m * G + g]), out[m][j]);
-      }
-    }
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NJ; ++j) {
-      const int64_t n = b * kBlockN + 16 * (j < NJ / 2 ? h + j : 2 + h + j - NJ / 2);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * N + n), (__m256i)_mm512_cvtneps_pbh(out[m][j]));
-    }
-}
-
-template <int MB>
-inline void block(const uint16_t* x, const float* sx, const uint8_t* w, const uint16_t* sz, uint16_t* y, int64_t b,
-                  int64_t K, int64_t N, int64_t group) {
-  if (MB <= 2) {
-    block_rows<MB, 4>(x, sx, w, sz, y, b, 0, K, N, group);
-  } else {
-    block_rows<MB, 2>(x, sx, w, sz, y, b, 0, K, N, group);
-    block_rows<MB, 2>(x, sx, w, sz, y, b, 1, K, N, group);
-  }
-}
-#else
 // ---- integer tiers: block_int<MB> computes rows 64b .. 64b + 63 of y for MB activation rows (x8, dx, S and y
 // offset to the first of them). Each tier sums I[m, n, g] for the block into 32-bit lanes in its own order of
 // the block's rows, lane p holding row row_of(p), and keeps the fp32 outputs in that order until the end.
@@ -421,7 +341,6 @@ inline void block_int_rows(int64_t mb, const int8_t* x8, const float* dx, const 
   if (mb == MB) return block_int<MB>(x8, dx, xs, w, sz, y, b, K, N, group);
   if constexpr (MB > 1) block_int_rows<MB - 1>(mb, x8, dx, xs, w, sz, y, b, K, N, group);
 }
-#endif
 
 // Whether our kernels take this weight: at least one whole 64-row block, groups of a multiple of 4 columns,
 // contiguous tensors.
@@ -556,36 +475,6 @@ inline at::Tensor mm(const at::Tensor& x_in, const at::Tensor& w, int64_t group,
     return y;
   }
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-#ifdef MINICPM4_INT4_BF16
-  std::vector<float> sx(M * G);  // group sums of x, fp32 in column order
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += static_cast<float>(xb[m * K + k]);
-      sx[m * G + g] = s;
-    }
-  at::parallel_for(0, full / kBlockN, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t m = 0; m < M;) {  // chunks of kChunk rows, the last one 1..kChunk
-        const int64_t mb = std::min<int64_t>(M - m, kChunk);
-        const uint16_t* xm = xp + m * K;
-        const float* sm = sx.data() + m * G;
-        uint16_t* ym = yp + m * N;
-        switch (mb) {
-          case 1: block<1>(xm, sm, wp, szp, ym, b, K, N, group); break;
-          case 2: block<2>(xm, sm, wp, szp, ym, b, K, N, group); break;
-          case 3: block<3>(xm, sm, wp, szp, ym, b, K, N, group); break;
-          case 4: block<4>(xm, sm, wp, szp, ym, b, K, N, group); break;
-          case 5: block<5>(xm, sm, wp, szp, ym, b, K, N, group); break;
-          case 6: block<6>(xm, sm, wp, szp, ym, b, K, N, group); break;
-          case 7: block<7>(xm, sm, wp, szp, ym, b, K, N, group); break;
-          default: block<8>(xm, sm, wp, szp, ym, b, K, N, group); break;
-        }
-        m += mb;
-      }
-    }
-  });
-#else
   std::vector<int8_t> x8(M * K);  // int8 activations per group (int8_gemm.h)
   std::vector<float> dx(M * G);
   std::vector<int32_t> xs(M * G);
@@ -596,7 +485,6 @@ inline at::Tensor mm(const at::Tensor& x_in, const at::Tensor& w, int64_t group,
         block_int_rows<kIntChunk>(std::min<int64_t>(M - m, kIntChunk), x8.data() + m * K, dx.data() + m * G,
                                   xs.data() + m * G, wp, szp, yp + m * N, b, K, N, group);
   });
-#endif
   return y;
 }
 

@@ -1,24 +1,20 @@
 // Int8 weight products for a few rows (decode, tree verification), on Int8Linear's layout:
 //   w[n, k] = q[n, k] * scale[n],   q int8 [N, K] (row-major, -127..127), scale bf16 [N]
 //
-// Two arithmetics, by tier:
-//   avx512_bf16   bf16 activations as they are: 32 weights of a row become 32 exact bf16 values (int8 -> fp32 ->
-//                 bf16) and one vdpbf16ps multiplies them into each activation row's fp32 accumulator;
-//                   y[m, n] = bf16(scale[n] * sum_k q[n, k] x[m, k])
-//   every other   int8 activations, integer dot products (llama.cpp's Q8_0 x Q8_0 arithmetic): each block of
-//   tier          kBlock = 32 columns of a row is quantized, dx = max|x| / 127, x8 = round_half_even(x / dx)
-//                 (quantize_activations below; quant/int8.py quantize_activations is the same to the bit), then
-//                   y[m, n] = bf16(scale[n] * sum_blocks dx[m, blk] * sum_{k in blk} q[n, k] x8[m, k])
-//                 with exact int32 block sums and fp32 across blocks. The activation rounding adds, per output,
-//                 at most sum_blk dx[m, blk] / 2 * sum_{k in blk} |w[n, k]| to the bf16 path's error (round to
-//                 nearest: |x - dx x8| <= dx / 2); quant/int8.py's Int8Linear.integer_reference is this formula.
-//   The integer dot product by tier: avx512 vpdpbusd (u8 x s8: the activation as x8 + 128, unsigned, and the
-//   128 * sum_k q[n, k] it adds taken off again with a vpdpbusd of ones), avx2 vpsignb + vpmaddubsw + vpmaddwd
-//   (llama.cpp's sign trick: |x8| unsigned times q with x8's sign), neon_dotprod sdot, neon smull + sadalp,
-//   scalar C++.
+// Math (llama.cpp's Q8_0 x Q8_0): each block of kBlock = 32 columns of an activation row is quantized,
+// dx = max|x| / 127, x8 = round_half_even(x / dx) (quantize_activations below; quant/int8.py
+// quantize_activations is the same to the bit), then
+//   y[m, n] = bf16(scale[n] * sum_blocks dx[m, blk] * sum_{k in blk} q[n, k] x8[m, k])
+// with exact int32 block sums and fp32 across blocks. The activation rounding moves an output by at most
+// sum_blk dx[m, blk] / 2 * sum_{k in blk} |w[n, k]| from x @ W^T (round to nearest: |x - dx x8| <= dx / 2);
+// quant/int8.py's Int8Linear.integer_reference is this formula. The integer dot product by tier: avx512 (and
+// avx512_bf16) vpdpbusd (u8 x s8: the activation as x8 + 128, unsigned, and the 128 * sum_k q[n, k] it adds taken
+// off again with a vpdpbusd of ones), avx2 vpsignb + vpmaddubsw + vpmaddwd (llama.cpp's sign trick: |x8| unsigned
+// times q with x8's sign), neon_dotprod sdot, neon smull + sadalp, scalar C++.
 //
 // Why our own: torch's _weight_int8pack_mm re-reads the weights for every block of 4 activation rows and its rows
-// round differently depending on the batch; here each weight is read once per call for up to kMaxRows rows. A
+// round differently depending on the batch; here each weight is read once per call for up to kMaxRows rows (on
+// avx512_bf16 CPUs too: this replaced a vdpbf16ps kernel on bf16 activations, which it beats; BENCHMARKS.md). A
 // row's arithmetic (fixed column steps into its own accumulator, one horizontal sum, one multiply by the scale)
 // does not depend on the rows beside it, so verification rounds like a decode step and a request's tokens do not
 // change with its batch neighbours. Many rows (prefill) take a GEMM on dequantized blocks of rows: bf16 on
@@ -33,9 +29,9 @@
 #include <cstring>
 #include <vector>
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define MINICPM4_INT8_BF16 1
-#elif defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define MINICPM4_INT8_BF16 1  // prefill: a bf16 GEMM (native bf16 dot products)
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define MINICPM4_INT8_VNNI 1
 #elif defined(__AVX2__)
@@ -50,8 +46,8 @@
 namespace int8 {
 
 inline const char* path() {
-#if defined(MINICPM4_INT8_BF16)
-  return "avx512_bf16 (vdpbf16ps)";
+#if defined(MINICPM4_INT8_VNNI) && defined(MINICPM4_INT8_BF16)
+  return "avx512 (vpdpbusd, int8 activations); prefill: bf16 GEMM";
 #elif defined(MINICPM4_INT8_VNNI)
   return "avx512 (vpdpbusd, int8 activations)";
 #elif defined(MINICPM4_INT8_AVX2)
@@ -99,40 +95,6 @@ inline void quantize_activations(const uint16_t* x, int64_t M, int64_t K, int64_
     }
 }
 
-#if defined(MINICPM4_INT8_BF16)
-// Weight rows [n0, n1) (a multiple of R apart) for MB activation rows; R rows interleaved so that R * MB
-// accumulator chains overlap.
-template <int MB, int R>
-inline void rows(const uint16_t* x, const int8_t* w, const uint16_t* scale, uint16_t* y, int64_t n0, int64_t n1,
-                 int64_t K, int64_t N) {
-  for (int64_t n = n0; n < n1; n += R) {
-    __m512 acc[R][MB];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-      __m512bh wv[R];
-      for (int r = 0; r < R; ++r) {
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + r) * K + k));
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
-        wv[r] = _mm512_cvtne2ps_pbh(hi, lo);  // columns k .. k + 31 in order, exact
-      }
-      for (int m = 0; m < MB; ++m) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const float s = bf16_to_float(scale[n + r]);
-      for (int m = 0; m < MB; ++m) {
-        const at::BFloat16 v(_mm512_reduce_add_ps(acc[r][m]) * s);
-        y[m * N + n + r] = v.x;
-      }
-    }
-  }
-}
-using XRow = uint16_t;  // what rows() reads of an activation row: its bf16 bits
-#else
 // The quantized activations as the integer kernels read them, per row m: q = x8 [K] (avx512: x8 + 128, unsigned;
 // avx2: |x8| in q and x8 in sgn, for the sign trick), d = a float per column lane: the dx of its block for each
 // of the lane's columns (avx512: per 4 columns, 16 lanes per 64 columns; elsewhere per block).
@@ -246,7 +208,6 @@ inline void rows(const XRow* x, const int8_t* w, const uint16_t* scale, uint16_t
     }
   }
 }
-#endif
 
 // Whether mm() takes this call with the few-row kernel: x bf16 with 1..kMaxRows rows, K a multiple of 32.
 inline bool supported(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
@@ -294,10 +255,6 @@ inline at::Tensor mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tens
   const int8_t* wp = w.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-#if defined(MINICPM4_INT8_BF16)
-  const XRow* xr = xp;
-  const int64_t xstride = K;
-#else
   // int8 activations, laid out as rows() reads them (see XRow)
   const int64_t B = K / kBlock, lanes = (K + 63) / 64 * 16;
   std::vector<int8_t> x8(M * K);
@@ -324,12 +281,10 @@ inline at::Tensor mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tens
     xrows[m] = XRow{q.data() + m * K, x8.data() + m * K, d.data() + m * dstride};
   }
   const XRow* xr = xrows.data();
-  const int64_t xstride = 1;
-#endif
   at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
     const int64_t n0 = b0 * 4, n1 = std::min(N, b1 * 4), tail = (n1 - n0) % 4;  // tail rows: one at a time
     for (int64_t m = 0; m < M; m += kChunk) {
-      const XRow* xm = xr + m * xstride;
+      const XRow* xm = xr + m;
       uint16_t* ym = yp + m * N;
       const int64_t e = n1 - tail;
       switch (std::min(M - m, kChunk)) {  // 4 weight rows at a time for up to 4 activation rows, 2 beyond
