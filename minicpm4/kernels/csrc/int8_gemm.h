@@ -63,7 +63,14 @@ inline const char* path() {
 
 constexpr int64_t kMaxRows = 16;  // activation rows per call the few-row kernel takes; more go to prefill()
 constexpr int64_t kChunk = 8;     // activation rows per pass over the weights
-constexpr int64_t kBlock = 32;    // columns per activation scale (integer tiers)
+constexpr int64_t kBlock = 32;    // columns per activation scale
+// weight rows interleaved per pass for MB activation rows: R * MB accumulators fit the registers (16 ymm on avx2
+// and x86-64, 32 zmm / NEON registers elsewhere); 1, 2 and 4 divide the 4-row units mm() splits N into
+#if defined(MINICPM4_INT8_VNNI) || defined(MINICPM4_INT8_NEON)
+constexpr int kR[9] = {0, 4, 4, 4, 4, 2, 2, 2, 2};
+#else
+constexpr int kR[9] = {0, 4, 4, 2, 2, 1, 1, 1, 1};
+#endif
 
 inline float bf16_to_float(uint16_t v) {
   const uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -287,15 +294,15 @@ inline at::Tensor mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tens
       const XRow* xm = xr + m;
       uint16_t* ym = yp + m * N;
       const int64_t e = n1 - tail;
-      switch (std::min(M - m, kChunk)) {  // 4 weight rows at a time for up to 4 activation rows, 2 beyond
-        case 1: rows<1, 4>(xm, wp, sp, ym, n0, e, K, N); rows<1, 1>(xm, wp, sp, ym, e, n1, K, N); break;
-        case 2: rows<2, 4>(xm, wp, sp, ym, n0, e, K, N); rows<2, 1>(xm, wp, sp, ym, e, n1, K, N); break;
-        case 3: rows<3, 4>(xm, wp, sp, ym, n0, e, K, N); rows<3, 1>(xm, wp, sp, ym, e, n1, K, N); break;
-        case 4: rows<4, 4>(xm, wp, sp, ym, n0, e, K, N); rows<4, 1>(xm, wp, sp, ym, e, n1, K, N); break;
-        case 5: rows<5, 2>(xm, wp, sp, ym, n0, e, K, N); rows<5, 1>(xm, wp, sp, ym, e, n1, K, N); break;
-        case 6: rows<6, 2>(xm, wp, sp, ym, n0, e, K, N); rows<6, 1>(xm, wp, sp, ym, e, n1, K, N); break;
-        case 7: rows<7, 2>(xm, wp, sp, ym, n0, e, K, N); rows<7, 1>(xm, wp, sp, ym, e, n1, K, N); break;
-        default: rows<8, 2>(xm, wp, sp, ym, n0, e, K, N); rows<8, 1>(xm, wp, sp, ym, e, n1, K, N); break;
+      switch (std::min(M - m, kChunk)) {  // kR[MB] weight rows at a time, then the tail rows one at a time
+        case 1: rows<1, kR[1]>(xm, wp, sp, ym, n0, e, K, N); rows<1, 1>(xm, wp, sp, ym, e, n1, K, N); break;
+        case 2: rows<2, kR[2]>(xm, wp, sp, ym, n0, e, K, N); rows<2, 1>(xm, wp, sp, ym, e, n1, K, N); break;
+        case 3: rows<3, kR[3]>(xm, wp, sp, ym, n0, e, K, N); rows<3, 1>(xm, wp, sp, ym, e, n1, K, N); break;
+        case 4: rows<4, kR[4]>(xm, wp, sp, ym, n0, e, K, N); rows<4, 1>(xm, wp, sp, ym, e, n1, K, N); break;
+        case 5: rows<5, kR[5]>(xm, wp, sp, ym, n0, e, K, N); rows<5, 1>(xm, wp, sp, ym, e, n1, K, N); break;
+        case 6: rows<6, kR[6]>(xm, wp, sp, ym, n0, e, K, N); rows<6, 1>(xm, wp, sp, ym, e, n1, K, N); break;
+        case 7: rows<7, kR[7]>(xm, wp, sp, ym, n0, e, K, N); rows<7, 1>(xm, wp, sp, ym, e, n1, K, N); break;
+        default: rows<8, kR[8]>(xm, wp, sp, ym, n0, e, K, N); rows<8, 1>(xm, wp, sp, ym, e, n1, K, N); break;
       }
     }
   });
