@@ -8,15 +8,14 @@ GGUF Q4_1 stores, per 32 weights, an fp16 scale d and minimum m with w = d * q +
 exactly with scale = d and zero = m + 8d; the one loss is holding scale and zero in bf16 (the kernel's dtype).
 Decode reads 4.5 bits per weight instead of bf16's 16, which is what bounds decode speed on CPU.
 
-The product runs csrc/int4_gemm.h (bound in csrc/ops.cpp): for up to 16 activation rows (decode steps, draft-tree
-verification) a kernel that unpacks each weight once for all rows, for more rows (prefill) blocks of the weight
+The product runs csrc/int4_gemm.h (bound in csrc/ops.cpp), on every instruction-set tier (kernels/isa.py): for up
+to 16 activation rows (decode steps, draft-tree verification, batched requests) a kernel that unpacks each weight
+once for all rows and multiplies it by int8 activations with integer dot products (llama.cpp's Q4_1 x Q8_1: each
+group of a row quantized by quant/int8.py's `quantize_activations`); for more rows (prefill) blocks of the weight
 dequantized for a GEMM (bf16 on avx512_bf16, fp32 elsewhere); torch's _weight_int4pack_mm_for_cpu without a
-compiler. The few-row kernel computes in one of two ways, by instruction-set tier (kernels/isa.py):
-  avx512_bf16  the bf16 activations as they are: the reference is the formula above on the unpacked values
-               (tests/quant/test_int4.py builds it from the GGUF bytes with the gguf package's own dequantizer)
-  others       integer dot products on int8 activations, each group of a row quantized by quant/int8.py's
-               `quantize_activations` (llama.cpp's Q8_1): the reference is `Int4Linear.integer_reference`. The
-               activation rounding moves an output by at most sum_g dx[m, g] / 2 * sum_{k in g} |w[n, k]|.
+compiler. References: the formula above on the unpacked values (tests/quant/test_int4.py builds it from the GGUF
+bytes with the gguf package's own dequantizer), and `Int4Linear.integer_reference` for the few-row kernel's
+integer math, whose activation rounding moves an output by at most sum_g dx[m, g] / 2 * sum_{k in g} |w[n, k]|.
 """
 
 from __future__ import annotations

@@ -1,17 +1,14 @@
-"""Int8 weight-only linear layer for CPU: per-output-row symmetric int8, on torch's int8pack kernel.
+"""Int8 weight-only linear layer for CPU: per-output-row symmetric int8, in torch's int8pack layout.
 
     w[n, k] = q[n, k] * scale[n],     q in -127..127,  scale[n] = max_k |w[n, k]| / 127
 
-Up to 16 activation rows run csrc/int8_gemm.h (decode steps, draft-tree verification: each weight read once for
-all rows); more rows (prefill) a GEMM on blocks of dequantized rows (bf16 on avx512_bf16, fp32 elsewhere); without
-a compiler torch.ops.aten._weight_int8pack_mm. It halves the bytes a decode step reads from a bf16 weight, which is
-what bounds the default model's 49152 x 576 head.
-
-The few-row kernel computes in one of two ways, by instruction-set tier (kernels/isa.py):
-  avx512_bf16  bf16 activations, exact bf16 weights, fp32 sums: the reference is `dequantize()`, x @ (q*scale)^T
-  others       integer dot products on int8 activations, each block of 32 columns of a row quantized by
-               `quantize_activations` (llama.cpp's Q8_0): the reference is `integer_reference`. The activation
-               rounding moves an output by at most sum_blocks dx / 2 * sum_{k in block} |w[n, k]|.
+Up to 16 activation rows run csrc/int8_gemm.h on every instruction-set tier (decode steps, draft-tree
+verification: each weight read once for all rows) with integer dot products on int8 activations, each block of 32
+columns of a row quantized by `quantize_activations` (llama.cpp's Q8_0); the reference is `integer_reference`, and
+the activation rounding moves an output by at most sum_blocks dx / 2 * sum_{k in block} |w[n, k]| from
+`dequantize()`'s x @ (q*scale)^T. More rows (prefill) run a GEMM on blocks of dequantized rows (bf16 on
+avx512_bf16, fp32 elsewhere); without a compiler torch.ops.aten._weight_int8pack_mm. Int8 halves the bytes a
+decode step reads from a bf16 weight, which is what bounds the default model's 49152 x 576 head.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Int4Linear (our few-row kernel up to 16 rows, a GEMM on dequantized blocks beyond) on every instruction-set tier
-against pure-PyTorch references built from the GGUF bytes: the float formula, and on the tiers that quantize the
-activations to int8 also Int4Linear.integer_reference; the default model with its Q4_1 weights kept 4-bit against
+against pure-PyTorch references built from the GGUF bytes: the float formula and the kernel's integer math on int8
+activations (Int4Linear.integer_reference); the default model with its Q4_1 weights kept 4-bit against
 the same model dequantized to fp32, and its greedy tokens on every tier."""
 
 import gguf

@@ -1,5 +1,5 @@
 """Int8Linear (our few-row kernel up to 16 rows, a GEMM on dequantized rows beyond) on every instruction-set tier
-against its pure-PyTorch references (the float weight, and on the tiers that quantize activations to int8 also
+against its pure-PyTorch references (the float weight, and the kernel's integer math on int8 activations,
 Int8Linear.integer_reference), and the int4 model's int8 head."""
 
 import numpy as np
