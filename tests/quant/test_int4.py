@@ -1,7 +1,7 @@
 """Int4Linear (our few-row kernel up to 16 rows, a GEMM on dequantized blocks beyond) on every instruction-set tier
 against pure-PyTorch references built from the GGUF bytes: the float formula and the kernel's integer math on int8
 activations (Int4Linear.integer_reference); the default model with its Q4_1 weights kept 4-bit against
-the same model dequantized to fp32, and its greedy tokens on every tier."""
+the same model dequantized to fp32, and its decode on every tier against the fp32 model's next tokens."""
 
 import gguf
 import numpy as np
@@ -145,10 +145,10 @@ def fp32_next_tokens(smollm_gguf, real_text):
 def test_int4_decode_on_every_tier_follows_the_fp32_model(smollm_gguf, fp32_next_tokens, tier):
     """The int4 model as LLM.load runs it (C++ decode stack), teacher-forced one token per step over the last 64
     positions, on each tier: the kernels quantize activations to int8, so their logits and greedy tokens are
-    not those of bf16 activations (the vdpbf16ps kernel this replaced; BENCHMARKS.md: greedy tokens part after 15
-    to 27 tokens on 3 of 4 prompts); what holds them to account is the truth both approximate, the fp32 model,
-    whose next token each must pick as often as bf16 activations did, within 3 of 64 (measured: the bf16 kernel
-    61; now 62 on avx512_bf16 and scalar, 61 on avx512 and avx2)."""
+    not those of bf16 activations (the vdpbf16ps kernel this replaced; BENCHMARKS.md: 64 greedy tokens of 4
+    prompts part at tokens 0, 21 and 27 on three, not on the fourth); what holds them to account is the truth both
+    approximate, the fp32 model, whose next token each must pick as often as bf16 activations did, within 3 of 64
+    (measured: the bf16 kernel 61; now 62 on avx512_bf16 and scalar, 61 on avx512 and avx2)."""
     ids, truth = fp32_next_tokens
     model, _ = minicpm4.load(smollm_gguf, dtype="bf16", int4=True)
     attach(model)
