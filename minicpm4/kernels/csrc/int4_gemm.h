@@ -83,14 +83,9 @@ inline const char* path() {
 constexpr int64_t kBlockN = 64;
 constexpr int64_t kMaxRows = 16;  // rows per call the few-row kernel takes; more go to prefill()
 
-// ---- integer tiers: block_int<MB> computes rows 64b .. 64b + 63 of y for MB activation rows (x8, dx, S and y
+// block_int<MB> computes rows 64b .. 64b + 63 of y for MB activation rows (x8, dx, S and y
 // offset to the first of them). Each tier sums I[m, n, g] for the block into 32-bit lanes in its own order of
 // the block's rows, lane p holding row row_of(p), and keeps the fp32 outputs in that order until the end.
-
-// The per-group fp32 step on one output: o += dx * (scale * I + (zero - 8 scale) * S), as every tier computes it.
-inline float group_step(float o, float dx, float s, float zz, int32_t i, int32_t xs) {
-  return o + dx * (static_cast<float>(i) * s + static_cast<float>(xs) * zz);
-}
 
 #if defined(MINICPM4_INT4_VNNI)
 constexpr int64_t kIntChunk = 4;  // activation rows per pass: 4 accumulators (64 rows) each
@@ -326,7 +321,8 @@ inline void block_int(const int8_t* x8, const float* dx, const int32_t* xs, cons
     for (int r = 0; r < 64; ++r) {
       const uint16_t* pair = sz + (g * N + b * kBlockN + r) * 2;
       const float s = int8::bf16_to_float(pair[0]), zz = int8::bf16_to_float(pair[1]) - 8.f * s;
-      for (int m = 0; m < MB; ++m) out[m][r] = group_step(out[m][r], dx[m * G + g], s, zz, acc[m][r], xs[m * G + g]);
+      for (int m = 0; m < MB; ++m)  // the SIMD tiers' step, t = fma(I, s, S zz); o = fma(dx, t, o), without FMAs
+        out[m][r] += dx[m * G + g] * (static_cast<float>(acc[m][r]) * s + static_cast<float>(xs[m * G + g]) * zz);
     }
   }
   for (int m = 0; m < MB; ++m)
