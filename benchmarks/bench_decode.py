@@ -24,6 +24,8 @@ medians are reported. The last line of stdout is one JSON object with every numb
 
     python benchmarks/bench_decode.py --lengths 128,1024,4096 --new-tokens 64 --repeats 3
     python benchmarks/bench_decode.py --lengths 512 --int4 --draft DRAFT --frspec FREQ.pt    # + speculative peers
+    MINICPM4_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_decode.py --int4
+        # ours (and torch's own kernels) as on a CPU of a lower tier (kernels.isa.torch_environment gives the values)
 
 On a shared machine prefix `nice -n -20` (as root): two threads on two busy cores stall at every barrier whenever
 one of them is descheduled, which can slow a 2-thread decode step tenfold.
@@ -44,6 +46,7 @@ import numpy as np
 import torch
 
 import minicpm4
+from minicpm4 import kernels
 from minicpm4.corpus import kjv_verses
 from minicpm4.engine.engine import Engine
 from minicpm4.engine.sampling import SamplingParams
@@ -288,6 +291,11 @@ def main() -> None:
           f"GGUF's own weights); {THREADS} threads each; prompts from {source}; {args.new_tokens} new tokens; "
           f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
 
+    ext = kernels.native()  # the tier ours runs (MINICPM4_ISA forces a lower one; see kernels/isa.py)
+    tier = {"tier": kernels.isa.selected(), "paths": dict(ext.PATHS) if ext is not None else None,
+            **{v: os.environ.get(v) for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}}
+    print(f"kernels: {tier}", flush=True)
+
     results = measure(runners, prompts, args.new_tokens, args.repeats, args.warmup)
     print_table(results, list(runners), args.new_tokens)
     versions = {}
@@ -300,7 +308,7 @@ def main() -> None:
                       "draft": args.draft, "frspec": args.frspec, "tree": args.tree if args.draft else None,
                       "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup,
                       "prompt_source": source, "peers": list(runners), "notes": notes, "versions": versions,
-                      "loadavg_1min": [load_before, os.getloadavg()[0]], "results": results}))
+                      "kernels": tier, "loadavg_1min": [load_before, os.getloadavg()[0]], "results": results}))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ GGUF Q4_1 stores, per 32 weights, an fp16 scale d and minimum m with w = d * q +
 exactly with scale = d and zero = m + 8d; the one loss is holding scale and zero in bf16 (the kernel's dtype).
 Decode reads 4.5 bits per weight instead of bf16's 16, which is what bounds decode speed on CPU.
 
-The product runs csrc/int4_gemm.h (bound in csrc/ops.cpp): for up to 16 activation rows (decode steps, draft-tree
-verification) a kernel that unpacks each weight once for all rows (~2x torch's kernel at one row), for more rows
-(prefill) blocks of the weight dequantized to bf16 and a bf16 GEMM; torch's _weight_int4pack_mm_for_cpu without a
-compiler. The pure-PyTorch reference is the formula above applied to the unpacked values
-(tests/quant/test_int4.py builds it from the GGUF bytes with the gguf package's own dequantizer and checks both kernels
-against it).
+The product runs csrc/int4_gemm.h (bound in csrc/ops.cpp), on every instruction-set tier (kernels/isa.py): for up
+to 16 activation rows (decode steps, draft-tree verification, batched requests) a kernel that unpacks each weight
+once for all rows and multiplies it by int8 activations with integer dot products (llama.cpp's Q4_1 x Q8_1: each
+group of a row quantized by quant/int8.py's `quantize_activations`); for more rows (prefill) blocks of the weight
+dequantized for a GEMM (bf16 on avx512_bf16, fp32 elsewhere); torch's _weight_int4pack_mm_for_cpu without a
+compiler. References: the formula above on the unpacked values (tests/quant/test_int4.py builds it from the GGUF
+bytes with the gguf package's own dequantizer), and `Int4Linear.integer_reference` for the few-row kernel's
+integer math, whose activation rounding moves an output by at most sum_g dx[m, g] / 2 * sum_{k in g} |w[n, k]|.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from minicpm4 import kernels
+from minicpm4.quant.int8 import quantize_activations
 
 Q4_1_BLOCK = 32  # weights per Q4_1 block: fp16 d, fp16 m, 16 bytes of 4-bit values
 Q4_1_BYTES = 20
@@ -78,6 +81,31 @@ class Int4Linear(nn.Module):
     @property
     def weight_shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
+
+    def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The codes q int [N', K] (0..15), scale and zero fp32 [K/group, N'] of the rows in whole 64-row blocks
+        (N' = N rounded down to 64; a last part block is packed in another layout). In block b, column k is 32
+        bytes; byte d holds row 64b + d in its low nibble and row 64b + 32 + d in its high nibble."""
+        full = self.out_features // PACK_ROWS * PACK_ROWS
+        k = self.in_features
+        packed = self.qweight.reshape(-1)[: full * k // 2].view(-1, k, 32)  # [blocks, K, 32]
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=-1)  # [blocks, K, 64]: rows 0..31, then 32..63
+        q = q.permute(0, 2, 1).reshape(full, k).int()
+        sz = self.scales_and_zeros[:, :full].float()
+        return q, sz[..., 0], sz[..., 1]
+
+    def integer_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """What the integer kernels compute for x [M, K] on the rows in whole blocks, in float64 before their
+        fp32 sums and bf16 rounding: [M, N'] = sum_g dx[m, g] (scale I + (zero - 8 scale) S) with
+        I = sum_{k in g} q x8 and S = sum_{k in g} x8 (x8, dx: quantize_activations per group)."""
+        x8, dx = quantize_activations(x, self.group_size)
+        q, scale, zero = self.unpack()
+        m, g = dx.shape
+        xg = x8.double().view(m, g, self.group_size)
+        i = torch.einsum("mgc,ngc->mng", xg, q.double().view(-1, g, self.group_size))  # [M, N', G]
+        s = xg.sum(-1)[:, None, :]  # [M, 1, G]
+        scale, zero = scale.double().T[None], zero.double().T[None]  # [1, N', G]
+        return ((scale * i + (zero - 8 * scale) * s) * dx.double()[:, None, :]).sum(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)

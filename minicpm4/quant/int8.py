@@ -1,11 +1,14 @@
-"""Int8 weight-only linear layer for CPU: per-output-row symmetric int8, on torch's int8pack kernel.
+"""Int8 weight-only linear layer for CPU: per-output-row symmetric int8, in torch's int8pack layout.
 
     w[n, k] = q[n, k] * scale[n],     q in -127..127,  scale[n] = max_k |w[n, k]| / 127
 
-Up to 16 activation rows run csrc/int8_gemm.h (decode steps, draft-tree verification: each weight converted once
-for all rows, fp32 accumulation); more rows (prefill) a bf16 GEMM on blocks of bf16(q * scale) rows; without a
-compiler torch.ops.aten._weight_int8pack_mm. It halves the bytes a decode step reads from a bf16 weight, which is
-what bounds the default model's 49152 x 576 head. The pure-PyTorch reference is `dequantize()`: x @ (q*scale)^T.
+Up to 16 activation rows run csrc/int8_gemm.h on every instruction-set tier (decode steps, draft-tree
+verification: each weight read once for all rows) with integer dot products on int8 activations, each block of 32
+columns of a row quantized by `quantize_activations` (llama.cpp's Q8_0); the reference is `integer_reference`, and
+the activation rounding moves an output by at most sum_blocks dx / 2 * sum_{k in block} |w[n, k]| from
+`dequantize()`'s x @ (q*scale)^T. More rows (prefill) run a GEMM on blocks of dequantized rows (bf16 on
+avx512_bf16, fp32 elsewhere); without a compiler torch.ops.aten._weight_int8pack_mm. Int8 halves the bytes a
+decode step reads from a bf16 weight, which is what bounds the default model's 49152 x 576 head.
 """
 
 from __future__ import annotations
@@ -14,6 +17,21 @@ import torch
 from torch import nn
 
 from minicpm4 import kernels
+
+
+ACT_BLOCK = 32  # columns per activation scale in the integer kernels
+
+
+def quantize_activations(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> x8 int8 [M, K], dx fp32 [M, K/block]: per block of `block` columns of a row, dx = max|x| / 127
+    and x8 = round_half_even(x * (1 / dx)) (0 where dx = 0), so x ~ dx * x8 within dx / 2 per element. The same
+    fp32 operations as csrc/int8_gemm.h quantize_activations, so both give the same bits."""
+    m, k = x.shape
+    xf = x.float().view(m, k // block, block)
+    dx = xf.abs().amax(-1) / 127
+    inv = torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))
+    x8 = torch.round(xf * inv[..., None]).clamp(-127, 127)
+    return x8.view(m, k).to(torch.int8), dx
 
 
 class Int8Linear(nn.Module):
@@ -50,6 +68,15 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The float weight [N, K] this layer multiplies by (fp32)."""
         return self.qweight.float() * self.scales.float()[:, None]
+
+    def integer_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """What the integer kernels compute, in float64 before their fp32 sums and bf16 rounding: x [M, K] ->
+        [M, N], scale[n] * sum_blocks dx[m, blk] * sum_{k in blk} q[n, k] x8[m, k]."""
+        x8, dx = quantize_activations(x, ACT_BLOCK)
+        m, k = x8.shape
+        blocks = torch.einsum("mbc,nbc->mnb", x8.double().view(m, -1, ACT_BLOCK),
+                              self.qweight.double().view(-1, k // ACT_BLOCK, ACT_BLOCK))  # [M, N, K/32]
+        return (blocks * dx.double()[:, None, :]).sum(-1) * self.scales.double()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)

@@ -1,5 +1,6 @@
-"""Int8Linear (our kernel for up to 16 rows, bf16 GEMM on converted rows beyond) against its pure-PyTorch
-reference, and the int4 model's int8 head."""
+"""Int8Linear (our few-row kernel up to 16 rows, a GEMM on dequantized rows beyond) on every instruction-set tier
+against its pure-PyTorch references (the float weight, and the kernel's integer math on int8 activations,
+Int8Linear.integer_reference), and the int4 model's int8 head."""
 
 import numpy as np
 import pytest
@@ -10,11 +11,7 @@ from minicpm4 import kernels
 from minicpm4.io.loader import save_pretrained
 from minicpm4.model.decoder import cat_linears
 from minicpm4.quant.int4 import Int4Linear
-from minicpm4.quant.int8 import Int8Linear
-
-# our few-row kernels are AVX512-BF16 code; elsewhere torch's kernel runs, and the other tests here check results
-needs_bf16 = pytest.mark.skipif("avx512_bf16" not in kernels.cpu_flags(),
-                                reason="this CPU lacks avx512_bf16, which our int4/int8 few-row kernels need")
+from minicpm4.quant.int8 import ACT_BLOCK, Int8Linear, quantize_activations
 
 
 def test_quantization_is_round_to_nearest_per_row():
@@ -26,22 +23,49 @@ def test_quantization_is_round_to_nearest_per_row():
     assert (layer.dequantize() - w).abs().max() <= 1 / 32
 
 
-def test_kernel_equals_reference():
+def test_activations_quantize_per_block_to_the_nearest_step():
+    x = torch.tensor([[0.5, -1.27, 0.004, 0.006] + [0.0] * 28 + [0.0] * 32])  # second block all zero
+    x8, dx = quantize_activations(x, ACT_BLOCK)
+    assert torch.allclose(dx, torch.tensor([[0.01, 0.0]]))
+    assert x8[0, :4].tolist() == [50, -127, 0, 1] and not x8[0, 32:].any()  # 0.4 -> 0 and 0.6 -> 1
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 96, generator=g).to(torch.bfloat16)
+    x8, dx = quantize_activations(x, ACT_BLOCK)
+    step = dx.repeat_interleave(ACT_BLOCK, 1)
+    assert ((x.float() - x8.float() * step).abs() <= step / 2 * (1 + 1e-6)).all()
+    assert x8.abs().amax(1).eq(127).all()
+
+
+def test_kernel_equals_reference(tier):
+    """Every tier against its integer math and the float reference (beyond 16 rows: a GEMM on the dequantized
+    weight, bf16 activations as they are). Bounds: bf16
+    output rounding 2^-8 |y|, the fp32 sums 2^-16 |x^| @ |w|^T, and the activation rounding
+    E = sum_blocks dx / 2 * sum_{k in block} |w| (|x - dx x8| <= dx / 2)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 128, generator=g)
     layer = Int8Linear.from_float(w)
-    for shape in [(1, 128), (7, 128), (2, 3, 128), (16, 128), (40, 128)]:  # few-row kernel up to 16 rows, bf16 GEMM beyond
+    assert "int8 activations" in kernels.native().PATHS["int8 GEMM"]
+    w_ref = layer.dequantize().double()
+    for shape in [(1, 128), (7, 128), (2, 3, 128), (16, 128), (40, 128)]:  # few-row kernel up to 16 rows, GEMM beyond
         x = torch.randn(*shape, generator=g).to(torch.bfloat16)
-        ref = x.double() @ layer.dequantize().double().T
+        ref = x.double() @ w_ref.T
         got = layer(x)
         assert got.shape == (*shape[:-1], 300) and got.dtype == torch.bfloat16
-        tol = 2 ** -7 * (x.double().abs() @ layer.dequantize().double().abs().T) + 1e-3  # bf16 output rounding
-        assert (got.double() - ref).abs().le(tol).all()
+        x2, got, ref = x.reshape(-1, 128), got.double().reshape(-1, 300), ref.reshape(-1, 300)
+        if x2.shape[0] > 16:  # the dequantized weight, fp32 sums
+            tol = 2 ** -7 * (x2.double().abs() @ w_ref.abs().T) + 1e-3
+            assert (got - ref).abs().le(tol).all()
+            continue
+        x8, dx = quantize_activations(x2, ACT_BLOCK)
+        exact = layer.integer_reference(x2)
+        tol_int = 2 ** -8 * exact.abs() + 2 ** -16 * ((x8.double().abs() * dx.double().repeat_interleave(ACT_BLOCK, 1)) @ w_ref.abs().T)
+        assert (got - exact).abs().le(tol_int).all(), shape
+        e = (dx.double() / 2) @ w_ref.abs().view(300, -1, ACT_BLOCK).sum(-1).T
+        assert (got - ref).abs().le(tol_int + e * (1 + 2 ** -8)).all(), shape
     assert layer(torch.randn(2, 128)).dtype == torch.float32  # fp32 in, fp32 out (bf16 inside)
 
 
-@needs_bf16
-def test_our_kernel_runs_and_a_row_never_depends_on_its_neighbours():
+def test_our_kernel_runs_and_a_row_never_depends_on_its_neighbours(tier):
     """Each row bitwise what it is alone (speculative verification must round like a decode step); shapes our
     kernel does not take (K not a multiple of 32) give torch's result."""
     ext = kernels.native()
