@@ -2,6 +2,11 @@
 and real English text for parity tests (Python's own LICENSE, or stdlib docstrings where it is absent)."""
 
 import os
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest -n N: each worker (and the CLI subprocesses its tests start) gets cores / N threads. Two OpenMP teams
+    # of 2 threads on 2 cores stall at every barrier whenever one thread is descheduled (a 40 s test took 280 s).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 import sysconfig
 from pathlib import Path
 

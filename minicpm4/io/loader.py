@@ -100,6 +100,8 @@ def load(source: str | os.PathLike | None = None, dtype: str | torch.dtype | Non
     int4: keep a GGUF's quantized layer weights quantized instead of dequantizing them: Q4_0 / Q4_1 as Int4Linear,
     Q8_0 as Int8Linear (bf16 activations); see quant/gguf_blocks.py.
     """
+    if dtype not in (None, "auto"):
+        resolve_dtype(dtype)  # an unknown or CPU-hostile dtype is refused before any file is read
     if source is None or str(source) == "default":
         source = default_gguf_path() if int4 else default_model_dir()
     path = Path(source)

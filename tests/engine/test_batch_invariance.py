@@ -16,9 +16,7 @@ QUESTIONS = [  # tests/serve/test_server.py asks all 16 through the server"Name 
              "What color is the sky?", "Write one word about the sea."]
 
 
-@pytest.mark.parametrize("int4", [True, False], ids=["int4", "float"])
-def test_requests_together_equal_one_at_a_time(tier, int4, smollm_gguf):
-    llm = LLM.load(smollm_gguf, dtype="auto", int4=int4)  # as `serve` loads it (native stack attached)
+def _together_and_alone(llm):
     prompts = [llm.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS[:10]]
     # a prefill chunk shorter than the prompts, so prompts are prefilled over several steps beside each other
     engine = Engine(llm.model, prefill_chunk=24, max_slots=16)
@@ -27,3 +25,14 @@ def test_requests_together_equal_one_at_a_time(tier, int4, smollm_gguf):
     alone = [engine.generate([p], params)[0].token_ids for p in prompts]
     assert together == alone
     assert all(len(t) == 6 for t in together)
+
+
+def test_int4_requests_together_equal_one_at_a_time_on_every_tier(tier, smollm_gguf):
+    """The default model as `serve` loads it: int4 layers and int8 head on our few-row kernels, C++ stack."""
+    _together_and_alone(LLM.load(smollm_gguf, dtype="auto", int4=True))
+
+
+def test_float_requests_together_equal_one_at_a_time(smollm_gguf):
+    """Float weights, dtype auto on the best tier (bf16 C++ stack where the CPU has bf16 dot products, else fp32
+    Python layers, which use no kernel of ours: lower tiers would test nothing more)."""
+    _together_and_alone(LLM.load(smollm_gguf, dtype="auto"))

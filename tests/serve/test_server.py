@@ -126,7 +126,9 @@ def test_disconnecting_client_frees_its_slot(server):
             "stream": True}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
+        # the role chunk may come before the engine thread admits the request: wait for the first token's chunk
+        first = next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
+        assert first.startswith("data: ")
         assert srv.engine.running == 1
     deadline = time.time() + 10
     while srv.engine.running and time.time() < deadline:
