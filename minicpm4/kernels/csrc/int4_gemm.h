@@ -71,10 +71,8 @@ inline const char* path() {
   return "avx512 (vpdpbusd, int8 activations)";
 #elif defined(MINICPM4_INT4_AVX2)
   return "avx2 (vpmaddubsw, int8 activations)";
-#elif defined(MINICPM4_INT4_NEON) && defined(__ARM_FEATURE_DOTPROD)
-  return "neon_dotprod (sdot, int8 activations)";
-#elif defined(MINICPM4_INT4_NEON)
-  return "neon (smull + sadalp, int8 activations)";
+#elif defined(__aarch64__)
+  return "torch (_weight_int4pack_mm_for_cpu): ours is off on aarch64 (see weight_fits)";
 #else
   return "scalar (C++, int8 activations)";
 #endif
@@ -341,6 +339,14 @@ inline void block_int_rows(int64_t mb, const int8_t* x8, const float* dx, const 
 // Whether our kernels take this weight: at least one whole 64-row block, groups of a multiple of 4 columns,
 // contiguous tensors.
 inline bool weight_fits(const at::Tensor& w, int64_t group, const at::Tensor& sz) {
+#if defined(__aarch64__)
+  // Not on aarch64 yet: under emulation (scripts/test_aarch64.sh, torch 2.10's aarch64 wheel) our int4 products
+  // miss the float reference at every row count, prefill included, while int8 and the rest pass; until the cause
+  // is found (the weight layout that wheel's _convert_weight_to_int4pack_for_cpu writes is the first suspect),
+  // torch's own int4 kernel runs there.
+  (void)w; (void)group; (void)sz;
+  return false;
+#endif
   const int64_t N = w.size(0), K = w.size(1) * 2;
   return w.scalar_type() == at::kByte && w.is_contiguous() && N >= kBlockN && group % 4 == 0 && K % group == 0 &&
          sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == K / group &&
