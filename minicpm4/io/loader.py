@@ -45,7 +45,7 @@ def auto_dtype(compact_weights: bool = False, device: str = "cpu") -> torch.dtyp
     if not str(device).startswith("cpu") or compact_weights:
         return torch.bfloat16
     from minicpm4.kernels import isa
-    return torch.bfloat16 if isa.selected_has_bf16() else torch.float32
+    return torch.bfloat16 if isa.native_bf16() else torch.float32
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str = "cpu", compact_weights: bool = False) -> torch.dtype:

@@ -109,8 +109,12 @@ def compile_flags(tier: str) -> list[str]:
 
 def native_bf16() -> bool:
     """Whether bf16 matmuls run on native bf16 dot products here: our selected tier has them, and so does the
-    CPU for torch's own kernels (oneDNN uses AMX-BF16 / AVX512-BF16 where present)."""
-    return selected() in BF16_TIERS
+    CPU for torch's own kernels (oneDNN uses AMX-BF16 / AVX512-BF16 where present). False where MINICPM4_ISA
+    names no tier this CPU runs (native() raises that error with its reason)."""
+    try:
+        return selected() in BF16_TIERS
+    except MiniCPM4Error:
+        return False
 
 
 def torch_environment(tier: str) -> dict[str, str]:
@@ -150,14 +154,8 @@ def report(module=None) -> list[str]:
              f"features: {' '.join(f for f in NOTABLE if f in flags) or '(none of the notable ones)'}",
              f"kernel tiers this CPU runs: {', '.join(supported()) or '(none: PyTorch paths only)'}",
              f"selected tier: {chosen}" + (" (MINICPM4_ISA)" if os.environ.get("MINICPM4_ISA") else ""),
-             f"bf16 matmuls: {'native (bf16 dot products)' if selected_has_bf16() else 'emulated: compute in fp32'}"]
+             f"bf16 matmuls: {'native (bf16 dot products)' if native_bf16() else 'emulated: compute in fp32'}"]
     if module is not None:
         lines += [f"  {op}: {path}" for op, path in module.PATHS.items()]
     return lines
 
-
-def selected_has_bf16() -> bool:
-    try:
-        return native_bf16()
-    except MiniCPM4Error:
-        return False

@@ -3,17 +3,11 @@ tier this CPU runs, for the models `chat` / `serve` load by default (the default
 kept 4-bit, dtype auto) and for the same model with float weights (dtype auto: bf16 where the CPU has bf16 dot
 products, fp32 elsewhere). Greedy, EOS ignored, so every row decodes the same number of steps."""
 
-import pytest
+from chat_questions import QUESTIONS
 
 from minicpm4.engine.engine import Engine
 from minicpm4.engine.sampling import SamplingParams
 from minicpm4.serve.llm import LLM
-
-QUESTIONS = [  # tests/serve/test_server.py asks all 16 through the server"Name three colors.", "What is 2+2?", "Say hello in French.", "What is the capital of Italy?",
-             "Give me a word that rhymes with cat.", "Count from one to five.", "What is water made of?",
-             "Name a planet.", "What day comes after Monday?", "Spell the word dog.", "Name a fruit.",
-             "What is the opposite of hot?", "How many legs does a spider have?", "Name an ocean.",
-             "What color is the sky?", "Write one word about the sea."]
 
 
 def _together_and_alone(llm):

@@ -8,18 +8,13 @@ import httpx2 as httpx  # the HTTP client the openai package is built on here
 import openai
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
+from chat_questions import QUESTIONS
 from server_util import running_server
 
 import minicpm4
 from minicpm4.engine.sampling import SamplingParams
 from minicpm4.model.native_stack import attach
 from minicpm4.serve.llm import LLM
-
-QUESTIONS = ["Name three colors.", "What is 2+2?", "Say hello in French.", "What is the capital of Italy?",
-             "Give me a word that rhymes with cat.", "Count from one to five.", "What is water made of?",
-             "Name a planet.", "What day comes after Monday?", "Spell the word dog.", "Name a fruit.",
-             "What is the opposite of hot?", "How many legs does a spider have?", "Name an ocean.",
-             "What color is the sky?", "Write one word about the sea."]
 
 
 @pytest.fixture(scope="module")
