@@ -112,6 +112,29 @@ def _gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return out.view(bsz, h, t, d)
 
 
+def _lengths(positions: torch.Tensor | None, kv_lens: torch.Tensor | None, s_all: int, bsz: int, t: int,
+             device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(positions [B, T], positions clamped to the rows' lengths, kv_lens [B], the longest row's length).
+
+    A decode step's fixed cost is a few small torch ops, each ~5-30 us against a ~0.5 ms kernel at 32K, so the
+    common cases skip them: without positions the queries are the last T of s_all keys (nothing to clamp); a
+    row's length taken from its own positions needs no clamp either; a few positions are read as Python ints
+    (one copy) rather than reduced by torch (a max over dim 1 costs ~30 us however small the tensor).
+    """
+    if positions is None:
+        positions = torch.arange(s_all - t, s_all, device=device).expand(bsz, t)
+        if kv_lens is None:
+            return positions, positions, torch.full((bsz,), s_all, device=device), s_all
+    if kv_lens is None:
+        if positions.numel() <= 64:
+            last = [max(row) + 1 for row in positions.tolist()]
+            return positions, positions, torch.tensor(last, device=device), max(last)
+        kv_lens = positions.amax(1) + 1
+        return positions, positions, kv_lens, int(kv_lens.max())
+    s = max(kv_lens.tolist()) if kv_lens.numel() <= 64 else int(kv_lens.max())
+    return positions, clamp_positions(positions, kv_lens), kv_lens, s
+
+
 def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None, *,
                        topk_idx: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
                        q_nope: torch.Tensor | None = None, k_nope: torch.Tensor | None = None,
@@ -127,15 +150,10 @@ def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     """
     cfg = config if config is not None else as_config(sparse_config)
     bsz, h, t, d = q.shape
-    if positions is None:
-        positions = torch.arange(k.shape[2] - t, k.shape[2], device=q.device).expand(bsz, t)
-    if kv_lens is None:
-        kv_lens = positions.max(1).values + 1
-    s = int(kv_lens.max())
+    positions, pos, kv_lens, s = _lengths(positions, kv_lens, k.shape[2], bsz, t, q.device)
     k, v = k[:, :, :s], v[:, :, :s]
     if 0 <= s < cfg.dense_len:
         return dense_causal_attention(q, k, v, positions, kv_lens)
-    pos = clamp_positions(positions, kv_lens)
     block = cfg.block_size
     n_blocks = -(-s // block)
     k_sel = cfg.n_select(n_blocks)
