@@ -24,7 +24,8 @@ medians are reported. The last line of stdout is one JSON object with every numb
 
     python benchmarks/bench_decode.py --lengths 128,1024,4096 --new-tokens 64 --repeats 3
     python benchmarks/bench_decode.py --lengths 512 --int4 --draft DRAFT --frspec FREQ.pt    # + speculative peers
-    MINICPM4_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_decode.py --int4
+    MINICPM4_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python benchmarks/bench_decode.py --int4
         # ours (and torch's own kernels) as on a CPU of a lower tier (kernels.isa.torch_environment gives the values)
 
 On a shared machine prefix `nice -n -20` (as root): two threads on two busy cores stall at every barrier whenever
@@ -293,7 +294,8 @@ def main() -> None:
 
     ext = kernels.native()  # the tier ours runs (MINICPM4_ISA forces a lower one; see kernels/isa.py)
     tier = {"tier": kernels.isa.selected(), "paths": dict(ext.PATHS) if ext is not None else None,
-            **{v: os.environ.get(v) for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}}
+            **{v: os.environ.get(v) for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                     "MKL_ENABLE_INSTRUCTIONS")}}
     print(f"kernels: {tier}", flush=True)
 
     results = measure(runners, prompts, args.new_tokens, args.repeats, args.warmup)

@@ -124,7 +124,13 @@ def torch_environment(tier: str) -> dict[str, str]:
         return {}
     aten = {"scalar": "default", "avx2": "avx2"}.get(tier, "avx512")
     onednn = {"scalar": "SSE41", "avx2": "AVX2", "avx512": "AVX512_CORE_VNNI"}.get(tier, "ALL")
-    return {"ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn}
+    env = {"ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn}
+    # MKL picks its own code path (torch's fp32 GEMMs, and SDPA's blocks with it): without this cap a forced avx2
+    # tier still ran SDPA on AVX-512 / AMX (one core, causal 4K: 181 GFLOP/s, above AVX2's FMA peak; 73 capped)
+    mkl = {"scalar": "SSE4_2", "avx2": "AVX2", "avx512": "AVX512"}.get(tier)
+    if mkl:
+        env["MKL_ENABLE_INSTRUCTIONS"] = mkl
+    return env
 
 
 def cpu_model() -> str:

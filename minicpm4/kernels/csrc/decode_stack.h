@@ -87,28 +87,10 @@ void add_scaled(BFloat16* h, const BFloat16* a, int64_t n, float rs) {
 }
 
 // out[i] = bf16(bf16(silu(g[i])) * u[i]), silu(g) = g / (1 + exp(-g)) in fp32, with the sparse kernel's exp
-// (~1 ulp of std::exp): 16 lanes at a time on AVX512-BF16 (std::exp in the tail); elsewhere silu a vector at a
+// (~1 ulp of std::exp): silu a vector at a
 // time into a 256-float buffer, then the bf16 roundings in a loop the compiler vectorises (exp_poly in the tail).
 void silu_mul(const BFloat16* g, const BFloat16* u, BFloat16* out, int64_t n) {
   int64_t i = 0;
-#ifdef SPARSE_AVX512BF16
-  const __m512 one = _mm512_set1_ps(1.f);
-  auto load = [](const BFloat16* p) {  // 16 bf16 -> fp32
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-  };
-  auto round = [](__m512 v) {  // fp32 -> bf16 -> fp32, round to nearest even
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-  };
-  for (; i + 16 <= n; i += 16) {
-    const __m512 gv = load(g + i);
-    const __m512 s = round(_mm512_div_ps(gv, _mm512_add_ps(one, infllm::exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
-    _mm256_storeu_si256((__m256i*)(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, load(u + i))));
-  }
-  for (; i < n; ++i) {
-    const float gi = g[i];
-    out[i] = bf(bf(gi / (1.f + std::exp(-gi))) * static_cast<float>(u[i]));
-  }
-#else
   using infllm::Vec;
   constexpr int64_t kChunk = 256;
   alignas(64) float s[kChunk];
@@ -126,7 +108,6 @@ void silu_mul(const BFloat16* g, const BFloat16* u, BFloat16* out, int64_t n) {
     const float gi = infllm::widen(g[i]);
     out[i] = bf(bf(gi / (1.f + infllm::exp_poly(-gi))) * infllm::widen(u[i]));
   }
-#endif
 }
 
 class DecodeStack {

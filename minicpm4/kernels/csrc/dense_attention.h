@@ -4,7 +4,7 @@
 // Why not at::scaled_dot_product_attention: its CPU flash kernel is built for blocks of queries; for 1-12 queries
 // it costs far more per call than the arithmetic (a large share of an int4 decode step; see BENCHMARKS.md).
 // Here each (row b, KV head g, token t) is one task running the sparse kernel's stage-2 loops
-// (sparse_attention.h: AVX512-BF16 or fp32-FMA dot products on keys read in place, vectorised softmax) over the
+// (sparse_attention.h: fp32-FMA dot products on keys read in place, vectorised softmax) over the
 // keys it sees:
 //   o_i = sum_p bf16(softmax_p(q_i . K_p / sqrt(D) + bias_p)) V_p,     i over the G heads of group g at token t
 // Keys whose bias is -inf (the tree mask) are left out of the list rather than given zero weight, so a tree node
@@ -44,9 +44,9 @@ void step(const BFloat16* q, const BFloat16* kbase, const BFloat16* vbase, int64
       for (int64_t j = 0; j < m; ++j) mx = std::max(mx, s[j] += static_cast<float>(bias[w.order[j]]));
     }
     infllm::exp_shift(s, m, -mx);
-    infllm::Prob* pi = w.p.data() + i * ld;
+    float* pi = w.p.data() + i * ld;
     infllm::to_prob(s, m, 1.f / infllm::sum(s, m), pi);
-    std::fill(pi + m, pi + ld, infllm::Prob(0.f));
+    std::fill(pi + m, pi + ld, 0.f);
   }
   for (int64_t j = 0; j < m; ++j) w.rows[j] = vbase + w.order[j] * vstride;
   w.o.resize(G * D);

@@ -25,17 +25,17 @@
 // output), stage-2 scores and softmax are fp32, probabilities are rounded to bf16 before P V (SDPA-style), and
 // the output is rounded to bf16 once. tests/sparse/test_sparse_native.py checks selection and output against it.
 //
-// Dot products: with AVX512-BF16 (vdpbf16ps: 32 bf16 multiply-adds per instruction, fp32 accumulation),
-// 16 key rows are transposed as 32-bit pairs (a 16x16 dword transpose), so the 16 lanes of one accumulator
-// are 16 keys and each of the G query heads needs one instruction per pair of dimensions; P V interleaves two
-// value rows so lanes are 16 output dimensions. Every other tier (scalar, avx2, avx512, neon*) widens bf16 to
-// fp32 by a 16-bit shift (bf16 is the top half of an fp32) and multiplies in fp32 (FMA where the tier has it), on
-// ATen's Vectorized<float> (W = 8 lanes on avx2, 4 on NEON) or SSE2 on the x86 scalar tier (4 lanes: ATen's
-// fallback there is an array whose loops compile to shuffles). Dot products put W dimensions of one key in the lanes
-// (G accumulators per key, the queries widened once) and sum W keys' accumulators across lanes in one transpose-add
-// (hsum_tile), so no key is transposed; the avx512 tier instead transposes 16 keys as dword pairs as above and
-// widens each pair by a shift and a mask (a third fewer instructions than lanes = dimensions at D = 64). P V puts
-// W output dimensions in the lanes, keys in tiles of 64 that stay in L1 while the chunks of D pass over them.
+// Dot products: every tier widens bf16 to fp32 by a 16-bit shift (bf16 is the top half of an fp32) and multiplies
+// in fp32 (FMA where the tier has it), on ATen's Vectorized<float> (W = 16 lanes on avx512, 8 on avx2, 4 on NEON) or
+// SSE2 on the x86 scalar tier (4 lanes: ATen's fallback there is an array whose loops compile to shuffles). Dot
+// products put W dimensions of one key in the lanes (G accumulators per key, the queries widened once) and sum W
+// keys' accumulators across lanes in one transpose-add (hsum_tile), so no key is transposed; the avx512 tiers
+// instead transpose 16 keys as dword pairs (a 16x16 dword transpose: lanes = 16 keys) and widen each pair by a
+// shift and a mask (a third fewer instructions than lanes = dimensions at D = 64). P V puts W output dimensions in
+// the lanes, keys in tiles of 64 that stay in L1 while the chunks of D pass over them.
+// The avx512_bf16 build runs these fp32 loops too: its vdpbf16ps loops (keys transposed as above, values
+// interleaved in pairs, probabilities in bf16) measured 6-10% slower on a Sapphire Rapids core (BENCHMARKS.md,
+// issue 16), since a step is bound by reading the scattered blocks and by the softmax, not by multiply-adds.
 // exp is the same Cephes polynomial on every tier (exp512 / exp256 / exp_neon / exp_sse2 / exp_poly), and the bf16
 // roundings are bit operations in loops the compiler vectorises.
 //
@@ -55,10 +55,7 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define SPARSE_AVX512BF16 1
-#elif defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #elif defined(__ARM_NEON)
 #include <arm_neon.h>
@@ -68,9 +65,7 @@ namespace infllm {
 
 // The code path of the attention loops (dot products, softmax) in this build; dense_attention.h shares them.
 inline const char* path() {
-#if defined(SPARSE_AVX512BF16)
-  return "avx512_bf16 (vdpbf16ps)";
-#elif defined(__AVX512F__)
+#if defined(__AVX512F__)
   return "avx512 (fp32 FMA, 16 lanes)";
 #elif defined(__AVX2__) && defined(__FMA__)
   return "avx2 (fp32 FMA, 8 lanes)";
@@ -127,7 +122,7 @@ inline void prefetch_row(const BFloat16* r, int64_t D) {
   for (int64_t d = 0; d < D; d += 32) __builtin_prefetch(r + d, 0, 1);
 }
 
-#if !defined(SPARSE_AVX512BF16) && defined(__SSE2__) && !defined(__AVX2__)
+#if defined(__SSE2__) && !defined(__AVX2__)
 #define SPARSE_SSE2 1
 // The scalar tier on x86-64: ATen's Vectorized<float> is a plain 8-float array there, whose loops GCC lowers to
 // shuffles (measured: slower than the PyTorch reference); SSE2, which every x86-64 CPU has, gives 4 lanes directly.
@@ -147,13 +142,12 @@ inline Sse operator/(Sse a, Sse b) { return _mm_div_ps(a, b); }
 inline Sse vfma(Sse a, Sse b, Sse c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }  // no FMA: two roundings
 inline Sse vmax(Sse a, Sse b) { return _mm_max_ps(a, b); }
 using Vec = Sse;
-#elif !defined(SPARSE_AVX512BF16)
+#else
 using Vec = at::vec::Vectorized<float>;
 inline Vec vfma(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
 inline Vec vmax(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
 #endif
 
-#ifndef SPARSE_AVX512BF16
 constexpr int W = Vec::size();
 
 // W bf16 -> W fp32 lanes.
@@ -212,7 +206,6 @@ inline Vec hsum_tile(const Vec* a) {
   return Vec::loadu(s);
 #endif
 }
-#endif
 
 #ifdef __AVX512F__
 // 16 rows of 16 dwords in r[0..15] -> r[c] lane k = input row k, dword c.
@@ -323,7 +316,6 @@ inline __m128 exp_sse2(__m128 x) {
 }
 #endif
 
-#ifndef SPARSE_AVX512BF16
 // exp of W lanes: the intrinsics above, or exp_poly lane by lane (elsewhere: GCC keeps the clamps' float compares
 // as branches under its default -ftrapping-math, so that loop stays scalar).
 inline Vec exp_vec(Vec x) {
@@ -342,44 +334,13 @@ inline Vec exp_vec(Vec x) {
   return Vec::loadu(f);
 #endif
 }
-#endif
 
 // out[i * ld + j] = q_i . rows[j] (fp32 sums) for i < G, j < n; q [G, D] contiguous; ld >= n rounded up to 16.
 // also: rows read next (stage 2's values), prefetched alongside, or nullptr.
 template <int G>
 void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, float* out, int64_t ld,
           const BFloat16* const* also = nullptr) {
-#ifdef SPARSE_AVX512BF16
-  if (D % 32 == 0) {
-    const uint32_t* qd = reinterpret_cast<const uint32_t*>(q);  // q as dimension pairs
-    const int64_t P = D / 2;
-    alignas(64) __m512i kt[128];  // D <= 256: the 16 rows as [pair][row]
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
-      const int64_t m = std::min<int64_t>(16, n - j0);
-      for (int64_t c = 0; c < P; c += 16) {
-        __m512i r[16];
-        for (int k = 0; k < 16; ++k)
-          r[k] = k < m ? _mm512_loadu_si512(rows[j0 + k] + 2 * c) : _mm512_setzero_si512();
-        if (c == 0)
-          for (int64_t k = j0 + kAhead; k < std::min(n, j0 + kAhead + 16); ++k) {
-            prefetch_row(rows[k], D);
-            if (also) prefetch_row(also[k], D);
-          }
-        transpose16(r);
-        for (int k = 0; k < 16; ++k) kt[c + k] = r[k];
-      }
-      __m512 acc[G];
-      for (int i = 0; i < G; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < P; ++c) {
-        __m512bh kv = (__m512bh)kt[c];
-        for (int i = 0; i < G; ++i)
-          acc[i] = _mm512_dpbf16_ps(acc[i], kv, (__m512bh)_mm512_set1_epi32(qd[i * P + c]));
-      }
-      for (int i = 0; i < G; ++i) _mm512_storeu_ps(out + i * ld + j0, acc[i]);
-    }
-    return;
-  }
-#elif defined(__AVX512F__)
+#if defined(__AVX512F__)
   if (D % 32 == 0) {  // lanes = 16 keys, transposed as dword pairs as above, each pair widened by shift / mask
     alignas(64) float qf[G * 256];  // the queries in fp32, D <= 256
     for (int64_t x = 0; x < G * D; ++x) qf[x] = widen(q[x]);
@@ -414,7 +375,6 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
     return;
   }
 #endif
-#ifndef SPARSE_AVX512BF16
   if (D % W == 0) {
     alignas(64) float qf[G * 256];  // the queries in fp32, D <= 256
     for (int64_t x = 0; x < G * D; ++x) qf[x] = widen(q[x]);
@@ -442,7 +402,6 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
     }
     return;
   }
-#endif
   for (int64_t j = 0; j < n; ++j)
     for (int i = 0; i < G; ++i) {
       float s = 0.f;
@@ -451,40 +410,10 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
     }
 }
 
-// Probabilities as P V reads them: bf16 for vdpbf16ps; elsewhere fp32 holding bf16-rounded values (no widening
-// in the inner loop).
-#ifdef SPARSE_AVX512BF16
-using Prob = BFloat16;
-#else
-using Prob = float;
-#endif
-
 // o[i, :] = sum_j p[i * ld + j] * rows[j] (fp32 sums) for i < G; p[i * ld + j] = 0 for n <= j < n rounded up to
 // 2; o [G, D] fp32.
 template <int G>
-void weighted_sum(const Prob* p, int64_t ld, const BFloat16* const* rows, int64_t n, int64_t D, float* o) {
-#ifdef SPARSE_AVX512BF16
-  if (D % 32 == 0) {
-    const uint32_t* pd = reinterpret_cast<const uint32_t*>(p);  // probabilities of keys (2j, 2j + 1)
-    const __m512i inter = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                           39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    for (int64_t c = 0; c < D; c += 16) {  // 16 output dimensions at a time
-      __m512 acc[G];
-      for (int i = 0; i < G; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t j = 0; j < n; j += 2) {
-        __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j] + c)));
-        __m512i b = j + 1 < n
-                        ? _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j + 1] + c)))
-                        : _mm512_setzero_si512();
-        __m512bh vv = (__m512bh)_mm512_permutex2var_epi16(a, inter, b);  // dword d = (row j [d], row j+1 [d])
-        for (int i = 0; i < G; ++i)
-          acc[i] = _mm512_dpbf16_ps(acc[i], vv, (__m512bh)_mm512_set1_epi32(pd[(i * ld + j) / 2]));
-      }
-      for (int i = 0; i < G; ++i) _mm512_storeu_ps(o + i * D + c, acc[i]);
-    }
-    return;
-  }
-#else
+void weighted_sum(const float* p, int64_t ld, const BFloat16* const* rows, int64_t n, int64_t D, float* o) {
   if (D % W == 0) {
     std::fill(o, o + G * D, 0.f);
     constexpr int64_t kTile = 64;  // keys whose rows stay in L1 while the D / W chunks pass over them
@@ -503,7 +432,6 @@ void weighted_sum(const Prob* p, int64_t ld, const BFloat16* const* rows, int64_
     }
     return;
   }
-#endif
   std::fill(o, o + G * D, 0.f);
   for (int64_t j = 0; j < n; ++j)
     for (int i = 0; i < G; ++i) {
@@ -515,15 +443,9 @@ void weighted_sum(const Prob* p, int64_t ld, const BFloat16* const* rows, int64_
 // x[0..n) = exp(x + shift) in place.
 inline void exp_shift(float* x, int64_t n, float shift) {
   int64_t j = 0;
-#ifdef SPARSE_AVX512BF16
-  const __m512 s = _mm512_set1_ps(shift);
-  for (; j + 16 <= n; j += 16) _mm512_storeu_ps(x + j, exp512(_mm512_add_ps(_mm512_loadu_ps(x + j), s)));
-  for (; j < n; ++j) x[j] = std::exp(x[j] + shift);
-#else
   const Vec s(shift);
   for (; j + W <= n; j += W) exp_vec(Vec::loadu(x + j) + s).store(x + j);
   for (; j < n; ++j) x[j] = exp_poly(x[j] + shift);
-#endif
 }
 
 // The softmax loops below, a vector at a time (scalar loops with a running max or sum do not vectorise
@@ -534,20 +456,6 @@ inline void exp_shift(float* x, int64_t n, float shift) {
 inline float scale_max(float* x, int64_t n, float scale, bool round) {
   float m = -kInf;
   int64_t j = 0;
-#ifdef SPARSE_AVX512BF16
-  const __m512 s = _mm512_set1_ps(scale);
-  __m512 vm = _mm512_set1_ps(-kInf);
-  for (; j + 16 <= n; j += 16) {
-    __m512 v = _mm512_loadu_ps(x + j);
-    if (round)
-      v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-    v = _mm512_mul_ps(v, s);
-    _mm512_storeu_ps(x + j, v);
-    vm = _mm512_max_ps(vm, v);
-  }
-  m = _mm512_reduce_max_ps(vm);
-  for (; j < n; ++j) m = std::max(m, x[j] = (round ? round_bf16(x[j]) : x[j]) * scale);
-#else
   if (round)
     for (int64_t i = 0; i < n; ++i) x[i] = rne_bf16(x[i]) * scale;
   else
@@ -558,40 +466,25 @@ inline float scale_max(float* x, int64_t n, float scale, bool round) {
   vm.store(f);
   for (int k = 0; k < W; ++k) m = std::max(m, f[k]);
   for (; j < n; ++j) m = std::max(m, x[j]);
-#endif
   return m;
 }
 
 inline float sum(const float* x, int64_t n) {
   float t = 0.f;
   int64_t j = 0;
-#ifdef SPARSE_AVX512BF16
-  __m512 acc = _mm512_setzero_ps();
-  for (; j + 16 <= n; j += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + j));
-  t = _mm512_reduce_add_ps(acc);
-#else
   Vec acc(0.f);
   for (; j + W <= n; j += W) acc = acc + Vec::loadu(x + j);
   alignas(64) float f[W];
   acc.store(f);
   for (int k = 0; k < W; ++k) t += f[k];
-#endif
   for (; j < n; ++j) t += x[j];
   return t;
 }
 
-// out[j] = bf16(x[j] * c) (as a Prob).
-inline void to_prob(const float* x, int64_t n, float c, Prob* out) {
+// out[j] = bf16(x[j] * c), kept in fp32 (P V then needs no widening in its inner loop).
+inline void to_prob(const float* x, int64_t n, float c, float* out) {
   int64_t j = 0;
-#ifdef SPARSE_AVX512BF16
-  const __m512 s = _mm512_set1_ps(c);
-  for (; j + 16 <= n; j += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
-                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + j), s)));
-  for (; j < n; ++j) out[j] = x[j] * c;
-#else
   for (; j < n; ++j) out[j] = rne_bf16(x[j] * c);
-#endif
 }
 
 struct Params {
@@ -602,7 +495,7 @@ struct Params {
 struct Scratch {  // per thread, grown as needed
   std::vector<const BFloat16*> rows, vrows;
   std::vector<float> s, score, blocks;
-  std::vector<Prob> p;
+  std::vector<float> p;
   std::vector<int64_t> order;
   std::vector<float> o;
 };
@@ -680,9 +573,9 @@ void step(const BFloat16* q, const BFloat16* qs, const BFloat16* kbase, const BF
   for (int i = 0; i < G; ++i) {
     float* s = w.s.data() + i * ld2;
     exp_shift(s, n, -scale_max(s, n, scale, false));
-    Prob* pi = w.p.data() + i * ld2;
+    float* pi = w.p.data() + i * ld2;
     to_prob(s, n, 1.f / sum(s, n), pi);
-    std::fill(pi + n, pi + ld2, Prob(0.f));
+    std::fill(pi + n, pi + ld2, 0.f);
   }
   w.o.resize(G * D);
   weighted_sum<G>(w.p.data(), ld2, w.vrows.data(), n, D, w.o.data());
