@@ -1,5 +1,5 @@
-// Int4 weight products on Int4Linear's weight layout (below): a few-row kernel (decode, tree verification, the draft's passes) and, for many rows (prefill), blocks of
-// the weight dequantized for a GEMM.
+// Int4 weight products on Int4Linear's weight layout (below): a few-row kernel (decode, tree verification, the
+// draft's passes) and, for many rows (prefill), blocks of the weight dequantized for a GEMM.
 //
 // Why our own: torch's _weight_int4pack_mm_for_cpu turns each weight into fp32 and multiplies with fp32 FMAs,
 // unpacks the weights again for every block of 4 activation rows, and rounds a row differently depending on the
@@ -11,8 +11,8 @@
 //
 // Layout (quant/int4.py's pack(), the same bytes on every machine): output rows in blocks of 64; for block b and
 // input column k, 32 bytes at w[(b * K + k) * 32 ..]: byte d (d < 32) holds row 64b + d in its low nibble and row
-// 64b + 32 + d in its high nibble. The last N % 64 rows (a part block of t rows, t even) follow, t / 2 bytes per
-// column: byte j of column k, at w[full * K / 2 + k * t / 2 + j], holds part-block rows 2j (low) and 2j + 1
+// 64b + 32 + d in its high nibble. The last t = N % 64 rows (a part block, t even) follow, t / 2 bytes per column:
+// byte j of column k, at w[full * K / 2 + k * t / 2 + j] (full = N - t), holds part-block rows 2j (low) and 2j + 1
 // (high). This is what torch's AVX-512 build of _convert_weight_to_int4pack_for_cpu writes; torch's layout
 // follows its runtime CPU capability (AVX2: 32-row blocks; default, as on aarch64: 16 or 32 rows in pairs), so
 // we pack ourselves and never read a tensor torch packed. Per group g of `group` columns, sz[g, n] =
