@@ -58,10 +58,12 @@ for rows in (1, 7, 40):  # few-row kernel up to 16 rows, bf16 GEMM beyond
     x = torch.randn(rows, 128, generator=g).bfloat16()
     check(f"int8 GEMM, {rows} rows", close(layer(x), x.double() @ w.T, 2 ** -7, x, w))
 
-from minicpm4.quant.int4 import Int4Linear, unpack_q4_1  # noqa: E402
+from minicpm4.quant.int4 import Int4Linear, torch_packs_like_us, unpack_q4_1  # noqa: E402
+from minicpm4.quant.int8 import quantize_activations  # noqa: E402
 
+check("our int4 kernel runs on this tier", "int8 activations" in ext.PATHS["int4 GEMM"], ext.PATHS["int4 GEMM"])
 rng = np.random.default_rng(0)
-n = 128  # random Q4_1 blocks: fp16 d and m, 16 bytes of nibbles per 32 weights
+n = 160  # random Q4_1 blocks: fp16 d and m, 16 bytes of nibbles per 32 weights; 2 whole 64-row blocks + 32 rows
 d = rng.uniform(0.01, 0.1, (n, 4)).astype(np.float16).view(np.uint8).reshape(n, 4, 2)
 m = rng.uniform(-1, 0, (n, 4)).astype(np.float16).view(np.uint8).reshape(n, 4, 2)
 raw = np.concatenate([d, m, rng.integers(0, 256, (n, 4, 16), dtype=np.uint8)], -1).reshape(n, 80)
@@ -70,9 +72,28 @@ q, dd, mm = unpack_q4_1(raw)
 scale = torch.from_numpy(dd).bfloat16().double()
 zero = torch.from_numpy(mm + 8 * dd).bfloat16().double()
 w = ((torch.from_numpy(q).double().view(n, -1, 32) - 8) * scale[..., None] + zero[..., None]).view(n, -1)
-for rows in (1, 5, 40):
+for rows in (1, 5, 16, 40):
     x = torch.randn(rows, layer.in_features, generator=g).bfloat16()
-    check(f"int4 GEMM, {rows} rows", close(layer(x), x.double() @ w.T, 2 ** -7, x, w))
+    got = layer(x)
+    check(f"int4 GEMM, {rows} rows", close(got, x.double() @ w.T, 2 ** -7, x, w))
+    if rows <= 16:  # the few-row kernel's integer math, within the bounds of tests/quant/test_int4.py
+        x8, dx = quantize_activations(x, layer.group_size)
+        _, sc, ze = layer.unpack()
+        xabs = x8.double().abs().view(rows, -1, layer.group_size).sum(-1)
+        a = (dx.double() * xabs) @ (15 * sc.double().abs() + (ze - 8 * sc).double().abs())
+        exact = layer.integer_reference(x)
+        full = exact.shape[1]
+        diff = (got[:, :full].double() - exact).abs()
+        check(f"int4 few-row kernel, {rows} rows, equals its integer math",
+              bool(diff.le(2 ** -8 * exact.abs() + 2 ** -16 * a).all()), f"max diff {diff.max():.2g}")
+        check(f"int4 few-row kernel, {rows} rows: a row alone equals it among others",
+              torch.equal(layer(x[rows - 1:]), got[rows - 1:]))
+# torch packs int4 by its runtime CPU capability (on aarch64: rows in pairs), where ours is one layout (quant/int4.py
+# pack): the fallback without a compiler hands torch's kernel a copy torch packed
+print(f"  torch packs int4 like us: {torch_packs_like_us()}")
+x = torch.randn(3, layer.in_features, generator=g).bfloat16()
+got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.torch_packed(), layer.group_size, layer.scales_and_zeros)
+check("int4 through torch's kernel on its own packing (no compiler)", close(got, x.double() @ w.T, 2 ** -7, x, w))
 
 from minicpm4.quant.ternary import GEMV_MAX_ROWS, TernaryLinear  # noqa: E402
 

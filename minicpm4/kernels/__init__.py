@@ -26,6 +26,6 @@ class LayerKind(IntEnum):
     """Weight layout of a linear layer in the C++ decode stack; the same values as csrc/layer_kind.h's enum
     (the module exports its own as LAYER_KINDS, and a test checks the two agree)."""
     BF16 = 0     # dense bf16 weight [N, K]
-    INT4 = 1     # torch's int4pack CPU layout + scales_and_zeros (Int4Linear)
+    INT4 = 1     # quant/int4.py pack()'s layout (torch's AVX-512 int4pack) + scales_and_zeros (Int4Linear)
     INT8 = 2     # int8 rows + per-row scales (Int8Linear)
     TERNARY = 3  # 2 bit planes + 8-bit group scales + a row scale (TernaryLinear)

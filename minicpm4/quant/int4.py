@@ -1,8 +1,12 @@
 """Int4 weight-only linear layer for CPU, and GGUF Q4_1 weights loaded into it without dequantizing.
 
-Layout (that of torch.ops.aten._weight_int4pack_mm_for_cpu): for output row n and input column k in group g,
+Values: for output row n and input column k in group g,
 
     w[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n],     q in 0..15, groups of `group_size` columns
+
+(those of torch.ops.aten._weight_int4pack_mm_for_cpu). The codes are packed by `pack` into the bytes torch's AVX-512
+build of _convert_weight_to_int4pack_for_cpu writes, on every machine: torch's own packing follows its runtime CPU
+capability (AVX2: 32-row blocks; default, as on aarch64: rows in pairs), and our kernels read one layout.
 
 GGUF Q4_1 stores, per 32 weights, an fp16 scale d and minimum m with w = d * q + m, so it maps onto the layout
 exactly with scale = d and zero = m + 8d; the one loss is holding scale and zero in bf16 (the kernel's dtype).
@@ -12,13 +16,16 @@ The product runs csrc/int4_gemm.h (bound in csrc/ops.cpp), on every instruction-
 to 16 activation rows (decode steps, draft-tree verification, batched requests) a kernel that unpacks each weight
 once for all rows and multiplies it by int8 activations with integer dot products (llama.cpp's Q4_1 x Q8_1: each
 group of a row quantized by quant/int8.py's `quantize_activations`); for more rows (prefill) blocks of the weight
-dequantized for a GEMM (bf16 on avx512_bf16, fp32 elsewhere); torch's _weight_int4pack_mm_for_cpu without a
-compiler. References: the formula above on the unpacked values (tests/quant/test_int4.py builds it from the GGUF
-bytes with the gguf package's own dequantizer), and `Int4Linear.integer_reference` for the few-row kernel's
+dequantized for a GEMM (bf16 on avx512_bf16, fp32 elsewhere); without a compiler torch's
+_weight_int4pack_mm_for_cpu, on a copy torch packed where its layout is not ours (`torch_packed`). References: the
+formula above on the unpacked values (tests/quant/test_int4.py builds it from the GGUF bytes with the gguf
+package's own dequantizer), and `Int4Linear.integer_reference` for the few-row kernel's
 integer math, whose activation rounding moves an output by at most sum_g dx[m, g] / 2 * sum_{k in g} |w[n, k]|.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -29,7 +36,42 @@ from minicpm4.quant.int8 import quantize_activations
 
 Q4_1_BLOCK = 32  # weights per Q4_1 block: fp16 d, fp16 m, 16 bytes of 4-bit values
 Q4_1_BYTES = 20
-PACK_ROWS = 64  # _convert_weight_to_int4pack_for_cpu interleaves output rows in blocks of 64
+PACK_ROWS = 64  # output rows are interleaved in blocks of 64
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """Codes q [N, K] (0..15, N and K even) -> uint8 [N, K/2], the layout of csrc/int4_gemm.h. Rows in whole blocks
+    of 64: block b, column k is 32 bytes, byte d holding row 64b + d (low nibble) and 64b + 32 + d (high). The last
+    t = N % 64 rows follow, t/2 bytes per column k, byte j holding their rows 2j (low) and 2j + 1 (high)."""
+    n, k = q.shape
+    if n % 2 or k % 2:
+        raise ValueError(f"int4 packing needs an even number of rows and columns, got {n} x {k}")
+    q = q.to(torch.uint8)
+    full = n // PACK_ROWS * PACK_ROWS
+    blocks = q[:full].reshape(-1, PACK_ROWS, k).transpose(1, 2)  # [N/64, K, 64]
+    part = q[full:].T  # [K, t]
+    return torch.cat([(blocks[..., :32] | blocks[..., 32:] << 4).reshape(-1),
+                      (part[:, 0::2] | part[:, 1::2] << 4).reshape(-1)]).view(n, k // 2)
+
+
+def unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """pack's inverse: uint8 [N, K/2] -> codes int32 [N, K]."""
+    n = packed.shape[0]
+    full = n // PACK_ROWS * PACK_ROWS
+    flat = packed.reshape(-1)
+    blocks = flat[: full * k // 2].view(-1, k, 32)  # [N/64, K, 32]
+    head = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).permute(0, 2, 1).reshape(full, k)  # rows 0..31, 32..63
+    part = flat[full * k // 2:].view(k, -1)  # [K, t/2]
+    tail = torch.stack([part & 0x0F, part >> 4], dim=-1).reshape(k, n - full).T
+    return torch.cat([head, tail]).int()
+
+
+@functools.cache
+def torch_packs_like_us() -> bool:
+    """Whether this torch's _convert_weight_to_int4pack_for_cpu (on this CPU) writes `pack`'s bytes, whole and part
+    blocks: true on its AVX-512 capability only."""
+    q = torch.randint(0, 16, (PACK_ROWS + 16, 8), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    return torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).view(torch.uint8), pack(q))
 
 
 def unpack_q4_1(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -60,16 +102,16 @@ class Int4Linear(nn.Module):
     def from_q4_1(cls, raw: np.ndarray) -> "Int4Linear":
         q, d, m = unpack_q4_1(raw)
         layer = cls(q.shape[1], q.shape[0], Q4_1_BLOCK)
-        layer.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q), 1)
+        layer.qweight = pack(torch.from_numpy(q))
         sz = np.stack([d, m + 8 * d], axis=-1).transpose(1, 0, 2)  # [K/32, N, 2]
         layer.scales_and_zeros = torch.from_numpy(np.ascontiguousarray(sz)).to(torch.bfloat16)
         return layer
 
     @classmethod
     def cat(cls, layers: list["Int4Linear"]) -> "Int4Linear":
-        """One layer computing the outputs of `layers` (same input) side by side. The CPU packing interleaves
-        output rows in blocks of PACK_ROWS, so packed tensors concatenate as they are when every part but the
-        last fills whole blocks; otherwise ValueError."""
+        """One layer computing the outputs of `layers` (same input) side by side. `pack` interleaves output rows
+        in blocks of PACK_ROWS, so packed tensors concatenate as they are when every part but the last fills whole
+        blocks; otherwise ValueError."""
         if any(m.out_features % PACK_ROWS for m in layers[:-1]):
             raise ValueError(f"int4 layers of {[m.out_features for m in layers]} rows cannot be concatenated "
                              f"packed: all but the last need a multiple of {PACK_ROWS} rows")
@@ -84,15 +126,23 @@ class Int4Linear(nn.Module):
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The codes q int [N', K] (0..15), scale and zero fp32 [K/group, N'] of the rows in whole 64-row blocks
-        (N' = N rounded down to 64; a last part block is packed in another layout). In block b, column k is 32
-        bytes; byte d holds row 64b + d in its low nibble and row 64b + 32 + d in its high nibble."""
+        (N' = N rounded down to 64: the rows the integer kernels take; a last part block goes to a GEMM)."""
         full = self.out_features // PACK_ROWS * PACK_ROWS
-        k = self.in_features
-        packed = self.qweight.reshape(-1)[: full * k // 2].view(-1, k, 32)  # [blocks, K, 32]
-        q = torch.cat([packed & 0x0F, packed >> 4], dim=-1)  # [blocks, K, 64]: rows 0..31, then 32..63
-        q = q.permute(0, 2, 1).reshape(full, k).int()
+        q = unpack(self.qweight, self.in_features)[:full]
         sz = self.scales_and_zeros[:, :full].float()
         return q, sz[..., 0], sz[..., 1]
+
+    def torch_packed(self) -> torch.Tensor:
+        """qweight as torch's _weight_int4pack_mm_for_cpu reads it on this machine: qweight itself where torch
+        packs like us, else a copy torch packed, made once (and again if qweight changes)."""
+        if torch_packs_like_us():
+            return self.qweight
+        w = self.qweight
+        cached = getattr(self, "_torch_packed", None)  # (qweight, its version, torch's packing of it)
+        if cached is None or cached[0] is not w or cached[1] != w._version:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack(w, self.in_features), 1)
+            cached = self._torch_packed = (w, w._version, packed)
+        return cached[2]
 
     def integer_reference(self, x: torch.Tensor) -> torch.Tensor:
         """What the integer kernels compute for x [M, K] on the rows in whole blocks, in float64 before their
@@ -112,8 +162,11 @@ class Int4Linear(nn.Module):
         if x2.dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)
         ext = kernels.native()
-        mm = ext.int4_mm if ext is not None else torch.ops.aten._weight_int4pack_mm_for_cpu
-        y = mm(x2, self.qweight, self.group_size, self.scales_and_zeros)
+        if ext is not None:
+            y = ext.int4_mm(x2, self.qweight, self.group_size, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.torch_packed(), self.group_size,
+                                                            self.scales_and_zeros)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minicpm4.quant.int4 import Int4Linear
+from minicpm4.quant.int4 import Int4Linear, pack
 from minicpm4.quant.int8 import Int8Linear
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
@@ -131,7 +131,7 @@ def to_int4_linear(q: QTensor) -> Int4Linear:
     else:
         u, zero = q.codes.int(), (8 - q.zeros.float()) * q.scales
     layer = Int4Linear(k, n, q.group_size)
-    layer.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
+    layer.qweight = pack(u)
     sz = torch.stack([q.scales, zero], dim=-1).transpose(0, 1)  # [N, G, 2] -> [G, N, 2], the kernel's layout
     layer.scales_and_zeros = sz.contiguous().to(torch.bfloat16)
     return layer

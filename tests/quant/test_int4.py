@@ -12,7 +12,7 @@ import minicpm4
 from minicpm4 import kernels
 from minicpm4.model.kv_cache import KVCache
 from minicpm4.model.native_stack import attach
-from minicpm4.quant.int4 import Int4Linear, unpack_q4_1
+from minicpm4.quant.int4 import Int4Linear, pack, torch_packs_like_us, unpack, unpack_q4_1
 from minicpm4.quant.int8 import quantize_activations
 
 
@@ -107,19 +107,42 @@ def test_our_kernel_runs_and_a_row_never_depends_on_its_neighbours(q4_1_tensors,
             assert torch.equal(layer(x[rows]), together[rows]), (t.name, rows)
 
 
-def test_a_part_block_of_rows_goes_to_torchs_kernel(q4_1_tensors, tier):
-    """96 output rows: one whole block of 64 (our kernel) and a part block (packed in another layout: torch's), so
-    rows get the same kernel whether or not their layer is concatenated with others."""
-    raw = np.array(q4_1_tensors[0].data)[:96]
+def test_a_part_block_of_rows_takes_the_same_path_alone_or_concatenated(q4_1_tensors, tier):
+    """96 output rows: one whole block of 64 (our kernel) and a part block (packed in pairs of rows: a GEMM on its
+    dequantized rows), so rows get the same kernel whether or not their layer is concatenated with others."""
+    t = q4_1_tensors[0]
+    raw = np.array(t.data)[:96]
     layer, head, tail = (Int4Linear.from_q4_1(r) for r in (raw, raw[:64], raw[64:]))
+    assert torch.equal(Int4Linear.cat([head, tail]).qweight, layer.qweight)
     x = torch.randn(3, layer.in_features).to(torch.bfloat16)
     ext = kernels.native()
     assert ext.int4_supported(x, head.qweight, head.group_size, head.scales_and_zeros)
     assert not ext.int4_supported(x, tail.qweight, tail.group_size, tail.scales_and_zeros)
     got = layer(x)
     assert torch.equal(got[:, :64], head(x))
-    want = torch.ops.aten._weight_int4pack_mm_for_cpu(x, tail.qweight, tail.group_size, tail.scales_and_zeros)
-    assert torch.equal(got[:, 64:], want)
+    assert torch.equal(got[:, 64:], tail(x))
+    w_ref = reference_weight(t)[64:96]
+    ref = x.double() @ w_ref.T  # fp32 sums and the bf16 output rounding
+    assert (got[:, 64:].double() - ref).abs().le(2 ** -7 * (x.double().abs() @ w_ref.abs().T) + 1e-3).all()
+
+
+def test_pack_is_torchs_avx512_layout_and_the_fallback_reads_torchs_own(q4_1_tensors):
+    """pack() writes what torch's AVX-512 build packs (whole 64-row blocks and a part block), on every machine;
+    torch packs by its runtime CPU capability, so where it packs otherwise (ATEN_CPU_CAPABILITY=avx2 or default,
+    aarch64) the no-compiler path hands its kernel a copy torch packed, which must compute the same product."""
+    q = torch.randint(0, 16, (176, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    assert torch.equal(unpack(pack(q), 64), q)
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert torch_packs_like_us()
+        assert torch.equal(pack(q), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+    t = q4_1_tensors[0]
+    layer = Int4Linear.from_q4_1(np.array(t.data)[:96])
+    x = torch.randn(3, layer.in_features).to(torch.bfloat16)
+    got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.torch_packed(), layer.group_size,
+                                                     layer.scales_and_zeros).double()
+    w_ref = reference_weight(t)[:96]
+    ref = x.double() @ w_ref.T
+    assert (got - ref).abs().le(2 ** -7 * (x.double().abs() @ w_ref.abs().T) + 1e-3).all()
 
 
 def test_int4_model_keeps_quality_on_real_text(smollm_gguf, real_text):

@@ -1,6 +1,5 @@
-// Int4 weight products on the weight layout of torch's CPU int4 kernel, so Int4Linear's tensors are used as they
-// are: a few-row kernel (decode, tree verification, the draft's passes) and, for many rows (prefill), blocks of
-// the weight dequantized for a GEMM.
+// Int4 weight products on Int4Linear's weight layout (below): a few-row kernel (decode, tree verification, the
+// draft's passes) and, for many rows (prefill), blocks of the weight dequantized for a GEMM.
 //
 // Why our own: torch's _weight_int4pack_mm_for_cpu turns each weight into fp32 and multiplies with fp32 FMAs,
 // unpacks the weights again for every block of 4 activation rows, and rounds a row differently depending on the
@@ -10,10 +9,14 @@
 // GEMM on dequantized blocks: bf16 on avx512_bf16, fp32 on every other tier (where a bf16 GEMM, without native
 // bf16 dot products, is several times slower than fp32).
 //
-// Layout (aten::_convert_weight_to_int4pack_for_cpu, inner k tiles 1): output rows in blocks of 64; for block b
-// and input column k, 32 bytes at w[(b * K + k) * 32 ..]: byte d (d < 16) holds row 64b + d in its low nibble and
-// row 64b + 32 + d in its high nibble, byte 16 + d rows 64b + 16 + d and 64b + 48 + d (so byte d', d' < 32, holds
-// row d' low and row 32 + d' high). Per group g of `group` columns, sz[g, n] = (scale, zero) bf16, and
+// Layout (quant/int4.py's pack(), the same bytes on every machine): output rows in blocks of 64; for block b and
+// input column k, 32 bytes at w[(b * K + k) * 32 ..]: byte d (d < 32) holds row 64b + d in its low nibble and row
+// 64b + 32 + d in its high nibble. The last t = N % 64 rows (a part block, t even) follow, t / 2 bytes per column:
+// byte j of column k, at w[full * K / 2 + k * t / 2 + j] (full = N - t), holds part-block rows 2j (low) and 2j + 1
+// (high). This is what torch's AVX-512 build of _convert_weight_to_int4pack_for_cpu writes; torch's layout
+// follows its runtime CPU capability (AVX2: 32-row blocks; default, as on aarch64: 16 or 32 rows in pairs), so
+// we pack ourselves and never read a tensor torch packed. Per group g of `group` columns, sz[g, n] =
+// (scale, zero) bf16, and
 //   w[n, k] = (q - 8) * scale + zero,   q in 0..15.
 //
 // Math (llama.cpp's Q4_1 x Q8_1): each row's group g of x is quantized to int8 (int8_gemm.h
@@ -71,8 +74,10 @@ inline const char* path() {
   return "avx512 (vpdpbusd, int8 activations)";
 #elif defined(MINICPM4_INT4_AVX2)
   return "avx2 (vpmaddubsw, int8 activations)";
-#elif defined(__aarch64__)
-  return "torch (_weight_int4pack_mm_for_cpu): ours is off on aarch64 (see weight_fits)";
+#elif defined(MINICPM4_INT4_NEON) && defined(__ARM_FEATURE_DOTPROD)
+  return "neon_dotprod (sdot, int8 activations)";
+#elif defined(MINICPM4_INT4_NEON)
+  return "neon (smull + sadalp, int8 activations)";
 #else
   return "scalar (C++, int8 activations)";
 #endif
@@ -336,26 +341,27 @@ inline void block_int_rows(int64_t mb, const int8_t* x8, const float* dx, const 
   if constexpr (MB > 1) block_int_rows<MB - 1>(mb, x8, dx, xs, w, sz, y, b, K, N, group);
 }
 
-// Whether our kernels take this weight: at least one whole 64-row block, groups of a multiple of 4 columns,
-// contiguous tensors.
-inline bool weight_fits(const at::Tensor& w, int64_t group, const at::Tensor& sz) {
-#if defined(__aarch64__)
-  // Not on aarch64 yet: under emulation (scripts/test_aarch64.sh, torch 2.10's aarch64 wheel) our int4 products
-  // miss the float reference at every row count, prefill included, while int8 and the rest pass; until the cause
-  // is found (the weight layout that wheel's _convert_weight_to_int4pack_for_cpu writes is the first suspect),
-  // torch's own int4 kernel runs there.
-  (void)w; (void)group; (void)sz;
-  return false;
-#endif
+// The weight's arguments as Int4Linear holds them (a TORCH_CHECK error naming the argument otherwise).
+inline void check_weight(const at::Tensor& w, int64_t group, const at::Tensor& sz) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2, "int4 mm: the weight must be uint8 [N, K/2], got ",
+              w.scalar_type(), " ", w.sizes());
   const int64_t N = w.size(0), K = w.size(1) * 2;
-  return w.scalar_type() == at::kByte && w.is_contiguous() && N >= kBlockN && group % 4 == 0 && K % group == 0 &&
-         sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == K / group &&
-         sz.size(1) == N;
+  TORCH_CHECK(N % 2 == 0, "int4 mm: the weight has ", N, " rows, not an even number");
+  TORCH_CHECK(group > 0 && group % 4 == 0 && K % group == 0, "int4 mm: group size ", group,
+              " must be a multiple of 4 dividing K = ", K);
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.dim() == 3 && sz.size(0) == K / group && sz.size(1) == N &&
+                  sz.size(2) == 2,
+              "int4 mm: scales_and_zeros must be bf16 [", K / group, ", ", N, ", 2], got ", sz.scalar_type(), " ",
+              sz.sizes());
 }
+
+// Whether the few-row kernel and the prefill GEMM take rows of this weight: at least one whole 64-row block.
+inline bool weight_fits(const at::Tensor& w) { return w.size(0) >= kBlockN; }
 
 // Whether mm() runs the few-row kernel (1..kMaxRows bf16 rows) for this call.
 inline bool supported(const at::Tensor& x, const at::Tensor& w, int64_t group, const at::Tensor& sz) {
-  return weight_fits(w, group, sz) && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(0) >= 1 &&
+  check_weight(w, group, sz);
+  return weight_fits(w) && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(0) >= 1 &&
          x.size(0) <= kMaxRows && x.size(1) == w.size(1) * 2;
 }
 
@@ -453,25 +459,47 @@ inline void prefill(const at::Tensor& x, const uint8_t* w, const uint16_t* sz, a
 }
 #endif
 
-// x [M, K] bf16 @ W^T -> [M, N] bf16, W = (w [N, K/2] uint8, group, sz [K/group, N, 2] bf16) in torch's layout.
-// Our few-row kernel for up to kMaxRows rows, dequantized blocks + GEMM beyond, torch's kernel for weights ours
-// do not take. The last N % 64 rows (a part block, packed in another layout) always go to torch's kernel, so a
-// layer's rows get the same kernel whether or not it is concatenated with others.
-inline at::Tensor mm(const at::Tensor& x_in, const at::Tensor& w, int64_t group, const at::Tensor& sz) {
-  if (!weight_fits(w, group, sz) || x_in.scalar_type() != at::kBFloat16 || x_in.dim() != 2 || x_in.size(0) < 1)
-    return at::_weight_int4pack_mm_for_cpu(x_in, w, group, sz);
-  const at::Tensor x = x_in.contiguous();
+// The part block (rows full .. N - 1, t = N - full < 64, packed in pairs: see Layout): y[:, full:] = x @ W^T with
+// those rows dequantized to fp32 (one FMA each, as dequantize_t) and an fp32 GEMM on x converted to fp32 (exact).
+// At most 62 rows of a layer, so plain loops (as the prefill GEMM's, its rounding may depend on the row count).
+inline void part_block(const at::Tensor& x, const uint8_t* w, const uint16_t* sz, at::Tensor& y, int64_t full,
+                       int64_t K, int64_t N, int64_t group) {
+  const int64_t t = N - full;
+  at::Tensor wd = at::empty({t, K}, x.options().dtype(at::kFloat));
+  float* out = wd.data_ptr<float>();
+  const uint8_t* wt = w + full * K / 2;
+  for (int64_t r = 0; r < t; ++r) {
+    for (int64_t k = 0; k < K; ++k) {
+      const uint16_t* pair = sz + ((k / group) * N + full + r) * 2;
+      const float s = int8::bf16_to_float(pair[0]), zz = int8::bf16_to_float(pair[1]) - 8.f * s;
+      const uint8_t byte = wt[k * t / 2 + r / 2];
+      out[r * K + k] = static_cast<float>(r % 2 ? byte >> 4 : byte & 15) * s + zz;
+    }
+  }
+  y.narrow(1, full, t).copy_(at::mm(x.to(at::kFloat), wd.t()));
+}
+
+// x [M, K] @ W^T -> [M, N] in x's dtype (computed from x in bf16), W = (w [N, K/2] uint8, group, sz [K/group, N, 2]
+// bf16) in Int4Linear's layout. Our few-row kernel for up to kMaxRows rows, dequantized blocks + GEMM beyond; the
+// last N % 64 rows (a part block) always take part_block(), so a layer's rows get the same kernel whether or not
+// it is concatenated with others.
+inline at::Tensor mm(const at::Tensor& x_in, const at::Tensor& w_in, int64_t group, const at::Tensor& sz_in) {
+  check_weight(w_in, group, sz_in);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == w_in.size(1) * 2, "int4 mm: x must be [M, ", w_in.size(1) * 2,
+              "], got ", x_in.sizes());
+  if (x_in.scalar_type() != at::kBFloat16)
+    return mm(x_in.to(at::kBFloat16), w_in, group, sz_in).to(x_in.scalar_type());
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), sz = sz_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group;
-  TORCH_CHECK(K == w.size(1) * 2, "int4 mm: x has ", K, " columns, the weight ", w.size(1) * 2);
   const at::BFloat16* xb = x.data_ptr<at::BFloat16>();
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb);
   const int64_t full = N / kBlockN * kBlockN;
   at::Tensor y = at::empty({M, N}, x.options());
-  if (full < N)
-    y.narrow(1, full, N - full)
-        .copy_(at::_weight_int4pack_mm_for_cpu(x, w.narrow(0, full, N - full), group, sz.narrow(1, full, N - full).contiguous()));
+  if (M == 0) return y;
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* szp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
+  if (full < N) part_block(x, wp, szp, y, full, K, N, group);
+  if (full == 0) return y;
   if (M > kMaxRows) {
     prefill(x, wp, szp, y, full, K, N, group);
     return y;
