@@ -3,6 +3,10 @@ against pure-PyTorch references built from the GGUF bytes: the float formula and
 activations (Int4Linear.integer_reference); the default model with its Q4_1 weights kept 4-bit against
 the same model dequantized to fp32, and its decode on every tier against the fp32 model's next tokens."""
 
+import os
+import subprocess
+import sys
+
 import gguf
 import numpy as np
 import pytest
@@ -191,3 +195,35 @@ def test_int4_decode_on_every_tier_follows_the_fp32_model(smollm_gguf, fp32_next
 def test_int4_needs_a_gguf(tmp_path):
     with pytest.raises(minicpm4.ConfigError, match="int4 loading reads Q4_1 weights from a GGUF file"):
         minicpm4.load(tmp_path, int4=True)
+
+
+_CAPABILITY_CHECK = """
+import sys, gguf, numpy as np, torch
+from minicpm4.quant.int4 import Int4Linear, unpack_q4_1
+t = next(t for t in gguf.GGUFReader(sys.argv[1]).tensors if t.name == "blk.3.ffn_down.weight")
+q, d, m = unpack_q4_1(np.array(t.data))
+scale = torch.from_numpy(d).to(torch.bfloat16).double()
+zero = torch.from_numpy(m + 8 * d).to(torch.bfloat16).double()
+w = ((torch.from_numpy(q).double().view(q.shape[0], -1, 32) - 8) * scale[..., None] + zero[..., None]).view(q.shape)
+layer = Int4Linear.from_q4_1(np.array(t.data))
+torch.manual_seed(0)
+for rows in (1, 5, 40):
+    x = torch.randn(rows, w.shape[1]).to(torch.bfloat16)
+    ref = x.double() @ w.T
+    err = float((layer(x).double() - ref).abs().max() / ref.abs().max())
+    print(rows, err)
+    assert err < 2 ** -5, (rows, err)
+"""
+
+
+@pytest.mark.skipif(kernels.isa.machine() != "x86_64", reason="ATen's x86 capabilities: this CPU is not x86-64")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_int4_weights_do_not_depend_on_atens_capability(smollm_gguf, capability):
+    """torch's own int4 packing (_convert_weight_to_int4pack_for_cpu) lays weights out per ATen capability, which
+    ATEN_CPU_CAPABILITY picks once at import and which is avx2 on an AVX2 laptop; packing with it once fed our
+    kernels a layout they do not read, and every int4 product was garbage there while the tests (one process,
+    AVX-512 capability) passed. So: a fresh process under each lower capability, against the float formula."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    r = subprocess.run([sys.executable, "-c", _CAPABILITY_CHECK, str(smollm_gguf)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
