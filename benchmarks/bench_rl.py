@@ -84,23 +84,29 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="load dtype: auto, bf16, fp32")
     ap.add_argument("--int4", action="store_true", help="keep the GGUF's Q4_1 weights 4-bit (the fast CPU decode)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of both modes; the ratio is their median")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = minicpm4.load(args.model, dtype=args.dtype, int4=args.int4)
     # warm-up outside the timings: kernels built or loaded, caches allocated, before the first mode runs
     _, warm = next(prompt_source(tokenizer, 1, args.seed))
     Engine(model).generate([warm], SamplingParams(max_new_tokens=8))
-    results = {}
-    for name, chunk in (("vanilla", args.max_len), ("chunk", args.chunk)):
-        print(f"{name}: chunk_tokens={chunk}", flush=True)
-        results[name] = run_mode(model, tokenizer, args, chunk)
-        print("  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in results[name].items()), flush=True)
-    v, c = results["vanilla"], results["chunk"]
-    ratios = {"steps_per_hour": c["steps_per_hour"] / v["steps_per_hour"],
+    runs = {"vanilla": [], "chunk": []}
+    for rep in range(args.repeats):  # alternating, so drifting load on a shared machine hits both modes alike
+        for name, chunk in (("vanilla", args.max_len), ("chunk", args.chunk)):
+            print(f"{name} (repeat {rep + 1}/{args.repeats}): chunk_tokens={chunk}", flush=True)
+            runs[name].append(run_mode(model, tokenizer, args, chunk))
+            print("  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in runs[name][-1].items()), flush=True)
+    # each repeat runs the same prompts and seeds: the samples are identical, only the timings vary
+    per_repeat = [c["steps_per_hour"] / v["steps_per_hour"] for v, c in zip(runs["vanilla"], runs["chunk"])]
+    v, c = (min(runs[k], key=lambda r: abs(r["steps_per_hour"] - statistics.median(x["steps_per_hour"] for x in runs[k])))
+            for k in ("vanilla", "chunk"))
+    ratios = {"steps_per_hour": statistics.median(per_repeat), "steps_per_hour_each": per_repeat,
               "idle_share": c["idle_share"] / v["idle_share"] if v["idle_share"] else None}
-    print(f"chunk / vanilla: steps per hour x{ratios['steps_per_hour']:.2f}, "
-          f"idle decode slots {c['idle_share']:.1%} vs {v['idle_share']:.1%}")
+    print(f"chunk / vanilla: steps per hour x{ratios['steps_per_hour']:.2f} (median of {args.repeats}: "
+          f"{', '.join(f'{x:.2f}' for x in per_repeat)}), idle decode slots {c['idle_share']:.1%} vs "
+          f"{v['idle_share']:.1%}")
     print(json.dumps({"bench": "rl_rollout", "args": vars(args), "vanilla": v, "chunk": c, "ratios": ratios}))
 
 
