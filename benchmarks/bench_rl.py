@@ -46,6 +46,7 @@ def run_mode(model, tokenizer, args, chunk: int) -> dict:
     g, groups_per_step = args.g, args.groups
     settings = RolloutSettings(group_size=g, chunk_tokens=chunk, max_len=args.max_len, seed=args.seed)
     ro = ChunkRollout(Engine(model, max_slots=groups_per_step * g), settings)
+    active = groups_per_step * g if chunk >= args.max_len else args.active or groups_per_step * g
     source = prompt_source(tokenizer, 10_000, args.seed)
     step_s, lengths, carry = [], [], []
     t_all = time.perf_counter()
@@ -53,7 +54,7 @@ def run_mode(model, tokenizer, args, chunk: int) -> dict:
         t0 = time.perf_counter()
         got = carry
         while len(got) < groups_per_step:
-            got += ro.refill_round(source, version=step, max_active=groups_per_step * g)
+            got += ro.refill_round(source, version=step, max_active=active)
         batch, carry = got[:groups_per_step], got[groups_per_step:]
         step_s.append(time.perf_counter() - t0)
         lengths += [len(s.tokens) for grp in batch for s in grp.samples]
@@ -80,6 +81,8 @@ def main() -> None:
     ap.add_argument("--g", type=int, default=4, help="samples per prompt")
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--active", type=int, default=0, help="chunk mode: samples per round (rl.max_active), queued on "
+                    "the engine's groups x g slots, which admit a waiting one as a slot frees; 0: groups x g")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="auto", help="load dtype: auto, bf16, fp32")
     ap.add_argument("--int4", action="store_true", help="keep the GGUF's Q4_1 weights 4-bit (the fast CPU decode)")
