@@ -2,7 +2,7 @@
 # RL with chunk-wise rollout at small scale, on CPU (issue 17): does GRPO raise the reward on held-out prompts, and
 # what does chunk-wise rollout save against vanilla rollout on a task with long-tailed response lengths?
 #
-#   bash runs/rl_demo.sh [OUT]    # default runs/out/rl_demo; ~30 min on 2 cores
+#   bash runs/rl_demo.sh [OUT]    # default runs/out/rl_demo; ~45 min on a shared 2-core machine (BENCHMARKS.md)
 #   PYTHON picks the interpreter (matplotlib for the plots: the `train` extra), THREADS (2) torch threads of the
 #   SFT, SFT_STEPS (200) and RL_STEPS (16) the stages' steps, LR (5e-4) the RL learning rate, CHUNK (64)
 #   rl.chunk_tokens
@@ -11,10 +11,11 @@
 #    a worked answer of one line per step ending in \boxed{answer}) and a 512-id BPE with single-digit tokens
 #    (runs/rl_demo.py data). The held-out RL prompts' questions are kept out.
 # 2. SFT a tiny model from scratch on them (4 layers, width 128, ~1M parameters, standard parametrisation) for
-#    SFT_STEPS steps: it learns the format (a line per step, the box, <|im_end|>) and gets part of the arithmetic
-#    right, so its reward is non-trivial but far from 1, which is what GRPO needs (a group of 8 with mixed
-#    rewards). The default 135M model is ~100x the compute per token: at 2 cores it would run a handful of RL
-#    steps in the budget, and it rarely solves the task in the \boxed format (too few mixed groups to learn from).
+#    SFT_STEPS steps. The default 135M model is ~100x the compute per token: at 2 cores it would run a handful of RL
+#    steps in the budget. The tiny model learns the format (a line per operation, the box, <|im_end|>) and so the
+#    task's long-tailed response lengths, which the rollout comparison needs; in 200 steps it does not learn to copy
+#    the question's numbers, so it solves ~3% of the held-out prompts, too few mixed groups for GRPO to learn from
+#    (BENCHMARKS.md: the reward does not rise; what it would take).
 # 3. three RL runs of RL_STEPS steps from the SFT checkpoint, the same seed (so the same prompts and per-sample
 #    seeds) and everything else equal: chunk-wise rollout (rl.chunk_tokens = CHUNK), vanilla rollout
 #    (chunk_tokens = max_len) and the control (chunk-wise, lr 1e-12: the config takes no 0, and Adam steps of
