@@ -17,7 +17,11 @@ percentiles; then chunk / vanilla ratios. A chunk-wise run ends with samples sti
 later steps): counted, not hidden. The last stdout line is one JSON object with every number.
 
     python benchmarks/bench_rl.py                                  # default model, 3 steps, 2 groups x 4, 256 / 64
-    python benchmarks/bench_rl.py --steps 6 --groups 4 --g 8 --max-len 1024 --chunk 256
+    python benchmarks/bench_rl.py --model OUT/sft/checkpoints/step_0000200/model --steps 16 --groups 4 --g 8 \
+        --max-len 512 --chunk 64 --threads 1 --repeats 3           # runs/rl_demo.sh's policy (BENCHMARKS.md)
+
+The record in BENCHMARKS.md uses the SFT'd tiny policy of runs/rl_demo.sh: its responses follow the chain format, so
+their lengths have the task's long tail (median 37 tokens, max ~485).
 """
 
 from __future__ import annotations
@@ -87,7 +91,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="load dtype: auto, bf16, fp32")
     ap.add_argument("--int4", action="store_true", help="keep the GGUF's Q4_1 weights 4-bit (the fast CPU decode)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=1, help="runs of both modes; the ratio is their median")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of both modes, alternated; reported: the repeat "
+                    "with the median ratio (the lower one of an even count)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = minicpm4.load(args.model, dtype=args.dtype, int4=args.int4)
@@ -103,11 +108,11 @@ def main() -> None:
                                    for k, v in runs[name][-1].items()), flush=True)
     # each repeat runs the same prompts and seeds: the samples are identical, only the timings vary
     per_repeat = [c["steps_per_hour"] / v["steps_per_hour"] for v, c in zip(runs["vanilla"], runs["chunk"])]
-    v, c = (min(runs[k], key=lambda r: abs(r["steps_per_hour"] - statistics.median(x["steps_per_hour"] for x in runs[k])))
-            for k in ("vanilla", "chunk"))
-    ratios = {"steps_per_hour": statistics.median(per_repeat), "steps_per_hour_each": per_repeat,
+    mid = sorted(range(args.repeats), key=per_repeat.__getitem__)[(args.repeats - 1) // 2]  # the (lower) median
+    v, c = runs["vanilla"][mid], runs["chunk"][mid]
+    ratios = {"steps_per_hour": per_repeat[mid], "steps_per_hour_each": per_repeat,
               "idle_share": c["idle_share"] / v["idle_share"] if v["idle_share"] else None}
-    print(f"chunk / vanilla: steps per hour x{ratios['steps_per_hour']:.2f} (median of {args.repeats}: "
+    print(f"chunk / vanilla: steps per hour x{ratios['steps_per_hour']:.2f} (the median repeat of {args.repeats}: "
           f"{', '.join(f'{x:.2f}' for x in per_repeat)}), idle decode slots {c['idle_share']:.1%} vs "
           f"{v['idle_share']:.1%}")
     print(json.dumps({"bench": "rl_rollout", "args": vars(args), "vanilla": v, "chunk": c, "ratios": ratios}))

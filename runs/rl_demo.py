@@ -7,8 +7,9 @@ and its plots.
 
 data: chats (user: a chain task's prompt, assistant: its worked answer, one line per operation and \\boxed{answer};
 train/rl/chain_tasks.py) from a seed of their own, none with the question of a held-out RL prompt (the eval
-stream of train/rl/task_source.py, seed 0), and a byte-level BPE of 512 ids trained on them with every digit its
-own token (so a sum is written digit by digit, the form a small model can learn to add in) and the ChatML specials.
+stream of train/rl/task_source.py, seed 0), and a byte-level BPE of at most 512 ids (445 on the default data)
+trained on them with every digit its own token (so a sum is written digit by digit, the form a small model can
+learn to add in) and the ChatML specials.
 summary/plots read the three RL runs OUT/{chunk,vanilla,control}/metrics.jsonl.
 """
 
@@ -25,7 +26,7 @@ from minicpm4.train.rl.chain_tasks import chain_tasks
 from minicpm4.train.rl.task_source import TaskSource
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-RUNS = (("chunk", "chunk-wise rollout"), ("vanilla", "vanilla rollout"), ("control", "lr 0 (chunk-wise)"))
+RUNS = (("chunk", "chunk-wise rollout"), ("vanilla", "vanilla rollout"), ("control", "control: lr 1e-12 (chunk-wise)"))
 
 
 def data(out: Path, n: int, held_out: int) -> None:

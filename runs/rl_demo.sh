@@ -8,7 +8,7 @@
 #   rl.chunk_tokens
 #
 # 1. data: 20000 chats on chain_tasks (train/rl/chain_tasks.py: arithmetic word problems with power-law step counts,
-#    a worked answer of one line per step ending in \boxed{answer}) and a 512-id BPE with single-digit tokens
+#    a worked answer of one line per step ending in \boxed{answer}) and a BPE of <= 512 ids with single-digit tokens
 #    (runs/rl_demo.py data). The held-out RL prompts' questions are kept out.
 # 2. SFT a tiny model from scratch on them (4 layers, width 128, ~1M parameters, standard parametrisation) for
 #    SFT_STEPS steps. The default 135M model is ~100x the compute per token: at 2 cores it would run a handful of RL
