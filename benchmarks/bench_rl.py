@@ -17,7 +17,11 @@ percentiles; then chunk / vanilla ratios. A chunk-wise run ends with samples sti
 later steps): counted, not hidden. The last stdout line is one JSON object with every number.
 
     python benchmarks/bench_rl.py                                  # default model, 3 steps, 2 groups x 4, 256 / 64
-    python benchmarks/bench_rl.py --steps 6 --groups 4 --g 8 --max-len 1024 --chunk 256
+    python benchmarks/bench_rl.py --model OUT/sft/checkpoints/step_0000200/model --steps 16 --groups 4 --g 8 \
+        --max-len 512 --chunk 64 --threads 1 --repeats 3           # runs/rl_demo.sh's policy (BENCHMARKS.md)
+
+The record in BENCHMARKS.md uses the SFT'd tiny policy of runs/rl_demo.sh: its responses follow the chain format, so
+their lengths have the task's long tail (median 37 tokens, max ~485).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def run_mode(model, tokenizer, args, chunk: int) -> dict:
     g, groups_per_step = args.g, args.groups
     settings = RolloutSettings(group_size=g, chunk_tokens=chunk, max_len=args.max_len, seed=args.seed)
     ro = ChunkRollout(Engine(model, max_slots=groups_per_step * g), settings)
+    active = groups_per_step * g if chunk >= args.max_len else args.active or groups_per_step * g
     source = prompt_source(tokenizer, 10_000, args.seed)
     step_s, lengths, carry = [], [], []
     t_all = time.perf_counter()
@@ -53,7 +58,7 @@ def run_mode(model, tokenizer, args, chunk: int) -> dict:
         t0 = time.perf_counter()
         got = carry
         while len(got) < groups_per_step:
-            got += ro.refill_round(source, version=step, max_active=groups_per_step * g)
+            got += ro.refill_round(source, version=step, max_active=active)
         batch, carry = got[:groups_per_step], got[groups_per_step:]
         step_s.append(time.perf_counter() - t0)
         lengths += [len(s.tokens) for grp in batch for s in grp.samples]
@@ -80,27 +85,36 @@ def main() -> None:
     ap.add_argument("--g", type=int, default=4, help="samples per prompt")
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--active", type=int, default=0, help="chunk mode: samples per round (rl.max_active), queued on "
+                    "the engine's groups x g slots, which admit a waiting one as a slot frees; 0: groups x g")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="auto", help="load dtype: auto, bf16, fp32")
     ap.add_argument("--int4", action="store_true", help="keep the GGUF's Q4_1 weights 4-bit (the fast CPU decode)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of both modes, alternated; reported: the repeat "
+                    "with the median ratio (the lower one of an even count)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = minicpm4.load(args.model, dtype=args.dtype, int4=args.int4)
     # warm-up outside the timings: kernels built or loaded, caches allocated, before the first mode runs
     _, warm = next(prompt_source(tokenizer, 1, args.seed))
     Engine(model).generate([warm], SamplingParams(max_new_tokens=8))
-    results = {}
-    for name, chunk in (("vanilla", args.max_len), ("chunk", args.chunk)):
-        print(f"{name}: chunk_tokens={chunk}", flush=True)
-        results[name] = run_mode(model, tokenizer, args, chunk)
-        print("  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in results[name].items()), flush=True)
-    v, c = results["vanilla"], results["chunk"]
-    ratios = {"steps_per_hour": c["steps_per_hour"] / v["steps_per_hour"],
+    runs = {"vanilla": [], "chunk": []}
+    for rep in range(args.repeats):  # alternating, so drifting load on a shared machine hits both modes alike
+        for name, chunk in (("vanilla", args.max_len), ("chunk", args.chunk)):
+            print(f"{name} (repeat {rep + 1}/{args.repeats}): chunk_tokens={chunk}", flush=True)
+            runs[name].append(run_mode(model, tokenizer, args, chunk))
+            print("  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in runs[name][-1].items()), flush=True)
+    # each repeat runs the same prompts and seeds: the samples are identical, only the timings vary
+    per_repeat = [c["steps_per_hour"] / v["steps_per_hour"] for v, c in zip(runs["vanilla"], runs["chunk"])]
+    mid = sorted(range(args.repeats), key=per_repeat.__getitem__)[(args.repeats - 1) // 2]  # the (lower) median
+    v, c = runs["vanilla"][mid], runs["chunk"][mid]
+    ratios = {"steps_per_hour": per_repeat[mid], "steps_per_hour_each": per_repeat,
               "idle_share": c["idle_share"] / v["idle_share"] if v["idle_share"] else None}
-    print(f"chunk / vanilla: steps per hour x{ratios['steps_per_hour']:.2f}, "
-          f"idle decode slots {c['idle_share']:.1%} vs {v['idle_share']:.1%}")
+    print(f"chunk / vanilla: steps per hour x{ratios['steps_per_hour']:.2f} (the median repeat of {args.repeats}: "
+          f"{', '.join(f'{x:.2f}' for x in per_repeat)}), idle decode slots {c['idle_share']:.1%} vs "
+          f"{v['idle_share']:.1%}")
     print(json.dumps({"bench": "rl_rollout", "args": vars(args), "vanilla": v, "chunk": c, "ratios": ratios}))
 
 

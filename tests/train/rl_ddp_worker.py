@@ -1,6 +1,7 @@
 """Run under torchrun by test_rl_objective.py: in the same two processes, an RL run of 4 steps, then one stopped
 after 2 and resumed from its checkpoint by fresh objectives; each process writes its final weights' checksums
-and rollout buffer size. argv: the TrainConfig as JSON (out_dir gets /full and /cut)."""
+and rollout buffer size. Then the run of argv[2] (the config the test also runs in one process). argv: the
+TrainConfig as JSON (out_dir gets /full and /cut), the single-process comparison's TrainConfig as JSON."""
 
 import json
 import sys
@@ -28,4 +29,8 @@ for name, runs in (("full", [(None, None)]), ("cut", [(2, None), (None, "cut")])
     w = torch.cat([p.detach().double().flatten() for p in obj.model.parameters()])
     out[name] = [float(w.sum()), float((w * torch.arange(len(w), dtype=torch.float64)).sum())]
 (Path(base["out_dir"]) / f"rank{rank}.json").write_text(json.dumps(out))
+one = TrainConfig.from_dict(json.loads(sys.argv[2]))
+obj = RL.from_config(one, rank, world)
+obj.reward = e_share
+train(one, objective=obj)
 torch.distributed.destroy_process_group()

@@ -211,14 +211,18 @@ def test_task_source_is_seekable_with_a_disjoint_held_out_stream(model_dir):
     assert ids[0] == src.tokenizer.bos_token_id and src.tokenizer.decode(ids[1:]) == task.prompt
 
 
-def test_two_processes_train_in_sync_and_resume_exactly(model_dir, tmp_path):
+def test_two_processes_train_in_sync_resume_exactly_and_equal_one(model_dir, tmp_path):
     """Under torchrun (DDP, gloo): each process rolls out its own prompts, the weights stay equal across the two,
     and a run stopped at step 2 and resumed (each process's rollout buffer from the checkpoint) ends on the same
-    weights as the uninterrupted run."""
+    weights as the uninterrupted run. Two processes equal one: with vanilla rollout and no dynamic sampling a step
+    trains on the next batch_size / group_size prompts whichever process rolls each out, and a sample's seed is
+    its prompt's (not its process's), so the two processes follow one process's loss curve to the same weights."""
     cfg = rl_config(model_dir, tmp_path, rl={"ref_refresh": 2, "max_active": 6})
+    same = {"dynamic_sampling": False, "chunk_tokens": RL_SECTION["max_len"], "max_active": 0}  # slots: the batch
+    one, two = (rl_config(model_dir, tmp_path / name, rl=same) for name in ("one", "two"))
     worker = Path(__file__).with_name("rl_ddp_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           json.dumps(cfg.to_dict())]
+           json.dumps(cfg.to_dict()), json.dumps(two.to_dict())]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parent.parent), *sys.path])})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -228,6 +232,15 @@ def test_two_processes_train_in_sync_and_resume_exactly(model_dir, tmp_path):
     assert all(x["cut_buffer_2"] > 0 for x in ranks)  # both processes had samples in flight at the stop
     a, b = records(tmp_path / "full"), records(tmp_path / "cut")
     assert [x["loss"] for x in a] == [x["loss"] for x in b] and len(a) == 4
+    run(one)  # one process: 2 micro-batches of 2 samples per step; two: one each
+    a, b = records(tmp_path / "one"), records(tmp_path / "two")
+    assert len(b) == 4 and [x["loss"] for x in b] == pytest.approx([x["loss"] for x in a], abs=1e-6)
+    assert [x["kl"] for x in b] == pytest.approx([x["kl"] for x in a], abs=1e-6)
+    assert a[0]["loss"] != a[-1]["loss"]  # the runs really trained
+    _, _, w1, _ = load_checkpoint(tmp_path / "one")
+    _, _, w2, _ = load_checkpoint(tmp_path / "two")
+    for k, v in w1.items():  # Adam moves each weight ~lr = 3e-3 a step: 1e-5 is reduction-order noise, not a sample
+        torch.testing.assert_close(w2[k], v, atol=1e-5, rtol=0, msg=k)
 
 
 def test_rollout_on_a_server_trains_as_in_process(model_dir, tmp_path, monkeypatch):

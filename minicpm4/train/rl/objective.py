@@ -34,7 +34,7 @@ the servers report the version each chunk was sampled with, which tags its token
 (`minicpm4 serve --dtype fp32`) so their log-probs are the learner's. Evaluation stays in process.
 
 Exact resume: state_dict holds the next task index, the rollout's buffer of unfinished samples (tokens, log-probs,
-versions, each sample's generator state), its finished samples of incomplete groups, its serial counter, the carried
+versions, each sample's generator state), its finished samples of incomplete groups, the carried
 groups with their rewards, and the reference model's weights with the step it was refreshed at. The loop restores
 the global RNG. Rollout metrics (reward, rollout_s, ...) are this process's; the loss metrics are global.
 """
@@ -99,12 +99,13 @@ class RL(Objective):
         self.remote = _remote_backend(cfg, model.config, rank, world) if r.rollout_urls else None
         self.rollout = ChunkRollout(self.remote or EngineBackend(self.engine),
                                     RolloutSettings(r.group_size, r.chunk_tokens, r.max_len,
-                                                    seed=cfg.seed * 65_537 + rank))
+                                                    seed=cfg.seed))
         self.reference = ReferenceModel(model, r.ref_refresh) if r.kl_coef > 0 else None
         self.next_index = rank  # the next training task this process rolls out
         self.carry: list[Group] = []  # informative groups beyond a batch, for the next step
         self.stats: dict[str, float] = {}  # the last next_batch's rollout metrics
         self._seen: list[float] = []  # rewards of every group completed in this step's rollout
+        self._step_t0 = 0.0  # perf_counter at the start of this step's rollout
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, rank: int = 0, world: int = 1) -> "RL":
@@ -161,6 +162,7 @@ class RL(Objective):
             self.remote.publish(step, lambda d: write_model_dir(d, self.config, self.model.state_dict(),
                                                                 self.tokenizer))
         t0, rounds0, self._seen = time.perf_counter(), len(self.rollout.history), []
+        self._step_t0 = t0
         draw, dropped, topped = self._draw(step), 0, 0
         if r.dynamic_sampling:
             filled = fill_batch(draw, self.groups, self.carry, r.max_draws)
@@ -245,7 +247,9 @@ class RL(Objective):
     def metrics(self, sums, counts):
         out = {"loss": (sums[0] / counts[0]).item()}
         out.update({k: (sums[i] / counts[1].clamp(min=1)).item() for i, k in enumerate(SUMS) if i})
-        return {**out, **self.stats}
+        # step_s: wall time from the step's first rollout round to its last backward (rollout, the no-grad
+        # reference / proximal log-probs, forward and backward; not the optimizer update or evaluation)
+        return {**out, **self.stats, "step_s": time.perf_counter() - self._step_t0}
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Mean reward of greedy responses to rl.eval_prompts held-out tasks (with eval_every > 0)."""
@@ -260,7 +264,7 @@ class RL(Objective):
     def state_dict(self) -> dict[str, Any]:
         """{"world", "ranks": every process's rollout state (gathered: called on every rank), "reference"?}."""
         ro = self.rollout
-        local = {"next_index": self.next_index, "serial": ro.serial,
+        local = {"next_index": self.next_index,
                  "buffer": [_sample_state(s) for s in ro.buffer],
                  "finished": [[k, [_sample_state(s) for s in v]] for k, v in ro.finished.items()],
                  "prompts": [[k, list(p)] for k, p in ro.prompts.items()],
@@ -281,7 +285,7 @@ class RL(Objective):
             raise ConfigError(f"the checkpoint's rollouts belong to {state['world']} processes; resume with as many "
                               f"(this run has {self.world})")
         ro, mine = self.rollout, state["ranks"][self.rank]
-        self.next_index, ro.serial = int(mine["next_index"]), int(mine["serial"])
+        self.next_index = int(mine["next_index"])
         ro.buffer = [_sample(d) for d in mine["buffer"]]
         ro.finished = {_key(k): [_sample(d) for d in v] for k, v in mine["finished"]}
         ro.prompts = {_key(k): list(p) for k, p in mine["prompts"]}

@@ -18,8 +18,10 @@ min-p or repetition penalty (the paper's settings), so that IS the log-prob of t
 from, and it is the per-chunk denominator of the importance ratio (loss.py). Other sampling settings would make the
 stored log-probs wrong, so they are not offered.
 
-Seeds: each sample owns a torch.Generator seeded from (settings.seed, its serial number), carried across chunks, so
-a chunk-wise rollout under an unchanged policy samples what the vanilla rollout samples. A server cannot hold the
+Seeds: each sample owns a torch.Generator seeded from (settings.seed, its prompt key, its index in the group),
+carried across chunks, so a chunk-wise rollout under an unchanged policy samples what the vanilla rollout samples,
+and a sample's draws do not depend on which round or process rolls it out (under DDP, where process r takes
+prompts r, r + world, ..., the samples are those of one process). A server cannot hold the
 generator between requests; it is sent the seed (generator.initial_seed()) and the number of tokens already
 sampled from it (len(tokens)), and our server replays that many draws first (serve/protocol.py), which is the
 same stream.
@@ -36,6 +38,7 @@ Only the in-process engine's steps are observable; rounds on servers report 0 st
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Hashable, Iterator, Protocol, Sequence
@@ -174,6 +177,11 @@ class EngineBackend:
                              for r in reqs], steps, busy)
 
 
+def sample_seed(seed: int, key: Hashable, index: int) -> int:
+    """A 63-bit seed from (seed, key, index), the same in every process (Python's hash() of a str is not)."""
+    return int.from_bytes(hashlib.blake2b(repr((seed, key, index)).encode(), digest_size=8).digest(), "big") >> 1
+
+
 class ChunkRollout:
     """Runs rounds on a backend (an Engine is wrapped in EngineBackend), keeping unfinished samples (buffer) and
     finished ones of incomplete groups."""
@@ -184,7 +192,6 @@ class ChunkRollout:
         self.buffer: list[Sample] = []
         self.finished: dict[Hashable, list[Sample]] = {}  # finished samples of groups not yet complete
         self.prompts: dict[Hashable, list[int]] = {}
-        self.serial = 0
         self.history: list[RoundStats] = []
 
     @property
@@ -210,8 +217,7 @@ class ChunkRollout:
         self.prompts[key] = prompt
         out = []
         for i in range(self.s.group_size):
-            gen = torch.Generator().manual_seed(self.s.seed * 1_000_003 + self.serial)
-            self.serial += 1
+            gen = torch.Generator().manual_seed(sample_seed(self.s.seed, key, i))
             out.append(Sample(key, i, prompt, gen))
         return out
 
