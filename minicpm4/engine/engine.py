@@ -2,7 +2,9 @@
 
 Requests come and go while others run (nano-vllm's add_request / step loop). Each request owns one slot
 (row) of a preallocated KV cache. A step
-  1. frees the slots of finished or cancelled requests and gives free slots to waiting requests;
+  1. frees the slots of finished or cancelled requests and gives free slots to waiting requests; with a prefix
+     cache (engine/prefix_cache.py), a new request's row gets the cached blocks its prompt starts with, and its
+     prefill resumes after them;
   2. prefills up to `prefill_chunk` prompt tokens, chunk by chunk, request by request (a long prompt takes
      several steps, so running streams keep getting tokens meanwhile); a request whose prompt is complete
      samples its first token;
@@ -25,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from minicpm4.engine.prefix_cache import PrefixCache, chain_keys
 from minicpm4.engine.sampling import SamplingParams, sample_token
 from minicpm4.errors import InputError
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
@@ -39,6 +42,7 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (eos or stop_fn), "length" or "cancelled"
     prefill_s: float = 0.0  # from admission to the first token
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (not prefilled)
     decode_s: float = 0.0
     # with params.logprobs = k: per token, its log-probability under the model and the top-k (id, logprob)
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
@@ -61,6 +65,7 @@ class Request:
     seen: torch.Tensor  # prompt + generated ids, for the repetition penalty
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the cache
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the prompt's whole chunks
     cancelled: bool = False
     _t0: float = 0.0
 
@@ -111,7 +116,9 @@ def build_request(req_id: int, prompt: Sequence[int], params: SamplingParams | N
 
 class Engine:
     def __init__(self, model: MiniCPM4ForCausalLM, prefill_chunk: int = 512, max_len: int | None = None,
-                 max_slots: int = 64):
+                 max_slots: int = 64, prefix_cache_gb: float = 0.0):
+        """prefix_cache_gb: memory for the prefix cache's blocks (one block = one prefill chunk's keys and
+        values); 0 turns it off."""
         self.model = model.eval()
         self.config = model.config
         self.prefill_chunk = prefill_chunk
@@ -122,6 +129,7 @@ class Engine:
         self._ids = itertools.count()
         self.waiting: deque[Request] = deque()
         self.slots: list[Request | None] = []
+        self.prefix_cache = PrefixCache(prefill_chunk, int(prefix_cache_gb * 2**30)) if prefix_cache_gb > 0 else None
 
     # ---- request API ----
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None,
@@ -149,6 +157,16 @@ class Engine:
         self.waiting.clear()
         self.slots.clear()
         self._cache = None
+        if self.prefix_cache is not None:  # blocks are stored only after their chunk's forward returned, but a
+            self.prefix_cache.clear()      # failed step may have come from anywhere: trust nothing it touched
+
+    def use_model(self, model: MiniCPM4ForCausalLM) -> None:
+        """Run `model` from the next step on (no request may be running: rows hold the old model's keys);
+        the prefix cache's blocks, the old model's keys too, are dropped."""
+        self.model = model.eval()
+        self.config, self.dtype = model.config, next(model.parameters()).dtype
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     @property
     def has_work(self) -> bool:
@@ -216,6 +234,10 @@ class Engine:
             if free == len(self.slots):
                 self.slots.append(None)
             self.slots[free], req.slot, req._t0 = req, free, time.perf_counter()
+            if self.prefix_cache is not None:
+                req.block_keys = chain_keys(req.prompt, self.prefill_chunk)
+                hit = self.prefix_cache.match(req.prompt, req.block_keys)
+                req.prefilled = req.out.cached_tokens = self.prefix_cache.load(hit, self._cache, free)
 
     def _ensure_cache(self, rows: int, length: int) -> None:
         """Grow the cache (copying what it holds) so it has `rows` rows of `length` slots.
@@ -255,6 +277,8 @@ class Engine:
                                 logits_to_keep=1)
             req.prefilled += len(chunk)
             budget -= len(chunk)
+            if self.prefix_cache is not None and len(chunk) == self.prefill_chunk:  # a whole block: keep it
+                self.prefix_cache.store(req.prompt, req.block_keys, p0 // self.prefill_chunk, self._cache, req.slot)
             if req.prefilled < len(req.prompt):
                 continue
             if req.params.max_new_tokens == 0:

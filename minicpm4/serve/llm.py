@@ -103,8 +103,8 @@ class LLM:
     def swap_weights(self, model: MiniCPM4ForCausalLM) -> None:
         """Serve `model` (from read_weights) from the engine's next step on. The caller makes sure no request is
         running: a request's KV cache rows were written by the old weights."""
-        self.model = self.engine.model = model.eval()
-        self.engine.config, self.engine.dtype = model.config, next(model.parameters()).dtype
+        self.model = model.eval()
+        self.engine.use_model(model)
 
     # ---- prompts ----
     def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
