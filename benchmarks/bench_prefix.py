@@ -40,7 +40,7 @@ TOOL = ('You can call one tool: search_verses(query: str) -> the three verses th
         'Answer with a call like search_verses("light") or with the final answer.')
 
 
-def start(kind: str, gguf: Path, port: int, threads: int) -> subprocess.Popen:
+def start(kind: str, gguf: Path, port: int, threads: int, chunk: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if kind == "llama.cpp":
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
@@ -49,7 +49,8 @@ def start(kind: str, gguf: Path, port: int, threads: int) -> subprocess.Popen:
     else:
         cache = ["--no-prefix-cache"] if kind == "no cache" else []
         cmd = [sys.executable, "-m", "minicpm4.cli", "serve", "--model", str(gguf), "--int4", "--port", str(port),
-               "--max-model-len", str(CONTEXT), "--max-tokens", "256", "--threads", str(threads), *cache]
+               "--max-model-len", str(CONTEXT), "--max-tokens", "256", "--threads", str(threads),
+               "--prefill-chunk", str(chunk), *cache]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -109,7 +110,7 @@ async def agent_loop(client, workspace: str, results: list[str], max_tokens: int
 async def bench_server(kind: str, args, tokenizer) -> dict:
     import openai
     port = free_port()
-    proc = start(kind, args.gguf, port, args.threads)
+    proc = start(kind, args.gguf, port, args.threads, args.prefill_chunk)
     base = f"http://127.0.0.1:{port}/v1"
     try:
         await wait_ready(base, proc)
@@ -141,6 +142,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32, help="reply length of every turn")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="compute threads of each server")
+    ap.add_argument("--prefill-chunk", type=int, default=512, help="ours: serve --prefill-chunk (the cache's block)")
     ap.add_argument("--skip-llamacpp", action="store_true")
     args = ap.parse_args()
     if args.gguf is None:
@@ -173,7 +175,7 @@ def main() -> None:
             ratios[f"{what}: cache / llama.cpp"] = later(results["cache"])[what] / later(results["llama.cpp"])[what]
     for k, v in ratios.items():
         print(f"  {k}: x{v:.2f}")
-    print(json.dumps({"gguf": str(args.gguf), "doc_tokens": args.doc_tokens, "max_tokens": args.max_tokens,
+    print(json.dumps({"gguf": str(args.gguf), "prefill_chunk": args.prefill_chunk, "doc_tokens": args.doc_tokens, "max_tokens": args.max_tokens,
                       "repeats": args.repeats, "threads": args.threads, "results": results, "ratios": ratios}))
 
 

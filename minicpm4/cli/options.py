@@ -54,6 +54,9 @@ def prefix_cache_options(f):
                           "prompts that start with the same tokens (chat turns, agent steps, shared documents)."),
         click.option("--prefix-cache-gb", default=1.0, show_default=True, type=click.FloatRange(min=0),
                      help="Memory for the prefix cache's blocks; least recently used blocks are dropped past it."),
+        click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(min=1),
+                     help="Prompt tokens per prefill forward, and the prefix cache's block: smaller chunks reuse "
+                          "more of a previous prompt, larger ones prefill a little faster."),
     ]
     for opt in reversed(opts):
         f = opt(f)
