@@ -61,7 +61,9 @@ class LLM:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, speculative=None,
                  load_options: dict | None = None, **engine_kwargs):
         self.model, self.tokenizer = model, tokenizer
-        self.engine = Engine(model, **engine_kwargs)
+        # prefill chunks end before the template's control tokens (<|im_start|>, ...): a conversation's next prompt
+        # then shares all its chunks up to its last turn with the one before, for the prefix cache
+        self.engine = Engine(model, **{"boundary_ids": tokenizer.special_ids, **engine_kwargs})
         # a SpeculativeDecoder (batch 1, same stream/generate contract) replaces the engine for generate/stream
         self.speculative = speculative
         # how read_weights loads a checkpoint: as LLM.load loaded this model, else at the model's dtype

@@ -55,10 +55,11 @@ def test_cached_requests_equal_uncached(sparse, dtype):
     engine = Engine(model, prefill_chunk=CHUNK, prefix_cache_gb=0.01)
     got = one_by_one(engine, prompts)
     assert [g.token_ids for g in got] == want
-    # whole cached chunks the prompt starts with: none yet; the first prompt's 4 (128 of its 150 tokens: its
-    # fifth chunk was partial, so never stored); 3 (the third prompt leaves the others mid-chunk, at 100); 4
+    # cached chunks the prompt starts with: none yet; the first prompt's first 4 (128 of its 150 tokens: its
+    # fifth chunk [128, 150) is not one of the second prompt's, [128, 160)); 3 (the third prompt leaves the
+    # others mid-chunk, at 100); 4 (a prompt's last chunk is always prefilled: it gives the first token's logits)
     assert [g.cached_tokens for g in got] == [0, 128, 96, 128]
-    assert len(engine.prefix_cache) == 4 + 2 + 2  # 150 -> 4 blocks, 200 -> 2 more, 190 -> 2 more past 96
+    assert len(engine.prefix_cache) == 5 + 3 + 3  # every chunk computed: 150 -> 5, 200 -> 3 more, 190 -> 3 more
 
 
 def test_concurrent_requests_with_the_cache_equal_uncached():
@@ -76,11 +77,13 @@ def test_concurrent_requests_with_the_cache_equal_uncached():
 @pytest.mark.parametrize("kind", ["int4", "bf16"])
 def test_default_model_cached_equals_uncached(kind, smollm_gguf, real_text):
     """The default model as `serve` loads it (int4 layers, C++ stack) and with bf16 weights: a 3-turn chat
-    over a document, each turn served from the blocks of the turns before."""
+    over a document, chunked as LLM chunks it (before the template's control tokens), each turn served from the
+    blocks of the turns before: all of the previous prompt up to its last <|im_start|>."""
     llm = LLM.load(smollm_gguf, dtype="auto", int4=True) if kind == "int4" else LLM.load(smollm_gguf, dtype="bf16")
     doc = llm.tokenizer.decode(llm.tokenizer.encode(real_text)[:150])
     history, prompts = [{"role": "user", "content": doc + "\nWhat is this text about?"}], []
-    reference = Engine(llm.model, prefill_chunk=64)
+    specials = llm.tokenizer.special_ids
+    reference = Engine(llm.model, prefill_chunk=64, boundary_ids=specials)
     for question in ("Who wrote it?", "Summarise it in five words."):
         prompts.append(llm.encode_chat(history))
         reply = reference.generate([prompts[-1]], GREEDY)[0].token_ids
@@ -88,17 +91,40 @@ def test_default_model_cached_equals_uncached(kind, smollm_gguf, real_text):
                     {"role": "user", "content": question}]
     prompts.append(llm.encode_chat(history))
     want = [g.token_ids for g in one_by_one(reference, prompts)]
-    got = one_by_one(Engine(llm.model, prefill_chunk=64, prefix_cache_gb=0.1), prompts)
+    got = one_by_one(Engine(llm.model, prefill_chunk=64, prefix_cache_gb=0.1, boundary_ids=specials), prompts)
     assert [g.token_ids for g in got] == want
     assert got[0].cached_tokens == 0
-    for prev, g in zip(prompts, got[1:]):  # every turn reuses the previous prompt's whole chunks
-        assert g.cached_tokens == len(prev) // 64 * 64 > 0
+    opening = llm.tokenizer.encode("<|im_start|>assistant\n")  # 4 tokens
+    for prev, g, new in zip(prompts, got[1:], prompts[1:]):
+        assert prev[-len(opening):] == opening and new[:len(prev)] == prev
+        # reused: the previous prompt but its "<|im_start|>assistant\n"; prefilled: that, reply, next question
+        assert g.cached_tokens == len(prev) - len(opening)
+
+
+def test_chunks_end_at_boundary_tokens_and_turns_reuse_all_before_the_last():
+    """Chat-shaped prompts of a tiny model: token 1 opens a turn (a boundary), so a prefill chunk never runs
+    past one; the next turn's prompt, which extends this one, reuses every chunk before this one's last turn."""
+    model = tiny_model(SPARSE, torch.float32)
+    g = torch.Generator().manual_seed(4)
+
+    def words(n):
+        return torch.randint(3, 512, (n,), generator=g).tolist()
+    turn1 = [1, *words(70), 1, *words(20), 1, 9]  # system, user, and the opening of the reply
+    turn2 = turn1 + words(15) + [1, *words(10), 1, 9]
+    turn3 = turn2 + words(12) + [1, *words(40), 1, 9]
+    assert Engine(model, prefill_chunk=CHUNK, boundary_ids=[1]).chunk_ends(turn1) == [32, 64, 71, 92, 94]
+    want = [x.token_ids for x in one_by_one(Engine(model, prefill_chunk=CHUNK, boundary_ids=[1]),
+                                             [turn1, turn2, turn3])]
+    engine = Engine(model, prefill_chunk=CHUNK, prefix_cache_gb=0.01, boundary_ids=[1])
+    got = one_by_one(engine, [turn1, turn2, turn3])
+    assert [x.token_ids for x in got] == want
+    assert [x.cached_tokens for x in got] == [0, len(turn1) - 2, len(turn2) - 2]
 
 
 def test_eviction_under_a_tiny_budget_while_requests_run():
     model = tiny_model(None, torch.float32)
     g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(3, 512, (100,), generator=g).tolist() for _ in range(3)]  # 3 whole blocks each
+    prompts = [torch.randint(3, 512, (100,), generator=g).tolist() for _ in range(3)]  # 4 chunks each
     want = [x.token_ids for x in one_by_one(Engine(model, prefill_chunk=CHUNK), prompts + prompts)]
     budget = 2.5 * block_bytes(model)
     engine = Engine(model, prefill_chunk=CHUNK, max_slots=3, prefix_cache_gb=budget / 2**30)
@@ -106,7 +132,7 @@ def test_eviction_under_a_tiny_budget_while_requests_run():
     while not all(r.finished for r in reqs):
         engine.step()
         assert engine.prefix_cache.nbytes <= budget and len(engine.prefix_cache) <= 2
-    assert engine.prefix_cache.evicted >= 7  # 9 blocks stored, at most 2 kept
+    assert engine.prefix_cache.evicted > 0
     again = one_by_one(engine, prompts)
     assert [r.out.token_ids for r in reqs] + [x.token_ids for x in again] == want
     # leaves go first: what survives the last prompt's run is its chain's head, its first 2 blocks
@@ -138,5 +164,5 @@ def test_new_weights_drop_the_blocks():
     other = tiny_model(None, torch.float32, seed=1)
     engine.use_model(other)
     got = engine.generate([prompt], GREEDY)[0]
-    assert got.cached_tokens == 0 and len(engine.prefix_cache) == 4
+    assert got.cached_tokens == 0 and len(engine.prefix_cache) == 5  # the new model's chunks of the prompt
     assert got.token_ids == Engine(other, prefill_chunk=CHUNK).generate([prompt], GREEDY)[0].token_ids
