@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from minicpm4.cli.options import draft_options, load_llm, sampling_options, sampling_params
+from minicpm4.cli.options import draft_options, load_llm, prefix_cache_options, sampling_options, sampling_params
 from minicpm4.errors import MiniCPM4Error
 
 
@@ -39,10 +39,14 @@ def generate(prompt, raw, system, model_path, dtype, int4, sparse, sparse_config
 @click.command()
 @click.option("--system", default=None, help="System message.")
 @sampling_options
-def chat(system, model_path, dtype, int4, sparse, sparse_config, stop, **sampling):
-    """Interactive chat: type a message, the reply streams back. /reset clears history, /exit or Ctrl-D quits."""
+@prefix_cache_options
+def chat(system, model_path, dtype, int4, sparse, sparse_config, stop, prefix_cache, prefix_cache_gb, prefill_chunk,
+         **sampling):
+    """Interactive chat: type a message, the reply streams back. /reset clears history, /exit or Ctrl-D quits.
+    Each turn reuses the prefix cache's blocks of the turns before (the stats line says how many prompt tokens)."""
     params = sampling_params(**sampling)
-    llm = load_llm(model_path, dtype, int4, sparse, sparse_config)
+    llm = load_llm(model_path, dtype, int4, sparse, sparse_config, prefill_chunk=prefill_chunk,
+                   prefix_cache_gb=prefix_cache_gb if prefix_cache else 0.0)
     history = [{"role": "system", "content": system}] if system else []
     while True:
         try:
@@ -85,7 +89,10 @@ def _reply(llm, ids, params, stop) -> str:
     if done:
         g = done[0]
         accept = f", mean acceptance {g.mean_accept_length:.2f}" if hasattr(g, "mean_accept_length") else ""
-        click.echo(f"[prompt {g.prompt_len} tok at {g.prompt_len / max(g.prefill_s, 1e-9):.0f} tok/s | "
+        cached = getattr(g, "cached_tokens", 0)  # prefix-cache hits are not prefilled: the speed is of the rest
+        rate = (g.prompt_len - cached) / max(g.prefill_s, 1e-9)
+        note = f", {cached} cached" if cached else ""
+        click.echo(f"[prompt {g.prompt_len} tok{note}, prefilled at {rate:.0f} tok/s | "
                    f"{len(g.token_ids)} tok at {g.decode_tok_per_s:.1f} tok/s{accept}, {g.finish_reason}]", err=True)
     return "".join(pieces)
 

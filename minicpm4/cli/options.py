@@ -46,6 +46,23 @@ def model_options(f):
     return f
 
 
+def prefix_cache_options(f):
+    """The engine's prefix cache (serve, chat): on by default, it is exact (engine/prefix_cache.py)."""
+    opts = [
+        click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
+                     help="Keep the keys and values of prompts' prefill chunks and reuse them for later prompts "
+                          "that start with the same chunks (chat turns, agent steps, shared documents); exact."),
+        click.option("--prefix-cache-gb", default=1.0, show_default=True, type=click.FloatRange(min=0),
+                     help="Memory for the prefix cache's blocks; least recently used blocks are dropped past it."),
+        click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(min=1),
+                     help="Prompt tokens per prefill forward at most (a chunk also ends before a chat template's "
+                          "control token); the chunks are the prefix cache's blocks."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 def draft_options(f):
     """Speculative decoding (generate, chat): batch 1, through minicpm4.spec.decoder."""
     opts = [

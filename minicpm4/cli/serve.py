@@ -7,11 +7,12 @@ import os
 
 import click
 
-from minicpm4.cli.options import MODEL_HELP, load_llm, model_options
+from minicpm4.cli.options import MODEL_HELP, load_llm, model_options, prefix_cache_options
 
 
 @click.command()
 @model_options
+@prefix_cache_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
 @click.option("--port", default=8000, show_default=True)
 @click.option("--api-key", envvar="MINICPM4_API_KEY", default=None,
@@ -28,7 +29,7 @@ from minicpm4.cli.options import MODEL_HELP, load_llm, model_options
                    "their own get these servers' tools, called by the server.")
 @click.option("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), show_default="cores - 1",
               help="Compute threads; one core is left to the HTTP side, whose work would stall the others.")
-def serve(model_path, dtype, int4, sparse, sparse_config, host, port, api_key, admin_key, served_model_name, max_batch,
+def serve(model_path, dtype, int4, sparse, sparse_config, prefix_cache, prefix_cache_gb, prefill_chunk, host, port, api_key, admin_key, served_model_name, max_batch,
           max_queue, max_tokens, max_model_len, mcp_commands, threads):
     """OpenAI-compatible server (needs the serve extra: pip install 'minicpm4[serve]')."""
     try:
@@ -39,7 +40,8 @@ def serve(model_path, dtype, int4, sparse, sparse_config, host, port, api_key, a
 
     import torch
     torch.set_num_threads(threads)
-    llm = load_llm(model_path, dtype, int4, sparse, sparse_config, max_len=max_model_len, max_slots=max_batch)
+    llm = load_llm(model_path, dtype, int4, sparse, sparse_config, max_len=max_model_len, max_slots=max_batch,
+                   prefix_cache_gb=prefix_cache_gb if prefix_cache else 0.0, prefill_chunk=prefill_chunk)
     name = served_model_name or (Path(model_path).name if model_path else "SmolLM2-135M-Instruct")
     run(llm, name, host=host, port=port, api_key=api_key, admin_key=admin_key, max_queue=max_queue,
         max_tokens=max_tokens, mcp_commands=list(mcp_commands))
@@ -59,8 +61,9 @@ def serve(model_path, dtype, int4, sparse, sparse_config, host, port, api_key, a
 @click.option("--max-output-chars", default=20_000, show_default=True,
               help="Longest tool result passed to the model (longer ones are cut, saying so).")
 @click.option("--yes", is_flag=True, help="Run tools the servers mark destructive without asking.")
+@prefix_cache_options
 def agent(prompt, mcp_commands, system, max_turns, max_new_tokens, temperature, model_path, dtype, call_timeout,
-          max_output_chars, yes):
+          max_output_chars, yes, prefix_cache, prefix_cache_gb, prefill_chunk):
     """Answer PROMPT with tools from MCP servers (stdio), printing each call and result (serve extra).
 
     Tools a server marks destructive (e.g. deleting a file) are confirmed on the terminal first, or declined
@@ -68,7 +71,8 @@ def agent(prompt, mcp_commands, system, max_turns, max_new_tokens, temperature, 
     from minicpm4.serve.agent import agent_main, ask_on_terminal
     agent_main(model_path, list(mcp_commands), prompt, max_tokens=max_new_tokens, temperature=temperature,
                max_turns=max_turns, dtype=dtype, system=system, call_timeout=call_timeout,
-               max_output_chars=max_output_chars, confirm=None if yes else ask_on_terminal)
+               max_output_chars=max_output_chars, confirm=None if yes else ask_on_terminal,
+               prefix_cache_gb=prefix_cache_gb if prefix_cache else 0.0, prefill_chunk=prefill_chunk)
 
 
 def register(cli: click.Group) -> None:

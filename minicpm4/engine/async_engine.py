@@ -56,6 +56,7 @@ class Stream:
 class Metrics:
     requests: dict[str, int] = field(default_factory=dict)  # by finish reason
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache served (not prefilled)
     generated_tokens: int = 0
     ttft_sum: float = 0.0
     ttft_count: int = 0
@@ -74,6 +75,7 @@ class Metrics:
         reason = g.finish_reason or "error"
         self.requests[reason] = self.requests.get(reason, 0) + 1
         self.prompt_tokens += g.prompt_len
+        self.cached_tokens += g.cached_tokens
         if g.token_ids:
             self.ttft_sum += g.prefill_s
             self.ttft_count += 1
@@ -173,12 +175,26 @@ class AsyncEngine:
             s.error = RuntimeError(f"engine failure: {type(e).__name__}: {e}")
             self._close(rid, s)
 
+    def _pool_lines(self) -> list[str]:
+        pool = self.engine.prefix_cache
+        if pool is None:
+            return []
+        return ["# TYPE minicpm4_prefix_cache_blocks gauge", f"minicpm4_prefix_cache_blocks {len(pool)}",
+                "# TYPE minicpm4_prefix_cache_bytes gauge", f"minicpm4_prefix_cache_bytes {pool.nbytes}",
+                "# TYPE minicpm4_prefix_cache_evicted_blocks_total counter",
+                f"minicpm4_prefix_cache_evicted_blocks_total {pool.evicted}"]
+
     def prometheus(self) -> str:
         m = self.metrics
         lines = [
             "# TYPE minicpm4_queue_length gauge", f"minicpm4_queue_length {self.queued}",
             "# TYPE minicpm4_running_requests gauge", f"minicpm4_running_requests {self.running}",
             "# TYPE minicpm4_prompt_tokens_total counter", f"minicpm4_prompt_tokens_total {m.prompt_tokens}",
+            "# TYPE minicpm4_prompt_cached_tokens_total counter", f"minicpm4_prompt_cached_tokens_total {m.cached_tokens}",
+            # the share of finished requests' prompt tokens served from the prefix cache
+            "# TYPE minicpm4_prefix_cache_hit_rate gauge",
+            f"minicpm4_prefix_cache_hit_rate {m.cached_tokens / m.prompt_tokens if m.prompt_tokens else 0.0:.4f}",
+            *self._pool_lines(),
             "# TYPE minicpm4_generated_tokens_total counter", f"minicpm4_generated_tokens_total {m.generated_tokens}",
             "# TYPE minicpm4_generation_tokens_per_second gauge", f"minicpm4_generation_tokens_per_second {m.rate:.3f}",
             "# TYPE minicpm4_requests_total counter",

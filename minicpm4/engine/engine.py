@@ -2,10 +2,14 @@
 
 Requests come and go while others run (nano-vllm's add_request / step loop). Each request owns one slot
 (row) of a preallocated KV cache. A step
-  1. frees the slots of finished or cancelled requests and gives free slots to waiting requests;
+  1. frees the slots of finished or cancelled requests and gives free slots to waiting requests; with a prefix
+     cache (engine/prefix_cache.py), a new request's row gets the cached blocks its prompt starts with, and its
+     prefill resumes after them;
   2. prefills up to `prefill_chunk` prompt tokens, chunk by chunk, request by request (a long prompt takes
      several steps, so running streams keep getting tokens meanwhile); a request whose prompt is complete
-     samples its first token;
+     samples its first token. A prompt's chunks depend on its tokens alone (chunk_ends): at most prefill_chunk
+     tokens, and a chunk also ends before a boundary token (the chat template's control tokens, which the
+     text layer names), so a conversation's next prompt is chunked as the last one up to its final turn;
   3. decodes one token for every running request in one batched forward. Rows sit at different positions;
      attention masks keys by position (see model/decoder.py), so a row never sees another row's or a stale key.
 Stopping: eos ids, max_new_tokens, the context limit, and an optional per-request
@@ -21,10 +25,11 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 
+from minicpm4.engine.prefix_cache import PrefixCache, chain_keys
 from minicpm4.engine.sampling import SamplingParams, sample_token
 from minicpm4.errors import InputError
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
@@ -39,6 +44,7 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (eos or stop_fn), "length" or "cancelled"
     prefill_s: float = 0.0  # from admission to the first token
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (not prefilled)
     decode_s: float = 0.0
     # with params.logprobs = k: per token, its log-probability under the model and the top-k (id, logprob)
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
@@ -61,6 +67,9 @@ class Request:
     seen: torch.Tensor  # prompt + generated ids, for the repetition penalty
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the cache
+    chunk_ends: list[int] = field(default_factory=list)  # where each prefill chunk ends (set on admission)
+    chunks_done: int = 0
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the chunks
     cancelled: bool = False
     _t0: float = 0.0
 
@@ -111,7 +120,9 @@ def build_request(req_id: int, prompt: Sequence[int], params: SamplingParams | N
 
 class Engine:
     def __init__(self, model: MiniCPM4ForCausalLM, prefill_chunk: int = 512, max_len: int | None = None,
-                 max_slots: int = 64):
+                 max_slots: int = 64, prefix_cache_gb: float = 0.0, boundary_ids: Collection[int] = ()):
+        """prefix_cache_gb: memory for the prefix cache's blocks (one block = one prefill chunk's keys and
+        values); 0 turns it off. boundary_ids: tokens a prefill chunk never runs past (one starts at each)."""
         self.model = model.eval()
         self.config = model.config
         self.prefill_chunk = prefill_chunk
@@ -122,6 +133,8 @@ class Engine:
         self._ids = itertools.count()
         self.waiting: deque[Request] = deque()
         self.slots: list[Request | None] = []
+        self.boundary_ids = frozenset(boundary_ids)
+        self.prefix_cache = PrefixCache(int(prefix_cache_gb * 2**30)) if prefix_cache_gb > 0 else None
 
     # ---- request API ----
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None,
@@ -149,6 +162,16 @@ class Engine:
         self.waiting.clear()
         self.slots.clear()
         self._cache = None
+        if self.prefix_cache is not None:  # blocks are stored only after their chunk's forward returned, but a
+            self.prefix_cache.clear()      # failed step may have come from anywhere: trust nothing it touched
+
+    def use_model(self, model: MiniCPM4ForCausalLM) -> None:
+        """Run `model` from the next step on (no request may be running: rows hold the old model's keys);
+        the prefix cache's blocks, the old model's keys too, are dropped."""
+        self.model = model.eval()
+        self.config, self.dtype = model.config, next(model.parameters()).dtype
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     @property
     def has_work(self) -> bool:
@@ -216,6 +239,27 @@ class Engine:
             if free == len(self.slots):
                 self.slots.append(None)
             self.slots[free], req.slot, req._t0 = req, free, time.perf_counter()
+            req.chunk_ends = self.chunk_ends(req.prompt)
+            if self.prefix_cache is not None:
+                req.block_keys = chain_keys(req.prompt, req.chunk_ends)
+                hit = self.prefix_cache.match(req.prompt, req.block_keys, req.chunk_ends)
+                req.prefilled = req.out.cached_tokens = self.prefix_cache.load(hit, self._cache, free)
+                req.chunks_done = len(hit)
+
+    def chunk_ends(self, prompt: Sequence[int]) -> list[int]:
+        """Where each prefill chunk of `prompt` ends: from the last end, at the next boundary token, after
+        prefill_chunk tokens, or at the prompt's end, whichever comes first. A chunk's end depends only on the
+        tokens up to it (and the one after it), so two prompts sharing a prefix share its chunks up to the last
+        boundary before they part; the float rounding of a chunk's keys depends on the chunk, so this is what
+        lets the prefix cache be exact (engine/prefix_cache.py)."""
+        ends, lo, n = [], 0, len(prompt)
+        marks = [i for i, t in enumerate(prompt) if i > 0 and t in self.boundary_ids] if self.boundary_ids else []
+        marks.append(n)
+        for mark in marks:
+            while lo < mark:
+                lo = min(lo + self.prefill_chunk, mark)
+                ends.append(lo)
+        return ends
 
     def _ensure_cache(self, rows: int, length: int) -> None:
         """Grow the cache (copying what it holds) so it has `rows` rows of `length` slots.
@@ -239,24 +283,24 @@ class Engine:
     def _prefill(self) -> list[tuple[Request, int]]:
         """Up to prefill_chunk prompt tokens, oldest request first; first tokens for completed prompts.
 
-        A prompt's chunks are always [0, c), [c, 2c), ... (c = prefill_chunk), whatever else is prefilling: the
-        step's budget decides only which chunks run now. So a request's prefill, and with it every token it
+        A prompt's chunks (chunk_ends) depend on its tokens alone, whatever else is prefilling: the step's budget
+        decides only which chunks run now. So a request's prefill, and with it every token it
         generates, never depends on the requests beside it (batch invariance; greedy replies equal one-at-a-time).
         """
         events, budget = [], self.prefill_chunk
         for req in sorted((r for r in self.slots if r is not None and r.prefilled < len(r.prompt)),
                           key=lambda r: r.id):
-            p0 = req.prefilled
-            chunk = req.prompt[p0:p0 + self.prefill_chunk]
-            if len(chunk) > budget:  # next step; the step's first chunk always fits (len <= prefill_chunk)
-                break
-            pos = torch.arange(p0, p0 + len(chunk))[None]
-            logits = self.model(torch.tensor([chunk]), positions=pos, cache=self._cache.rows(slice(req.slot, req.slot + 1)),
-                                logits_to_keep=1)
-            req.prefilled += len(chunk)
-            budget -= len(chunk)
-            if req.prefilled < len(req.prompt):
-                continue
+            while req.prefilled < len(req.prompt):
+                p0, p1 = req.prefilled, req.chunk_ends[req.chunks_done]
+                if p1 - p0 > budget:  # next step; the step's first chunk always fits (<= prefill_chunk tokens)
+                    return events
+                logits = self.model(torch.tensor([req.prompt[p0:p1]]), positions=torch.arange(p0, p1)[None],
+                                    cache=self._cache.rows(slice(req.slot, req.slot + 1)), logits_to_keep=1)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.store(req.prompt, req.block_keys, req.chunk_ends, req.chunks_done, self._cache,
+                                            req.slot)
+                req.prefilled, req.chunks_done = p1, req.chunks_done + 1
+                budget -= p1 - p0
             if req.params.max_new_tokens == 0:
                 req.out.finish_reason = "length"
                 continue

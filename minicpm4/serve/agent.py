@@ -236,13 +236,16 @@ def ask_on_terminal(name: str, arguments: dict) -> bool:
 def agent_main(model: str | None, mcp_commands: list[str], prompt: str, max_tokens: int = 512,
                temperature: float = 0.0, max_turns: int = 8, dtype: str = "auto",
                system: str | None = None, call_timeout: float = 60.0, max_output_chars: int = 20_000,
-               confirm: Callable[[str, dict], bool] | None = ask_on_terminal) -> list[dict]:
+               confirm: Callable[[str, dict], bool] | None = ask_on_terminal,
+               prefix_cache_gb: float = 1.0, prefill_chunk: int = 512) -> list[dict]:
     """Load the model, start the MCP servers, run the agent on one prompt; prints each tool call, each result
-    and the final answer, and returns the conversation. confirm=None runs destructive tools without asking."""
+    and the final answer, and returns the conversation. confirm=None runs destructive tools without asking.
+    Each model turn after a tool result reuses the engine's prefix cache (the conversation so far, up to its
+    last whole prefill chunk) and prefills the rest; prefix_cache_gb=0 turns it off."""
     from minicpm4.serve.llm import LLM
     if not mcp_commands:
         raise InputError("the agent needs at least one MCP server command (--mcp)")
-    llm = LLM.load(model, dtype=dtype)
+    llm = LLM.load(model, dtype=dtype, prefix_cache_gb=prefix_cache_gb, prefill_chunk=prefill_chunk)
     fmt = detect_format(llm.tokenizer.chat_template, llm.tokenizer.backend.get_vocab())
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 

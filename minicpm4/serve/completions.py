@@ -111,7 +111,10 @@ class Completions:
 
     def usage(self, prompt: list[int], streams: list[Stream]) -> dict:
         done = sum(len(st.generation.token_ids) for st in streams)
-        return {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done}
+        # the prompt counts once however many choices share it, as OpenAI counts it: so do its cached tokens
+        # (the first choice's; choices admitted together each prefill it, none having stored its blocks yet)
+        cached = streams[0].generation.cached_tokens if streams else 0
+        return usage_dict(len(prompt), done, cached)
 
     def token_text(self, token: int) -> str:
         return self.s.llm.tokenizer.decode([token])
@@ -145,7 +148,7 @@ class Completions:
         if body.n > 1 or body.logprobs or body.tool_choice not in (None, "auto"):
             raise InputError("n > 1, logprobs and tool_choice other than auto are not supported when the server "
                              "runs its MCP tools itself; send your own tools to get the calls back instead")
-        used = [0, 0]
+        used = [0, 0, 0]  # prompt, completion and cached prompt tokens over the tool loop's model turns
 
         async def complete(rendered: list[dict]) -> str:
             prompt = self.s.llm.encode_chat(rendered)
@@ -153,10 +156,11 @@ class Completions:
             text = (await self.collect(http, streams, body))[0]
             used[0] += len(prompt)
             used[1] += len(streams[0].generation.token_ids)
+            used[2] += streams[0].generation.cached_tokens
             return text
         conversation = await run_agent(complete, self.s.mcp, messages, self.s.tool_format)
         answer = conversation[-1]["content"]
-        usage = {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}
+        usage = usage_dict(*used)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.s.model_name}
         steps = conversation[len(messages):-1]
         if not body.stream:
@@ -250,6 +254,12 @@ class Completions:
                                             "finish_reason": finish(st), **self.token_ids(prompt, st, body)}]}
         if body.stream_options and body.stream_options.include_usage:
             yield {**head, "choices": [], "usage": self.usage(prompt, streams)}
+
+
+def usage_dict(prompt: int, completion: int, cached: int) -> dict:
+    """OpenAI's usage object; cached: prompt tokens served from the prefix cache, not prefilled."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def finish(st: Stream) -> str:

@@ -61,7 +61,9 @@ class LLM:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, speculative=None,
                  load_options: dict | None = None, **engine_kwargs):
         self.model, self.tokenizer = model, tokenizer
-        self.engine = Engine(model, **engine_kwargs)
+        # prefill chunks end before the template's control tokens (<|im_start|>, ...): a conversation's next prompt
+        # then shares all its chunks up to its last turn with the one before, for the prefix cache
+        self.engine = Engine(model, **{"boundary_ids": tokenizer.special_ids, **engine_kwargs})
         # a SpeculativeDecoder (batch 1, same stream/generate contract) replaces the engine for generate/stream
         self.speculative = speculative
         # how read_weights loads a checkpoint: as LLM.load loaded this model, else at the model's dtype
@@ -103,8 +105,8 @@ class LLM:
     def swap_weights(self, model: MiniCPM4ForCausalLM) -> None:
         """Serve `model` (from read_weights) from the engine's next step on. The caller makes sure no request is
         running: a request's KV cache rows were written by the old weights."""
-        self.model = self.engine.model = model.eval()
-        self.engine.config, self.engine.dtype = model.config, next(model.parameters()).dtype
+        self.model = model.eval()
+        self.engine.use_model(model)
 
     # ---- prompts ----
     def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:

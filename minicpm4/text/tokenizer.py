@@ -115,6 +115,11 @@ class Tokenizer:
         im_end = self._token_id("<|im_end|>") if "<|im_end|>" in (self.chat_template or DEFAULT_CHAT_TEMPLATE) else None
         return list(dict.fromkeys(i for i in (self.eos_token_id, im_end) if i is not None))
 
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of the special (control) tokens: bos/eos and a chat template's markers such as <|im_start|>."""
+        return sorted(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids for `text`; special tokens written in the text (e.g. `<|im_start|>`) stay whole."""
         bad = invalid_unicode(text)

@@ -31,6 +31,20 @@ def test_chat_keeps_history_and_exits_on_eof(smollm_gguf):
     assert r.stderr.count("[prompt ") == 2  # one speed line per reply; /reset is not a turn
 
 
+def test_chat_reuses_the_conversation_between_turns(smollm_gguf):
+    """The prefix cache, on by default: the second turn reuses all of the first turn's prompt but the
+    "<|im_start|>assistant\n" (4 tokens) that opened the reply; with --no-prefix-cache nothing is reused."""
+    system = "You answer questions about foxes. " + "The quick brown fox jumps over the lazy dog. " * 60
+    turns = "Name a colour.\nName an animal.\n"
+    r = run("chat", "--model", str(smollm_gguf), "--max-new-tokens", "8", "--system", system, stdin=turns)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("[prompt ")]
+    first = int(lines[0].split()[1])
+    assert len(lines) == 2 and "cached" not in lines[0] and f", {first - 4} cached," in lines[1]
+    r = run("chat", "--model", str(smollm_gguf), "--max-new-tokens", "8", "--system", system, "--no-prefix-cache",
+            stdin=turns)
+    assert r.stderr.count("[prompt ") == 2 and "cached" not in r.stderr
+
+
 def test_info_prints_shapes(smollm_gguf):
     r = run("info", str(smollm_gguf), "--dtype", "fp32")
     assert "134,515,008" in r.stdout and "9 / 3 (group 3)" in r.stdout and "torch.float32" in r.stdout

@@ -104,3 +104,29 @@ def test_agent_main_with_the_tiny_tool_model(tool_model_dir, capsys):
         agent_main(str(tool_model_dir), [SERVER], "What is 2 + 3?", max_tokens=48, max_turns=1, dtype="fp32")
     out = capsys.readouterr().out
     assert '[tool call] add({"a": 2, "b": 3})\n[tool result] 5\n' in out
+
+
+def test_agent_turn_after_a_tool_result_prefills_only_the_new_tokens(tool_model_dir):
+    """The engine's counters on the real tool model: the turn after the tool result extends the turn before,
+    and the prefix cache serves all of it but its last chunk, the "<|im_start|>assistant\n" (4 tokens) that
+    opened the reply: prefilled are that, the reply, the tool result and the template around them."""
+    from minicpm4.engine.sampling import SamplingParams
+    from minicpm4.serve.llm import LLM
+    from minicpm4.text.tool_calls import detect_format
+
+    chunk = 16
+    llm = LLM.load(str(tool_model_dir), dtype="fp32", prefill_chunk=chunk, prefix_cache_gb=0.01)
+    turns = []
+
+    def complete(messages):  # agent.complete_with_llm, keeping each turn's prompt and engine Generation
+        prompt = llm.encode_chat(messages)
+        result = llm.generate_ids([prompt], SamplingParams(max_new_tokens=48))[0]
+        turns.append((prompt, result.generation))
+        return result.text
+    fmt = detect_format(llm.tokenizer.chat_template, llm.tokenizer.backend.get_vocab())
+    conversation = with_tools([SERVER], lambda tools: run_agent(
+        complete, tools, [{"role": "user", "content": "What is 2 + 3?"}], fmt, max_turns=2))
+    assert conversation[2] == {"role": "tool", "tool_call_id": conversation[1]["tool_calls"][0]["id"], "content": "5"}
+    (p1, g1), (p2, g2) = turns
+    assert p2[:len(p1)] == p1 and g1.cached_tokens == 0
+    assert g2.cached_tokens == len(p1) - 4 > 0

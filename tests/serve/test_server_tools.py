@@ -17,6 +17,7 @@ from server_util import running_server
 from tool_model import ADD_TOOL, ANSWER, CALL, _fn
 
 from minicpm4.serve.llm import LLM
+from minicpm4.text.tool_calls import render_messages
 
 ECHO_SERVER = shlex.join([sys.executable, str(Path(__file__).resolve().parent / "mcp_echo_server.py")])
 ADD23 = {"a": 2, "b": 3}
@@ -33,8 +34,9 @@ def server(tool_model_dir):
 
 @pytest.fixture(scope="module")
 def mcp_server(tool_model_dir):
-    with running_server(LLM.load(tool_model_dir, dtype="fp32"), max_tokens=64,
-                        mcp_commands=[ECHO_SERVER]) as (url, srv):
+    # the prefix cache on, so the turn after the tool result reuses blocks
+    llm = LLM.load(tool_model_dir, dtype="fp32", prefix_cache_gb=0.01)
+    with running_server(llm, max_tokens=64, mcp_commands=[ECHO_SERVER]) as (url, srv):
         yield url, srv
 
 
@@ -152,6 +154,11 @@ def test_serve_mcp_runs_the_tools_itself(mcp_server):
     usage = body["usage"]  # two model turns: the call, then the answer
     assert usage["completion_tokens"] > 0
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # the second turn's prompt extends the first: the prefix cache serves all of the first but the
+    # "<|im_start|>assistant\n" (4 tokens) that opened its reply
+    srv = mcp_server[1]
+    first = srv.llm.encode_chat(render_messages(QUESTION, srv.mcp.specs, "auto", srv.tool_format))
+    assert usage["prompt_tokens_details"]["cached_tokens"] == len(first) - 4 > 0
     # the openai client reads the same answer
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     assert chat(client, QUESTION).choices[0].message.content == ANSWER
