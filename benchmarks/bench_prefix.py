@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serve import free_port, wait_ready  # noqa: E402
+from bench_serve import free_port, stop, wait_ready  # noqa: E402
 
 from minicpm4.corpus import kjv_verses  # noqa: E402
 
@@ -128,11 +128,7 @@ async def bench_server(kind: str, args, tokenizer) -> dict:
                 "agent_ttft_s": [statistics.median(a[i] for a in agent) for i in range(len(agent[0]))],
                 "conversation_runs": conv, "agent_runs": agent}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def main() -> None:

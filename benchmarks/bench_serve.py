@@ -55,6 +55,15 @@ def start(kind: str, gguf: Path, port: int, dtype: str, slots: int, threads: int
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """End a server process: SIGTERM, then SIGKILL if it has not exited within 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 async def wait_ready(base: str, proc: subprocess.Popen) -> None:
     import openai
     async with openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0) as client:
@@ -110,11 +119,7 @@ async def bench_server(kind: str, args) -> dict:
                   f"TTFT {out[c]['ttft_s']:.3f} s", file=sys.stderr, flush=True)
         return out
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def main() -> None:

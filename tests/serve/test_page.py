@@ -21,19 +21,11 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from server_util import running_server
 
-import minicpm4
-from minicpm4.model.native_stack import attach
 from minicpm4.serve.llm import LLM
 
 INSTALL = ("headless Chromium is needed for the chat page tests: install Debian's chromium with "
            "`apt-get install -y chromium chromium-driver` (.ci/run does this)")
 WAIT = 180  # seconds; generous, the CI machine's 2 cores are shared
-
-
-@pytest.fixture(scope="module")
-def model_tok(smollm_gguf):
-    model, tok = minicpm4.load(smollm_gguf, dtype="fp32")
-    return attach(model), tok
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,10 @@ import openai
 import pytest
 from server_util import running_server
 
-import minicpm4
 from minicpm4.engine.sampling import SamplingParams
-from minicpm4.model.native_stack import attach
 from minicpm4.serve.llm import LLM
 
 CHUNK = 64
-
-
-@pytest.fixture(scope="module")
-def model_tok(smollm_gguf):
-    model, tok = minicpm4.load(smollm_gguf, dtype="fp32")
-    return attach(model), tok
 
 
 @pytest.fixture(scope="module")

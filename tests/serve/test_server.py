@@ -11,16 +11,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from chat_questions import QUESTIONS
 from server_util import running_server
 
-import minicpm4
 from minicpm4.engine.sampling import SamplingParams
-from minicpm4.model.native_stack import attach
 from minicpm4.serve.llm import LLM
-
-
-@pytest.fixture(scope="module")
-def model_tok(smollm_gguf):
-    model, tok = minicpm4.load(smollm_gguf, dtype="fp32")  # fp32: batched decode equals one-at-a-time exactly
-    return attach(model), tok
 
 
 def served(model_tok, **engine):
