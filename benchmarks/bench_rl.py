@@ -4,9 +4,10 @@ Both modes run the same prompts (chain_tasks: arithmetic word problems with powe
 chat template), with the same per-sample seeds, temperature 1, top-p 1, on one Engine of batch_groups x G slots:
   vanilla   chunk_tokens = max_len: each step's round runs batch_groups new prompts until every sample ends (EOS or
             max_len), so the step waits for its longest sample
-  chunk     chunk_tokens < max_len: each round tops the unfinished samples up with new prompts to batch_groups x G,
-            runs every sample for at most chunk_tokens, and rounds repeat until batch_groups groups completed;
-            unfinished samples resume next round (re-prefilling prompt + generated tokens)
+  chunk     chunk_tokens < max_len: the step streams (rollout.py draw / end_step): the buffer's samples resume,
+            a new group is admitted whenever fewer than --active samples are in flight, each sample generates at
+            most chunk_tokens in the step, and when batch_groups groups have completed the samples still running
+            are cut and wait in the buffer; they resume next step (re-prefilling prompt + generated tokens once)
 The policy version increases every step (the weights do not change here: rollout only). One short generation
 warms the model up before either mode is timed; the modes run one after the other, so on a shared machine compare
 sampled_tok_per_s too (a drop in it is contention, not the rollout scheme).
@@ -58,17 +59,18 @@ def run_mode(model, tokenizer, args, chunk: int) -> dict:
         t0 = time.perf_counter()
         got = carry
         while len(got) < groups_per_step:
-            got += ro.refill_round(source, version=step, max_active=active)
+            got += ro.draw(source, version=step, max_active=active, groups=groups_per_step - len(got))
+        ro.end_step()
         batch, carry = got[:groups_per_step], got[groups_per_step:]
         step_s.append(time.perf_counter() - t0)
         lengths += [len(s.tokens) for grp in batch for s in grp.samples]
-        print(f"  chunk={chunk} step {step}: {step_s[-1]:.1f} s, {len(ro.history)} rounds so far, "
+        print(f"  chunk={chunk} step {step}: {step_s[-1]:.1f} s, {len(ro.history)} draws so far, "
               f"{ro.active} unfinished in the buffer", flush=True)
     h = ro.history
-    busy, offered = sum(r.busy for r in h), sum(r.steps * r.slots for r in h)
+    busy, offered = sum(r.busy for r in h), sum(r.offered for r in h)
     q = statistics.quantiles(lengths, n=10) if len(lengths) > 1 else lengths * 9
     return {"chunk_tokens": chunk, "rollout_s": time.perf_counter() - t_all, "step_s_mean": statistics.mean(step_s),
-            "steps_per_hour": 3600 / statistics.mean(step_s), "rounds": len(h),
+            "steps_per_hour": 3600 / statistics.mean(step_s), "draws": len(h),
             "samples_trained": len(lengths), "samples_left_in_buffer": ro.active,
             "tokens_sampled": sum(r.tokens for r in h),
             "sampled_tok_per_s": sum(r.tokens for r in h) / max(sum(r.wall_s for r in h), 1e-9),
@@ -85,8 +87,8 @@ def main() -> None:
     ap.add_argument("--g", type=int, default=4, help="samples per prompt")
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=64)
-    ap.add_argument("--active", type=int, default=0, help="chunk mode: samples per round (rl.max_active), queued on "
-                    "the engine's groups x g slots, which admit a waiting one as a slot frees; 0: groups x g")
+    ap.add_argument("--active", type=int, default=0, help="chunk mode: samples in flight before a new group is "
+                    "admitted (rl.max_active), on the engine's groups x g slots; 0: groups x g")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="auto", help="load dtype: auto, bf16, fp32")
     ap.add_argument("--int4", action="store_true", help="keep the GGUF's Q4_1 weights 4-bit (the fast CPU decode)")

@@ -29,11 +29,11 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 RUNS = (("chunk", "chunk-wise rollout"), ("vanilla", "vanilla rollout"), ("control", "control: lr 1e-12 (chunk-wise)"))
 
 
-def data(out: Path, n: int, held_out: int) -> None:
+def data(out: Path, n: int, held_out: int, small: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    source = TaskSource(None)  # task() needs no tokenizer
+    source = TaskSource(None, small=small)  # task() needs no tokenizer
     banned = {source.task(("held-out", i)).question for i in range(held_out)}
-    tasks = [t for t in chain_tasks(n, seed=1234) if t.question not in banned]
+    tasks = [t for t in chain_tasks(n, seed=1234, small=small) if t.question not in banned]
     with open(out / "sft.jsonl", "w") as f:
         for t in tasks:
             f.write(json.dumps({"messages": [{"role": "user", "content": t.prompt},
@@ -128,9 +128,10 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--train", type=int, default=20000, help="SFT chats")
     ap.add_argument("--held-out", type=int, default=64, help="held-out RL prompts kept out of the SFT data")
+    ap.add_argument("--task", choices=("chain", "chain_small"), default="chain_small", help="the RL task (data)")
     args = ap.parse_args()
     if args.what == "data":
-        data(args.out, args.train, args.held_out)
+        data(args.out, args.train, args.held_out, args.task == "chain_small")
     elif args.what == "summary":
         report = summary(args.out)
         (args.out / "summary.json").write_text(json.dumps(report, indent=1))

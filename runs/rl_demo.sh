@@ -36,6 +36,7 @@ RL_STEPS=${RL_STEPS:-16}
 LR=${LR:-5e-4}
 CHUNK=${CHUNK:-64}
 MAX_LEN=512
+TASK=chain_small
 mkdir -p "$OUT"
 stage() {  # stage NAME CMD...: run CMD, append "NAME seconds" to OUT/times.txt
   local name=$1 t0=$SECONDS; shift
@@ -43,7 +44,7 @@ stage() {  # stage NAME CMD...: run CMD, append "NAME seconds" to OUT/times.txt
   echo "$name $((SECONDS - t0))" | tee -a "$OUT/times.txt"
 }
 data() {
-  [ -f "$OUT/sft.jsonl" ] || "$PY" "$HERE/rl_demo.py" data "$OUT"
+  [ -f "$OUT/sft.jsonl" ] || "$PY" "$HERE/rl_demo.py" data "$OUT" --task "$TASK"
 }
 sft() {
   [ -f "$OUT/sft/checkpoints/latest" ] && RESUME=--resume || RESUME=
@@ -64,7 +65,7 @@ rl() {  # rl NAME CHUNK_TOKENS LR
   "$PY" -m minicpm4.cli train rl $RESUME --set model="$SFT" --set out_dir="$OUT/$1" --set steps="$RL_STEPS" \
     --set lr="$3" --set mup=false --set threads=1 --set seed=0 --set batch_size=32 \
     --set micro_batch_size=8 --set save_every=4 --set eval_every=4 --set rl.eval_prompts=64 \
-    --set rl.group_size=8 --set rl.max_len=$MAX_LEN --set rl.chunk_tokens="$2" --set rl.ref_refresh=8 \
+    --set rl.task=$TASK --set rl.group_size=8 --set rl.max_len=$MAX_LEN --set rl.chunk_tokens="$2" --set rl.ref_refresh=8 \
     --set rl.max_draws=3 > "$OUT/$1.log" 2>&1
 }
 rl_all() {

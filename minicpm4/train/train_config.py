@@ -55,8 +55,12 @@ class RLOptions:
     group_size: int = 8  # G responses per prompt (the paper: 16)
     chunk_tokens: int = 256  # tokens each unfinished sample generates per rollout round; = max_len: vanilla rollout
     max_len: int = 512  # response tokens; a sample reaching it is truncated (overlong filtering drops it)
-    max_active: int = 0  # samples decoded per round (engine slots); 0 = this process's batch (batch_size / world)
-    task: str = "chain"  # the prompt source: chain (train/rl/chain_tasks.py arithmetic word problems)
+    max_active: int = 0  # unfinished samples in flight at most (engine slots); 0 = this process's batch (batch_size /
+    # world)
+    stream: bool = True  # chunk-wise rollout on the in-process engine streams each step (train/rl/rollout.py: new
+    # groups as slots free, samples still running cut when the batch is complete); false: whole rounds, as on servers
+    task: str = "chain"  # the prompt source: chain (train/rl/chain_tasks.py arithmetic word problems) or
+    # chain_small (the same with one-digit numbers)
     task_max_steps: int = 32  # chain: most operations per problem (power-law distributed, see chain_tasks.py)
     reward: str = "math"  # math: math_reward of the final boxed answer against the task's (0 if malformed)
     chat_template: bool = True  # wrap each prompt in the tokenizer's chat template (else the bare question)
@@ -333,7 +337,7 @@ def _check_sections(cfg: TrainConfig) -> None:
     _check_rl(cfg)
 
 
-RL_TASKS = ("chain",)
+RL_TASKS = ("chain", "chain_small")
 RL_REWARDS = ("math",)
 
 

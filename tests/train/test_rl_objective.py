@@ -124,10 +124,11 @@ def test_interrupted_run_resumes_exactly(model_dir, tmp_path):
     """Stopped after step 3, resumed to 5: the same weights, reference and curve as one run. The reference is
     refreshed at step 2 (so the resumed run must take it from the checkpoint, not from the start model) and 4.
     12 slots for batches of 4 samples: steps end with samples in flight, finished samples of incomplete groups and
-    informative groups carried to the next step, all of which the checkpoint must hold."""
+    informative groups carried to the next step, all of which the checkpoint must hold (a carry needs two groups
+    completing in the engine step that completes the batch: seed 3 has one before step 3)."""
     section = {"ref_refresh": 2, "max_active": 12}
-    full, _ = run(rl_config(model_dir, tmp_path / "full", steps=5, rl=section))
-    cfg = rl_config(model_dir, tmp_path / "cut", steps=5, rl=section)
+    full, _ = run(rl_config(model_dir, tmp_path / "full", steps=5, seed=3, rl=section))
+    cfg = rl_config(model_dir, tmp_path / "cut", steps=5, seed=3, rl=section)
     _, first = run(cfg, stop_after=3)
     assert first["interrupted"] is False and first["step"] == 3
     _, _, _, state = load_checkpoint(first["checkpoint"])
@@ -251,7 +252,7 @@ def test_rollout_on_a_server_trains_as_in_process(model_dir, tmp_path, monkeypat
 
     import minicpm4
     from minicpm4.serve.llm import LLM
-    local, _ = run(rl_config(model_dir, tmp_path / "local", steps=3))
+    local, _ = run(rl_config(model_dir, tmp_path / "local", steps=3, rl={"stream": False}))  # rounds, as a server
     monkeypatch.setenv("MINICPM4_ADMIN_KEY", "adm")
     with running_server(LLM(*minicpm4.load(model_dir, dtype="fp32"), max_slots=8), admin_key="adm") as (url, srv):
         remote, result = run(rl_config(model_dir, tmp_path / "remote", steps=3, rl={"rollout_urls": [url]}))

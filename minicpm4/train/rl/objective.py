@@ -2,14 +2,16 @@
 MiniCPM4's stabilisers, on samples from chunk-wise rollout (MiniCPM4 technical report, Algorithm 1).
 
 One optimizer step (policy version v = the step's index = optimizer steps applied so far):
-1. next_batch(v): refresh the KL reference when v is a multiple of rl.ref_refresh; then rollout rounds
-   (ChunkRollout.refill_round) until this process holds batch_size / world / G groups: each round tops the
-   unfinished samples up with new prompts to rl.max_active slots and runs every sample for at most
-   rl.chunk_tokens tokens under the current weights (version v); unfinished samples stay in the rollout buffer
-   with their per-token log-probs and versions. Each completed group is rewarded (the task's reward on the decoded
-   response); with dynamic sampling, groups whose rewards are all equal are dropped and more rounds refill the
-   batch, informative groups beyond it are carried to the next step. After rl.max_draws draws (a draw: rounds until
-   at least one group completes) the batch is topped up with dropped groups (zero advantage: they add only the KL
+1. next_batch(v): refresh the KL reference when v is a multiple of rl.ref_refresh; then the step's rollout
+   (ChunkRollout.draw, end_step) until this process holds batch_size / world / G groups: the buffer's unfinished
+   samples resume, new prompts fill rl.max_active slots as they free, and every sample generates at most
+   rl.chunk_tokens tokens in the step under the current weights (version v); when the batch is complete, samples
+   still running are cut and stay in the rollout buffer with their per-token log-probs and versions (vanilla
+   rollout, chunk_tokens = max_len, and servers run whole rounds instead: rollout.py). Each completed group is
+   rewarded (the task's reward on the decoded response); with dynamic sampling, groups whose rewards are all equal
+   are dropped and more rollout refills the batch, informative groups beyond it are carried to the next step.
+   After rl.max_draws draws (a draw: rollout until the groups still missing complete, or one vanilla round) the
+   batch is topped up with dropped groups (zero advantage: they add only the KL
    term and tokens to the average; counted in the metric `topped_up`). Then GRPO advantages, the garble filter,
    and (no grad) the reference's log-probs (rl.kl_coef > 0) and, with chunk_importance off, the current weights'.
 2. loss(mb): batch.batch_loss on the micro-batch, i.e. loss.policy_loss, which returns a mean over its own kept
@@ -59,7 +61,7 @@ from minicpm4.train.checkpoint import write_model_dir
 from minicpm4.train.mup import param_groups
 from minicpm4.train.objective import Objective
 from minicpm4.train.rl.batch import RLBatch, batch_loss, from_groups
-from minicpm4.train.rl.dynamic_sampling import fill_batch
+from minicpm4.train.rl.dynamic_sampling import fill_batch, informative
 from minicpm4.train.rl.logprobs import token_logprobs
 from minicpm4.train.rl.loss import LossSettings
 from minicpm4.train.rl.reference import ReferenceModel
@@ -94,12 +96,15 @@ class RL(Objective):
                               f"max_position_embeddings ({model.config.max_position_embeddings})")
         self.settings = LossSettings(r.eps_low, r.eps_high, r.dual_clip_c or None, r.token_level,
                                      r.chunk_importance, r.kl_coef, r.overlong_filter, r.garble_filter)
-        self.source = TaskSource(tokenizer, cfg.seed, r.task_max_steps, r.chat_template)
+        self.source = TaskSource(tokenizer, cfg.seed, r.task_max_steps, r.chat_template, small=r.task == "chain_small")
+        # training skips a task whose question is a held-out one, so the reward curve is on unseen questions (the
+        # streams are disjoint by seed; with one-digit numbers a short question can still come up in both)
+        self.held_out = {self.source.task(("held-out", i)).question for i in range(r.eval_prompts)}
         self.engine = Engine(model, max_slots=self.max_active)  # rollout by default; evaluation always
         self.remote = _remote_backend(cfg, model.config, rank, world) if r.rollout_urls else None
         self.rollout = ChunkRollout(self.remote or EngineBackend(self.engine),
                                     RolloutSettings(r.group_size, r.chunk_tokens, r.max_len,
-                                                    seed=cfg.seed))
+                                                    seed=cfg.seed, stream=r.stream))
         self.reference = ReferenceModel(model, r.ref_refresh) if r.kl_coef > 0 else None
         self.next_index = rank  # the next training task this process rolls out
         self.carry: list[Group] = []  # informative groups beyond a batch, for the next step
@@ -133,7 +138,8 @@ class RL(Objective):
         while True:  # lazily: refill_round pulls only the prompts it has room for
             key = self.next_index
             self.next_index += self.world
-            yield key, self.source.prompt_ids(key)
+            if self.source.task(key).question not in self.held_out:
+                yield key, self.source.prompt_ids(key)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -146,12 +152,18 @@ class RL(Objective):
         return groups
 
     def _draw(self, version: int):
-        """Rollout rounds until at least one group completes; those groups, rewarded."""
+        """Rollout until at least one group completes (streaming: until the groups still missing from the batch
+        complete); those groups, rewarded."""
+        dynamic = self.cfg.rl.dynamic_sampling
+        have = [sum(informative(g.rewards) for g in self.carry) if dynamic else len(self.carry)]
+
         def draw() -> list[Group]:
             while True:
-                done = self.rollout.refill_round(self._prompts(), version, self.max_active)
+                done = self.rollout.draw(self._prompts(), version, self.max_active, max(1, self.groups - have[0]))
                 if done:
-                    return self._rewarded(done)
+                    self._rewarded(done)
+                    have[0] += sum(informative(g.rewards) for g in done) if dynamic else len(done)
+                    return done
         return draw
 
     def next_batch(self, step: int) -> dict[str, torch.Tensor]:
@@ -177,6 +189,7 @@ class RL(Objective):
             while len(groups) < self.groups:
                 groups += draw()
             groups, self.carry = groups[:self.groups], groups[self.groups:]
+        self.rollout.end_step()  # requests still running keep their tokens and resume next step
         rollout_s = time.perf_counter() - t0
         # right-padded with id 0: causal attention never lets a pad after a sequence change its logits
         batch = from_groups(groups, self._decode, std_normalize=r.std_normalize)
@@ -200,7 +213,7 @@ class RL(Objective):
 
     def _rollout_stats(self, b, step, rounds0, rollout_s, dropped, topped) -> dict[str, float]:
         rounds = self.rollout.history[rounds0:]
-        slot_steps = sum(x.steps * x.slots for x in rounds)  # 0 on servers, whose steps are not observable
+        slot_steps = sum(x.offered for x in rounds)  # 0 on servers, whose steps are not observable
         resp = b["mask"].sum(1).float()
         lag = (step - b["versions"])[b["mask"]].float()  # policy versions between sampling a token and now
         # reward: of the trained batch (dynamic sampling keeps only mixed groups); reward_rollout: of every group

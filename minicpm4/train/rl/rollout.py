@@ -12,6 +12,20 @@ Every round, each active sample generates at most `chunk_tokens` new tokens:
   the policy of that round. Buffered samples are queued before the round's new prompts.
 Vanilla rollout is the same code with chunk_tokens = max_len: every sample finishes in its first round.
 
+A training step's rollout (draw / end_step, what the objective and bench_rl run): Algorithm 1's round is one
+training step, so chunk_tokens is each sample's budget per step. On the in-process engine (EngineBackend) the step
+streams: the buffer's samples resume first, a new group is admitted whenever fewer than max_active samples are
+unfinished (the engine's continuous batching gives each a slot as one frees), and a sample leaves the engine when
+it finishes or has used its chunk_tokens for this step (then it waits in the buffer for the next step; only if
+every unfinished sample has spent its budget before the batch is complete do they go on in the same step, with a
+fresh budget: Algorithm 1 would train on fewer groups there, our loop trains fixed batches). A draw returns
+once enough groups completed; the requests still running stay in the engine for the step's next draw. end_step()
+cancels them: each keeps the tokens and log-probs it sampled (engine.cancel keeps them) and resumes next step,
+re-prefilled once under the new weights. So no step waits for its longest sample, and a resumed sample is
+re-prefilled once per step (when the weights have changed), not once per round. Vanilla (chunk_tokens >= max_len)
+and servers (which cannot cut a request short and hand back its tokens) run whole rounds instead (refill_round;
+so does settings.stream = False): a vanilla step waits for every sample it started.
+
 Log-probs: the engine reports, per sampled token, log_softmax(logits)[token] of the model's raw logits (engine.py
 _accept), the full-softmax log-probability at temperature 1. Rollout samples with temperature 1, top-p 1, no top-k,
 min-p or repetition penalty (the paper's settings), so that IS the log-prob of the distribution actually sampled
@@ -33,6 +47,7 @@ decode token in the same step: still one busy slot), so
     idle_share = 1 - busy slot-steps / (steps * min(n, S))
 
 the share of slot-steps spent waiting (for prefill, or for the round's longest sample once the others are done).
+When streaming, each engine step offers min(samples in flight, S) slots.
 Only the in-process engine's steps are observable; rounds on servers report 0 steps and no idle share.
 """
 
@@ -45,7 +60,7 @@ from typing import Hashable, Iterator, Protocol, Sequence
 
 import torch
 
-from minicpm4.engine.engine import Engine
+from minicpm4.engine.engine import Engine, Request
 from minicpm4.engine.sampling import SamplingParams
 from minicpm4.errors import InputError
 
@@ -57,6 +72,7 @@ class RolloutSettings:
     max_len: int = 32768  # response tokens; a sample reaching it is truncated
     seed: int = 0
     stop_token_ids: tuple[int, ...] | None = None  # None -> the model's eos ids
+    stream: bool = True  # draw(): stream a step on the in-process engine (False: whole rounds, as on servers)
 
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.chunk_tokens < 1 or self.max_len < 1:
@@ -114,10 +130,15 @@ class RoundStats:
     wall_s: float
     finished: int  # samples finished this round
     buffered: int  # samples left unfinished after it
+    offered: int = -1  # slot-steps offered (-1: steps * slots, a round's)
+
+    def __post_init__(self) -> None:
+        if self.offered < 0:
+            self.offered = self.steps * self.slots
 
     @property
     def idle_share(self) -> float:
-        return idle_share(self.busy, self.steps, self.slots)
+        return idle_share(self.busy, 1, self.offered)
 
 
 def idle_share(busy: int, steps: int, slots: int) -> float:
@@ -159,7 +180,18 @@ class EngineBackend:
         self.engine = engine
         self.vocab_size, self.max_len, self.max_slots = engine.config.vocab_size, engine.max_len, engine.max_slots
 
+        self.live: dict[Request, tuple[Sample, int]] = {}  # submitted and not yet finished (streaming)
+
     def run(self, jobs, stop_token_ids) -> BackendRound:
+        reqs = self.submit(jobs, stop_token_ids)
+        steps, busy = 0, 0
+        while self.live:
+            busy += self.poll()[1]
+            steps += 1
+        return BackendRound([_chunk(r) for r in reqs], steps, busy)
+
+    def submit(self, jobs: Sequence[tuple[Sample, int]], stop_token_ids: list[int] | None) -> list[Request]:
+        """Queue each job (sample, at most n tokens) on the engine; they run from the next poll() on."""
         reqs = []
         for smp, n in jobs:
             params = SamplingParams(max_new_tokens=n, temperature=1.0, top_p=1.0, logprobs=0,
@@ -167,14 +199,29 @@ class EngineBackend:
             req = self.engine.make_request(smp.prompt + smp.tokens, params)
             req.generator = smp.generator  # the sample's own stream, continued from its last chunk
             self.engine.enqueue(req)
+            self.live[req] = (smp, n)
             reqs.append(req)
-        steps, busy = 0, 0
-        while not all(r.finished for r in reqs):
-            events = self.engine.step()
-            busy += len({r.id for r, _ in events})
-            steps += 1
-        return BackendRound([Chunk(r.out.token_ids, [lp for lp, _ in r.out.logprobs], r.out.finish_reason)
-                             for r in reqs], steps, busy)
+        return reqs
+
+    def poll(self) -> tuple[list[tuple[Sample, int, Chunk]], int, int]:
+        """One engine step: (the jobs that finished in it with their chunks, busy slots, offered slots)."""
+        offered = min(len(self.live), self.max_slots)
+        events = self.engine.step()
+        done = [(*self.live.pop(r), _chunk(r)) for r in list(self.live) if r.finished]
+        return done, len({r.id for r, _ in events}), offered
+
+    def halt(self) -> list[tuple[Sample, int, Chunk]]:
+        """Cancel every job still running; each chunk holds the tokens (and log-probs) it sampled so far."""
+        for r in self.live:
+            self.engine.cancel(r)
+        self.engine.step()  # releases the cancelled requests' slots (nothing else is queued)
+        out = [(*job, _chunk(r)) for r, job in self.live.items()]
+        self.live.clear()
+        return out
+
+
+def _chunk(r: Request) -> Chunk:
+    return Chunk(r.out.token_ids, [lp for lp, _ in r.out.logprobs], r.out.finish_reason)
 
 
 def sample_seed(seed: int, key: Hashable, index: int) -> int:
@@ -193,6 +240,7 @@ class ChunkRollout:
         self.finished: dict[Hashable, list[Sample]] = {}  # finished samples of groups not yet complete
         self.prompts: dict[Hashable, list[int]] = {}
         self.history: list[RoundStats] = []
+        self._step: int | None = None  # the training step whose requests run on the engine (streaming)
 
     @property
     def active(self) -> int:
@@ -237,26 +285,29 @@ class ChunkRollout:
         t0 = time.perf_counter()
         got = self.backend.run(jobs, stop)
         wall = time.perf_counter() - t0
-        done = []
-        for (smp, n), out in zip(jobs, got.chunks, strict=True):
-            if len(out.logprobs) != len(out.token_ids) or len(out.token_ids) > n:
-                raise InputError(f"the rollout backend returned {len(out.token_ids)} tokens with "
-                                 f"{len(out.logprobs)} log-probs for a chunk of at most {n}")
-            smp.tokens += out.token_ids
-            smp.logprobs += out.logprobs
-            smp.versions += [version if out.version is None else out.version] * len(out.token_ids)
-            if out.finish_reason == "stop":
-                smp.finish_reason = "stop"
-            elif len(smp.tokens) >= self.s.max_len or out.finish_reason != "length":
-                smp.finish_reason = "length"  # max_len, or (cancelled / context) treated as truncated
-            if smp.finish_reason is None:
-                self.buffer.append(smp)
-            else:
-                done.append(smp)
+        done = [smp for (smp, n), out in zip(jobs, got.chunks, strict=True) if self._apply(smp, n, out, version)]
         tokens = sum(len(c.token_ids) for c in got.chunks)
         self.history.append(RoundStats(version, len(todo), len(resumed), got.steps, tokens, got.busy, prefill,
                                        min(len(todo), self.backend.max_slots), wall, len(done), len(self.buffer)))
         return self._complete(done)
+
+    def _apply(self, smp: Sample, n: int, out: Chunk, version: int, cut: bool = False) -> bool:
+        """Append a chunk of at most n tokens to its sample; True if the sample finished, else it joins the buffer.
+        cut: the chunk was cancelled by end_step (the sample is unfinished unless it reached max_len)."""
+        if len(out.logprobs) != len(out.token_ids) or len(out.token_ids) > n:
+            raise InputError(f"the rollout backend returned {len(out.token_ids)} tokens with "
+                             f"{len(out.logprobs)} log-probs for a chunk of at most {n}")
+        smp.tokens += out.token_ids
+        smp.logprobs += out.logprobs
+        smp.versions += [version if out.version is None else out.version] * len(out.token_ids)
+        if out.finish_reason == "stop":
+            smp.finish_reason = "stop"
+        elif len(smp.tokens) >= self.s.max_len or (out.finish_reason != "length" and not cut):
+            smp.finish_reason = "length"  # max_len, or (cancelled / context) treated as truncated
+        if smp.finish_reason is None:
+            self.buffer.append(smp)
+            return False
+        return True
 
     def _complete(self, done: list[Sample]) -> list[Group]:
         groups = []
@@ -275,3 +326,67 @@ class ChunkRollout:
         free_groups = max(0, (max_active - self.active) // self.s.group_size)
         new = [p for _, p in zip(range(free_groups), prompt_source)]
         return self.round(new, version)
+
+    def _jobs(self, samples: Sequence[Sample]) -> list[tuple[Sample, int]]:
+        return [(smp, min(self.s.chunk_tokens, self.s.max_len - len(smp.tokens))) for smp in samples]
+
+    @property
+    def streaming(self) -> bool:
+        """Whether draw() streams (chunk-wise on the in-process engine) rather than running whole rounds."""
+        return isinstance(self.backend, EngineBackend) and not self.s.vanilla and self.s.stream
+
+    def draw(self, prompt_source: Iterator[tuple[Hashable, Sequence[int]]], version: int, max_active: int,
+             groups: int = 1) -> list[Group]:
+        """Part of training step `version`'s rollout: the groups completed, at least `groups` of them unless the
+        prompts ran out (streaming; see the module docstring), or one refill_round's (vanilla, or a server). Call
+        end_step() when the step has its batch."""
+        if not self.streaming:
+            return self.refill_round(prompt_source, version, max_active)
+        be, stop = self.backend, None if self.s.stop_token_ids is None else list(self.s.stop_token_ids)
+        requests, resumed, prefill = 0, 0, 0
+        if self._step != version:  # the step's first draw: the buffer resumes first, once
+            self._step, todo, self.buffer = version, self.buffer, []
+            be.submit(self._jobs(todo), stop)
+            requests, resumed = len(todo), sum(bool(x.tokens) for x in todo)
+            prefill = sum(len(x.prompt) + len(x.tokens) for x in todo)
+        got, steps, busy, offered, tokens, finished = [], 0, 0, 0, 0, 0
+        t0 = time.perf_counter()
+        while len(got) < groups:
+            # a new group whenever fewer than max_active samples are unfinished (running, or parked in the buffer
+            # with this step's budget spent): the engine queues what its slots cannot take yet
+            while len(be.live) + len(self.buffer) < max_active:
+                nxt = next(prompt_source, None)
+                if nxt is None:
+                    break
+                self._check([nxt])
+                new = self._new_samples(*nxt)
+                be.submit(self._jobs(new), stop)
+                requests, prefill = requests + len(new), prefill + len(new) * len(new[0].prompt)
+            if not be.live and self.buffer:  # every unfinished sample spent its budget and the batch is not
+                todo, self.buffer = self.buffer, []  # complete: they go on in this step, with a fresh budget
+                be.submit(self._jobs(todo), stop)
+                requests, resumed = requests + len(todo), resumed + len(todo)
+                prefill += sum(len(x.prompt) + len(x.tokens) for x in todo)
+            if not be.live:
+                break
+            done, b, o = be.poll()
+            steps, busy, offered = steps + 1, busy + b, offered + o
+            tokens += sum(len(c.token_ids) for _, _, c in done)
+            ended = [smp for smp, n, c in done if self._apply(smp, n, c, version)]
+            finished += len(ended)
+            got += self._complete(ended)
+        self.history.append(RoundStats(version, requests, resumed, steps, tokens, busy, prefill,
+                                       min(requests, be.max_slots), time.perf_counter() - t0, finished,
+                                       len(self.buffer) + len(be.live), offered))
+        return got
+
+    def end_step(self) -> None:
+        """Cancel the step's requests still running: their tokens so far join their samples, which wait in the
+        buffer for the next step (a no-op for whole rounds)."""
+        if self._step is None:
+            return
+        for smp, n, c in self.backend.halt():
+            self._apply(smp, n, c, self._step, cut=True)  # unfinished: it would have left the engine otherwise
+            if self.history:
+                self.history[-1].tokens += len(c.token_ids)
+        self._step = None

@@ -4,8 +4,9 @@ A TaskSource is an endless, seekable stream of verifiable tasks: task(i) is a pu
 objective's checkpoint holds only the next index and a resumed run draws exactly the prompts an uninterrupted one
 would. Held-out tasks come from a disjoint stream (key ("held-out", i) instead of i), for the reward curve.
 
-    chain   chain_tasks.chain_task: arithmetic word problems with power-law step counts (long-tailed answers);
-            reward "math": math_reward of the response's final \\boxed{} (or "The answer is") against the answer
+    chain        chain_tasks.chain_task: arithmetic word problems with power-law step counts (long-tailed answers);
+                 reward "math": math_reward of the response's final \\boxed{} (or "The answer is") against the answer
+    chain_small  the same with one-digit numbers (chain_task(small=True)): counts stay in 1..18
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ REWARDS: dict[str, RewardFn] = {"math": math_answer_reward}
 
 
 class TaskSource:
-    def __init__(self, tokenizer: Tokenizer, seed: int = 0, max_steps: int = 32, chat_template: bool = True):
+    def __init__(self, tokenizer: Tokenizer, seed: int = 0, max_steps: int = 32, chat_template: bool = True,
+                 small: bool = False):
         self.tokenizer, self.seed, self.max_steps, self.chat_template = tokenizer, seed, max_steps, chat_template
+        self.small = small
 
     def task(self, key: Hashable) -> ChainTask:
         """Training task i (an int) or held-out task ("held-out", i); each from its own seeded stream."""
         stream = f"held-out:{key[1]}" if isinstance(key, tuple) else str(key)
         rng = random.Random(f"chain:{self.seed}:{stream}")
-        return chain_task(rng, step_count(rng, self.max_steps))
+        return chain_task(rng, step_count(rng, self.max_steps), self.small)
 
     def prompt_ids(self, key: Hashable) -> list[int]:
         text = self.task(key).prompt
