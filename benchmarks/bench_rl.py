@@ -12,7 +12,9 @@ The policy version increases every step (the weights do not change here: rollout
 warms the model up before either mode is timed; the modes run one after the other, so on a shared machine compare
 sampled_tok_per_s too (a drop in it is contention, not the rollout scheme).
 
-Reported per mode: rollout seconds per step (mean), groups and samples finished, steps per hour of rollout, idle
+Reported per mode: rollout seconds per step (mean), groups and samples finished, steps per hour of rollout (wall
+time, and per thread CPU second: time.thread_time of the rolling-out thread, which with --threads 1 runs every
+kernel, so a loaded machine's waiting is left out), idle
 decode slots (1 - busy slot-steps / offered slot-steps, rollout.py), re-prefilled tokens, response-length
 percentiles; then chunk / vanilla ratios. A chunk-wise run ends with samples still in its buffer (work started for
 later steps): counted, not hidden. The last stdout line is one JSON object with every number.
@@ -53,16 +55,17 @@ def run_mode(model, tokenizer, args, chunk: int) -> dict:
     ro = ChunkRollout(Engine(model, max_slots=groups_per_step * g), settings)
     active = groups_per_step * g if chunk >= args.max_len else args.active or groups_per_step * g
     source = prompt_source(tokenizer, 10_000, args.seed)
-    step_s, lengths, carry = [], [], []
+    step_s, step_cpu, lengths, carry = [], [], [], []
     t_all = time.perf_counter()
     for step in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         got = carry
         while len(got) < groups_per_step:
             got += ro.draw(source, version=step, max_active=active, groups=groups_per_step - len(got))
         ro.end_step()
         batch, carry = got[:groups_per_step], got[groups_per_step:]
         step_s.append(time.perf_counter() - t0)
+        step_cpu.append(time.thread_time() - c0)
         lengths += [len(s.tokens) for grp in batch for s in grp.samples]
         print(f"  chunk={chunk} step {step}: {step_s[-1]:.1f} s, {len(ro.history)} draws so far, "
               f"{ro.active} unfinished in the buffer", flush=True)
@@ -70,7 +73,8 @@ def run_mode(model, tokenizer, args, chunk: int) -> dict:
     busy, offered = sum(r.busy for r in h), sum(r.offered for r in h)
     q = statistics.quantiles(lengths, n=10) if len(lengths) > 1 else lengths * 9
     return {"chunk_tokens": chunk, "rollout_s": time.perf_counter() - t_all, "step_s_mean": statistics.mean(step_s),
-            "steps_per_hour": 3600 / statistics.mean(step_s), "draws": len(h),
+            "steps_per_hour": 3600 / statistics.mean(step_s), "cpu_s_per_step": statistics.mean(step_cpu),
+            "steps_per_cpu_hour": 3600 / statistics.mean(step_cpu), "draws": len(h),
             "samples_trained": len(lengths), "samples_left_in_buffer": ro.active,
             "tokens_sampled": sum(r.tokens for r in h),
             "sampled_tok_per_s": sum(r.tokens for r in h) / max(sum(r.wall_s for r in h), 1e-9),
@@ -110,12 +114,15 @@ def main() -> None:
                                    for k, v in runs[name][-1].items()), flush=True)
     # each repeat runs the same prompts and seeds: the samples are identical, only the timings vary
     per_repeat = [c["steps_per_hour"] / v["steps_per_hour"] for v, c in zip(runs["vanilla"], runs["chunk"])]
+    cpu = sorted(c["steps_per_cpu_hour"] / v["steps_per_cpu_hour"] for v, c in zip(runs["vanilla"], runs["chunk"]))
     mid = sorted(range(args.repeats), key=per_repeat.__getitem__)[(args.repeats - 1) // 2]  # the (lower) median
     v, c = runs["vanilla"][mid], runs["chunk"][mid]
     ratios = {"steps_per_hour": per_repeat[mid], "steps_per_hour_each": per_repeat,
+              "steps_per_cpu_hour": cpu[(args.repeats - 1) // 2], "steps_per_cpu_hour_each": cpu,
               "idle_share": c["idle_share"] / v["idle_share"] if v["idle_share"] else None}
     print(f"chunk / vanilla: steps per hour x{ratios['steps_per_hour']:.2f} (the median repeat of {args.repeats}: "
-          f"{', '.join(f'{x:.2f}' for x in per_repeat)}), idle decode slots {c['idle_share']:.1%} vs "
+          f"{', '.join(f'{x:.2f}' for x in per_repeat)}); per thread CPU second x{ratios['steps_per_cpu_hour']:.2f} "
+          f"(median: {', '.join(f'{x:.2f}' for x in cpu)}), idle decode slots {c['idle_share']:.1%} vs "
           f"{v['idle_share']:.1%}")
     print(json.dumps({"bench": "rl_rollout", "args": vars(args), "vanilla": v, "chunk": c, "ratios": ratios}))
 

@@ -2,20 +2,20 @@
 # RL with chunk-wise rollout at small scale, on CPU (issue 17): does GRPO raise the reward on held-out prompts, and
 # what does chunk-wise rollout save against vanilla rollout on a task with long-tailed response lengths?
 #
-#   bash runs/rl_demo.sh [OUT]    # default runs/out/rl_demo; ~45 min on a shared 2-core machine (BENCHMARKS.md)
+#   bash runs/rl_demo.sh [OUT]    # default runs/out/rl_demo; under an hour on a shared 2-core machine (BENCHMARKS.md)
 #   PYTHON picks the interpreter (matplotlib for the plots: the `train` extra), THREADS (2) torch threads of the
-#   SFT, SFT_STEPS (200) and RL_STEPS (16) the stages' steps, LR (5e-4) the RL learning rate, CHUNK (64)
+#   SFT, SFT_STEPS (100) and RL_STEPS (16) the stages' steps, LR (5e-4) the RL learning rate, CHUNK (64)
 #   rl.chunk_tokens
 #
-# 1. data: 20000 chats on chain_tasks (train/rl/chain_tasks.py: arithmetic word problems with power-law step counts,
-#    a worked answer of one line per step ending in \boxed{answer}) and a BPE of <= 512 ids with single-digit tokens
-#    (runs/rl_demo.py data). The held-out RL prompts' questions are kept out.
+# 1. data: 20000 chats on chain_small tasks (train/rl/chain_tasks.py, small=True: arithmetic word problems with
+#    one-digit numbers and power-law step counts, a worked answer of one line per step ending in \boxed{answer})
+#    and a BPE of <= 512 ids with single-digit tokens (runs/rl_demo.py data). The held-out RL prompts' questions are
+#    kept out (and out of the RL training prompts: objective.py).
 # 2. SFT a tiny model from scratch on them (4 layers, width 128, ~1M parameters, standard parametrisation) for
 #    SFT_STEPS steps. The default 135M model is ~100x the compute per token: at 2 cores it would run a handful of RL
 #    steps in the budget. The tiny model learns the format (a line per operation, the box, <|im_end|>) and so the
-#    task's long-tailed response lengths, which the rollout comparison needs; in 200 steps it does not learn to copy
-#    the question's numbers, so it solves ~3% of the held-out prompts, too few mixed groups for GRPO to learn from
-#    (BENCHMARKS.md: the reward does not rise; what it would take).
+#    task's long-tailed response lengths, which the rollout comparison needs, and solves a share of the short
+#    problems (one-digit facts; it copies the question's numbers unreliably), so groups have mixed rewards.
 # 3. three RL runs of RL_STEPS steps from the SFT checkpoint, the same seed (so the same prompts and per-sample
 #    seeds) and everything else equal: chunk-wise rollout (rl.chunk_tokens = CHUNK), vanilla rollout
 #    (chunk_tokens = max_len) and the control (chunk-wise, lr 1e-12: the config takes no 0, and Adam steps of
@@ -23,15 +23,14 @@
 #    4 steps (eval_reward), and the step's wall time, rollout time and idle decode slots in each metrics.jsonl.
 #    The three run at once, one thread each, so a shared machine's changing load hits all three alike (their step
 #    times are comparable with each other, not with a quiet machine's). Batches of 4 prompts x 8 responses;
-#    dynamic sampling with at most 3 draws a step (then the batch is topped up with zero-advantage groups: the
-#    SFT model solves few prompts, and every extra draw is another rollout round).
+#    dynamic sampling with at most 3 draws a step (then the batch is topped up with zero-advantage groups).
 # 4. OUT/summary.json (runs/rl_demo.py summary) and the plots OUT/reward.png, OUT/step_time.png.
 set -euo pipefail
 OUT=${1:-runs/out/rl_demo}
 PY=${PYTHON:-python}
 HERE=$(dirname "$0")
 THREADS=${THREADS:-2}
-SFT_STEPS=${SFT_STEPS:-200}
+SFT_STEPS=${SFT_STEPS:-100}
 RL_STEPS=${RL_STEPS:-16}
 LR=${LR:-5e-4}
 CHUNK=${CHUNK:-64}

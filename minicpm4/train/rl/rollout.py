@@ -125,7 +125,8 @@ class RoundStats:
     steps: int  # engine steps
     tokens: int  # tokens sampled
     busy: int  # slot-steps that produced a token
-    prefill_tokens: int  # prompt tokens prefilled (resumed samples re-prefill prompt + generated)
+    prefill_tokens: int  # prompt tokens prefilled (resumed samples re-prefill prompt + generated; streaming: those
+    # the engine prefilled, so a request cut while it waited for a slot adds none)
     slots: int  # min(requests, engine.max_slots)
     wall_s: float
     finished: int  # samples finished this round
@@ -181,6 +182,7 @@ class EngineBackend:
         self.vocab_size, self.max_len, self.max_slots = engine.config.vocab_size, engine.max_len, engine.max_slots
 
         self.live: dict[Request, tuple[Sample, int]] = {}  # submitted and not yet finished (streaming)
+        self.prefilled = 0  # prompt tokens the engine prefilled for requests that left `live`
 
     def run(self, jobs, stop_token_ids) -> BackendRound:
         reqs = self.submit(jobs, stop_token_ids)
@@ -207,7 +209,9 @@ class EngineBackend:
         """One engine step: (the jobs that finished in it with their chunks, busy slots, offered slots)."""
         offered = min(len(self.live), self.max_slots)
         events = self.engine.step()
-        done = [(*self.live.pop(r), _chunk(r)) for r in list(self.live) if r.finished]
+        ended = [r for r in self.live if r.finished]
+        self.prefilled += sum(r.prefilled - r.out.cached_tokens for r in ended)
+        done = [(*self.live.pop(r), _chunk(r)) for r in ended]
         return done, len({r.id for r, _ in events}), offered
 
     def halt(self) -> list[tuple[Sample, int, Chunk]]:
@@ -215,6 +219,7 @@ class EngineBackend:
         for r in self.live:
             self.engine.cancel(r)
         self.engine.step()  # releases the cancelled requests' slots (nothing else is queued)
+        self.prefilled += sum(r.prefilled - r.out.cached_tokens for r in self.live)  # a waiting one: none
         out = [(*job, _chunk(r)) for r, job in self.live.items()]
         self.live.clear()
         return out
@@ -343,12 +348,11 @@ class ChunkRollout:
         if not self.streaming:
             return self.refill_round(prompt_source, version, max_active)
         be, stop = self.backend, None if self.s.stop_token_ids is None else list(self.s.stop_token_ids)
-        requests, resumed, prefill = 0, 0, 0
+        requests, resumed, prefilled0 = 0, 0, be.prefilled
         if self._step != version:  # the step's first draw: the buffer resumes first, once
             self._step, todo, self.buffer = version, self.buffer, []
             be.submit(self._jobs(todo), stop)
             requests, resumed = len(todo), sum(bool(x.tokens) for x in todo)
-            prefill = sum(len(x.prompt) + len(x.tokens) for x in todo)
         got, steps, busy, offered, tokens, finished = [], 0, 0, 0, 0, 0
         t0 = time.perf_counter()
         while len(got) < groups:
@@ -361,12 +365,11 @@ class ChunkRollout:
                 self._check([nxt])
                 new = self._new_samples(*nxt)
                 be.submit(self._jobs(new), stop)
-                requests, prefill = requests + len(new), prefill + len(new) * len(new[0].prompt)
+                requests += len(new)
             if not be.live and self.buffer:  # every unfinished sample spent its budget and the batch is not
                 todo, self.buffer = self.buffer, []  # complete: they go on in this step, with a fresh budget
                 be.submit(self._jobs(todo), stop)
                 requests, resumed = requests + len(todo), resumed + len(todo)
-                prefill += sum(len(x.prompt) + len(x.tokens) for x in todo)
             if not be.live:
                 break
             done, b, o = be.poll()
@@ -375,7 +378,8 @@ class ChunkRollout:
             ended = [smp for smp, n, c in done if self._apply(smp, n, c, version)]
             finished += len(ended)
             got += self._complete(ended)
-        self.history.append(RoundStats(version, requests, resumed, steps, tokens, busy, prefill,
+        # prefill: tokens the engine prefilled for the requests that left it in this draw (end_step adds the rest)
+        self.history.append(RoundStats(version, requests, resumed, steps, tokens, busy, be.prefilled - prefilled0,
                                        min(requests, be.max_slots), time.perf_counter() - t0, finished,
                                        len(self.buffer) + len(be.live), offered))
         return got
@@ -385,8 +389,11 @@ class ChunkRollout:
         buffer for the next step (a no-op for whole rounds)."""
         if self._step is None:
             return
+        prefilled0 = self.backend.prefilled
         for smp, n, c in self.backend.halt():
             self._apply(smp, n, c, self._step, cut=True)  # unfinished: it would have left the engine otherwise
             if self.history:
                 self.history[-1].tokens += len(c.token_ids)
+        if self.history:
+            self.history[-1].prefill_tokens += self.backend.prefilled - prefilled0
         self._step = None
