@@ -233,3 +233,13 @@ def test_cut_samples_resume_to_what_vanilla_samples(models):
         for s, w in zip(g.samples, vanilla[g.key].samples, strict=True):
             assert s.tokens == w.tokens and s.finish_reason == w.finish_reason
             torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(w.logprobs), atol=1e-4, rtol=0)
+
+
+def test_a_step_whose_samples_all_spent_their_budget_goes_on(models):
+    # max_active 4 = the two groups in flight, each sample 12 tokens at 4 a step: every sample spends its budget
+    # with no group complete and no room for a new one, so they go on in the same step with a fresh budget
+    ro = rollout(models[0], chunk=4)
+    got = ro.draw(iter(PROMPTS), version=0, max_active=4, groups=2)
+    ro.end_step()
+    assert [g.key for g in got] == ["a", "b"] and ro.buffer == [] and ro.history[-1].resumed == 8
+    assert all(s.versions == [0] * 12 for g in got for s in g.samples)
