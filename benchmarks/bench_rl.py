@@ -21,10 +21,10 @@ later steps): counted, not hidden. The last stdout line is one JSON object with 
 
     python benchmarks/bench_rl.py                                  # default model, 3 steps, 2 groups x 4, 256 / 64
     python benchmarks/bench_rl.py --model OUT/sft/checkpoints/step_0000200/model --steps 16 --groups 4 --g 8 \
-        --max-len 512 --chunk 64 --threads 1 --repeats 3           # runs/rl_demo.sh's policy (BENCHMARKS.md)
+        --max-len 512 --chunk 64 --threads 1 --repeats 3           # (BENCHMARKS.md: --steps 8)
 
-The record in BENCHMARKS.md uses the SFT'd tiny policy of runs/rl_demo.sh: its responses follow the chain format, so
-their lengths have the task's long tail (median 37 tokens, max ~485).
+The record in BENCHMARKS.md uses the SFT'd tiny policy of `TASK=chain SFT_STEPS=200 bash runs/rl_demo.sh OUT`: its
+responses follow the chain format, so their lengths have the task's long tail (median 35 tokens, max ~480).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 #
 #   bash runs/rl_demo.sh [OUT]    # default runs/out/rl_demo; under an hour on a shared 2-core machine (BENCHMARKS.md)
 #   PYTHON picks the interpreter (matplotlib for the plots: the `train` extra), THREADS (2) torch threads of the
-#   SFT, SFT_STEPS (100) and RL_STEPS (16) the stages' steps, LR (5e-4) the RL learning rate, CHUNK (64)
-#   rl.chunk_tokens
+#   SFT, SFT_STEPS (100) and RL_STEPS (12) the stages' steps, LR (5e-4) the RL learning rate, CHUNK (64)
+#   rl.chunk_tokens, TASK (chain_small) the RL task (chain: two-digit numbers; bench_rl's policy in BENCHMARKS.md is
+#   TASK=chain SFT_STEPS=200)
 #
 # 1. data: 20000 chats on chain_small tasks (train/rl/chain_tasks.py, small=True: arithmetic word problems with
 #    one-digit numbers and power-law step counts, a worked answer of one line per step ending in \boxed{answer})
@@ -19,8 +20,8 @@
 # 3. three RL runs of RL_STEPS steps from the SFT checkpoint, the same seed (so the same prompts and per-sample
 #    seeds) and everything else equal: chunk-wise rollout (rl.chunk_tokens = CHUNK), vanilla rollout
 #    (chunk_tokens = max_len) and the control (chunk-wise, lr 1e-12: the config takes no 0, and Adam steps of
-#    1e-12 leave fp32 weights unchanged); greedy reward on 64 held-out prompts every
-#    4 steps (eval_reward), and the step's wall time, rollout time and idle decode slots in each metrics.jsonl.
+#    1e-12 leave fp32 weights unchanged); greedy reward on 64 held-out prompts at the start and every RL_STEPS / 4
+#    steps (eval_reward), and the step's wall time, rollout time and idle decode slots in each metrics.jsonl.
 #    The three run at once, one thread each, so a shared machine's changing load hits all three alike (their step
 #    times are comparable with each other, not with a quiet machine's). Batches of 4 prompts x 8 responses;
 #    dynamic sampling with at most 3 draws a step (then the batch is topped up with zero-advantage groups).
@@ -31,11 +32,11 @@ PY=${PYTHON:-python}
 HERE=$(dirname "$0")
 THREADS=${THREADS:-2}
 SFT_STEPS=${SFT_STEPS:-100}
-RL_STEPS=${RL_STEPS:-16}
+RL_STEPS=${RL_STEPS:-12}
 LR=${LR:-5e-4}
 CHUNK=${CHUNK:-64}
 MAX_LEN=512
-TASK=chain_small
+TASK=${TASK:-chain_small}
 mkdir -p "$OUT"
 stage() {  # stage NAME CMD...: run CMD, append "NAME seconds" to OUT/times.txt
   local name=$1 t0=$SECONDS; shift
@@ -63,7 +64,7 @@ rl() {  # rl NAME CHUNK_TOKENS LR
   [ -f "$OUT/$1/checkpoints/latest" ] && RESUME=--resume || RESUME=
   "$PY" -m minicpm4.cli train rl $RESUME --set model="$SFT" --set out_dir="$OUT/$1" --set steps="$RL_STEPS" \
     --set lr="$3" --set mup=false --set threads=1 --set seed=0 --set batch_size=32 \
-    --set micro_batch_size=8 --set save_every=4 --set eval_every=4 --set rl.eval_prompts=64 \
+    --set micro_batch_size=8 --set save_every=3 --set eval_every=$((RL_STEPS / 4)) --set rl.eval_prompts=64 \
     --set rl.task=$TASK --set rl.group_size=8 --set rl.max_len=$MAX_LEN --set rl.chunk_tokens="$2" --set rl.ref_refresh=8 \
     --set rl.max_draws=3 > "$OUT/$1.log" 2>&1
 }
