@@ -3,6 +3,7 @@ weights, metrics are finite, the loss keeps the loop's global-mean convention (t
 micro-batch split), an interrupted run resumed equals an uninterrupted one (rollout buffer, carried groups and
 reference model included), config errors name their field, and `minicpm4 train rl` runs and resumes."""
 
+import itertools
 import json
 import math
 import os
@@ -267,3 +268,13 @@ def test_rollout_on_a_server_trains_as_in_process(model_dir, tmp_path, monkeypat
     for k, v in local.model.state_dict().items():
         torch.testing.assert_close(remote.model.state_dict()[k], v, atol=1e-5, rtol=0)
     assert sorted(p.name for p in (tmp_path / "remote" / "rollout_weights" / "rank0").iterdir()) == ["v0000002"]
+
+
+def test_training_prompts_skip_held_out_questions(model_dir, tmp_path):
+    # one-operation chain_small questions come from ~17k combinations: 2000 training tasks meet some of the 64
+    # held-out questions, which training skips so the held-out curve stays on unseen questions
+    obj = RL.from_config(rl_config(model_dir, tmp_path / "x", rl={"task": "chain_small", "task_max_steps": 1,
+                                                                  "eval_prompts": 64}))
+    keys = [k for k, _ in itertools.islice(obj._prompts(), 2000)]
+    questions = {obj.source.task(k).question for k in keys}
+    assert len(obj.held_out) > 50 and not questions & obj.held_out and keys[-1] > 2000 - 1

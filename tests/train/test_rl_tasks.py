@@ -32,3 +32,13 @@ def test_worked_answers_are_correct_and_grow_with_steps():
 
 def test_tasks_are_deterministic():
     assert chain_tasks(5, seed=7) == chain_tasks(5, seed=7) != chain_tasks(5, seed=8)
+
+
+def test_small_tasks_use_one_digit_numbers():
+    # chain_small: a one-digit start and operands, additions and sales only, every count in 1..18
+    for task in chain_tasks(60, seed=4, small=True):
+        assert all(1 <= int(n) <= 9 for n in re.findall(r"\d+", task.question))
+        for line in task.worked.splitlines()[:-1]:
+            a, op, b, c = re.fullmatch(r"(\d+) (and|less) (\d) (?:make|is) (\d+)\.", line).groups()
+            assert int(c) == (int(a) + int(b) if op == "and" else int(a) - int(b)) and 1 <= int(c) <= 18
+        assert math_reward(task.worked, str(task.answer)).value == 1.0
