@@ -1,15 +1,15 @@
 """The pieces of runs/rl_demo.sh: the SFT data and tokenizer for a tiny policy on chain_tasks, the demo's summary,
 and its plots.
 
-    python runs/rl_demo.py data OUT [--train 20000]   -> OUT/tokenizer/, OUT/sft.jsonl
+    python runs/rl_demo.py data OUT [--train 20000] [--task chain_small]   -> OUT/tokenizer/, OUT/sft.jsonl
     python runs/rl_demo.py summary OUT                -> OUT/summary.json (and stdout): reward and step times per run
     python runs/rl_demo.py plots OUT                  -> OUT/reward.png, OUT/step_time.png (needs matplotlib)
 
 data: chats (user: a chain task's prompt, assistant: its worked answer, one line per operation and \\boxed{answer};
-train/rl/chain_tasks.py) from a seed of their own, none with the question of a held-out RL prompt (the eval
-stream of train/rl/task_source.py, seed 0), and a byte-level BPE of at most 512 ids (445 on the default data)
-trained on them with every digit its own token (so a sum is written digit by digit, the form a small model can
-learn to add in) and the ChatML specials.
+train/rl/chain_tasks.py; --task chain_small: one-digit numbers) from a seed of their own, none with the question
+of a held-out RL prompt (the eval stream of train/rl/task_source.py, seed 0), and a byte-level BPE of at most 512
+ids (436 on the default data, 445 on chain) trained on them with every digit its own token (so a sum is written
+digit by digit, the form a small model can learn to add in) and the ChatML specials.
 summary/plots read the three RL runs OUT/{chunk,vanilla,control}/metrics.jsonl.
 """
 
