@@ -33,6 +33,9 @@
 // instead transpose 16 keys as dword pairs (a 16x16 dword transpose: lanes = 16 keys) and widen each pair by a
 // shift and a mask (a third fewer instructions than lanes = dimensions at D = 64). P V puts W output dimensions in
 // the lanes, keys in tiles of 64 that stay in L1 while the chunks of D pass over them.
+// The int8 KV cache (quant/kv8.py) runs the same loops on int8 rows (T = int8_t): widened by sign extension, the
+// dot products and P V in fp32 as above, the row scales applied to the scores and probabilities (scale_columns);
+// on avx512 its keys are transposed as dwords of 4 dimensions and each byte sign-extended by a shift pair.
 // The avx512_bf16 build runs these fp32 loops too: its vdpbf16ps loops (keys transposed as above, values
 // interleaved in pairs, probabilities in bf16) measured 6-10% slower on a Sapphire Rapids core (BENCHMARKS.md,
 // issue 16), since a step is bound by reading the scattered blocks and by the softmax, not by multiply-adds.
@@ -370,6 +373,45 @@ template <int G, typename T = BFloat16>
 void dots(const BFloat16* q, int64_t D, const T* const* rows, int64_t n, float* out, int64_t ld,
           const T* const* also = nullptr) {
 #if defined(__AVX512F__)
+  if (std::is_same_v<T, int8_t> && D % 64 == 0) {  // int8 rows: lanes = 16 keys as for bf16 below, dword = 4 dims
+    alignas(64) float qf[G * 256];
+    for (int64_t x = 0; x < G * D; ++x) qf[x] = widen(q[x]);
+    const int64_t P = D / 4;
+    alignas(64) __m512i kt[64];
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t m = std::min<int64_t>(16, n - j0);
+      for (int64_t k = j0 + kAhead; k < std::min(n, j0 + kAhead + 16); ++k) {
+        prefetch_row(rows[k], D);
+        if (also) prefetch_row(also[k], D);
+      }
+      for (int64_t c = 0; c < P; c += 16) {
+        __m512i r[16];
+        for (int k = 0; k < 16; ++k)
+          r[k] = k < m ? _mm512_loadu_si512(reinterpret_cast<const int8_t*>(rows[j0 + k]) + 4 * c)
+                       : _mm512_setzero_si512();
+        transpose16(r);
+        for (int k = 0; k < 16; ++k) kt[c + k] = r[k];
+      }
+      __m512 acc[G];
+      for (int i = 0; i < G; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < P; ++c) {  // byte b of each dword, sign-extended by a shift pair
+        const __m512i x = kt[c];
+        const __m512 b0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 24), 24));
+        const __m512 b1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 16), 24));
+        const __m512 b2 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 8), 24));
+        const __m512 b3 = _mm512_cvtepi32_ps(_mm512_srai_epi32(x, 24));
+        for (int i = 0; i < G; ++i) {
+          const float* qi = qf + i * D + 4 * c;
+          acc[i] = _mm512_fmadd_ps(b0, _mm512_set1_ps(qi[0]), acc[i]);
+          acc[i] = _mm512_fmadd_ps(b1, _mm512_set1_ps(qi[1]), acc[i]);
+          acc[i] = _mm512_fmadd_ps(b2, _mm512_set1_ps(qi[2]), acc[i]);
+          acc[i] = _mm512_fmadd_ps(b3, _mm512_set1_ps(qi[3]), acc[i]);
+        }
+      }
+      for (int i = 0; i < G; ++i) _mm512_storeu_ps(out + i * ld + j0, acc[i]);
+    }
+    return;
+  }
   if (std::is_same_v<T, BFloat16> && D % 32 == 0) {  // lanes = 16 keys, transposed as dword pairs as above, each pair widened by shift / mask
     alignas(64) float qf[G * 256];  // the queries in fp32, D <= 256
     for (int64_t x = 0; x < G * D; ++x) qf[x] = widen(q[x]);
