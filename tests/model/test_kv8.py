@@ -185,3 +185,21 @@ def test_compact_moves_scales_with_rows():
     for b, old in zip(cache.buffers(), before):
         assert torch.equal(b[:, :, :, 10:13], old[:, :, :, 10 + keep])
         assert torch.equal(b[:, :, :, :10], old[:, :, :, :10])
+
+
+def test_speculative_decoding_on_int8_cache_equals_plain_greedy():
+    """EAGLE tree drafting on an int8 target cache: verification writes the tree's rows, compact() moves the
+    accepted path's int8 rows and scales, and the tokens equal plain greedy decoding on an int8 cache."""
+    from minicpm4.spec.decoder import SpeculativeDecoder
+    from minicpm4.spec.eagle import EagleDraft
+    from minicpm4.spec.tree import EagleDrafter
+    target = random_model(tiny(), seed=0)
+    prompt = torch.randint(3, 500, (17,), generator=torch.Generator().manual_seed(5)).tolist()
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    ref = Engine(target, kv_cache_dtype="int8").generate([prompt], params)[0].token_ids
+    drafter = EagleDrafter(EagleDraft.for_target(target, seed=1), topk=4, num_iter=3, tree_size=9)
+    spec = SpeculativeDecoder(target, drafter, kv_cache_dtype="int8")
+    out = spec.generate([prompt], params)[0]
+    assert spec._cache.k.dtype == torch.int8
+    assert out.token_ids == ref
+    assert any(1 < a < 4 for a in out.accepted[:-1])  # partial acceptance: compact moved slots
