@@ -4,9 +4,11 @@
            A KV cache of S tokens is filled with random keys and values (a decode step's cost does not depend on
            them: dense reads every key, sparse always K = topk + window/block blocks), then steps at positions
            S, S+1, ... alternate between the dense backend (SDPA) and the sparse one (default sparse_config, so
-           sparse from 8192 keys on) on the same model and cache, each in its C++ decode stack (model/native_stack.py;
-           `sparse_py`: the sparse backend through the Python layers, also timed). The first sparse step pools every compressed
-           key (untimed); later ones pool at most one new kernel each, as in generation. Median per step.
+           sparse from 8192 keys on) on the same model, each in its C++ decode stack (model/native_stack.py;
+           `sparse_py`: the sparse backend through the Python layers, also timed); the sparse ones share a cache with
+           compressed keys, the dense one a cache without (the dense stack takes no other). The first sparse step pools
+           every compressed key (untimed); later ones pool at most one new kernel each, as in generation. Median per
+           step. --kv-int8: dense and sparse also on int8 caches (quant/kv8.py), and the caches' bytes.
   memory   in a child process (glibc maps every allocation >= 64 KiB on its own, so RSS follows live tensors):
            peak RSS during one step above the RSS before it, i.e. the step's working memory; the cache itself
            (KV and, for sparse, the compressed keys: 1/16 + 1/64 of the key cache) is reported on its own.
