@@ -4,9 +4,11 @@
            A KV cache of S tokens is filled with random keys and values (a decode step's cost does not depend on
            them: dense reads every key, sparse always K = topk + window/block blocks), then steps at positions
            S, S+1, ... alternate between the dense backend (SDPA) and the sparse one (default sparse_config, so
-           sparse from 8192 keys on) on the same model and cache, each in its C++ decode stack (model/native_stack.py;
-           `sparse_py`: the sparse backend through the Python layers, also timed). The first sparse step pools every compressed
-           key (untimed); later ones pool at most one new kernel each, as in generation. Median per step.
+           sparse from 8192 keys on) on the same model, each in its C++ decode stack (model/native_stack.py;
+           `sparse_py`: the sparse backend through the Python layers, also timed); the sparse ones share a cache with
+           compressed keys, the dense one a cache without (the dense stack takes no other). The first sparse step pools
+           every compressed key (untimed); later ones pool at most one new kernel each, as in generation. Median per
+           step. --kv-int8: dense and sparse also on int8 caches (quant/kv8.py), and the caches' bytes.
   memory   in a child process (glibc maps every allocation >= 64 KiB on its own, so RSS follows live tensors):
            peak RSS during one step above the RSS before it, i.e. the step's working memory; the cache itself
            (KV and, for sparse, the compressed keys: 1/16 + 1/64 of the key cache) is reported on its own.
@@ -40,6 +42,7 @@ from minicpm4.config import SPARSE_DEFAULTS, minicpm4_0_5b
 from minicpm4.model.decoder import MiniCPM4ForCausalLM, dense_attention
 from minicpm4.model.kv_cache import KVCache
 from minicpm4.model.native_stack import attach
+from minicpm4.quant import kv8
 from minicpm4.sparse.attention import make_backend
 
 
@@ -54,27 +57,38 @@ def random_model(layers: int) -> MiniCPM4ForCausalLM:
     return attach(model)
 
 
-def filled_cache(model: MiniCPM4ForCausalLM, s: int, extra: int) -> KVCache:
-    cache = KVCache(model.config, 1, s + extra, torch.bfloat16)
+def filled_cache(model: MiniCPM4ForCausalLM, s: int, extra: int, kv_dtype: str = "auto",
+                 compressed: bool = True) -> KVCache:
+    """A cache of s + extra slots whose first s hold random keys and values (kv_dtype "int8": those quantized);
+    compressed: with InfLLM v2's compressed keys (the sparse stack's cache; the dense stack takes a cache without)."""
+    cfg = model.config if compressed else dataclasses.replace(model.config, sparse_config=None)
+    cache = KVCache(cfg, 1, s + extra, torch.bfloat16, kv_dtype=kv_dtype)
     g = torch.Generator().manual_seed(1)
-    for x in (cache.k, cache.v):
-        x[:, :, :, :s] = torch.randn(x[:, :, :, :s].shape, generator=g, dtype=torch.float32).to(x.dtype)
+    for x, sc in ((cache.k, cache.k_scale), (cache.v, cache.v_scale)):
+        r = torch.randn(x[:, :, :, :s].shape, generator=g, dtype=torch.float32).to(torch.bfloat16)
+        if sc is None:
+            x[:, :, :, :s] = r
+        else:
+            x[:, :, :, :s], sc[:, :, :, :s] = kv8.quantize(r)
     return cache
 
 
-def backends(model: MiniCPM4ForCausalLM) -> dict:
+def backends(model: MiniCPM4ForCausalLM, int8: bool = False) -> dict:
     """dense and sparse each run in the C++ decode stack built for them (model/native_stack.py); sparse_py is the
-    sparse backend through the Python layers (the stack off), the reference path."""
+    sparse backend through the Python layers (the stack off), the reference path. int8: also dense_kv8 and
+    sparse_kv8, the same stacks on an int8 KV cache (quant/kv8.py)."""
     sparse = make_backend(model.config.sparse_config)
-    return {"dense": dense_attention, "sparse": sparse, "sparse_py": sparse}
+    out = {"dense": dense_attention, "sparse": sparse, "sparse_py": sparse}
+    return out | ({"dense_kv8": dense_attention, "sparse_kv8": sparse} if int8 else {})
 
 
 def use(model: MiniCPM4ForCausalLM, name: str, backend, stacks: dict) -> None:
     """Switch model to `backend`, with the C++ stack fuse_projections() builds for it (kept in `stacks`)."""
     model.set_attention_backend(backend)
-    if name not in stacks:
-        stacks[name] = None if name.endswith("_py") else attach(model).native
-    model.native = stacks[name]
+    kind = name.removesuffix("_kv8")
+    if kind not in stacks:
+        stacks[kind] = None if kind.endswith("_py") else attach(model).native
+    model.native = stacks[kind]
 
 
 def step(model, cache, pos: int) -> None:
@@ -90,14 +104,19 @@ def clock() -> tuple[float, float]:
 
 
 @torch.inference_mode()
-def decode_times(model, s: int, steps: int) -> dict:
-    """Median wall and thread-CPU seconds per step of each backend, interleaved on one cache."""
-    cache = filled_cache(model, s, steps + 2)
-    times = {name: ([], []) for name in backends(model)}
+def decode_times(model, s: int, steps: int, int8: bool = False) -> dict:
+    """Median wall and thread-CPU seconds per step of each backend, interleaved on one cache (the _kv8 ones on
+    an int8 cache)."""
+    # the dense stack runs on a cache without compressed keys (model/native_stack.NativeDecoder.usable), the sparse
+    # ones on a cache with them
+    kinds = ("auto", "int8") if int8 else ("auto",)
+    caches = {(d, c): filled_cache(model, s, steps + 2, d, compressed=c) for d in kinds for c in (False, True)}
+    times = {name: ([], []) for name in backends(model, int8)}
     stacks = {}
     for i in range(-1, steps):  # i = -1: untimed warm-up (the sparse one pools every kernel)
-        for name, backend in backends(model).items():
+        for name, backend in backends(model, int8).items():
             use(model, name, backend, stacks)
+            cache = caches["int8" if name.endswith("_kv8") else "auto", not name.startswith("dense")]
             w0, c0 = clock()
             step(model, cache, s + i + 1)
             w1, c1 = clock()
@@ -182,6 +201,18 @@ def llama_comparison(s: int, steps: int, threads: int, batch_threads: int) -> di
     return out
 
 
+def kv8_row(model, s: int, t: dict) -> dict:
+    """The int8 cache's numbers of a decode row: step times, speedups over the bf16 cache (> 1: int8 faster), and
+    the KV bytes of both caches of s slots (keys, values and the int8 scales; C1/C2 are the same for both)."""
+    nbytes = {d: KVCache(model.config, 1, s, torch.bfloat16, device="meta", kv_dtype=d).nbytes() for d in kv8.KV_DTYPES}
+    out = {"kv_bytes": nbytes["auto"], "kv8_bytes": nbytes["int8"], "kv8_bytes_ratio": nbytes["int8"] / nbytes["auto"]}
+    for kind in ("dense", "sparse"):
+        for key in ("", "_cpu"):
+            out[f"{kind}_kv8{key}_ms"] = 1e3 * t[f"{kind}_kv8{key}"]
+            out[f"{kind}_kv8_speedup{key}"] = t[f"{kind}{key}"] / t[f"{kind}_kv8{key}"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--decode", default="8192,16384,32768,65536", help="decode cache lengths ('' = none)")
@@ -193,6 +224,8 @@ def main() -> None:
     ap.add_argument("--llama-prefill-threads", type=int, default=0,
                     help="llama.cpp's threads for the untimed prefill (default: --threads); decode uses --threads")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-int8", action="store_true",
+                    help="also time dense and sparse decode on an int8 KV cache (quant/kv8.py), and report its bytes")
     ap.add_argument("--memory-worker", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -205,7 +238,7 @@ def main() -> None:
     if lengths["decode"]:
         model = random_model(a.layers)
         for s in lengths["decode"]:
-            t = decode_times(model, s, a.steps)
+            t = decode_times(model, s, a.steps, a.kv_int8)
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
             proc = subprocess.run([sys.executable, __file__, "--memory-worker", str(s), "--layers", str(a.layers),
                                    "--threads", str(a.threads)], capture_output=True, text=True, check=True, env=env)
@@ -214,6 +247,8 @@ def main() -> None:
                    "speedup": t["dense"] / t["sparse"], "dense_cpu_ms": 1e3 * t["dense_cpu"],
                    "sparse_cpu_ms": 1e3 * t["sparse_cpu"], "speedup_cpu": t["dense_cpu"] / t["sparse_cpu"], **json.loads(proc.stdout.strip().splitlines()[-1]),
                    "load_avg": os.getloadavg()[0]}
+            if a.kv_int8:
+                row |= kv8_row(model, s, t)
             result["decode"].append(row)
             print(f"decode {s:>6}: dense {row['dense_ms']:8.1f} ms  sparse {row['sparse_ms']:8.1f} ms  "
                   f"x{row['speedup']:.2f} (thread CPU {row['dense_cpu_ms']:.1f} / {row['sparse_cpu_ms']:.1f} ms "
@@ -221,6 +256,11 @@ def main() -> None:
                   f"MiB first/next step: dense {row['dense_first_step_mib']}/{row['dense_step_mib']} "
                   f"sparse {row['sparse_first_step_mib']}/{row['sparse_step_mib']}  "
                   f"(KV {row['kv_cache_mib']} MiB + compressed {row['compressed_cache_mib']} MiB)", flush=True)
+            if a.kv_int8:
+                print(f"  int8 KV cache: dense {row['dense_kv8_cpu_ms']:.1f} ms (x{row['dense_kv8_speedup_cpu']:.2f} "
+                      f"of bf16), sparse {row['sparse_kv8_cpu_ms']:.1f} ms (x{row['sparse_kv8_speedup_cpu']:.2f}) "
+                      f"thread CPU; wall x{row['dense_kv8_speedup']:.2f} / x{row['sparse_kv8_speedup']:.2f}; "
+                      f"KV bytes {row['kv8_bytes']} vs {row['kv_bytes']} (x{row['kv8_bytes_ratio']:.3f})", flush=True)
         del model
     if lengths["prefill"]:
         model = random_model(a.prefill_layers)

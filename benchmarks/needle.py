@@ -15,6 +15,7 @@ prefilled in chunks of 512 through the engine, as generation does (chunks past d
 
     python benchmarks/needle.py                    # 2K, 4K, 8K; depths 0.1, 0.5, 0.9
     python benchmarks/needle.py --quick            # 2K only, depth 0.5
+    python benchmarks/needle.py --kv-int8          # each setting also on an int8 KV cache (name-int8)
 The last stdout line is one JSON object with every trial.
 """
 
@@ -60,12 +61,13 @@ def build_prompt(llm: LLM, hay_ids: list[int], n_tokens: int, depth: float, numb
     return llm.encode_chat([{"role": "user", "content": text}]) + tok.encode(ANSWER_PREFIX)
 
 
-def use(llm: LLM, setting: dict | None) -> None:
+def use(llm: LLM, setting: dict | None, kv_cache_dtype: str = "auto") -> None:
     """Switch the model's attention and give it a fresh engine (its KV cache follows the config)."""
     model = llm.model
     model.config = dataclasses.replace(model.config, sparse_config=setting)
     model.set_attention_backend(dense_attention if setting is None else make_backend(setting))
-    llm.engine = Engine(model, prefill_chunk=512)
+    attach(model)  # the C++ decode stack for this backend
+    llm.engine = Engine(model, prefill_chunk=512, kv_cache_dtype=kv_cache_dtype)
 
 
 def main() -> None:
@@ -75,6 +77,7 @@ def main() -> None:
     ap.add_argument("--settings", default=",".join(SETTINGS), help="which of: " + ", ".join(SETTINGS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="2K context, depth 0.5")
+    ap.add_argument("--kv-int8", action="store_true", help="run each setting on an int8 KV cache too (name-int8)")
     a = ap.parse_args()
     if a.quick:
         a.lengths, a.depths = "2048", "0.5"
@@ -86,14 +89,14 @@ def main() -> None:
     rng = random.Random(0)
     lengths = [int(x) for x in a.lengths.split(",")]
     depths = [float(x) for x in a.depths.split(",")]
-    names = a.settings.split(",")
+    names = [n + kv for n in a.settings.split(",") for kv in (("", "-int8") if a.kv_int8 else ("",))]
     trials, params = [], SamplingParams(max_new_tokens=8)
     for n in lengths:
         for depth in depths:
             number = rng.randrange(10000, 100000)
             prompt = build_prompt(llm, hay_ids, n, depth, number)
             for name in names:
-                use(llm, SETTINGS[name])
+                use(llm, SETTINGS[name.removesuffix("-int8")], "int8" if name.endswith("-int8") else "auto")
                 t0 = time.perf_counter()
                 reply = tok.decode(llm.engine.generate([prompt], params)[0].token_ids)
                 found = re.search(r"\d[\d,]*", reply)
@@ -112,7 +115,7 @@ def main() -> None:
         print(f"{n:>8}" + "".join(f"{sum(t['ok'] for t in trials if t['length'] == n and t['setting'] == nm):>12}/"
                                    f"{len(depths):<2}" for nm in names))
     print(json.dumps({"bench": "needle", "model": "default (SmolLM2-135M-Instruct)", "haystack": source,
-                      "settings": {k: SETTINGS[k] for k in names}, "accuracy": table, "trials": trials,
+                      "settings": {k: SETTINGS[k.removesuffix("-int8")] for k in names}, "accuracy": table, "trials": trials,
                       "threads": a.threads, "load_avg": os.getloadavg()}))
 
 

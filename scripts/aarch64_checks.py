@@ -125,6 +125,25 @@ for h, kvh, dim, s in ((9, 3, 64, 777), (4, 4, 80, 300)):  # GQA group 3; head_d
     check(f"InfLLM v2 decode step, {h}/{kvh} heads, d {dim}, {s} keys",
           torch.equal(idx, idx_ref) and diff <= bound, f"max diff {diff:.2g}")
 
+from minicpm4.quant import kv8  # noqa: E402
+
+for h, kvh, dim, s in ((9, 3, 64, 777), (4, 4, 80, 300)):  # the same over an int8 KV cache (load_i8 per tier)
+    q = torch.randn(1, h, 1, dim, generator=g).bfloat16()
+    (k8, ks), (v8, vs) = (kv8.quantize(torch.randn(1, kvh, s, dim, generator=g)) for _ in range(2))
+    k, v = kv8.dequantize(k8, ks, torch.bfloat16), kv8.dequantize(v8, vs, torch.bfloat16)
+    t = torch.tensor([s - 1])
+    c1, c2 = (pad_kernels(c) for c in compress_both(k, cfg))
+    k_sel = cfg.n_select(-(-s // cfg.block_size))
+    idx_ref = select_one(q, t, c1, c2, cfg, k_sel)
+    out_ref = attend_one(q, k, v, t, idx_ref, cfg.block_size)
+    qc = q.view(1, h, dim).contiguous()
+    out, idx = ext.sparse_decode_q8(qc, qc, k8, v8, ks, vs, c1, c2, t, cfg.kernel_size, cfg.kernel_stride,
+                                    cfg.block_size, cfg.init_blocks, cfg.local_blocks, k_sel)
+    diff = (out.view_as(out_ref).float() - out_ref.float()).abs().max().item()
+    bound = 4 * 2.0 ** -8 * out_ref.float().abs().max().item()  # tests/model/test_kv8.py's bound
+    check(f"InfLLM v2 decode step, int8 KV cache, {h}/{kvh} heads, d {dim}, {s} keys",
+          torch.equal(idx, idx_ref) and diff <= bound, f"max diff {diff:.2g}")
+
 import copy  # noqa: E402
 
 from minicpm4.config import tiny  # noqa: E402
@@ -133,9 +152,9 @@ from minicpm4.model.kv_cache import KVCache  # noqa: E402
 from minicpm4.model.native_stack import attach  # noqa: E402
 
 
-def decode_logits(model, ids, steps, dtype):  # teacher-forced: prefill, then one token a step -> [1, steps, V]
-    n = ids.shape[1] - steps
-    cache = KVCache(model.config, 1, ids.shape[1], dtype=dtype)
+def decode_logits(model, ids, steps, dtype, kv_dtype="auto"):  # teacher-forced: prefill, then one token a step
+    n = ids.shape[1] - steps                                       # -> [1, steps, V]
+    cache = KVCache(model.config, 1, ids.shape[1], dtype=dtype, kv_dtype=kv_dtype)
     with torch.no_grad():
         model(ids[:, :n], cache=cache)
         return torch.stack([model(ids[:, n + i:n + i + 1], cache=cache)[:, -1] for i in range(steps)], 1)
@@ -156,5 +175,11 @@ python = decode_logits(m, ids, 4, torch.bfloat16)
 err, ref_err = (native - truth).abs().mean().item(), (python - truth).abs().mean().item()
 check("decode stack as close to fp32 as the Python layers", err <= 1.25 * ref_err,
       f"mean error {err:.3g}, Python layers {ref_err:.3g}")
+
+native8 = decode_logits(attach(m), ids, 4, torch.bfloat16, "int8")  # the stack on an int8 KV cache
+m.native = None
+python8 = decode_logits(m, ids, 4, torch.bfloat16, "int8")
+check("decode stack on an int8 KV cache agrees with the Python layers",
+      (native8 - python8).abs().mean().item() < 0.02 * python8.abs().mean().item())
 
 sys.exit(1 if failures else 0)

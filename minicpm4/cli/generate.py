@@ -10,7 +10,8 @@ import sys
 
 import click
 
-from minicpm4.cli.options import draft_options, load_llm, prefix_cache_options, sampling_options, sampling_params
+from minicpm4.cli.options import (draft_options, kv_cache_option, load_llm, prefix_cache_options, sampling_options,
+                                  sampling_params)
 from minicpm4.errors import MiniCPM4Error
 
 
@@ -41,11 +42,13 @@ def setup(all_tiers):
 @click.option("--system", default=None, help="System message (chat mode).")
 @sampling_options
 @draft_options
+@kv_cache_option
 def generate(prompt, raw, system, model_path, dtype, int4, sparse, sparse_config, stop, draft, frspec, spec_json,
-             **sampling):
+             kv_cache_dtype, **sampling):
     """Generate a reply to one prompt (chat template applied unless --raw) and stream it to stdout."""
     params = sampling_params(**sampling)  # validated before the (slower) model load
-    llm = load_llm(model_path, dtype, int4, sparse, sparse_config, draft, frspec, spec_json)
+    llm = load_llm(model_path, dtype, int4, sparse, sparse_config, draft, frspec, spec_json,
+                   kv_cache_dtype=kv_cache_dtype)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     ids = llm.encode_text(prompt) if raw else llm.encode_chat(messages)
     _reply(llm, ids, params, stop)
@@ -55,13 +58,14 @@ def generate(prompt, raw, system, model_path, dtype, int4, sparse, sparse_config
 @click.option("--system", default=None, help="System message.")
 @sampling_options
 @prefix_cache_options
+@kv_cache_option
 def chat(system, model_path, dtype, int4, sparse, sparse_config, stop, prefix_cache, prefix_cache_gb, prefill_chunk,
-         **sampling):
+         kv_cache_dtype, **sampling):
     """Interactive chat: type a message, the reply streams back. /reset clears history, /exit or Ctrl-D quits.
     Each turn reuses the prefix cache's blocks of the turns before (the stats line says how many prompt tokens)."""
     params = sampling_params(**sampling)
     llm = load_llm(model_path, dtype, int4, sparse, sparse_config, prefill_chunk=prefill_chunk,
-                   prefix_cache_gb=prefix_cache_gb if prefix_cache else 0.0)
+                   prefix_cache_gb=prefix_cache_gb if prefix_cache else 0.0, kv_cache_dtype=kv_cache_dtype)
     history = [{"role": "system", "content": system}] if system else []
     while True:
         try:

@@ -63,6 +63,15 @@ def prefix_cache_options(f):
     return f
 
 
+def kv_cache_option(f):
+    """The KV cache's storage (generate, chat, serve): the engine's Engine(kv_cache_dtype=...)."""
+    return click.option("--kv-cache-dtype", type=click.Choice(["auto", "int8"]), default="auto", show_default=True,
+                        help="KV cache storage. auto: the model's dtype; int8: int8 keys and values with one fp32 "
+                             "scale per token and KV head (round to nearest, scale = max|x| / 127, as llama.cpp's "
+                             "q8_0 cache): 0.53x the cache bytes at head_dim 64, read in place by the C++ "
+                             "attention kernels; slightly less exact (BENCHMARKS.md, int8 KV cache).")(f)
+
+
 def draft_options(f):
     """Speculative decoding (generate, chat): batch 1, through minicpm4.spec.decoder."""
     opts = [

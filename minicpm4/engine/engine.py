@@ -34,6 +34,7 @@ from minicpm4.engine.sampling import SamplingParams, sample_token
 from minicpm4.errors import InputError
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
 from minicpm4.model.kv_cache import KVCache, bucketed
+from minicpm4.quant import kv8
 
 StopFn = Callable[[list[int]], bool]
 
@@ -120,9 +121,12 @@ def build_request(req_id: int, prompt: Sequence[int], params: SamplingParams | N
 
 class Engine:
     def __init__(self, model: MiniCPM4ForCausalLM, prefill_chunk: int = 512, max_len: int | None = None,
-                 max_slots: int = 64, prefix_cache_gb: float = 0.0, boundary_ids: Collection[int] = ()):
+                 max_slots: int = 64, prefix_cache_gb: float = 0.0, boundary_ids: Collection[int] = (),
+                 kv_cache_dtype: str = "auto"):
         """prefix_cache_gb: memory for the prefix cache's blocks (one block = one prefill chunk's keys and
-        values); 0 turns it off. boundary_ids: tokens a prefill chunk never runs past (one starts at each)."""
+        values); 0 turns it off. boundary_ids: tokens a prefill chunk never runs past (one starts at each).
+        kv_cache_dtype: "auto" (the model's dtype) or "int8" (model/kv_cache.py, quant/kv8.py)."""
+        self.kv_cache_dtype = kv8.check_kv_dtype(kv_cache_dtype)
         self.model = model.eval()
         self.config = model.config
         self.prefill_chunk = prefill_chunk
@@ -269,15 +273,16 @@ class Engine:
         Sizes are rounded up (whole buckets of slots, rows in powers of two) so growth is rare.
         """
         c = self._cache
-        if c is not None and c.k.dtype == self.dtype and c.batch_size >= rows and c.max_len >= length:
+        same = c is not None and c.dtype == self.dtype and c.kv_dtype == self.kv_cache_dtype
+        if same and c.batch_size >= rows and c.max_len >= length:
             return
         b = max(rows, c.batch_size if c is not None else 0)
         b = min(1 << (b - 1).bit_length(), self.max_slots)
         n = min(self.max_len, bucketed(max(length, c.max_len if c is not None else 0)))
-        new = KVCache(self.config, b, n, self.dtype)
-        if c is not None and c.k.dtype == self.dtype:
-            new.k[:, :c.batch_size, :, :c.max_len] = c.k
-            new.v[:, :c.batch_size, :, :c.max_len] = c.v
+        new = KVCache(self.config, b, n, self.dtype, kv_dtype=self.kv_cache_dtype)
+        if same:
+            for dst, src in zip(new.buffers(), c.buffers()):  # keys, values and (int8) their scales
+                dst[:, :c.batch_size, :, :c.max_len] = src
         self._cache = new
 
     def _prefill(self) -> list[tuple[Request, int]]:

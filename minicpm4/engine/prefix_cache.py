@@ -46,13 +46,13 @@ class Block:
     start: int  # the chunk's first position
     tokens: tuple[int, ...]
     parent: bytes  # the key of the block before it (b"" for the first)
-    k: torch.Tensor  # [layers, kv_heads, len(tokens), head_dim]
-    v: torch.Tensor
-    k_nope: torch.Tensor | None  # pre-RoPE keys (sparse use_nope), same shape, else None
+    kv: tuple[torch.Tensor, ...]  # the chunk's slots of KVCache.buffers(): k, v [layers, kv_heads, len(tokens),
+    # head_dim] and, for an int8 cache, their scales [layers, kv_heads, len(tokens)]
+    k_nope: torch.Tensor | None  # pre-RoPE keys (sparse use_nope), same shape as k, else None
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_nope) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (*self.kv, self.k_nope) if t is not None)
 
 
 def chain_keys(prompt: Sequence[int], ends: list[int]) -> list[bytes]:
@@ -108,8 +108,8 @@ class PrefixCache:
             comp.covered[:, row] = 0
         for blk in blocks:
             sl = slice(blk.start, blk.start + len(blk.tokens))
-            cache.k[:, row, :, sl] = blk.k
-            cache.v[:, row, :, sl] = blk.v
+            for dst, src in zip(cache.buffers(), blk.kv):
+                dst[:, row, :, sl] = src
             if blk.k_nope is not None and comp is not None and comp.k_nope is not None:
                 comp.k_nope[:, row, :, sl] = blk.k_nope
         return blocks[-1].start + len(blocks[-1].tokens) if blocks else 0
@@ -126,8 +126,8 @@ class PrefixCache:
         lo, hi = ends[index - 1] if index else 0, ends[index]
         comp = cache.compressed
         nope = comp.k_nope[:, row, :, lo:hi].clone() if comp is not None and comp.k_nope is not None else None
-        blk = Block(lo, tuple(prompt[lo:hi]), keys[index - 1] if index else b"", cache.k[:, row, :, lo:hi].clone(),
-                    cache.v[:, row, :, lo:hi].clone(), nope)
+        blk = Block(lo, tuple(prompt[lo:hi]), keys[index - 1] if index else b"",
+                    tuple(b[:, row, :, lo:hi].clone() for b in cache.buffers()), nope)
         if blk.nbytes > self.budget_bytes:
             return
         self.blocks[key] = blk

@@ -3,6 +3,12 @@
 Slot = absolute position: the key of the token at position p of row b lives at k[layer][b, :, p].
 Rows of a batch may be at different lengths; attention masks keys by position, so a row never
 reads slots past its own length, and stale values there are overwritten before they are visible.
+
+kv_dtype "int8" (quant/kv8.py, llama.cpp's q8_0 cache type): k and v hold int8 rows and k_scale, v_scale
+[layers, batch, kv_heads, max_len] fp32 one scale per (token, KV head) row, 0.53x the bytes of bf16 at
+head_dim 64. The C++ decode stack reads them in place; `update` hands the Python layers the rows dequantized
+to the compute dtype (the reference). The compressed keys of InfLLM v2 (C1, C2) stay in the compute dtype,
+pooled from the dequantized keys: they are 1/16 + 1/64 of the key cache.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from minicpm4.config import ModelConfig
+from minicpm4.quant import kv8
 from minicpm4.sparse.cache import CompressedKeys
 
 # Caches are allocated in multiples of this many slots, so that requests of similar lengths reuse one buffer.
@@ -21,19 +28,32 @@ def bucketed(n: int) -> int:
     return -(-n // KV_BUCKET) * KV_BUCKET
 
 
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """A zero-filled cache buffer (keys, values and their int8 scales alike)."""
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 _k: torch.Tensor | None = None, _v: torch.Tensor | None = None,
-                 _compressed: CompressedKeys | None = None):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kv_dtype: str = "auto",
+                 _bufs: tuple[torch.Tensor, ...] | None = None, _compressed: CompressedKeys | None = None):
+        """dtype: the compute dtype (of the rows update() takes and returns); kv_dtype: "auto" (stored in dtype)
+        or "int8" (quant/kv8.py)."""
+        self.kv_dtype = kv8.check_kv_dtype(kv_dtype)
+        self.dtype = dtype
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        # k, v: [layers, batch, kv_heads, max_len, head_dim]
-        self.k = _k if _k is not None else torch.zeros(shape, dtype=dtype, device=device)
-        self.v = _v if _v is not None else torch.zeros(shape, dtype=dtype, device=device)
+        store = torch.int8 if kv_dtype == "int8" else dtype
+        # k, v: [layers, batch, kv_heads, max_len, head_dim]; int8: k_scale, v_scale [layers, batch, kv_heads, max_len]
+        if _bufs is None:
+            _bufs = (_alloc(shape, store, device), _alloc(shape, store, device))
+            if kv_dtype == "int8":
+                _bufs += (_alloc(shape[:4], torch.float32, device), _alloc(shape[:4], torch.float32, device))
+        self.k, self.v = _bufs[:2]
+        self.k_scale, self.v_scale = _bufs[2:] if len(_bufs) == 4 else (None, None)
         self.config = config
         # InfLLM v2's compressed keys (sparse/cache.py), kept in step with the keys by update()
         self.compressed = _compressed
-        if _k is None and config.sparse_config is not None:
+        if _compressed is None and batch_size and config.sparse_config is not None:
             self.compressed = CompressedKeys(config.sparse_config, *shape[:4], config.head_dim, dtype, device)
 
     @property
@@ -44,31 +64,51 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor indexed [layer, row, kv_head, slot, ...]: k, v and (int8) their scales. Copying a range of
+        slots copies these (engine growth, prefix-cache blocks, compact)."""
+        return (self.k, self.v) if self.k_scale is None else (self.k, self.v, self.k_scale, self.v_scale)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
     def rows(self, index: slice) -> "KVCache":
         """A cache over a subset of rows that shares storage with this one (writes go through)."""
-        return KVCache(self.config, 0, 0, _k=self.k[:, index], _v=self.v[:, index],
+        return KVCache(self.config, 0, 0, self.dtype, kv_dtype=self.kv_dtype,
+                       _bufs=tuple(b[:, index] for b in self.buffers()),
                        _compressed=None if self.compressed is None else self.compressed.rows(index))
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                contiguous_from: int | None, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, kv_heads, T, D] at `positions` [B, T]; return this layer's first kv_len slots.
+        """Write k, v [B, kv_heads, T, D] at `positions` [B, T]; return this layer's first kv_len slots (int8: rows
+        dequantized to k's dtype, a copy).
 
         contiguous_from: when every row holds positions p0..p0+T-1, a slice write (fast path);
         otherwise a scatter by position.
         """
-        kc, vc = self.k[layer], self.v[layer]
         if self.compressed is not None:
             self.compressed.truncate(layer, positions, contiguous_from)
-        if contiguous_from is not None:
-            p0, t = contiguous_from, k.shape[2]
-            kc[:, :, p0:p0 + t] = k
-            vc[:, :, p0:p0 + t] = v
-        else:
-            idx = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            kc.scatter_(2, idx, k)
-            vc.scatter_(2, idx, v)
-        return kc[:, :, :kv_len], vc[:, :, :kv_len]
+        if self.k_scale is None:
+            self._write((self.k[layer], self.v[layer]), (k, v), positions, contiguous_from)
+            return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
+        (qk, sk), (qv, sv) = kv8.quantize(k), kv8.quantize(v)
+        self._write((self.k[layer], self.v[layer]), (qk, qv), positions, contiguous_from)
+        self._write((self.k_scale[layer], self.v_scale[layer]), (sk, sv), positions, contiguous_from)
+        return tuple(kv8.dequantize(q[layer, :, :, :kv_len], s[layer, :, :, :kv_len], k.dtype)
+                     for q, s in ((self.k, self.k_scale), (self.v, self.v_scale)))
 
+    @staticmethod
+    def _write(dsts: tuple[torch.Tensor, ...], srcs: tuple[torch.Tensor, ...], positions: torch.Tensor,
+               contiguous_from: int | None) -> None:
+        """dst [B, kv_heads, slots, ...] slots `positions` [B, T] = src [B, kv_heads, T, ...]."""
+        for dst, src in zip(dsts, srcs):
+            if contiguous_from is not None:
+                dst[:, :, contiguous_from:contiguous_from + src.shape[2]] = src
+            else:
+                idx = positions[:, None, :].expand(-1, src.shape[1], -1)
+                if src.dim() == 4:
+                    idx = idx[..., None].expand(-1, -1, -1, src.shape[3])
+                dst.scatter_(2, idx, src)
 
     def compact(self, start: int, keep: torch.Tensor) -> None:
         """Move the slots start + keep[i] to start + i in every layer and row (keep: ascending 1-D offsets).
@@ -80,5 +120,5 @@ class KVCache:
         if n and bool((keep == torch.arange(n)).all()):  # already in place (a chain, or the first nodes)
             return
         src = start + keep
-        for buf in (self.k, self.v):  # [layers, batch, kv_heads, slots, head_dim]; index_select copies first
+        for buf in self.buffers():  # [layers, batch, kv_heads, slots, ...]; index_select copies first
             buf[:, :, :, start:start + n] = buf.index_select(3, src)

@@ -49,9 +49,10 @@ def _linear_args(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 class NativeDecoder:
-    def __init__(self, stack, sparse=None):
+    def __init__(self, stack, sparse=None, int8_cache: bool = False):
         self.stack = stack
         self.sparse = sparse  # the SparseConfig the stack runs, or None (dense)
+        self.int8_cache = int8_cache  # whether its attention kernels take an int8 KV cache (their shapes: GQA <= 16, D <= 256)
 
     @classmethod
     def build(cls, model, sparse=None) -> "NativeDecoder | None":
@@ -88,15 +89,18 @@ class NativeDecoder:
         if sparse is not None:
             stack.set_sparse(sparse.kernel_size, sparse.kernel_stride, sparse.block_size, sparse.init_blocks,
                              sparse.local_blocks, sparse.topk, sparse.dense_len)
-        return cls(stack, sparse)
+        g = cfg.num_attention_heads // cfg.num_key_value_heads
+        return cls(stack, sparse, cfg.num_attention_heads % cfg.num_key_value_heads == 0 and g <= 16
+                   and cfg.head_dim <= 256)
 
     def usable(self, h: torch.Tensor, ctx) -> bool:
-        """bf16, one new token per row or (dense stacks) T tokens with an explicit mask or causal, a bf16 cache, no
-        autograd; InfLLM v2 compressed keys in the cache exactly when the stack is sparse, laid out for its kernel
+        """bf16, one new token per row or (dense stacks) T tokens with an explicit mask or causal, a bf16 cache (stored
+        bf16, or int8 read in place: quant/kv8.py), no autograd; InfLLM v2 compressed keys in the cache exactly when the stack is sparse, laid out for its kernel
         sizes (a dense stack writes keys without updating them)."""
         if not ((h.shape[1] == 1 or (ctx.mask is not None or ctx.is_causal) and self.sparse is None)
                 and h.dtype == torch.bfloat16
-                and ctx.cache is not None and ctx.cache.k.dtype == torch.bfloat16 and not torch.is_grad_enabled()):
+                and ctx.cache is not None and ctx.cache.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+                and (ctx.cache.k_scale is None or self.int8_cache)):
             return False
         store = ctx.cache.compressed
         if self.sparse is None or store is None:
@@ -115,8 +119,9 @@ class NativeDecoder:
             store = ctx.cache.compressed
             self.stack.attach_sparse(store.c[0], store.c[1], store.covered)
         bias = None if causal else ctx.decode_bias(torch.bfloat16)
-        return self.stack.forward(h.contiguous(), cos.reshape(b, t, -1), sin.reshape(b, t, -1), ctx.cache.k,
-                                  ctx.cache.v, slots.expand(b, t), ctx.kv_len, bias)
+        cache = ctx.cache
+        return self.stack.forward(h.contiguous(), cos.reshape(b, t, -1), sin.reshape(b, t, -1), cache.k, cache.v,
+                                  slots.expand(b, t), ctx.kv_len, bias, cache.k_scale, cache.v_scale)
 
 
 def attach(model):

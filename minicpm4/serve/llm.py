@@ -80,7 +80,8 @@ class LLM:
         model = attach(model)
         speculative = None
         if draft is not None:
-            speculative = build_speculative(model, draft, frspec, spec, engine_kwargs.get("max_len"))
+            speculative = build_speculative(model, draft, frspec, spec, engine_kwargs.get("max_len"),
+                                            engine_kwargs.get("kv_cache_dtype", "auto"))
         return cls(model, tokenizer, speculative, options, **engine_kwargs)
 
     # ---- weights ----

@@ -33,6 +33,7 @@ from minicpm4.errors import ConfigError, InputError
 from minicpm4.io.loader import load
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
 from minicpm4.model.kv_cache import KVCache, bucketed
+from minicpm4.quant import kv8
 from minicpm4.model.native_stack import attach
 from minicpm4.spec.chain import ChainDrafter
 from minicpm4.spec.eagle import is_draft_dir, load_draft
@@ -82,7 +83,7 @@ class SpeculativeDecoder:
     """Same request contract as Engine.stream/generate (token ids in and out), batch 1, with a drafter
     (EagleDrafter or ChainDrafter)."""
 
-    def __init__(self, model: MiniCPM4ForCausalLM, drafter, max_len: int | None = None):
+    def __init__(self, model: MiniCPM4ForCausalLM, drafter, max_len: int | None = None, kv_cache_dtype: str = "auto"):
         if model.config.sparse_config is not None:
             raise ConfigError("speculative decoding verifies trees with an explicit mask, which the InfLLM v2 sparse "
                               "backend does not read; load the target with sparse attention off")
@@ -93,6 +94,7 @@ class SpeculativeDecoder:
         self._ids = itertools.count()
         self.dtype = next(model.parameters()).dtype
         self._cache: KVCache | None = None
+        self.kv_cache_dtype = kv8.check_kv_dtype(kv_cache_dtype)  # the target's cache; compact() moves int8 scales too
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  stop_fns: Sequence[StopFn | None] | None = None) -> list[SpecGeneration]:
@@ -144,8 +146,8 @@ class SpeculativeDecoder:
     # ---- pieces ----
     def _ensure_cache(self, length: int) -> None:
         c = self._cache
-        if c is None or c.max_len < length or c.k.dtype != self.dtype:
-            self._cache = KVCache(self.model.config, 1, bucketed(length), self.dtype)
+        if c is None or c.max_len < length or c.dtype != self.dtype:
+            self._cache = KVCache(self.model.config, 1, bucketed(length), self.dtype, kv_dtype=self.kv_cache_dtype)
 
     def _prefill(self, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Read the prompt in chunks; return the last position's logits [V] and every position's features [n, H]."""
@@ -207,7 +209,8 @@ SPEC_KEYS = {"topk", "num_iter", "tree_size", "gamma"}
 
 
 def build_speculative(target: MiniCPM4ForCausalLM, draft: str, frspec: str | None = None,
-                      options: dict | None = None, max_len: int | None = None) -> SpeculativeDecoder:
+                      options: dict | None = None, max_len: int | None = None,
+                      kv_cache_dtype: str = "auto") -> SpeculativeDecoder:
     """A SpeculativeDecoder for `target` from a draft path: an EAGLE draft directory (tree drafting; options topk,
     num_iter, tree_size; an FR-Spec file restricts its head) or any model load() reads (chain drafting; gamma)."""
 
@@ -223,4 +226,4 @@ def build_speculative(target: MiniCPM4ForCausalLM, draft: str, frspec: str | Non
             raise ConfigError(f"--frspec applies to EAGLE drafts; {draft} is a plain model (chain draft)")
         dtype = next(target.parameters()).dtype
         drafter = ChainDrafter(attach(load(draft, dtype=dtype)[0]), int(options.get("gamma", 4)))
-    return SpeculativeDecoder(target, drafter, max_len=max_len)
+    return SpeculativeDecoder(target, drafter, max_len=max_len, kv_cache_dtype=kv_cache_dtype)

@@ -23,6 +23,15 @@ def test_generate_answers_and_reports_speed(smollm_gguf):
     assert "tok/s decode" not in r.stdout and "tok/s" in r.stderr
 
 
+def test_generate_with_an_int8_kv_cache(smollm_gguf):
+    r = run("generate", "--model", str(smollm_gguf), "--prompt", "What is the capital of France?",
+            "--max-new-tokens", "20", "--kv-cache-dtype", "int8")
+    assert "Paris" in r.stdout
+    bad = subprocess.run(CLI + ["generate", "--prompt", "hi", "--kv-cache-dtype", "fp8"], capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode == 2 and "'fp8' is not one of 'auto', 'int8'" in bad.stderr
+
+
 def test_chat_keeps_history_and_exits_on_eof(smollm_gguf):
     r = run("chat", "--model", str(smollm_gguf), "--max-new-tokens", "24",
             stdin="My name is Alice.\n/reset\nWhat is 2+2?\n")

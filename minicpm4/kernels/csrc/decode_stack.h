@@ -19,6 +19,8 @@
 //   h   = bf16(h + bf16(a @ Wo^T * rs))                                       rs = scale_depth / sqrt(L)
 //   h   = bf16(h + bf16(down(bf16(bf16(silu(gate)) * up)) * rs))             SiLU-gated MLP
 // model/decoder.py's DecoderLayer is the reference; tests/model/test_native.py checks that both agree.
+// The int8 KV cache (quant/kv8.py): the new k (after its bf16 rounding) and v rows are quantized as they are written,
+// with the fp32 operations of kv8.quantize (same bits), and attention reads the int8 rows and scales in place.
 // InfLLM v2 models: attention is sparse_attention.h's step instead of SDPA once kv_len >= dense_len, with the
 // cache's compressed keys kept up to date as the Python backend keeps them (tests/sparse/test_sparse_native.py).
 
@@ -77,6 +79,17 @@ void rms_norm(const BFloat16* x, const BFloat16* w, BFloat16* out, int64_t rows,
   }
 }
 
+// x [D] fp32 -> q [D] int8, *s: s = max|x| / 127, q = round_half_even(x * (1 / s)) (0 where s = 0), as
+// quant/kv8.quantize computes it (std::nearbyint rounds half to even in the default rounding mode).
+void quantize_row(const float* x, int64_t D, int8_t* q, float* s) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float sc = amax / 127.f, inv = sc > 0.f ? 1.f / sc : 0.f;
+  for (int64_t i = 0; i < D; ++i)
+    q[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x[i] * inv))));
+  *s = sc;
+}
+
 // h = bf16(h + bf16(a * rs)) in place.
 void add_scaled(BFloat16* h, const BFloat16* a, int64_t n, float rs) {
   if (rs == 1.f) {
@@ -131,11 +144,19 @@ class DecodeStack {
   // [L, B, KVH, S, D] bf16 (any strides with a contiguous last dim); slots [B, T] int64 (cache slot of each new
   // token); kv_len: slots visible; bias: [B, 1, T, kv_len] additive bf16 (0 / -inf), or undefined: for T = 1 every
   // new token sees all kv_len slots, for T > 1 each token the slots up to its own (causal prefill).
+  // ks, vs: the int8 KV cache's scales [L, B, KVH, S] fp32 (contiguous last dim; kc, vc int8), or None (bf16 cache).
   Tensor forward(Tensor h, Tensor cos, Tensor ssin, Tensor kc, Tensor vc, Tensor slots, int64_t kv_len,
-                 c10::optional<Tensor> bias) {
+                 c10::optional<Tensor> bias, c10::optional<Tensor> ks, c10::optional<Tensor> vs) {
     TORCH_CHECK(h.scalar_type() == at::kBFloat16 && h.is_contiguous() && h.dim() == 3,
                 "h must be [B, T, hidden] bf16");
-    TORCH_CHECK(kc.scalar_type() == at::kBFloat16 && kc.stride(4) == 1 && vc.stride(4) == 1, "bf16 KV cache");
+    const bool q8 = ks.has_value() && ks->defined();
+    TORCH_CHECK(kc.stride(4) == 1 && vc.stride(4) == 1 &&
+                    (q8 ? kc.scalar_type() == at::kChar && vc.scalar_type() == at::kChar && vs.has_value() &&
+                              ks->scalar_type() == at::kFloat && vs->scalar_type() == at::kFloat &&
+                              ks->stride(3) == 1 && vs->stride(3) == 1
+                        : kc.scalar_type() == at::kBFloat16 && vc.scalar_type() == at::kBFloat16),
+                "a bf16 KV cache, or an int8 one with fp32 scales [L, B, KVH, S]");
+    TORCH_CHECK(!q8 || dense::supported(nh_, nkv_, d_), "the int8 KV cache needs GQA groups up to 16, D <= 256");
     const int64_t B = h.size(0), T = h.size(1), R = B * T, hid = h.size(2), D = d_, half = D / 2, G = nh_ / nkv_;
     const int64_t nqk = nh_ + nkv_;
     TORCH_CHECK(T == 1 || !sparse_, "the InfLLM v2 stack runs one token per row");
@@ -166,9 +187,9 @@ class DecodeStack {
       Tensor qkv = L.qkv(n);  // [B*T, (H + 2 KVH) * D]
       const BFloat16* x = qkv.data_ptr<BFloat16>();
       Tensor kl = kc.select(0, li), vl = vc.select(0, li);  // [B, KVH, S, D]
-      BFloat16* kp = kl.data_ptr<BFloat16>();
-      BFloat16* vp = vl.data_ptr<BFloat16>();
+      Tensor ksl = q8 ? ks->select(0, li) : Tensor(), vsl = q8 ? vs->select(0, li) : Tensor();  // [B, KVH, S]
       BFloat16* qp = q.data_ptr<BFloat16>();
+      float row[256];  // one k or v row before int8 quantization (D <= 256, checked above for int8)
       for (int64_t r = 0; r < R; ++r) {
         const int64_t b = r / T, t = r % T;
         const float* c = cp + r * D;
@@ -176,8 +197,15 @@ class DecodeStack {
         const BFloat16* xr = x + r * (nqk + nkv_) * D;
         for (int64_t hd = 0; hd < nqk; ++hd) {  // q heads then k heads: rotate
           const BFloat16* xh = xr + hd * D;
-          BFloat16* dst = hd < nh_ ? qp + ((b * nh_ + hd) * T + t) * D
-                                   : kp + b * kl.stride(0) + (hd - nh_) * kl.stride(1) + pp[r] * kl.stride(2);
+          const int64_t ko = b * kl.stride(0) + (hd - nh_) * kl.stride(1) + pp[r] * kl.stride(2);
+          if (hd >= nh_ && q8) {  // bf16 as the Python layers round k, then int8
+            for (int64_t i = 0; i < D; ++i)
+              row[i] = bf(static_cast<float>(xh[i]) * c[i] + static_cast<float>(xh[(i + half) % D]) * sn[i]);
+            quantize_row(row, D, kl.data_ptr<int8_t>() + ko,
+                         ksl.data_ptr<float>() + b * ksl.stride(0) + (hd - nh_) * ksl.stride(1) + pp[r]);
+            continue;
+          }
+          BFloat16* dst = hd < nh_ ? qp + ((b * nh_ + hd) * T + t) * D : kl.data_ptr<BFloat16>() + ko;
           for (int64_t i = 0; i < D; ++i) {
             float v = static_cast<float>(xh[i]) * c[i] + static_cast<float>(xh[(i + half) % D]) * sn[i];
             dst[i] = v;
@@ -185,13 +213,19 @@ class DecodeStack {
         }
         for (int64_t hd = 0; hd < nkv_; ++hd) {  // v heads: copy into the cache
           const BFloat16* xh = xr + (nqk + hd) * D;
-          BFloat16* dst = vp + b * vl.stride(0) + hd * vl.stride(1) + pp[r] * vl.stride(2);
-          std::copy(xh, xh + D, dst);
+          const int64_t vo = b * vl.stride(0) + hd * vl.stride(1) + pp[r] * vl.stride(2);
+          if (q8) {
+            for (int64_t i = 0; i < D; ++i) row[i] = static_cast<float>(xh[i]);
+            quantize_row(row, D, vl.data_ptr<int8_t>() + vo,
+                         vsl.data_ptr<float>() + b * vsl.stride(0) + hd * vsl.stride(1) + pp[r]);
+          } else {
+            std::copy(xh, xh + D, vl.data_ptr<BFloat16>() + vo);
+          }
         }
       }
       if (sparse_) sparse_->truncate(li, pp, B);  // keys at pp were just written (T = 1, checked above)
-      Tensor a = sparse_ && sparse_->active(kv_len) ? sparse_->attend(li, q.view({B, nh_, D}), kl, vl, pp, kv_len)
-                 : own_attention ? dense::attend(q, kl, vl, kv_len, bias, pp)
+      Tensor a = sparse_ && sparse_->active(kv_len) ? sparse_->attend(li, q.view({B, nh_, D}), kl, vl, pp, kv_len, ksl, vsl)
+                 : own_attention ? dense::attend(q, kl, vl, kv_len, bias, pp, ksl, vsl)
                                  : at::scaled_dot_product_attention(q.view({B, nkv_, G * T, D}),
                                                                     kl.narrow(2, 0, kv_len), vl.narrow(2, 0, kv_len), qbias);
       // [B, H, T, D] -> [B*T, H*D] (a view when T = 1)

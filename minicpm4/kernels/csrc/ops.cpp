@@ -49,6 +49,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ternary_unpack", &ternary::unpack, "dequantized bf16 rows [n0, n1)");
 
   m.def("sparse_decode", &infllm::decode_op, "InfLLM v2 decode step (selection + sparse attention) for one layer");
+  m.def("sparse_decode_q8", &infllm::decode_q8_op, "sparse_decode over the int8 KV cache (int8 rows, fp32 row scales)");
   m.def("sparse_prefill", &infllm::prefill_op, "InfLLM v2 for a chunk of queries, each over its own selected blocks");
 
   pybind11::dict kinds;

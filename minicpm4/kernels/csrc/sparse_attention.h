@@ -33,6 +33,9 @@
 // instead transpose 16 keys as dword pairs (a 16x16 dword transpose: lanes = 16 keys) and widen each pair by a
 // shift and a mask (a third fewer instructions than lanes = dimensions at D = 64). P V puts W output dimensions in
 // the lanes, keys in tiles of 64 that stay in L1 while the chunks of D pass over them.
+// The int8 KV cache (quant/kv8.py) runs the same loops on int8 rows (T = int8_t): widened by sign extension, the
+// dot products and P V in fp32 as above, the row scales applied to the scores and probabilities (scale_columns);
+// on avx512 its keys are transposed as dwords of 4 dimensions and each byte sign-extended by a shift pair.
 // The avx512_bf16 build runs these fp32 loops too: its vdpbf16ps loops (keys transposed as above, values
 // interleaved in pairs, probabilities in bf16) measured 6-10% slower on a Sapphire Rapids core (BENCHMARKS.md,
 // issue 16), since a step is bound by reading the scattered blocks and by the softmax, not by multiply-adds.
@@ -118,8 +121,9 @@ inline float exp_poly(float x) {
 // The selected rows are blocks of 64 contiguous keys scattered over the cache, so the hardware prefetcher loses
 // the stream at every block boundary; the row pointers are known ahead, so fetch kAhead rows early.
 constexpr int64_t kAhead = 96;
-inline void prefetch_row(const BFloat16* r, int64_t D) {
-  for (int64_t d = 0; d < D; d += 32) __builtin_prefetch(r + d, 0, 1);
+template <typename T>  // BFloat16 or int8_t rows (the int8 KV cache, quant/kv8.py)
+inline void prefetch_row(const T* r, int64_t D) {
+  for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(r + d, 0, 1);
 }
 
 #if defined(__SSE2__) && !defined(__AVX2__)
@@ -166,6 +170,32 @@ inline Vec load_bf16(const BFloat16* p) {
   return Vec::loadu(f);
 #endif
 }
+
+// W int8 -> W fp32 lanes (sign-extended, converted exactly).
+inline Vec load_i8(const int8_t* p) {
+#if defined(__AVX512F__)
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#elif defined(__ARM_NEON) && !defined(CPU_CAPABILITY_SVE256)
+  int32_t four;
+  std::memcpy(&four, p, 4);
+  const int16x4_t h = vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(four))));
+  return vcvtq_f32_s32(vmovl_s16(h));
+#elif defined(SPARSE_SSE2)  // each byte copied up into the top of its dword, then an arithmetic shift down
+  int32_t four;
+  std::memcpy(&four, p, 4);
+  const __m128i x = _mm_cvtsi32_si128(four);
+  return _mm_cvtepi32_ps(_mm_srai_epi32(_mm_unpacklo_epi16(_mm_unpacklo_epi8(x, x), _mm_unpacklo_epi8(x, x)), 24));
+#else
+  alignas(64) float f[W];
+  for (int k = 0; k < W; ++k) f[k] = p[k];
+  return Vec::loadu(f);
+#endif
+}
+
+inline Vec load_row(const BFloat16* p) { return load_bf16(p); }
+inline Vec load_row(const int8_t* p) { return load_i8(p); }
 
 // a[0..W) -> the vector whose lane w is the sum of a[w]'s lanes (a transpose-add tree).
 inline Vec hsum_tile(const Vec* a) {
@@ -337,11 +367,52 @@ inline Vec exp_vec(Vec x) {
 
 // out[i * ld + j] = q_i . rows[j] (fp32 sums) for i < G, j < n; q [G, D] contiguous; ld >= n rounded up to 16.
 // also: rows read next (stage 2's values), prefetched alongside, or nullptr.
-template <int G>
-void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, float* out, int64_t ld,
-          const BFloat16* const* also = nullptr) {
+// T: the rows' type, BFloat16 or int8_t (the int8 KV cache: the dot products with its integer rows, scaled by the
+// caller).
+template <int G, typename T = BFloat16>
+void dots(const BFloat16* q, int64_t D, const T* const* rows, int64_t n, float* out, int64_t ld,
+          const T* const* also = nullptr) {
 #if defined(__AVX512F__)
-  if (D % 32 == 0) {  // lanes = 16 keys, transposed as dword pairs as above, each pair widened by shift / mask
+  if (std::is_same_v<T, int8_t> && D % 64 == 0) {  // int8 rows: lanes = 16 keys as for bf16 below, dword = 4 dims
+    alignas(64) float qf[G * 256];
+    for (int64_t x = 0; x < G * D; ++x) qf[x] = widen(q[x]);
+    const int64_t P = D / 4;
+    alignas(64) __m512i kt[64];
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t m = std::min<int64_t>(16, n - j0);
+      for (int64_t k = j0 + kAhead; k < std::min(n, j0 + kAhead + 16); ++k) {
+        prefetch_row(rows[k], D);
+        if (also) prefetch_row(also[k], D);
+      }
+      for (int64_t c = 0; c < P; c += 16) {
+        __m512i r[16];
+        for (int k = 0; k < 16; ++k)
+          r[k] = k < m ? _mm512_loadu_si512(reinterpret_cast<const int8_t*>(rows[j0 + k]) + 4 * c)
+                       : _mm512_setzero_si512();
+        transpose16(r);
+        for (int k = 0; k < 16; ++k) kt[c + k] = r[k];
+      }
+      __m512 acc[G];
+      for (int i = 0; i < G; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < P; ++c) {  // byte b of each dword, sign-extended by a shift pair
+        const __m512i x = kt[c];
+        const __m512 b0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 24), 24));
+        const __m512 b1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 16), 24));
+        const __m512 b2 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 8), 24));
+        const __m512 b3 = _mm512_cvtepi32_ps(_mm512_srai_epi32(x, 24));
+        for (int i = 0; i < G; ++i) {
+          const float* qi = qf + i * D + 4 * c;
+          acc[i] = _mm512_fmadd_ps(b0, _mm512_set1_ps(qi[0]), acc[i]);
+          acc[i] = _mm512_fmadd_ps(b1, _mm512_set1_ps(qi[1]), acc[i]);
+          acc[i] = _mm512_fmadd_ps(b2, _mm512_set1_ps(qi[2]), acc[i]);
+          acc[i] = _mm512_fmadd_ps(b3, _mm512_set1_ps(qi[3]), acc[i]);
+        }
+      }
+      for (int i = 0; i < G; ++i) _mm512_storeu_ps(out + i * ld + j0, acc[i]);
+    }
+    return;
+  }
+  if (std::is_same_v<T, BFloat16> && D % 32 == 0) {  // lanes = 16 keys, transposed as dword pairs as above, each pair widened by shift / mask
     alignas(64) float qf[G * 256];  // the queries in fp32, D <= 256
     for (int64_t x = 0; x < G * D; ++x) qf[x] = widen(q[x]);
     const int64_t P = D / 2;
@@ -356,7 +427,8 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
       for (int64_t c = 0; c < P; c += 16) {
         __m512i r[16];
         for (int k = 0; k < 16; ++k)
-          r[k] = k < m ? _mm512_loadu_si512(rows[j0 + k] + 2 * c) : _mm512_setzero_si512();
+          r[k] = k < m ? _mm512_loadu_si512(reinterpret_cast<const BFloat16*>(rows[j0 + k]) + 2 * c)
+                       : _mm512_setzero_si512();
         transpose16(r);
         for (int k = 0; k < 16; ++k) kt[c + k] = r[k];
       }
@@ -382,7 +454,7 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
     for (int64_t j0 = 0; j0 < n; j0 += W) {
       const int64_t m = std::min<int64_t>(W, n - j0);
       for (int64_t k = 0; k < m; ++k) {
-        const BFloat16* kr = rows[j0 + k];
+        const T* kr = rows[j0 + k];
         if (j0 + k + kAhead < n) {
           prefetch_row(rows[j0 + k + kAhead], D);
           if (also) prefetch_row(also[j0 + k + kAhead], D);
@@ -390,7 +462,7 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
         Vec acc[G];
         for (int i = 0; i < G; ++i) acc[i] = Vec(0.f);
         for (int64_t c = 0; c < D; c += W) {
-          const Vec kv = load_bf16(kr + c);
+          const Vec kv = load_row(kr + c);
           for (int i = 0; i < G; ++i) acc[i] = vfma(Vec::loadu(qf + i * D + c), kv, acc[i]);
         }
         for (int i = 0; i < G; ++i) tile[i][k] = acc[i];
@@ -412,8 +484,8 @@ void dots(const BFloat16* q, int64_t D, const BFloat16* const* rows, int64_t n, 
 
 // o[i, :] = sum_j p[i * ld + j] * rows[j] (fp32 sums) for i < G; p[i * ld + j] = 0 for n <= j < n rounded up to
 // 2; o [G, D] fp32.
-template <int G>
-void weighted_sum(const float* p, int64_t ld, const BFloat16* const* rows, int64_t n, int64_t D, float* o) {
+template <int G, typename T = BFloat16>
+void weighted_sum(const float* p, int64_t ld, const T* const* rows, int64_t n, int64_t D, float* o) {
   if (D % W == 0) {
     std::fill(o, o + G * D, 0.f);
     constexpr int64_t kTile = 64;  // keys whose rows stay in L1 while the D / W chunks pass over them
@@ -424,7 +496,7 @@ void weighted_sum(const float* p, int64_t ld, const BFloat16* const* rows, int64
         for (int i = 0; i < G; ++i) acc[i] = Vec::loadu(o + i * D + c);
         for (int64_t j = j0; j < j1; ++j) {
           if (c == 0 && j + kAhead < n) prefetch_row(rows[j + kAhead], D);
-          const Vec vv = load_bf16(rows[j] + c);
+          const Vec vv = load_row(rows[j] + c);
           for (int i = 0; i < G; ++i) acc[i] = vfma(Vec(p[i * ld + j]), vv, acc[i]);
         }
         for (int i = 0; i < G; ++i) acc[i].store(o + i * D + c);
@@ -494,6 +566,8 @@ struct Params {
 
 struct Scratch {  // per thread, grown as needed
   std::vector<const BFloat16*> rows, vrows;
+  std::vector<const int8_t*> qrows, qvrows;  // the int8 KV cache's rows (step's T = int8_t)
+  std::vector<float> kscale, vscale;        // and their scales
   std::vector<float> s, score, blocks;
   std::vector<float> p;
   std::vector<int64_t> order;
@@ -506,11 +580,29 @@ inline int64_t n_kernels(int64_t len, int64_t size, int64_t stride) {
 
 inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
 
-// One (row, KV head): selection into idx[0..k_sel), attention into out [G, D].
+// The row-pointer buffers of Scratch for key/value rows of type T.
+template <typename T>
+std::pair<std::vector<const T*>&, std::vector<const T*>&> row_lists(Scratch& w) {
+  if constexpr (std::is_same_v<T, int8_t>) return {w.qrows, w.qvrows};
+  else return {w.rows, w.vrows};
+}
+
+// The int8 KV cache (quant/kv8.py): scores s[i, j] (dot products with the integer rows) times their key rows'
+// scales, and probabilities p[i, j] times their value rows' scales, so P V over the integer rows is P V over
+// q * s. G rows of n, leading dimension ld.
 template <int G>
-void step(const BFloat16* q, const BFloat16* qs, const BFloat16* kbase, const BFloat16* vbase, int64_t kstride,
-          int64_t vstride, const BFloat16* c1, int64_t c1stride, const BFloat16* c2, int64_t c2stride, int64_t t,
-          int64_t D, const Params& P, int64_t* idx, BFloat16* out, Scratch& w) {
+void scale_columns(float* x, int64_t ld, const float* scales, int64_t n) {
+  for (int i = 0; i < G; ++i)
+    for (int64_t j = 0; j < n; ++j) x[i * ld + j] *= scales[j];
+}
+
+// One (row, KV head): selection into idx[0..k_sel), attention into out [G, D]. T: the cache's rows, BFloat16, or
+// int8_t with one fp32 scale per row at kscale[p], vscale[p] (the int8 KV cache; unused for BFloat16).
+template <int G, typename T>
+void step_kv(const BFloat16* q, const BFloat16* qs, const T* kbase, const T* vbase, int64_t kstride,
+             int64_t vstride, const float* kscale, const float* vscale, const BFloat16* c1, int64_t c1stride,
+             const BFloat16* c2, int64_t c2stride, int64_t t, int64_t D, const Params& P, int64_t* idx,
+             BFloat16* out, Scratch& w) {
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t n1 = n_kernels(t + 1, P.kernel_size, P.stride);
   const int64_t n2 = n_kernels(t + 1, 4 * P.kernel_size, 4 * P.stride);
@@ -558,17 +650,23 @@ void step(const BFloat16* q, const BFloat16* qs, const BFloat16* kbase, const BF
   for (int64_t k = 0; k < P.k_sel; ++k) idx[k] = k < K ? w.order[k] : -1;
 
   // stage 2: the selected tokens p <= t, in block order: their keys, and the value rows P V reads next
+  constexpr bool q8 = std::is_same_v<T, int8_t>;
+  auto [krows, vrows] = row_lists<T>(w);
   int64_t n = 0;
-  w.vrows.resize(w.rows.size());
+  krows.resize(w.rows.size());
+  vrows.resize(w.rows.size());
+  if (q8) { w.kscale.resize(w.rows.size()); w.vscale.resize(w.rows.size()); }
   for (int64_t k = 0; k < K; ++k) {
     const int64_t lo = w.order[k] * P.block, hi = std::min(lo + P.block, t + 1);
     for (int64_t p = lo; p < hi; ++p, ++n) {
-      w.rows[n] = kbase + p * kstride;
-      w.vrows[n] = vbase + p * vstride;
+      krows[n] = kbase + p * kstride;
+      vrows[n] = vbase + p * vstride;
+      if (q8) { w.kscale[n] = kscale[p]; w.vscale[n] = vscale[p]; }
     }
   }
   const int64_t ld2 = pad16(n);
-  dots<G>(q, D, w.rows.data(), n, w.s.data(), ld2, w.vrows.data());
+  dots<G, T>(q, D, krows.data(), n, w.s.data(), ld2, vrows.data());
+  if (q8) scale_columns<G>(w.s.data(), ld2, w.kscale.data(), n);
   w.p.resize(G * ld2);
   for (int i = 0; i < G; ++i) {
     float* s = w.s.data() + i * ld2;
@@ -577,9 +675,19 @@ void step(const BFloat16* q, const BFloat16* qs, const BFloat16* kbase, const BF
     to_prob(s, n, 1.f / sum(s, n), pi);
     std::fill(pi + n, pi + ld2, 0.f);
   }
+  if (q8) scale_columns<G>(w.p.data(), ld2, w.vscale.data(), n);
   w.o.resize(G * D);
-  weighted_sum<G>(w.p.data(), ld2, w.vrows.data(), n, D, w.o.data());
+  weighted_sum<G, T>(w.p.data(), ld2, vrows.data(), n, D, w.o.data());
   for (int64_t i = 0; i < G * D; ++i) out[i] = w.o[i];
+}
+
+// The bf16 cache's step (prefill_into's).
+template <int G>
+void step(const BFloat16* q, const BFloat16* qs, const BFloat16* kbase, const BFloat16* vbase, int64_t kstride,
+          int64_t vstride, const BFloat16* c1, int64_t c1stride, const BFloat16* c2, int64_t c2stride, int64_t t,
+          int64_t D, const Params& P, int64_t* idx, BFloat16* out, Scratch& w) {
+  step_kv<G, BFloat16>(q, qs, kbase, vbase, kstride, vstride, nullptr, nullptr, c1, c1stride, c2, c2stride, t, D, P,
+                       idx, out, w);
 }
 
 // A kernel's instantiation for GQA group size g (1 .. sizeof Gs), or nullptr: Of<G>::fn is the kernel for G.
@@ -594,28 +702,42 @@ template <int G>
 struct StepOf {
   static constexpr StepFn fn = &step<G>;
 };
+using Step8Fn = decltype(&step_kv<1, int8_t>);
+template <int G>
+struct Step8Of {
+  static constexpr Step8Fn fn = &step_kv<G, int8_t>;
+};
 
 
 // Selection and attention for every (row, KV head): q, qs [B, H, D] bf16 contiguous (stage-2 / stage-1 queries);
 // k, v [B, KVH, S, D] bf16 with a contiguous last dim; c1, c2 [B, KVH, N, D] likewise, holding at least the
 // kernels complete at t; t [B] positions (row b attends keys [0, t_b]); out [B, H, D]; idx [B, KVH, k_sel].
+// ks, vs: the int8 KV cache's scales [B, KVH, S] fp32 (contiguous last dim; k, v then int8), or nullptr (bf16).
 inline void decode_into(const Tensor& q, const Tensor& qs, const Tensor& k, const Tensor& v, const Tensor& c1,
-                        const Tensor& c2, const int64_t* tp, const Params& P, BFloat16* op, int64_t* ip) {
+                        const Tensor& c2, const int64_t* tp, const Params& P, BFloat16* op, int64_t* ip,
+                        const Tensor* ks = nullptr, const Tensor* vs = nullptr) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k.size(1), G = H / KVH;
   StepFn fn = pick<StepOf>(G, std::make_integer_sequence<int, 16>{});
+  Step8Fn fn8 = pick<Step8Of>(G, std::make_integer_sequence<int, 16>{});
   TORCH_CHECK(fn != nullptr && H % KVH == 0, "InfLLM v2 decode: GQA group size must be 1..16");
   TORCH_CHECK(D <= 256 && P.block % P.stride == 0, "InfLLM v2 decode: unsupported shape");
   const BFloat16 *qp = q.data_ptr<BFloat16>(), *qsp = qs.data_ptr<BFloat16>();
-  const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
   const BFloat16 *c1p = c1.data_ptr<BFloat16>(), *c2p = c2.data_ptr<BFloat16>();
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch w;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KVH, g = task % KVH;
-      fn(qp + (b * H + g * G) * D, qsp + (b * H + g * G) * D, kp + b * k.stride(0) + g * k.stride(1),
-         vp + b * v.stride(0) + g * v.stride(1), k.stride(2), v.stride(2),
-         c1p + b * c1.stride(0) + g * c1.stride(1), c1.stride(2), c2p + b * c2.stride(0) + g * c2.stride(1),
-         c2.stride(2), tp[b], D, P, ip + task * P.k_sel, op + (b * H + g * G) * D, w);
+      const int64_t ko = b * k.stride(0) + g * k.stride(1), vo = b * v.stride(0) + g * v.stride(1);
+      const BFloat16 *c1b = c1p + b * c1.stride(0) + g * c1.stride(1), *c2b = c2p + b * c2.stride(0) + g * c2.stride(1);
+      if (ks != nullptr)
+        fn8(qp + (b * H + g * G) * D, qsp + (b * H + g * G) * D, k.data_ptr<int8_t>() + ko, v.data_ptr<int8_t>() + vo,
+            k.stride(2), v.stride(2), ks->data_ptr<float>() + b * ks->stride(0) + g * ks->stride(1),
+            vs->data_ptr<float>() + b * vs->stride(0) + g * vs->stride(1), c1b, c1.stride(2), c2b, c2.stride(2), tp[b],
+            D, P, ip + task * P.k_sel, op + (b * H + g * G) * D, w);
+      else
+        fn(qp + (b * H + g * G) * D, qsp + (b * H + g * G) * D, k.data_ptr<BFloat16>() + ko,
+           v.data_ptr<BFloat16>() + vo, k.stride(2), v.stride(2), c1b, c1.stride(2), c2b, c2.stride(2), tp[b], D, P,
+           ip + task * P.k_sel, op + (b * H + g * G) * D, w);
     }
   });
 }
@@ -658,18 +780,29 @@ inline void prefill_into(const Tensor& q, const Tensor& qs, const Tensor& k, con
 
 // Kernels [lo, hi) of size/stride of one row's keys k [KVH, S, D] into c [KVH, N, D]: the mean of each kernel's
 // keys, summed as stride-long segments in fp32 as sparse_select.compress_keys does, rounded to bf16 once.
-inline void pool(const Tensor& k, const Tensor& c, int64_t lo, int64_t hi, int64_t size, int64_t stride) {
+// ks: the int8 KV cache's key scales [KVH, S] (k int8), or nullptr (k bf16): keys are then bf16(q * s), the
+// dequantized rows KVCache.update gives the Python layers, so the kernels pooled here equal theirs.
+inline void pool(const Tensor& k, const Tensor& c, int64_t lo, int64_t hi, int64_t size, int64_t stride,
+                 const Tensor* ks = nullptr) {
   const int64_t KVH = k.size(0), D = k.size(2), r = size / stride;
+  const BFloat16* kb = ks ? nullptr : k.data_ptr<BFloat16>();
+  const int8_t* k8 = ks ? k.data_ptr<int8_t>() : nullptr;
   std::vector<float> seg(r * D), acc(D);
   for (int64_t g = 0; g < KVH; ++g) {
-    const BFloat16* kp = k.data_ptr<BFloat16>() + g * k.stride(0);
+    const int64_t kg = g * k.stride(0);
+    const float* sg = ks ? ks->data_ptr<float>() + g * ks->stride(0) : nullptr;
     BFloat16* cp = c.data_ptr<BFloat16>() + g * c.stride(0);
     for (int64_t j = lo; j < hi; ++j) {
       for (int64_t i = 0; i < r; ++i) {  // segment j + i: keys [(j + i) stride, (j + i + 1) stride)
         float* s = seg.data() + i * D;
         std::fill(s, s + D, 0.f);
-        for (int64_t p = (j + i) * stride; p < (j + i + 1) * stride; ++p)
-          for (int64_t d = 0; d < D; ++d) s[d] += static_cast<float>(kp[p * k.stride(1) + d]);
+        for (int64_t p = (j + i) * stride; p < (j + i + 1) * stride; ++p) {
+          const int64_t o = kg + p * k.stride(1);
+          if (k8)
+            for (int64_t d = 0; d < D; ++d) s[d] += round_bf16(static_cast<float>(k8[o + d]) * sg[p]);
+          else
+            for (int64_t d = 0; d < D; ++d) s[d] += static_cast<float>(kb[o + d]);
+        }
       }
       std::copy(seg.begin(), seg.begin() + D, acc.begin());
       for (int64_t i = 1; i < r; ++i)
@@ -695,8 +828,11 @@ struct CacheStep {
     for (int64_t b = 0; b < B; ++b) cov[b * covered.stride(1)] = std::min(cov[b * covered.stride(1)], pos[b]);
   }
 
-  // q [B, H, D]; kl, vl [B, KVH, S, D] (the layer's cache); pos [B]. Returns [B, H, D].
-  Tensor attend(int64_t layer, const Tensor& q, const Tensor& kl, const Tensor& vl, const int64_t* pos, int64_t kv_len) {
+  // q [B, H, D]; kl, vl [B, KVH, S, D] (the layer's cache); pos [B]; ksl, vsl: the int8 cache's scales [B, KVH, S]
+  // (kl, vl int8) or undefined (bf16). Returns [B, H, D].
+  Tensor attend(int64_t layer, const Tensor& q, const Tensor& kl, const Tensor& vl, const int64_t* pos, int64_t kv_len,
+                const Tensor& ksl = Tensor(), const Tensor& vsl = Tensor()) {
+    const bool q8 = ksl.defined();
     const int64_t B = q.size(0);
     Tensor l1 = c1.select(0, layer), l2 = c2.select(0, layer);
     int64_t* cov = covered.select(0, layer).data_ptr<int64_t>();
@@ -706,8 +842,9 @@ struct CacheStep {
       const int64_t want = pos[b] + 1;
       for (int i = 0; i < 2; ++i) {
         const int64_t size = sizes[i][0], stride = sizes[i][1];
+        const Tensor sb = q8 ? ksl.select(0, b) : Tensor();
         pool(kl.select(0, b), (i ? l2 : l1).select(0, b), n_kernels(std::min(have, want), size, stride),
-             n_kernels(want, size, stride), size, stride);
+             n_kernels(want, size, stride), size, stride, q8 ? &sb : nullptr);
       }
       have = want;
     }
@@ -715,7 +852,8 @@ struct CacheStep {
     p.k_sel = std::min(P.topk_local, (kv_len + P.block - 1) / P.block);
     Tensor out = at::empty_like(q);
     Tensor idx = at::empty({B, kl.size(1), p.k_sel}, q.options().dtype(at::kLong));
-    decode_into(q, q, kl, vl, l1, l2, pos, p, out.data_ptr<BFloat16>(), idx.data_ptr<int64_t>());
+    decode_into(q, q, kl, vl, l1, l2, pos, p, out.data_ptr<BFloat16>(), idx.data_ptr<int64_t>(), q8 ? &ksl : nullptr,
+                q8 ? &vsl : nullptr);
     return out;
   }
 };
@@ -737,6 +875,28 @@ inline std::tuple<Tensor, Tensor> decode_op(Tensor q, Tensor qs, Tensor k, Tenso
   const Params P{kernel_size, stride, block, init_blocks, local_blocks, k_sel, k_sel};
   decode_into(q, qs, k, v, c1, c2, t.data_ptr<int64_t>(), P, out.data_ptr<at::BFloat16>(),
                       idx.data_ptr<int64_t>());
+  return {out, idx};
+}
+
+// decode_op over the int8 KV cache (quant/kv8.py): k, v [B, KVH, S, D] int8 and ks, vs [B, KVH, S] fp32 (contiguous
+// last dims); the rest as for decode_op.
+inline std::tuple<Tensor, Tensor> decode_q8_op(Tensor q, Tensor qs, Tensor k, Tensor v, Tensor ks, Tensor vs, Tensor c1,
+                                               Tensor c2, Tensor t, int64_t kernel_size, int64_t stride, int64_t block,
+                                               int64_t init_blocks, int64_t local_blocks, int64_t k_sel) {
+  for (const Tensor* x : {&q, &qs, &c1, &c2})
+    TORCH_CHECK(x->scalar_type() == at::kBFloat16 && x->stride(-1) == 1,
+                "sparse decode: bf16 queries and compressed keys with a contiguous last dim");
+  TORCH_CHECK(k.scalar_type() == at::kChar && v.scalar_type() == at::kChar && k.stride(-1) == 1 && v.stride(-1) == 1 &&
+                  ks.scalar_type() == at::kFloat && vs.scalar_type() == at::kFloat && ks.stride(-1) == 1 &&
+                  vs.stride(-1) == 1 && ks.dim() == 3 && vs.dim() == 3,
+              "sparse decode: int8 k, v [B, KVH, S, D] and fp32 scales [B, KVH, S] with contiguous last dims");
+  TORCH_CHECK(q.is_contiguous() && qs.is_contiguous() && q.dim() == 3 && k.dim() == 4, "sparse decode: q [B, H, D]");
+  t = t.to(at::kLong).contiguous();
+  Tensor out = at::empty_like(q);
+  Tensor idx = at::empty({q.size(0), k.size(1), k_sel}, q.options().dtype(at::kLong));
+  const Params P{kernel_size, stride, block, init_blocks, local_blocks, k_sel, k_sel};
+  decode_into(q, qs, k, v, c1, c2, t.data_ptr<int64_t>(), P, out.data_ptr<at::BFloat16>(), idx.data_ptr<int64_t>(), &ks,
+              &vs);
   return {out, idx};
 }
 
