@@ -33,6 +33,8 @@ from minicpm4.engine.prefix_cache import PrefixCache, chain_keys
 from minicpm4.engine.sampling import SamplingParams, sample_token
 from minicpm4.errors import InputError
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
+from minicpm4.engine.kv_budget import KVBudget, bytes_per_token
+from minicpm4.lazy_memory import available as lazy_memory
 from minicpm4.model.kv_cache import KVCache, bucketed
 
 StopFn = Callable[[list[int]], bool]
@@ -120,9 +122,12 @@ def build_request(req_id: int, prompt: Sequence[int], params: SamplingParams | N
 
 class Engine:
     def __init__(self, model: MiniCPM4ForCausalLM, prefill_chunk: int = 512, max_len: int | None = None,
-                 max_slots: int = 64, prefix_cache_gb: float = 0.0, boundary_ids: Collection[int] = ()):
+                 max_slots: int = 64, prefix_cache_gb: float = 0.0, boundary_ids: Collection[int] = (),
+                 kv_cache_gb: float | None = None):
         """prefix_cache_gb: memory for the prefix cache's blocks (one block = one prefill chunk's keys and
-        values); 0 turns it off. boundary_ids: tokens a prefill chunk never runs past (one starts at each)."""
+        values); 0 turns it off. boundary_ids: tokens a prefill chunk never runs past (one starts at each).
+        kv_cache_gb: memory the running requests' keys and values may take at most (see kv_budget); None: 80%
+        of the memory available at start (Linux), else no limit."""
         self.model = model.eval()
         self.config = model.config
         self.prefill_chunk = prefill_chunk
@@ -135,6 +140,7 @@ class Engine:
         self.slots: list[Request | None] = []
         self.boundary_ids = frozenset(boundary_ids)
         self.prefix_cache = PrefixCache(int(prefix_cache_gb * 2**30)) if prefix_cache_gb > 0 else None
+        self.kv_budget = KVBudget(self.config, self.dtype, kv_cache_gb)
 
     # ---- request API ----
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None,
@@ -147,7 +153,13 @@ class Engine:
     def make_request(self, prompt: Sequence[int], params: SamplingParams | None = None,
                      stop_fn: StopFn | None = None) -> Request:
         """Validate and build a request without touching the engine's state (safe from any thread)."""
-        return build_request(next(self._ids), prompt, params, stop_fn, self.config, self.max_len)
+        req = build_request(next(self._ids), prompt, params, stop_fn, self.config, self.max_len)
+        self.kv_budget.check(self.reserve(req))
+        return req
+
+    def reserve(self, req: Request) -> int:
+        """KV slots `req` may fill: its prompt and max_new_tokens, within the context."""
+        return min(len(req.prompt) + req.params.max_new_tokens, self.max_len)
 
     def enqueue(self, req: Request) -> None:
         self.waiting.append(req)
@@ -162,6 +174,7 @@ class Engine:
         self.waiting.clear()
         self.slots.clear()
         self._cache = None
+        self.kv_budget.used = 0
         if self.prefix_cache is not None:  # blocks are stored only after their chunk's forward returned, but a
             self.prefix_cache.clear()      # failed step may have come from anywhere: trust nothing it touched
 
@@ -170,6 +183,7 @@ class Engine:
         the prefix cache's blocks, the old model's keys too, are dropped."""
         self.model = model.eval()
         self.config, self.dtype = model.config, next(model.parameters()).dtype
+        self.kv_budget.token_bytes = bytes_per_token(self.config, self.dtype)
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
 
@@ -222,6 +236,8 @@ class Engine:
                 if not r.finished:
                     r.out.finish_reason = "cancelled"
                 self.slots[i] = None
+                self.kv_budget.free(self.reserve(r))
+                self._cache.release_row(i)  # its pages go back to the OS
         while self.slots and self.slots[-1] is None:
             self.slots.pop()
         for r in [r for r in self.waiting if r.cancelled]:
@@ -233,8 +249,11 @@ class Engine:
             free = next((i for i, r in enumerate(self.slots) if r is None), len(self.slots))
             if free >= self.max_slots:
                 return
+            need = self.reserve(self.waiting[0])
+            if self.running and not self.kv_budget.fits(need):  # wait for running requests to end
+                return
             req = self.waiting.popleft()
-            need = min(len(req.prompt) + req.params.max_new_tokens, self.max_len)
+            self.kv_budget.take(need)
             self._ensure_cache(free + 1, need)
             if free == len(self.slots):
                 self.slots.append(None)
@@ -262,14 +281,20 @@ class Engine:
         return ends
 
     def _ensure_cache(self, rows: int, length: int) -> None:
-        """Grow the cache (copying what it holds) so it has `rows` rows of `length` slots.
+        """Make the cache hold `rows` rows of `length` slots.
 
         Zero-filled: masked slots of a shorter row may still be read by a batched matmul with weight 0, and
         0 * NaN from uninitialised memory would poison the output. Later writes only leave finite values.
-        Sizes are rounded up (whole buckets of slots, rows in powers of two) so growth is rare.
+        Where memory can be committed lazily (lazy_memory.py), the cache is made once for max_slots rows of
+        max_len slots: it costs RAM only for the pages requests write, and a finished request's row gives its
+        pages back (_release). Otherwise it grows, copying what it holds, rounded up (whole buckets of slots,
+        rows in powers of two) so growth is rare.
         """
         c = self._cache
         if c is not None and c.k.dtype == self.dtype and c.batch_size >= rows and c.max_len >= length:
+            return
+        if lazy_memory():
+            self._cache = KVCache(self.config, self.max_slots, bucketed(self.max_len), self.dtype)
             return
         b = max(rows, c.batch_size if c is not None else 0)
         b = min(1 << (b - 1).bit_length(), self.max_slots)

@@ -1,8 +1,11 @@
-"""Preallocated key/value cache: one buffer per layer, written in place, never re-allocated.
+"""Key/value cache: one buffer per layer, written in place.
 
 Slot = absolute position: the key of the token at position p of row b lives at k[layer][b, :, p].
 Rows of a batch may be at different lengths; attention masks keys by position, so a row never
 reads slots past its own length, and stale values there are overwritten before they are visible.
+
+The buffers are lazily committed (lazy_memory.lazy_zeros): sized for every row at max_len, they cost RAM only
+for the pages tokens have been written to, and release_row gives a finished request's pages back.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from minicpm4.config import ModelConfig
+from minicpm4.lazy_memory import lazy_zeros, release
 from minicpm4.sparse.cache import CompressedKeys
 
 # Caches are allocated in multiples of this many slots, so that requests of similar lengths reuse one buffer.
@@ -28,8 +32,8 @@ class KVCache:
                  _compressed: CompressedKeys | None = None):
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         # k, v: [layers, batch, kv_heads, max_len, head_dim]
-        self.k = _k if _k is not None else torch.zeros(shape, dtype=dtype, device=device)
-        self.v = _v if _v is not None else torch.zeros(shape, dtype=dtype, device=device)
+        self.k = _k if _k is not None else lazy_zeros(shape, dtype, device)
+        self.v = _v if _v is not None else lazy_zeros(shape, dtype, device)
         self.config = config
         # InfLLM v2's compressed keys (sparse/cache.py), kept in step with the keys by update()
         self.compressed = _compressed
@@ -48,6 +52,14 @@ class KVCache:
         """A cache over a subset of rows that shares storage with this one (writes go through)."""
         return KVCache(self.config, 0, 0, _k=self.k[:, index], _v=self.v[:, index],
                        _compressed=None if self.compressed is None else self.compressed.rows(index))
+
+    def release_row(self, row: int) -> None:
+        """Give row `row`'s pages back to the OS; they read as zeros again (a no-op where the buffers are not
+        lazy: then the row keeps its stale, finite values until overwritten)."""
+        release(self.k[:, row])
+        release(self.v[:, row])
+        if self.compressed is not None:
+            self.compressed.release_row(row)
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                contiguous_from: int | None, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +80,6 @@ class KVCache:
             kc.scatter_(2, idx, k)
             vc.scatter_(2, idx, v)
         return kc[:, :, :kv_len], vc[:, :, :kv_len]
-
 
     def compact(self, start: int, keep: torch.Tensor) -> None:
         """Move the slots start + keep[i] to start + i in every layer and row (keep: ascending 1-D offsets).
