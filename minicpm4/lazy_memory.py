@@ -63,6 +63,10 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.d
                           "KV caches are allocated in full", RuntimeWarning, stacklevel=2)
             _warned = True
         return torch.zeros(shape, dtype=dtype, device=device)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        # 4 KiB pages, never 2 MiB ones (a transparent huge page would commit 2 MiB at a span's first token); the
+        # flag also keeps the kernel from merging the mapping with glibc's arenas, so committed_bytes sees only it
+        m.madvise(mmap.MADV_NOHUGEPAGE)
     t = torch.frombuffer(m, dtype=dtype).view(shape)  # the tensor's storage keeps the mapping alive
     _maps[t.untyped_storage().data_ptr()] = m
     return t
@@ -89,3 +93,25 @@ def release(t: torch.Tensor) -> None:
     hi = (start + t.numel() * t.element_size()) // PAGE * PAGE
     if hi > lo:
         m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def committed_bytes(tensors) -> int | None:
+    """RAM the kernel has committed to the mappings under `tensors` (lazy_zeros tensors or views into them): the
+    Rss of each distinct mapping holding one, from /proc/self/smaps (Linux; None elsewhere). Pages only read
+    map the shared zero page and do not count. Adjacent lazy mappings may have been merged into one region by
+    the kernel; the region is then counted once, whole."""
+    addrs = {t.untyped_storage().data_ptr() for t in tensors if is_lazy(t)}
+    try:
+        with open("/proc/self/smaps") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    total, inside = 0, False
+    for line in lines:
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):  # a region's header: start-end perms offset dev inode [path]
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = any(lo <= a < hi for a in addrs)
+        elif inside and head == "Rss:":
+            total += int(line.split()[1]) * 1024
+    return total
