@@ -45,6 +45,14 @@ def test_chat_reuses_the_conversation_between_turns(smollm_gguf):
     assert r.stderr.count("[prompt ") == 2 and "cached" not in r.stderr
 
 
+def test_chat_says_when_a_message_exceeds_the_context_and_goes_on(smollm_gguf):
+    long = "The quick brown fox jumps over the lazy dog. " * 30  # ~330 tokens
+    r = run("chat", "--model", str(smollm_gguf), "--max-new-tokens", "8", "--max-model-len", "128",
+            stdin=long + "\nWhat is 2+2?\n")
+    assert "does not fit the context of 128 tokens" in r.stderr
+    assert r.stderr.count("[prompt ") == 1  # the short question is still answered
+
+
 def test_info_prints_shapes(smollm_gguf):
     r = run("info", str(smollm_gguf), "--dtype", "fp32")
     assert "134,515,008" in r.stdout and "9 / 3 (group 3)" in r.stdout and "torch.float32" in r.stdout
