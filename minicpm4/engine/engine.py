@@ -8,8 +8,8 @@ Requests come and go while others run (nano-vllm's add_request / step loop). Eac
   2. prefills up to `prefill_chunk` prompt tokens, chunk by chunk, request by request (a long prompt takes
      several steps, so running streams keep getting tokens meanwhile); a request whose prompt is complete
      samples its first token. A prompt's chunks depend on its tokens alone (chunk_ends): at most prefill_chunk
-     tokens, and a chunk also ends before a boundary token (the chat template's control tokens, which the
-     text layer names), so a conversation's next prompt is chunked as the last one up to its final turn;
+     tokens, ending right after a reply opening (the chat template's generation prompt) and before a boundary
+     token (a control token) once long enough, so a conversation's next prompt reuses all of the last one;
   3. decodes one token for every running request in one batched forward. Rows sit at different positions;
      attention masks keys by position (see model/decoder.py), so a row never sees another row's or a stale key.
 Stopping: eos ids, max_new_tokens, the context limit, and an optional per-request
@@ -123,9 +123,11 @@ def build_request(req_id: int, prompt: Sequence[int], params: SamplingParams | N
 class Engine:
     def __init__(self, model: MiniCPM4ForCausalLM, prefill_chunk: int = 512, max_len: int | None = None,
                  max_slots: int = 64, prefix_cache_gb: float = 0.0, boundary_ids: Collection[int] = (),
-                 kv_cache_gb: float | None = None):
+                 kv_cache_gb: float | None = None, reply_ids: Sequence[int] = ()):
         """prefix_cache_gb: memory for the prefix cache's blocks (one block = one prefill chunk's keys and
-        values); 0 turns it off. boundary_ids: tokens a prefill chunk never runs past (one starts at each).
+        values); 0 turns it off. boundary_ids: tokens a prefill chunk of at least prefill_chunk / 4 tokens
+        stops before. reply_ids: the tokens that open a reply (a chat template's generation prompt); a chunk
+        always ends right after them (see chunk_ends).
         kv_cache_gb: memory the running requests' keys and values may take at most (see kv_budget); None: 80%
         of the memory available at start (Linux), else no limit."""
         self.model = model.eval()
@@ -139,6 +141,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.slots: list[Request | None] = []
         self.boundary_ids = frozenset(boundary_ids)
+        self.reply_ids = tuple(reply_ids)
+        self.min_chunk = max(1, prefill_chunk // 4)
         self.prefix_cache = PrefixCache(int(prefix_cache_gb * 2**30)) if prefix_cache_gb > 0 else None
         self.kv_budget = KVBudget(self.config, self.dtype, kv_cache_gb)
 
@@ -266,18 +270,30 @@ class Engine:
                 req.chunks_done = len(hit)
 
     def chunk_ends(self, prompt: Sequence[int]) -> list[int]:
-        """Where each prefill chunk of `prompt` ends: from the last end, at the next boundary token, after
-        prefill_chunk tokens, or at the prompt's end, whichever comes first. A chunk's end depends only on the
-        tokens up to it (and the one after it), so two prompts sharing a prefix share its chunks up to the last
-        boundary before they part; the float rounding of a chunk's keys depends on the chunk, so this is what
-        lets the prefix cache be exact (engine/prefix_cache.py)."""
-        ends, lo, n = [], 0, len(prompt)
-        marks = [i for i, t in enumerate(prompt) if i > 0 and t in self.boundary_ids] if self.boundary_ids else []
-        marks.append(n)
-        for mark in marks:
-            while lo < mark:
-                lo = min(lo + self.prefill_chunk, mark)
+        """Where each prefill chunk of `prompt` ends. From the last end, a chunk runs to the first of: right after
+        the reply opening (reply_ids), the prompt's end, prefill_chunk tokens, or, once it holds min_chunk
+        tokens, a boundary token. Each end depends only on the tokens up to it, so two prompts sharing a prefix
+        share its chunks up to where they part; the float rounding of a chunk's keys depends on the chunk, so
+        this is what lets the prefix cache be exact (engine/prefix_cache.py).
+
+        Chats: a prompt ends with the reply opening, and the next turn's prompt holds it at the same place, so
+        the next turn reuses every chunk of this prompt and prefills the reply, the new message and the template
+        around them, in one forward while they are under min_chunk tokens between boundaries (llama.cpp's
+        cache_prompt evaluates the same tokens). A boundary ends a chunk of min_chunk or more tokens, e.g. a
+        long system message: requests sharing it but not the rest reuse it too."""
+        n, r = len(prompt), self.reply_ids
+        hard = {n}
+        if r:
+            hard.update(i + len(r) for i, t in enumerate(prompt) if t == r[0] and tuple(prompt[i:i + len(r)]) == r)
+        soft = {i for i, t in enumerate(prompt) if i > 0 and t in self.boundary_ids} if self.boundary_ids else set()
+        ends, lo = [], 0
+        for mark in sorted(hard | soft):
+            while mark - lo > self.prefill_chunk:
+                lo += self.prefill_chunk
                 ends.append(lo)
+            if mark > lo and (mark in hard or mark - lo >= self.min_chunk):
+                ends.append(mark)
+                lo = mark
         return ends
 
     def _ensure_cache(self, rows: int, length: int) -> None:

@@ -5,14 +5,15 @@ llama.cpp's cache_prompt, SGLang's RadixAttention), so a chat turn or an agent s
 Exactness decides what a block is. The float rounding of a token's keys depends on the chunk it was prefilled
 in: a matmul over 512 rows does not round a row as one over 64 rows does (checked on the int4, bf16 and fp32
 paths), nor as a decode step does. So a block is one whole prefill chunk, and the chunks of a prompt are a
-function of its tokens alone (Engine.chunk_ends): a chunk runs from where the last one ended to the next
-boundary token (a chat template's control token such as <|im_start|>), the prompt's end, or prefill_chunk tokens,
-whichever comes first. A request finds its prompt's chunks, in order, under their keys; those it finds are
+function of its tokens alone (Engine.chunk_ends): a chunk runs from where the last one ended to right after the
+chat template's reply opening (`<|im_start|>assistant\n`), the prompt's end, prefill_chunk tokens, or, once it
+holds prefill_chunk / 4 tokens, a boundary token (a control token such as <|im_start|>), whichever comes first.
+A request finds its prompt's chunks, in order, under their keys; those it finds are
 copied, and it prefills the rest; every chunk it computes is then the chunk it computes without the cache, on
 bit-identical keys, so it samples exactly the same tokens. Only prompt chunks are stored, never the keys of
-generated tokens. In a chat the previous turn's prompt ends in `<|im_start|>assistant\n`; the next turn's prompt
-holds the same tokens up to that boundary, so it reuses everything before it and prefills the reply, the new
-message and the template around them (what llama.cpp evaluates too).
+generated tokens. In a chat the previous turn's prompt ends with the reply opening, which the next turn's prompt
+holds at the same place, so it reuses all of the previous prompt and prefills the reply, the new message and the
+template around them (what llama.cpp evaluates too), in one forward when they are short.
 
 InfLLM v2's compressed keys (C1, C2) are not stored: loading blocks resets the row's `covered` to 0, so they are
 pooled again from the copied keys when next needed. Pooling is a per-kernel mean (sparse/select.compress_keys),
