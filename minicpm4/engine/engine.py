@@ -34,6 +34,7 @@ from minicpm4.engine.sampling import SamplingParams, sample_token
 from minicpm4.errors import InputError
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
 from minicpm4.engine.kv_budget import KVBudget, bytes_per_token
+from minicpm4.engine.parked_rows import ParkedRows
 from minicpm4.lazy_memory import available as lazy_memory
 from minicpm4.model.kv_cache import KVCache, bucketed
 
@@ -145,6 +146,7 @@ class Engine:
         self.min_chunk = max(1, prefill_chunk // 4)
         self.prefix_cache = PrefixCache(int(prefix_cache_gb * 2**30)) if prefix_cache_gb > 0 else None
         self.kv_budget = KVBudget(self.config, self.dtype, kv_cache_gb)
+        self.parked = ParkedRows()  # finished requests' rows kept for their next turn (engine/parked_rows.py)
 
     # ---- request API ----
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None,
@@ -179,6 +181,7 @@ class Engine:
         self.slots.clear()
         self._cache = None
         self.kv_budget.used = 0
+        self.parked = ParkedRows()
         if self.prefix_cache is not None:  # blocks are stored only after their chunk's forward returned, but a
             self.prefix_cache.clear()      # failed step may have come from anywhere: trust nothing it touched
 
@@ -188,6 +191,8 @@ class Engine:
         self.model = model.eval()
         self.config, self.dtype = model.config, next(model.parameters()).dtype
         self.kv_budget.token_bytes = bytes_per_token(self.config, self.dtype)
+        for slot in list(self.parked.rows):  # parked rows hold the old model's keys
+            self._unpark(slot, release=True)
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
 
@@ -241,33 +246,51 @@ class Engine:
                     r.out.finish_reason = "cancelled"
                 self.slots[i] = None
                 self.kv_budget.free(self.reserve(r))
-                self._cache.release_row(i)  # its pages go back to the OS
+                if self.prefix_cache is not None and r.chunks_done:  # the next turn may find its keys here
+                    written = min(max(r.prefilled, r.length + 1), self.max_len)
+                    self.parked.park(i, r.prompt, r.chunk_ends[:r.chunks_done], written)
+                    self.kv_budget.take(written)
+                else:
+                    self._cache.release_row(i)  # its pages go back to the OS
         while self.slots and self.slots[-1] is None:
             self.slots.pop()
         for r in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(r)
             r.out.finish_reason = "cancelled"
 
+    def _unpark(self, slot: int, release: bool) -> None:
+        p = self.parked.pop(slot)
+        if p is not None:
+            self.kv_budget.free(p.written)
+            if release:
+                self._cache.release_row(slot)
+
     def _admit(self) -> None:
         while self.waiting:
-            free = next((i for i, r in enumerate(self.slots) if r is None), len(self.slots))
-            if free >= self.max_slots:
+            free = [i for i in range(self.max_slots) if i >= len(self.slots) or self.slots[i] is None]
+            if not free:
                 return
-            need = self.reserve(self.waiting[0])
+            req = self.waiting[0]
+            req.chunk_ends = req.chunk_ends or self.chunk_ends(req.prompt)
+            slot, in_place = self.parked.pick(free, req.prompt, req.chunk_ends)
+            need = self.reserve(req) - self.parked.written(slot)
+            while not self.kv_budget.fits(need) and (old := self.parked.oldest(besides=slot)) is not None:
+                self._unpark(old, release=True)
             if self.running and not self.kv_budget.fits(need):  # wait for running requests to end
                 return
-            req = self.waiting.popleft()
-            self.kv_budget.take(need)
-            self._ensure_cache(free + 1, need)
-            if free == len(self.slots):
-                self.slots.append(None)
-            self.slots[free], req.slot, req._t0 = req, free, time.perf_counter()
-            req.chunk_ends = self.chunk_ends(req.prompt)
+            self.waiting.popleft()
+            self._unpark(slot, release=not in_place)
+            self.kv_budget.take(self.reserve(req))
+            self._ensure_cache(slot + 1, self.reserve(req))
+            self.slots.extend([None] * (slot + 1 - len(self.slots)))
+            self.slots[slot], req.slot, req._t0 = req, slot, time.perf_counter()
             if self.prefix_cache is not None:
                 req.block_keys = chain_keys(req.prompt, req.chunk_ends)
-                hit = self.prefix_cache.match(req.prompt, req.block_keys, req.chunk_ends)
-                req.prefilled = req.out.cached_tokens = self.prefix_cache.load(hit, self._cache, free)
-                req.chunks_done = len(hit)
+                hit = self.prefix_cache.match(req.prompt, req.block_keys, req.chunk_ends, start=in_place)
+                req.chunks_done = in_place + len(hit)
+                req.prefilled = self.prefix_cache.load(hit, self._cache, slot) or (
+                    req.chunk_ends[in_place - 1] if in_place else 0)
+                req.out.cached_tokens = req.prefilled
 
     def chunk_ends(self, prompt: Sequence[int]) -> list[int]:
         """Where each prefill chunk of `prompt` ends. From the last end, a chunk runs to the first of: right after
@@ -358,11 +381,12 @@ class Engine:
         lo, hi = active[0].slot, active[-1].slot + 1
         t0 = time.perf_counter()
         # rows lo..hi-1 step together; a row in the range that is not decoding (free, or mid-prefill) is fed a
-        # dummy token at a position its own later writes overwrite (0, or its next prefill position), and its
-        # output is ignored
+        # dummy token at a position its own later writes overwrite (its next prefill position; past a parked
+        # row's data, or 0 for an empty one), and its output is ignored
         window = self.slots[lo:hi]
         ids = torch.tensor([[r.out.token_ids[-1] if r in active else 0] for r in window])
-        pos = torch.tensor([[r.length if r in active else (r.prefilled if r is not None else 0)] for r in window])
+        pos = torch.tensor([[r.length if r in active else r.prefilled if r is not None
+                             else min(self.parked.written(i), self.max_len - 1)] for i, r in enumerate(window, lo)])
         logits = self.model(ids, positions=pos, cache=self._cache.rows(slice(lo, hi)))[:, -1]  # [B, V]
         dt = time.perf_counter() - t0
         events = []

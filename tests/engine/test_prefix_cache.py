@@ -9,6 +9,7 @@ from model_util import random_model
 
 from minicpm4.config import ModelConfig, tiny
 from minicpm4.engine.engine import Engine
+from minicpm4.engine.prefix_cache import chain_keys
 from minicpm4.engine.sampling import SamplingParams
 from minicpm4.model.native_stack import attach
 from minicpm4.serve.llm import LLM
@@ -140,9 +141,31 @@ def test_eviction_under_a_tiny_budget_while_requests_run():
     assert engine.prefix_cache.evicted > 0
     again = one_by_one(engine, prompts)
     assert [r.out.token_ids for r in reqs] + [x.token_ids for x in again] == want
-    # leaves go first: what survives the last prompt's run is its chain's head, its first 2 blocks
+    # leaves go first: what survives the last prompt's run in the pool is its chain's head, its first 2 blocks
+    ends = engine.chunk_ends(prompts[-1])
+    assert [b.start for b in engine.prefix_cache.match(prompts[-1], chain_keys(prompts[-1], ends), ends)] == [0, CHUNK]
+    # the row it ran in is parked with all its chunks: a request for it uses them in place, all but the last
     last = engine.generate([prompts[-1]], GREEDY)[0]
-    assert last.cached_tokens == 2 * CHUNK and last.token_ids == want[-1]
+    assert last.cached_tokens == 3 * CHUNK and last.token_ids == want[-1]
+
+
+def test_parked_rows_serve_the_next_turn_in_place_and_go_to_unrelated_prompts_clean():
+    """A finished request's row keeps its keys (engine/parked_rows.py): the next turn uses them in place even
+    when the pool holds nothing (a budget below one block), exactly; a prompt sharing nothing takes the row
+    (the only slot), which is given back first, and gets what it gets on a fresh engine."""
+    model = tiny_model(SPARSE, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    turn1 = torch.randint(3, 512, (90,), generator=g).tolist()
+    turn2 = turn1 + torch.randint(3, 512, (40,), generator=g).tolist()
+    other = torch.randint(3, 512, (70,), generator=g).tolist()
+    want = [x.token_ids for x in one_by_one(Engine(model, prefill_chunk=CHUNK), [turn1, turn2, other, turn2])]
+    engine = Engine(model, prefill_chunk=CHUNK, max_slots=1, prefix_cache_gb=1e-9)
+    got = one_by_one(engine, [turn1, turn2, other, turn2])
+    assert len(engine.prefix_cache) == 0
+    assert [x.token_ids for x in got] == want
+    # turn 2 in place: turn 1's chunks ending at 32 and 64 (turn 2's third chunk is [64, 96), not [64, 90));
+    # other: nothing; turn 2 again, after other took the row: nothing
+    assert [x.cached_tokens for x in got] == [0, 64, 0, 0]
 
 
 def test_request_cancelled_mid_prefill_leaves_only_whole_blocks():
