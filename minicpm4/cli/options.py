@@ -68,10 +68,12 @@ def context_options(f):
     opts = [
         click.option("--max-model-len", default=None, type=click.IntRange(min=2),
                      help="Context per request, prompt + reply (default: the model's max_position_embeddings). "
-                          "Memory follows what requests write, not this length; a longer prompt gets a 400."),
+                          "Memory follows what requests write, not this length; a longer prompt is refused "
+                          "(serve: a 400)."),
         click.option("--kv-cache-gb", default=None, type=click.FloatRange(min=0, min_open=True),
-                     help="Memory the running requests' keys and values may take; each reserves prompt + "
-                          "max_tokens, and requests beyond it wait (default: 80% of the memory available at start)."),
+                     help="Memory the keys and values of running requests (and of rows kept for a next turn) "
+                          "may take; each request reserves prompt + max_tokens, and requests beyond it wait "
+                          "(default: 80% of the memory available at start)."),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -31,7 +31,8 @@ def available_bytes() -> int | None:
 def bytes_per_token(config, dtype: torch.dtype) -> int:
     """KV-cache bytes one token takes across all layers: keys and values, plus InfLLM v2's pre-RoPE keys (use_nope)
     and compressed keys (one C1 kernel per kernel_stride tokens, one C2 per 4x that)."""
-    per_key = config.num_hidden_layers * config.num_key_value_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()
+    per_key = (config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+               * torch.empty((), dtype=dtype).element_size())
     n = 2.0
     sc = config.sparse_config  # a dict, every key filled (config.ModelConfig)
     if sc is not None:

@@ -16,8 +16,8 @@ holds at the same place, so it reuses all of the previous prompt and prefills th
 template around them (what llama.cpp evaluates too), in one forward when they are short.
 
 InfLLM v2's compressed keys (C1, C2) are not stored: loading blocks cuts the row's `covered` back to the first
-block's start, so they are pooled again from the copied keys when next needed. Pooling is a per-kernel mean (sparse/select.compress_keys),
-the same values whether pooled at once or chunk by chunk. With use_nope the pre-RoPE keys they are pooled from
+block's start, so they are pooled again from the copied keys when next needed. Pooling is a per-kernel mean
+(sparse/select.compress_keys), the same values whether pooled at once or chunk by chunk. With use_nope the pre-RoPE keys they are pooled from
 are stored and copied like the keys.
 
 Keys: chunk i of a prompt is keyed by a hash chain, H_i = blake2b(H_{i-1} || its tokens), so one key names the
