@@ -89,3 +89,21 @@ def test_budget_makes_requests_wait_and_refuses_what_can_never_fit():
     while engine.has_work:
         engine.step()
     assert len(b.out.token_ids) == 50 and engine.kv_budget.used == 0
+
+
+def test_parked_rows_keep_their_pages_until_the_budget_needs_them():
+    """With the prefix cache a finished request's row stays committed for a next turn (engine/parked_rows.py),
+    counted in the budget; an unrelated request that needs the room gets it by giving that row back."""
+    model = random_model(tiny())
+    per_token = 2 * 2 * 2 * 16 * 4
+    engine = Engine(model, max_slots=4, prefix_cache_gb=0.01, kv_cache_gb=300 * per_token / 2**30)
+    p = SamplingParams(max_new_tokens=50, ignore_eos=True)
+    a = engine.generate([list(range(3, 203))], p)[0]
+    assert a.finish_reason == "length" and len(engine.parked) == 1
+    assert kv_bytes(engine) > 0 and engine.kv_budget.used == 250  # its prompt and 50 tokens' keys stay
+    b = engine.add_request(list(range(300, 400)), p)  # 150 more do not fit beside the parked 250
+    engine.step()
+    assert b.slot >= 0 and len(engine.parked) == 0 and engine.kv_budget.used == 150
+    while engine.has_work:
+        engine.step()
+    assert len(engine.parked) == 1 and engine.kv_budget.used == 150
