@@ -10,7 +10,8 @@ import sys
 
 import click
 
-from minicpm4.cli.options import (draft_options, kv_cache_option, load_llm, prefix_cache_options, sampling_options,
+from minicpm4.cli.options import (context_options, draft_options, kv_cache_option, load_llm, prefix_cache_options,
+                                   sampling_options,
                                   sampling_params)
 from minicpm4.errors import MiniCPM4Error
 
@@ -59,13 +60,15 @@ def generate(prompt, raw, system, model_path, dtype, int4, sparse, sparse_config
 @sampling_options
 @prefix_cache_options
 @kv_cache_option
+@context_options
 def chat(system, model_path, dtype, int4, sparse, sparse_config, stop, prefix_cache, prefix_cache_gb, prefill_chunk,
-         kv_cache_dtype, **sampling):
+         kv_cache_dtype, max_model_len, kv_cache_gb, **sampling):
     """Interactive chat: type a message, the reply streams back. /reset clears history, /exit or Ctrl-D quits.
     Each turn reuses the prefix cache's blocks of the turns before (the stats line says how many prompt tokens)."""
     params = sampling_params(**sampling)
     llm = load_llm(model_path, dtype, int4, sparse, sparse_config, prefill_chunk=prefill_chunk,
-                   prefix_cache_gb=prefix_cache_gb if prefix_cache else 0.0, kv_cache_dtype=kv_cache_dtype)
+                   prefix_cache_gb=prefix_cache_gb if prefix_cache else 0.0, kv_cache_dtype=kv_cache_dtype,
+                   max_len=max_model_len, kv_cache_gb=kv_cache_gb)
     history = [{"role": "system", "content": system}] if system else []
     while True:
         try:

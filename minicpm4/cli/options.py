@@ -72,6 +72,23 @@ def kv_cache_option(f):
                              "attention kernels; slightly less exact (BENCHMARKS.md, int8 KV cache).")(f)
 
 
+def context_options(f):
+    """Context length and KV-cache memory (serve, chat): the cache's pages are committed as tokens are written."""
+    opts = [
+        click.option("--max-model-len", default=None, type=click.IntRange(min=2),
+                     help="Context per request, prompt + reply (default: the model's max_position_embeddings). "
+                          "Memory follows what requests write, not this length; a longer prompt is refused "
+                          "(serve: a 400)."),
+        click.option("--kv-cache-gb", default=None, type=click.FloatRange(min=0, min_open=True),
+                     help="Memory the keys and values of running requests (and of rows kept for a next turn) "
+                          "may take; each request reserves prompt + max_tokens, and requests beyond it wait "
+                          "(default: 80% of the memory available at start)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 def draft_options(f):
     """Speculative decoding (generate, chat): batch 1, through minicpm4.spec.decoder."""
     opts = [

@@ -7,13 +7,15 @@ import os
 
 import click
 
-from minicpm4.cli.options import MODEL_HELP, kv_cache_option, load_llm, model_options, prefix_cache_options
+from minicpm4.cli.options import (MODEL_HELP, context_options, kv_cache_option, load_llm, model_options,
+                                   prefix_cache_options)
 
 
 @click.command()
 @model_options
 @prefix_cache_options
 @kv_cache_option
+@context_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
 @click.option("--port", default=8000, show_default=True)
 @click.option("--api-key", envvar="MINICPM4_API_KEY", default=None,
@@ -24,15 +26,14 @@ from minicpm4.cli.options import MODEL_HELP, kv_cache_option, load_llm, model_op
 @click.option("--max-batch", default=16, show_default=True, help="Requests decoded together at most.")
 @click.option("--max-queue", default=64, show_default=True, help="Requests waiting at most (then 429).")
 @click.option("--max-tokens", default=4096, show_default=True, help="Largest max_tokens a request may ask.")
-@click.option("--max-model-len", default=4096, show_default=True, help="Context per request (KV cache rows).")
 @click.option("--mcp", "mcp_commands", multiple=True,
               help='MCP server command, e.g. "python my_server.py" (repeatable): chat requests without tools of '
                    "their own get these servers' tools, called by the server.")
 @click.option("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), show_default="cores - 1",
               help="Compute threads; one core is left to the HTTP side, whose work would stall the others.")
-def serve(model_path, dtype, int4, sparse, sparse_config, prefix_cache, prefix_cache_gb, prefill_chunk, kv_cache_dtype, host,
-          port, api_key, admin_key, served_model_name, max_batch, max_queue, max_tokens, max_model_len, mcp_commands,
-          threads):
+def serve(model_path, dtype, int4, sparse, sparse_config, prefix_cache, prefix_cache_gb, prefill_chunk, kv_cache_dtype,
+          max_model_len, kv_cache_gb, host, port, api_key, admin_key, served_model_name, max_batch, max_queue,
+          max_tokens, mcp_commands, threads):
     """OpenAI-compatible server (needs the serve extra: pip install 'minicpm4[serve]')."""
     try:
         from minicpm4.serve.server import serve as run
@@ -44,7 +45,7 @@ def serve(model_path, dtype, int4, sparse, sparse_config, prefix_cache, prefix_c
     torch.set_num_threads(threads)
     llm = load_llm(model_path, dtype, int4, sparse, sparse_config, max_len=max_model_len, max_slots=max_batch,
                    prefix_cache_gb=prefix_cache_gb if prefix_cache else 0.0, prefill_chunk=prefill_chunk,
-                   kv_cache_dtype=kv_cache_dtype)
+                   kv_cache_dtype=kv_cache_dtype, kv_cache_gb=kv_cache_gb)
     name = served_model_name or (Path(model_path).name if model_path else "SmolLM2-135M-Instruct")
     run(llm, name, host=host, port=port, api_key=api_key, admin_key=admin_key, max_queue=max_queue,
         max_tokens=max_tokens, mcp_commands=list(mcp_commands))

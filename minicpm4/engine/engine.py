@@ -8,8 +8,8 @@ Requests come and go while others run (nano-vllm's add_request / step loop). Eac
   2. prefills up to `prefill_chunk` prompt tokens, chunk by chunk, request by request (a long prompt takes
      several steps, so running streams keep getting tokens meanwhile); a request whose prompt is complete
      samples its first token. A prompt's chunks depend on its tokens alone (chunk_ends): at most prefill_chunk
-     tokens, and a chunk also ends before a boundary token (the chat template's control tokens, which the
-     text layer names), so a conversation's next prompt is chunked as the last one up to its final turn;
+     tokens, ending right after a reply opening (the chat template's generation prompt) and before a boundary
+     token (a control token) once long enough, so a conversation's next prompt reuses all of the last one;
   3. decodes one token for every running request in one batched forward. Rows sit at different positions;
      attention masks keys by position (see model/decoder.py), so a row never sees another row's or a stale key.
 Stopping: eos ids, max_new_tokens, the context limit, and an optional per-request
@@ -33,6 +33,9 @@ from minicpm4.engine.prefix_cache import PrefixCache, chain_keys
 from minicpm4.engine.sampling import SamplingParams, sample_token
 from minicpm4.errors import InputError
 from minicpm4.model.decoder import MiniCPM4ForCausalLM
+from minicpm4.engine.kv_budget import KVBudget, bytes_per_token
+from minicpm4.engine.parked_rows import ParkedRows
+from minicpm4.lazy_memory import available as lazy_memory
 from minicpm4.model.kv_cache import KVCache, bucketed
 from minicpm4.quant import kv8
 
@@ -122,9 +125,13 @@ def build_request(req_id: int, prompt: Sequence[int], params: SamplingParams | N
 class Engine:
     def __init__(self, model: MiniCPM4ForCausalLM, prefill_chunk: int = 512, max_len: int | None = None,
                  max_slots: int = 64, prefix_cache_gb: float = 0.0, boundary_ids: Collection[int] = (),
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_gb: float | None = None, reply_ids: Sequence[int] = (), kv_cache_dtype: str = "auto"):
         """prefix_cache_gb: memory for the prefix cache's blocks (one block = one prefill chunk's keys and
-        values); 0 turns it off. boundary_ids: tokens a prefill chunk never runs past (one starts at each).
+        values); 0 turns it off. boundary_ids: tokens a prefill chunk of at least prefill_chunk / 4 tokens
+        stops before. reply_ids: the tokens that open a reply (a chat template's generation prompt); a chunk
+        always ends right after them (see chunk_ends).
+        kv_cache_gb: memory the running requests' keys and values may take at most (see kv_budget); None: 80%
+        of the memory available at start (Linux), else no limit.
         kv_cache_dtype: "auto" (the model's dtype) or "int8" (model/kv_cache.py, quant/kv8.py)."""
         self.kv_cache_dtype = kv8.check_kv_dtype(kv_cache_dtype)
         self.model = model.eval()
@@ -138,7 +145,11 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.slots: list[Request | None] = []
         self.boundary_ids = frozenset(boundary_ids)
+        self.reply_ids = tuple(reply_ids)
+        self.min_chunk = max(1, prefill_chunk // 4)
         self.prefix_cache = PrefixCache(int(prefix_cache_gb * 2**30)) if prefix_cache_gb > 0 else None
+        self.kv_budget = KVBudget(self.config, self.dtype, kv_cache_gb, self.kv_cache_dtype)
+        self.parked = ParkedRows()  # finished requests' rows kept for their next turn (engine/parked_rows.py)
 
     # ---- request API ----
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None,
@@ -151,7 +162,13 @@ class Engine:
     def make_request(self, prompt: Sequence[int], params: SamplingParams | None = None,
                      stop_fn: StopFn | None = None) -> Request:
         """Validate and build a request without touching the engine's state (safe from any thread)."""
-        return build_request(next(self._ids), prompt, params, stop_fn, self.config, self.max_len)
+        req = build_request(next(self._ids), prompt, params, stop_fn, self.config, self.max_len)
+        self.kv_budget.check(self.reserve(req))
+        return req
+
+    def reserve(self, req: Request) -> int:
+        """KV slots `req` may fill: its prompt and max_new_tokens, within the context."""
+        return min(len(req.prompt) + req.params.max_new_tokens, self.max_len)
 
     def enqueue(self, req: Request) -> None:
         self.waiting.append(req)
@@ -166,6 +183,8 @@ class Engine:
         self.waiting.clear()
         self.slots.clear()
         self._cache = None
+        self.kv_budget.used = 0
+        self.parked = ParkedRows()
         if self.prefix_cache is not None:  # blocks are stored only after their chunk's forward returned, but a
             self.prefix_cache.clear()      # failed step may have come from anywhere: trust nothing it touched
 
@@ -174,6 +193,9 @@ class Engine:
         the prefix cache's blocks, the old model's keys too, are dropped."""
         self.model = model.eval()
         self.config, self.dtype = model.config, next(model.parameters()).dtype
+        self.kv_budget.token_bytes = bytes_per_token(self.config, self.dtype, self.kv_cache_dtype)
+        for slot in list(self.parked.rows):  # parked rows hold the old model's keys
+            self._unpark(slot, release=True)
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
 
@@ -226,55 +248,97 @@ class Engine:
                 if not r.finished:
                     r.out.finish_reason = "cancelled"
                 self.slots[i] = None
+                self.kv_budget.free(self.reserve(r))
+                if self.prefix_cache is not None and r.chunks_done:  # the next turn may find its keys here
+                    written = min(max(r.prefilled, r.length + 1), self.max_len)
+                    self.parked.park(i, r.prompt, r.chunk_ends[:r.chunks_done], written)
+                    self.kv_budget.take(written)
+                else:
+                    self._cache.release_row(i)  # its pages go back to the OS
         while self.slots and self.slots[-1] is None:
             self.slots.pop()
         for r in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(r)
             r.out.finish_reason = "cancelled"
 
+    def _unpark(self, slot: int, release: bool) -> None:
+        p = self.parked.pop(slot)
+        if p is not None:
+            self.kv_budget.free(p.written)
+            if release:
+                self._cache.release_row(slot)
+
     def _admit(self) -> None:
         while self.waiting:
-            free = next((i for i, r in enumerate(self.slots) if r is None), len(self.slots))
-            if free >= self.max_slots:
+            free = [i for i in range(self.max_slots) if i >= len(self.slots) or self.slots[i] is None]
+            if not free:
                 return
-            req = self.waiting.popleft()
-            need = min(len(req.prompt) + req.params.max_new_tokens, self.max_len)
-            self._ensure_cache(free + 1, need)
-            if free == len(self.slots):
-                self.slots.append(None)
-            self.slots[free], req.slot, req._t0 = req, free, time.perf_counter()
-            req.chunk_ends = self.chunk_ends(req.prompt)
+            req = self.waiting[0]
+            req.chunk_ends = req.chunk_ends or self.chunk_ends(req.prompt)
+            slot, in_place = self.parked.pick(free, req.prompt, req.chunk_ends)
+            need = self.reserve(req) - self.parked.written(slot)
+            while not self.kv_budget.fits(need) and (old := self.parked.oldest(besides=slot)) is not None:
+                self._unpark(old, release=True)
+            if self.running and not self.kv_budget.fits(need):  # wait for running requests to end
+                return
+            self.waiting.popleft()
+            self._unpark(slot, release=not in_place)
+            self.kv_budget.take(self.reserve(req))
+            self._ensure_cache(slot + 1, self.reserve(req))
+            self.slots.extend([None] * (slot + 1 - len(self.slots)))
+            self.slots[slot], req.slot, req._t0 = req, slot, time.perf_counter()
             if self.prefix_cache is not None:
                 req.block_keys = chain_keys(req.prompt, req.chunk_ends)
-                hit = self.prefix_cache.match(req.prompt, req.block_keys, req.chunk_ends)
-                req.prefilled = req.out.cached_tokens = self.prefix_cache.load(hit, self._cache, free)
-                req.chunks_done = len(hit)
+                hit = self.prefix_cache.match(req.prompt, req.block_keys, req.chunk_ends, start=in_place)
+                req.chunks_done = in_place + len(hit)
+                req.prefilled = self.prefix_cache.load(hit, self._cache, slot) or (
+                    req.chunk_ends[in_place - 1] if in_place else 0)
+                req.out.cached_tokens = req.prefilled
 
     def chunk_ends(self, prompt: Sequence[int]) -> list[int]:
-        """Where each prefill chunk of `prompt` ends: from the last end, at the next boundary token, after
-        prefill_chunk tokens, or at the prompt's end, whichever comes first. A chunk's end depends only on the
-        tokens up to it (and the one after it), so two prompts sharing a prefix share its chunks up to the last
-        boundary before they part; the float rounding of a chunk's keys depends on the chunk, so this is what
-        lets the prefix cache be exact (engine/prefix_cache.py)."""
-        ends, lo, n = [], 0, len(prompt)
-        marks = [i for i, t in enumerate(prompt) if i > 0 and t in self.boundary_ids] if self.boundary_ids else []
-        marks.append(n)
-        for mark in marks:
-            while lo < mark:
-                lo = min(lo + self.prefill_chunk, mark)
+        """Where each prefill chunk of `prompt` ends. From the last end, a chunk runs to the first of: right after
+        the reply opening (reply_ids), the prompt's end, prefill_chunk tokens, or, once it holds min_chunk
+        tokens, a boundary token. Each end depends only on the tokens up to it, so two prompts sharing a prefix
+        share its chunks up to where they part; the float rounding of a chunk's keys depends on the chunk, so
+        this is what lets the prefix cache be exact (engine/prefix_cache.py).
+
+        Chats: a prompt ends with the reply opening, and the next turn's prompt holds it at the same place, so
+        the next turn reuses every chunk of this prompt and prefills the reply, the new message and the template
+        around them, in one forward while they are under min_chunk tokens between boundaries (llama.cpp's
+        cache_prompt evaluates the same tokens). A boundary ends a chunk of min_chunk or more tokens, e.g. a
+        long system message: requests sharing it but not the rest reuse it too."""
+        n, r = len(prompt), self.reply_ids
+        hard = {n}
+        if r:
+            hard.update(i + len(r) for i, t in enumerate(prompt) if t == r[0] and tuple(prompt[i:i + len(r)]) == r)
+        soft = {i for i, t in enumerate(prompt) if i > 0 and t in self.boundary_ids} if self.boundary_ids else set()
+        ends, lo = [], 0
+        for mark in sorted(hard | soft):
+            while mark - lo > self.prefill_chunk:
+                lo += self.prefill_chunk
                 ends.append(lo)
+            if mark > lo and (mark in hard or mark - lo >= self.min_chunk):
+                ends.append(mark)
+                lo = mark
         return ends
 
     def _ensure_cache(self, rows: int, length: int) -> None:
-        """Grow the cache (copying what it holds) so it has `rows` rows of `length` slots.
+        """Make the cache hold `rows` rows of `length` slots.
 
         Zero-filled: masked slots of a shorter row may still be read by a batched matmul with weight 0, and
         0 * NaN from uninitialised memory would poison the output. Later writes only leave finite values.
-        Sizes are rounded up (whole buckets of slots, rows in powers of two) so growth is rare.
+        Where memory can be committed lazily (lazy_memory.py), the cache is made once for max_slots rows of
+        max_len slots: it costs RAM only for the pages requests write, and a finished request's row gives its
+        pages back (_release). Otherwise it grows, copying what it holds, rounded up (whole buckets of slots,
+        rows in powers of two) so growth is rare.
         """
         c = self._cache
         same = c is not None and c.dtype == self.dtype and c.kv_dtype == self.kv_cache_dtype
         if same and c.batch_size >= rows and c.max_len >= length:
+            return
+        if lazy_memory():
+            self._cache = KVCache(self.config, self.max_slots, bucketed(self.max_len), self.dtype,
+                                  kv_dtype=self.kv_cache_dtype)
             return
         b = max(rows, c.batch_size if c is not None else 0)
         b = min(1 << (b - 1).bit_length(), self.max_slots)
@@ -322,11 +386,12 @@ class Engine:
         lo, hi = active[0].slot, active[-1].slot + 1
         t0 = time.perf_counter()
         # rows lo..hi-1 step together; a row in the range that is not decoding (free, or mid-prefill) is fed a
-        # dummy token at a position its own later writes overwrite (0, or its next prefill position), and its
-        # output is ignored
+        # dummy token at a position its own later writes overwrite (its next prefill position; past a parked
+        # row's data, or 0 for an empty one), and its output is ignored
         window = self.slots[lo:hi]
         ids = torch.tensor([[r.out.token_ids[-1] if r in active else 0] for r in window])
-        pos = torch.tensor([[r.length if r in active else (r.prefilled if r is not None else 0)] for r in window])
+        pos = torch.tensor([[r.length if r in active else r.prefilled if r is not None
+                             else min(self.parked.written(i), self.max_len - 1)] for i, r in enumerate(window, lo)])
         logits = self.model(ids, positions=pos, cache=self._cache.rows(slice(lo, hi)))[:, -1]  # [B, V]
         dt = time.perf_counter() - t0
         events = []

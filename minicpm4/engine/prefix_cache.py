@@ -5,18 +5,19 @@ llama.cpp's cache_prompt, SGLang's RadixAttention), so a chat turn or an agent s
 Exactness decides what a block is. The float rounding of a token's keys depends on the chunk it was prefilled
 in: a matmul over 512 rows does not round a row as one over 64 rows does (checked on the int4, bf16 and fp32
 paths), nor as a decode step does. So a block is one whole prefill chunk, and the chunks of a prompt are a
-function of its tokens alone (Engine.chunk_ends): a chunk runs from where the last one ended to the next
-boundary token (a chat template's control token such as <|im_start|>), the prompt's end, or prefill_chunk tokens,
-whichever comes first. A request finds its prompt's chunks, in order, under their keys; those it finds are
+function of its tokens alone (Engine.chunk_ends): a chunk runs from where the last one ended to right after the
+chat template's reply opening (`<|im_start|>assistant\n`), the prompt's end, prefill_chunk tokens, or, once it
+holds prefill_chunk / 4 tokens, a boundary token (a control token such as <|im_start|>), whichever comes first.
+A request finds its prompt's chunks, in order, under their keys; those it finds are
 copied, and it prefills the rest; every chunk it computes is then the chunk it computes without the cache, on
 bit-identical keys, so it samples exactly the same tokens. Only prompt chunks are stored, never the keys of
-generated tokens. In a chat the previous turn's prompt ends in `<|im_start|>assistant\n`; the next turn's prompt
-holds the same tokens up to that boundary, so it reuses everything before it and prefills the reply, the new
-message and the template around them (what llama.cpp evaluates too).
+generated tokens. In a chat the previous turn's prompt ends with the reply opening, which the next turn's prompt
+holds at the same place, so it reuses all of the previous prompt and prefills the reply, the new message and the
+template around them (what llama.cpp evaluates too), in one forward when they are short.
 
-InfLLM v2's compressed keys (C1, C2) are not stored: loading blocks resets the row's `covered` to 0, so they are
-pooled again from the copied keys when next needed. Pooling is a per-kernel mean (sparse/select.compress_keys),
-the same values whether pooled at once or chunk by chunk. With use_nope the pre-RoPE keys they are pooled from
+InfLLM v2's compressed keys (C1, C2) are not stored: loading blocks cuts the row's `covered` back to the first
+block's start, so they are pooled again from the copied keys when next needed. Pooling is a per-kernel mean
+(sparse/select.compress_keys), the same values whether pooled at once or chunk by chunk. With use_nope the pre-RoPE keys they are pooled from
 are stored and copied like the keys.
 
 Keys: chunk i of a prompt is keyed by a hash chain, H_i = blake2b(H_{i-1} || its tokens), so one key names the
@@ -81,17 +82,18 @@ class PrefixCache:
         self.blocks.clear()
         self.nbytes = 0
 
-    def match(self, prompt: Sequence[int], keys: list[bytes], ends: list[int]) -> list[Block]:
-        """The cached blocks of the prompt's first chunks (ends: their ends, keys: chain_keys), as many in a row
-        as are cached, never the last chunk: its logits give the first sampled token."""
-        found, parent, lo = [], b"", 0
-        for key, hi in zip(keys[:-1], ends[:-1]):
+    def match(self, prompt: Sequence[int], keys: list[bytes], ends: list[int], start: int = 0) -> list[Block]:
+        """The cached blocks of the prompt's chunks from chunk `start` on (ends: their ends, keys: chain_keys), as
+        many in a row as are cached, never the last chunk: its logits give the first sampled token."""
+        found = []
+        parent, lo = (keys[start - 1], ends[start - 1]) if start else (b"", 0)
+        for key, hi in zip(keys[start:-1], ends[start:-1]):
             blk = self.blocks.get(key)
             if blk is None or blk.parent != parent or blk.start != lo or blk.tokens != tuple(prompt[lo:hi]):
                 break
             found.append(blk)
             parent, lo = key, hi
-        self._touch(keys[:len(found)])
+        self._touch(keys[:start + len(found)])
         return found
 
     def _touch(self, keys: list[bytes]) -> None:
@@ -104,8 +106,8 @@ class PrefixCache:
         """Copy `blocks` (a prompt's first chunks, from match) into their slots of cache row `row`; returns the
         tokens loaded."""
         comp = cache.compressed
-        if comp is not None:  # C1/C2 of this row belong to whatever it held before: pool them again
-            comp.covered[:, row] = 0
+        if comp is not None and blocks:  # C1/C2 of this row past the first block's start: pool them again
+            comp.covered[:, row].clamp_(max=blocks[0].start)
         for blk in blocks:
             sl = slice(blk.start, blk.start + len(blk.tokens))
             for dst, src in zip(cache.buffers(), blk.kv):

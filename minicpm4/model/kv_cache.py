@@ -1,4 +1,4 @@
-"""Preallocated key/value cache: one buffer per layer, written in place, never re-allocated.
+"""Key/value cache: one buffer per layer, written in place.
 
 Slot = absolute position: the key of the token at position p of row b lives at k[layer][b, :, p].
 Rows of a batch may be at different lengths; attention masks keys by position, so a row never
@@ -9,6 +9,8 @@ kv_dtype "int8" (quant/kv8.py, llama.cpp's q8_0 cache type): k and v hold int8 r
 head_dim 64. The C++ decode stack reads them in place; `update` hands the Python layers the rows dequantized
 to the compute dtype (the reference). The compressed keys of InfLLM v2 (C1, C2) stay in the compute dtype,
 pooled from the dequantized keys: they are 1/16 + 1/64 of the key cache.
+The buffers are lazily committed (lazy_memory.lazy_zeros): sized for every row at max_len, they cost RAM only
+for the pages tokens have been written to, and release_row gives a finished request's pages back.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from minicpm4.config import ModelConfig
 from minicpm4.quant import kv8
+from minicpm4.lazy_memory import lazy_zeros, release
 from minicpm4.sparse.cache import CompressedKeys
 
 # Caches are allocated in multiples of this many slots, so that requests of similar lengths reuse one buffer.
@@ -29,8 +32,8 @@ def bucketed(n: int) -> int:
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """A zero-filled cache buffer (keys, values and their int8 scales alike)."""
-    return torch.zeros(shape, dtype=dtype, device=device)
+    """A zero-filled, lazily committed cache buffer (keys, values and their int8 scales alike)."""
+    return lazy_zeros(shape, dtype, device)
 
 
 class KVCache:
@@ -77,6 +80,14 @@ class KVCache:
         return KVCache(self.config, 0, 0, self.dtype, kv_dtype=self.kv_dtype,
                        _bufs=tuple(b[:, index] for b in self.buffers()),
                        _compressed=None if self.compressed is None else self.compressed.rows(index))
+
+    def release_row(self, row: int) -> None:
+        """Give row `row`'s pages back to the OS; they read as zeros again (a no-op where the buffers are not
+        lazy: then the row keeps its stale, finite values until overwritten)."""
+        for b in self.buffers():
+            release(b[:, row])
+        if self.compressed is not None:
+            self.compressed.release_row(row)
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                contiguous_from: int | None, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:

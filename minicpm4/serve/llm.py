@@ -61,9 +61,11 @@ class LLM:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, speculative=None,
                  load_options: dict | None = None, **engine_kwargs):
         self.model, self.tokenizer = model, tokenizer
-        # prefill chunks end before the template's control tokens (<|im_start|>, ...): a conversation's next prompt
-        # then shares all its chunks up to its last turn with the one before, for the prefix cache
-        self.engine = Engine(model, **{"boundary_ids": tokenizer.special_ids, **engine_kwargs})
+        # prefill chunks end right after the template's reply opening and, when long enough, before its control
+        # tokens (<|im_start|>, ...): a conversation's next prompt then reuses all of the one before from the
+        # prefix cache (Engine.chunk_ends)
+        self.engine = Engine(model, **{"boundary_ids": tokenizer.special_ids, "reply_ids": self.reply_opening(),
+                                       **engine_kwargs})
         # a SpeculativeDecoder (batch 1, same stream/generate contract) replaces the engine for generate/stream
         self.speculative = speculative
         # how read_weights loads a checkpoint: as LLM.load loaded this model, else at the model's dtype
@@ -110,6 +112,20 @@ class LLM:
         self.engine.use_model(model)
 
     # ---- prompts ----
+    def reply_opening(self) -> list[int]:
+        """The ids the chat template adds to open the assistant's reply (its generation prompt, e.g.
+        `<|im_start|>assistant\n`), or [] when they cannot be told apart (no template, or one whose prompt
+        does not extend the same messages without it)."""
+        messages = [{"role": "user", "content": "Hi."}]
+        try:
+            bare = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+            full = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except MiniCPM4Error:
+            return []
+        if not full.startswith(bare) or len(full) == len(bare):
+            return []
+        return self.tokenizer.encode(full[len(bare):])
+
     def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
         """The chat prompt as ids. BOS is added as the tokenizer config says (MiniCPM4's template omits it and relies
         on the tokenizer), but not a second time when the template already wrote it (Llama-3 style templates)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from minicpm4.lazy_memory import lazy_zeros, release
 from minicpm4.sparse.select import KERNEL_BUCKET, SparseConfig, as_config, compress_keys
 
 
@@ -47,10 +48,11 @@ class CompressedKeys:
         if _state is not None:
             self.c, self.covered, self.k_nope = _state
             return
-        self.c = tuple(torch.zeros(layers, batch, kv_heads, max(KERNEL_BUCKET, _bucket(n_kernels(max_len, *ks))),
-                                   head_dim, dtype=dtype, device=device) for ks in self.kernels_of)
+        # sized for max_len keys, committed by the OS as kernels are written (lazy_memory.py)
+        self.c = tuple(lazy_zeros((layers, batch, kv_heads, max(KERNEL_BUCKET, _bucket(n_kernels(max_len, *ks))),
+                                   head_dim), dtype, device) for ks in self.kernels_of)
         self.covered = torch.zeros(layers, batch, dtype=torch.int64, device=device)
-        self.k_nope = (torch.zeros(layers, batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.k_nope = (lazy_zeros((layers, batch, kv_heads, max_len, head_dim), dtype, device)
                        if self.cfg.use_nope else None)
 
     def rows(self, index: slice) -> "CompressedKeys":
@@ -58,6 +60,13 @@ class CompressedKeys:
         return CompressedKeys(self.cfg, 0, 0, 0, 0, 0, self.c[0].dtype,
                               _state=(tuple(c[:, index] for c in self.c), self.covered[:, index],
                                       None if self.k_nope is None else self.k_nope[:, index]))
+
+    def release_row(self, row: int) -> None:
+        """Give row `row`'s memory back to the OS (it reads as zeros, and nothing is covered)."""
+        self.covered[:, row] = 0
+        for buf in (*self.c, self.k_nope):
+            if buf is not None:
+                release(buf[:, row])
 
     def write_nope(self, layer: int, positions: torch.Tensor, k: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Store pre-RoPE keys k [B, KVH, T, D] at positions [B, T]; return the layer's first kv_len of them."""

@@ -41,17 +41,25 @@ def test_chat_keeps_history_and_exits_on_eof(smollm_gguf):
 
 
 def test_chat_reuses_the_conversation_between_turns(smollm_gguf):
-    """The prefix cache, on by default: the second turn reuses all of the first turn's prompt but the
-    "<|im_start|>assistant\n" (4 tokens) that opened the reply; with --no-prefix-cache nothing is reused."""
+    """The prefix cache, on by default: the second turn reuses all of the first turn's prompt; with
+    --no-prefix-cache nothing is reused."""
     system = "You answer questions about foxes. " + "The quick brown fox jumps over the lazy dog. " * 60
     turns = "Name a colour.\nName an animal.\n"
     r = run("chat", "--model", str(smollm_gguf), "--max-new-tokens", "8", "--system", system, stdin=turns)
     lines = [line for line in r.stderr.splitlines() if line.startswith("[prompt ")]
     first = int(lines[0].split()[1])
-    assert len(lines) == 2 and "cached" not in lines[0] and f", {first - 4} cached," in lines[1]
+    assert len(lines) == 2 and "cached" not in lines[0] and f", {first} cached," in lines[1]
     r = run("chat", "--model", str(smollm_gguf), "--max-new-tokens", "8", "--system", system, "--no-prefix-cache",
             stdin=turns)
     assert r.stderr.count("[prompt ") == 2 and "cached" not in r.stderr
+
+
+def test_chat_says_when_a_message_exceeds_the_context_and_goes_on(smollm_gguf):
+    long = "The quick brown fox jumps over the lazy dog. " * 30  # ~330 tokens
+    r = run("chat", "--model", str(smollm_gguf), "--max-new-tokens", "8", "--max-model-len", "128",
+            stdin=long + "\nWhat is 2+2?\n")
+    assert "does not fit the context of 128 tokens" in r.stderr
+    assert r.stderr.count("[prompt ") == 1  # the short question is still answered
 
 
 def test_info_prints_shapes(smollm_gguf):

@@ -9,6 +9,7 @@ from model_util import random_model
 
 from minicpm4.config import ModelConfig, tiny
 from minicpm4.engine.engine import Engine
+from minicpm4.engine.prefix_cache import chain_keys
 from minicpm4.engine.sampling import SamplingParams
 from minicpm4.model.native_stack import attach
 from minicpm4.serve.llm import LLM
@@ -77,13 +78,13 @@ def test_concurrent_requests_with_the_cache_equal_uncached():
 @pytest.mark.parametrize("kind", ["int4", "bf16"])
 def test_default_model_cached_equals_uncached(kind, smollm_gguf, real_text):
     """The default model as `serve` loads it (int4 layers, C++ stack) and with bf16 weights: a 3-turn chat
-    over a document, chunked as LLM chunks it (before the template's control tokens), each turn served from the
-    blocks of the turns before: all of the previous prompt up to its last <|im_start|>."""
+    over a document, chunked as LLM chunks it (right after the reply opening, before long chunks' control
+    tokens), each turn served from the blocks of the turns before: all of the previous prompt."""
     llm = LLM.load(smollm_gguf, dtype="auto", int4=True) if kind == "int4" else LLM.load(smollm_gguf, dtype="bf16")
     doc = llm.tokenizer.decode(llm.tokenizer.encode(real_text)[:150])
     history, prompts = [{"role": "user", "content": doc + "\nWhat is this text about?"}], []
-    specials = llm.tokenizer.special_ids
-    reference = Engine(llm.model, prefill_chunk=64, boundary_ids=specials)
+    chunking = dict(prefill_chunk=64, boundary_ids=llm.tokenizer.special_ids, reply_ids=llm.reply_opening())
+    reference = Engine(llm.model, **chunking)
     for question in ("Who wrote it?", "Summarise it in five words."):
         prompts.append(llm.encode_chat(history))
         reply = reference.generate([prompts[-1]], GREEDY)[0].token_ids
@@ -91,19 +92,20 @@ def test_default_model_cached_equals_uncached(kind, smollm_gguf, real_text):
                     {"role": "user", "content": question}]
     prompts.append(llm.encode_chat(history))
     want = [g.token_ids for g in one_by_one(reference, prompts)]
-    got = one_by_one(Engine(llm.model, prefill_chunk=64, prefix_cache_gb=0.1, boundary_ids=specials), prompts)
+    got = one_by_one(Engine(llm.model, prefix_cache_gb=0.1, **chunking), prompts)
     assert [g.token_ids for g in got] == want
     assert got[0].cached_tokens == 0
-    opening = llm.tokenizer.encode("<|im_start|>assistant\n")  # 4 tokens
+    assert chunking["reply_ids"] == llm.tokenizer.encode("<|im_start|>assistant\n")  # 4 tokens
     for prev, g, new in zip(prompts, got[1:], prompts[1:]):
-        assert prev[-len(opening):] == opening and new[:len(prev)] == prev
-        # reused: the previous prompt but its "<|im_start|>assistant\n"; prefilled: that, reply, next question
-        assert g.cached_tokens == len(prev) - len(opening)
+        assert new[:len(prev)] == prev
+        # reused: all of the previous prompt; prefilled: the reply, the next question and the template around them
+        assert g.cached_tokens == len(prev)
 
 
-def test_chunks_end_at_boundary_tokens_and_turns_reuse_all_before_the_last():
-    """Chat-shaped prompts of a tiny model: token 1 opens a turn (a boundary), so a prefill chunk never runs
-    past one; the next turn's prompt, which extends this one, reuses every chunk before this one's last turn."""
+def test_chunks_end_after_the_reply_opening_and_turns_reuse_all_of_the_last():
+    """Chat-shaped prompts of a tiny model: token 1 opens a turn (a boundary) and [1, 9] opens a reply. A chunk
+    ends right after each reply opening and before a boundary once it holds CHUNK / 4 = 8 tokens; the next
+    turn's prompt, which extends this one, reuses all of it."""
     model = tiny_model(SPARSE, torch.float32)
     g = torch.Generator().manual_seed(4)
 
@@ -112,13 +114,17 @@ def test_chunks_end_at_boundary_tokens_and_turns_reuse_all_before_the_last():
     turn1 = [1, *words(70), 1, *words(20), 1, 9]  # system, user, and the opening of the reply
     turn2 = turn1 + words(15) + [1, *words(10), 1, 9]
     turn3 = turn2 + words(12) + [1, *words(40), 1, 9]
-    assert Engine(model, prefill_chunk=CHUNK, boundary_ids=[1]).chunk_ends(turn1) == [32, 64, 71, 92, 94]
-    want = [x.token_ids for x in one_by_one(Engine(model, prefill_chunk=CHUNK, boundary_ids=[1]),
-                                             [turn1, turn2, turn3])]
-    engine = Engine(model, prefill_chunk=CHUNK, prefix_cache_gb=0.01, boundary_ids=[1])
+    chunking = dict(prefill_chunk=CHUNK, boundary_ids=[1], reply_ids=[1, 9])
+    # [64, 71) is under 8 tokens: no end at the boundary at 71; [64, 92) is not; the reply opening [92, 94)
+    assert Engine(model, **chunking).chunk_ends(turn1) == [32, 64, 92, 94]
+    # turn 2 past turn 1's end: 15 words (a chunk of 8+, so it ends at the boundary after it), a boundary token
+    # and 10 words (11 tokens: ends at the next boundary), the reply opening
+    assert Engine(model, **chunking).chunk_ends(turn2) == [32, 64, 92, 94, 109, 120, 122]
+    want = [x.token_ids for x in one_by_one(Engine(model, **chunking), [turn1, turn2, turn3])]
+    engine = Engine(model, prefix_cache_gb=0.01, **chunking)
     got = one_by_one(engine, [turn1, turn2, turn3])
     assert [x.token_ids for x in got] == want
-    assert [x.cached_tokens for x in got] == [0, len(turn1) - 2, len(turn2) - 2]
+    assert [x.cached_tokens for x in got] == [0, len(turn1), len(turn2)]
 
 
 def test_eviction_under_a_tiny_budget_while_requests_run():
@@ -135,9 +141,31 @@ def test_eviction_under_a_tiny_budget_while_requests_run():
     assert engine.prefix_cache.evicted > 0
     again = one_by_one(engine, prompts)
     assert [r.out.token_ids for r in reqs] + [x.token_ids for x in again] == want
-    # leaves go first: what survives the last prompt's run is its chain's head, its first 2 blocks
+    # leaves go first: what survives the last prompt's run in the pool is its chain's head, its first 2 blocks
+    ends = engine.chunk_ends(prompts[-1])
+    assert [b.start for b in engine.prefix_cache.match(prompts[-1], chain_keys(prompts[-1], ends), ends)] == [0, CHUNK]
+    # the row it ran in is parked with all its chunks: a request for it uses them in place, all but the last
     last = engine.generate([prompts[-1]], GREEDY)[0]
-    assert last.cached_tokens == 2 * CHUNK and last.token_ids == want[-1]
+    assert last.cached_tokens == 3 * CHUNK and last.token_ids == want[-1]
+
+
+def test_parked_rows_serve_the_next_turn_in_place_and_go_to_unrelated_prompts_clean():
+    """A finished request's row keeps its keys (engine/parked_rows.py): the next turn uses them in place even
+    when the pool holds nothing (a budget below one block), exactly; a prompt sharing nothing takes the row
+    (the only slot), which is given back first, and gets what it gets on a fresh engine."""
+    model = tiny_model(SPARSE, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    turn1 = torch.randint(3, 512, (90,), generator=g).tolist()
+    turn2 = turn1 + torch.randint(3, 512, (40,), generator=g).tolist()
+    other = torch.randint(3, 512, (70,), generator=g).tolist()
+    want = [x.token_ids for x in one_by_one(Engine(model, prefill_chunk=CHUNK), [turn1, turn2, other, turn2])]
+    engine = Engine(model, prefill_chunk=CHUNK, max_slots=1, prefix_cache_gb=1e-9)
+    got = one_by_one(engine, [turn1, turn2, other, turn2])
+    assert len(engine.prefix_cache) == 0
+    assert [x.token_ids for x in got] == want
+    # turn 2 in place: turn 1's chunks ending at 32 and 64 (turn 2's third chunk is [64, 96), not [64, 90));
+    # other: nothing; turn 2 again, after other took the row: nothing
+    assert [x.cached_tokens for x in got] == [0, 64, 0, 0]
 
 
 def test_request_cancelled_mid_prefill_leaves_only_whole_blocks():
