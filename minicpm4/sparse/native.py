@@ -53,7 +53,7 @@ def native_chunk(q: torch.Tensor, qs: torch.Tensor, k: torch.Tensor, v: torch.Te
     """q/qs [B, H, T, D], k/v [B, KVH, S, D], positions [B, T] (clamped to the rows' lengths), c1/c2 pooled from
     the keys. Returns [B, H, T, D] or None."""
     ext = _ext(q, (q, qs, k, v, c1, c2), k.shape[1])
-    if ext is None:
+    if ext is None or cfg.block_size % 16:  # the kernel's score tiles hold whole blocks of 16 keys
         return None
     out, _ = ext.sparse_prefill(*_last_dim_contiguous(q, qs, k, v, c1, c2), positions, *_args(cfg, k_sel), False)
     return out

@@ -1,0 +1,418 @@
+#pragma once
+
+// InfLLM v2 prefill in C++ (bf16): the selection and sparse attention of a chunk of queries, a group of kGroup
+// consecutive queries of one (row, KV head) per task.
+//
+// Each query selects its own blocks (sparse_attention.h's select, stages 1-1c). The group's queries share many
+// blocks: the init block and the sliding window (34 of a query's 96 under the default config) are the same for
+// every query of a 64-token block, and the top-k blocks overlap. So stage 2 walks the union of the group's blocks,
+// once: each block's keys are read and widened once (load_keys_t, load_values: the only places stage 2 reads the
+// cache), and every (query, head) that selected the block multiplies them as one small GEMM, R rows (query heads)
+// x C vectors (keys for Q K^T, output dimensions for P V) of register accumulators. Per query it is the decode
+// step's arithmetic in the same rounding (sparse_attention.h): fp32 scores, softmax over all of a query's selected
+// keys at once (max, exp, sum, probabilities rounded to bf16), fp32 P V summed in block order, one bf16 rounding of
+// the output. The scores of the group wait in scratch between the two passes (kGroup x G x selected keys fp32:
+// 1.5 MiB at 8 queries, group 8, 6144 keys), so the softmax is the reference's, not an online one.
+//
+// Cost: per query the decode step's multiply-adds; the block reads and the key transposes (lanes = keys for Q K^T,
+// so a key's dimensions become columns) are shared by the queries of a group that selected the block.
+
+#include "sparse_attention.h"
+
+namespace infllm {
+
+constexpr int64_t kGroup = 8;  // queries per task
+
+// The register tile: kR rows x kC vectors (16 / 8 / 4 lanes); kR x kC + kC + 1 registers at most the ISA's count.
+#if defined(__AVX512F__)
+constexpr int kR = 4, kC = 4;
+#elif defined(__ARM_NEON)
+constexpr int kR = 4, kC = 4;
+#else
+constexpr int kR = 4, kC = 2;
+#endif
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// 8 rows of 8 dwords in r[0..7] -> r[c] lane k = input row k, dword c.
+inline void transpose8(__m256i r[8]) {
+  __m256 a[8], t[8], u[8];
+  for (int k = 0; k < 8; ++k) a[k] = _mm256_castsi256_ps(r[k]);
+  for (int k = 0; k < 4; ++k) {
+    t[2 * k] = _mm256_unpacklo_ps(a[2 * k], a[2 * k + 1]);
+    t[2 * k + 1] = _mm256_unpackhi_ps(a[2 * k], a[2 * k + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // u[4h + c]: rows 4h..4h+3 at dwords c (low half) and c + 4 (high half)
+    u[4 * h] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+    u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+    u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+    u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_castps_si256(_mm256_permute2f128_ps(u[c], u[4 + c], 0x20));
+    r[4 + c] = _mm256_castps_si256(_mm256_permute2f128_ps(u[c], u[4 + c], 0x31));
+  }
+}
+#endif
+
+// A block's keys k_j = k + j * stride, j < n, as fp32 columns: kt[d * ld + j] = k_j[d] for j < n rounded up to 16
+// (columns n.. zero). Stage 2's one read of keys: a reader of another key format replaces this function.
+// avx512 / avx2: 16 / 8 keys at a time, transposed as dword pairs (two dimensions) and widened by a shift (even
+// dimension) and a mask (odd), as dots() does.
+inline void load_keys_t(const BFloat16* k, int64_t stride, int64_t n, int64_t D, int64_t ld, float* kt) {
+#if defined(__AVX512F__)
+  if (D % 32 == 0) {
+    const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      for (int64_t c = 0; c < D / 2; c += 16) {
+        __m512i r[16];
+        for (int x = 0; x < 16; ++x)
+          r[x] = j0 + x < n ? _mm512_loadu_si512(k + (j0 + x) * stride + 2 * c) : _mm512_setzero_si512();
+        transpose16(r);
+        for (int x = 0; x < 16; ++x) {
+          _mm512_storeu_ps(kt + 2 * (c + x) * ld + j0, _mm512_castsi512_ps(_mm512_slli_epi32(r[x], 16)));
+          _mm512_storeu_ps(kt + (2 * (c + x) + 1) * ld + j0, _mm512_castsi512_ps(_mm512_and_si512(r[x], hi)));
+        }
+      }
+    }
+    return;
+  }
+#elif defined(__AVX2__)
+  if (D % 16 == 0) {
+    const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int64_t j0 = 0; j0 < n; j0 += 8) {
+      for (int64_t c = 0; c < D / 2; c += 8) {
+        __m256i r[8];
+        for (int x = 0; x < 8; ++x)
+          r[x] = j0 + x < n ? _mm256_loadu_si256((const __m256i*)(k + (j0 + x) * stride + 2 * c))
+                            : _mm256_setzero_si256();
+        transpose8(r);
+        for (int x = 0; x < 8; ++x) {
+          _mm256_storeu_ps(kt + 2 * (c + x) * ld + j0, _mm256_castsi256_ps(_mm256_slli_epi32(r[x], 16)));
+          _mm256_storeu_ps(kt + (2 * (c + x) + 1) * ld + j0, _mm256_castsi256_ps(_mm256_and_si256(r[x], hi)));
+        }
+      }
+    }
+    return;
+  }
+#endif
+  const int64_t n16 = pad16(n);
+  for (int64_t j = 0; j < n16; ++j)
+    for (int64_t d = 0; d < D; ++d) kt[d * ld + j] = j < n ? widen(k[j * stride + d]) : 0.f;
+}
+
+// A block's values v + j * stride, j < n, as fp32 rows vt[j * D + d]: stage 2's one read of values.
+inline void load_values(const BFloat16* v, int64_t stride, int64_t n, int64_t D, float* vt) {
+  for (int64_t j = 0; j < n; ++j) {
+    const BFloat16* row = v + j * stride;
+    float* out = vt + j * D;
+    int64_t d = 0;
+    for (; d + W <= D; d += W) load_bf16(row + d).store(out + d);
+    for (; d < D; ++d) out[d] = widen(row[d]);
+  }
+}
+
+// s_r[0 .. C W) = scale * (q_r . kt[:, 0 .. C W)) for r < R; q_r fp32 [D], kt [D, ld].
+template <int R, int C>
+inline void qk_tile(const float* const* q, const float* kt, int64_t ld, int64_t D, float scale, float* const* s) {
+  Vec acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = Vec(0.f);
+  for (int64_t d = 0; d < D; ++d) {
+    Vec kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = Vec::loadu(kt + d * ld + c * W);
+    for (int r = 0; r < R; ++r) {
+      const Vec qb(q[r][d]);
+      for (int c = 0; c < C; ++c) acc[r][c] = vfma(qb, kv[c], acc[r][c]);
+    }
+  }
+  const Vec sc(scale);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) (acc[r][c] * sc).store(s[r] + c * W);
+}
+
+// o_r[0 .. C W) += sum_{j < n} p_r[j] vt[j * D + 0 .. C W) for r < R.
+template <int R, int C>
+inline void pv_tile(const float* const* p, const float* vt, int64_t D, int64_t n, float* const* o) {
+  Vec acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = Vec::loadu(o[r] + c * W);
+  for (int64_t j = 0; j < n; ++j) {
+    Vec vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = Vec::loadu(vt + j * D + c * W);
+    for (int r = 0; r < R; ++r) {
+      const Vec pb(p[r][j]);
+      for (int c = 0; c < C; ++c) acc[r][c] = vfma(pb, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c].store(o[r] + c * W);
+}
+
+template <int C>
+inline void qk_rows(int64_t m, const float* const* q, const float* kt, int64_t ld, int64_t D, float scale,
+                    float* const* s) {
+  switch (m) {
+    case 1: return qk_tile<1, C>(q, kt, ld, D, scale, s);
+    case 2: return qk_tile<2, C>(q, kt, ld, D, scale, s);
+    case 3: return qk_tile<3, C>(q, kt, ld, D, scale, s);
+    default: return qk_tile<kR, C>(q, kt, ld, D, scale, s);
+  }
+}
+
+template <int C>
+inline void pv_rows(int64_t m, const float* const* p, const float* vt, int64_t D, int64_t n, float* const* o) {
+  switch (m) {
+    case 1: return pv_tile<1, C>(p, vt, D, n, o);
+    case 2: return pv_tile<2, C>(p, vt, D, n, o);
+    case 3: return pv_tile<3, C>(p, vt, D, n, o);
+    default: return pv_tile<kR, C>(p, vt, D, n, o);
+  }
+}
+
+// Scores of M rows against one block: s[r][j] = scale * q[r] . key j for j < n rounded up to W (kt from
+// load_keys_t; s[r] has room for them).
+inline void qk_block(const float* const* q, float* const* s, int64_t M, const float* kt, int64_t ld, int64_t n,
+                     int64_t D, float scale) {
+  const int64_t nv = (n + W - 1) / W;
+  float* so[kR];
+  for (int64_t r0 = 0; r0 < M; r0 += kR) {
+    const int64_t m = std::min<int64_t>(kR, M - r0);
+    int64_t v = 0;
+    for (; v + kC <= nv; v += kC) {
+      for (int64_t x = 0; x < m; ++x) so[x] = s[r0 + x] + v * W;
+      qk_rows<kC>(m, q + r0, kt + v * W, ld, D, scale, so);
+    }
+    for (; v < nv; ++v) {
+      for (int64_t x = 0; x < m; ++x) so[x] = s[r0 + x] + v * W;
+      qk_rows<1>(m, q + r0, kt + v * W, ld, D, scale, so);
+    }
+  }
+}
+
+// o[r][d] += sum_{j < n} p[r][j] vt[j * D + d] for M rows.
+inline void pv_block(const float* const* p, float* const* o, int64_t M, const float* vt, int64_t n, int64_t D) {
+  float* oo[kR];
+  for (int64_t r0 = 0; r0 < M; r0 += kR) {
+    const int64_t m = std::min<int64_t>(kR, M - r0);
+    int64_t d = 0;
+    for (; d + kC * W <= D; d += kC * W) {
+      for (int64_t x = 0; x < m; ++x) oo[x] = o[r0 + x] + d;
+      pv_rows<kC>(m, p + r0, vt + d, D, n, oo);
+    }
+    for (; d + W <= D; d += W) {
+      for (int64_t x = 0; x < m; ++x) oo[x] = o[r0 + x] + d;
+      pv_rows<1>(m, p + r0, vt + d, D, n, oo);
+    }
+    for (; d < D; ++d)
+      for (int64_t x = 0; x < m; ++x) {
+        float a = o[r0 + x][d];
+        for (int64_t j = 0; j < n; ++j) a += p[r0 + x][j] * vt[j * D + d];
+        o[r0 + x][d] = a;
+      }
+  }
+}
+
+// x[0..n) -> bf16(softmax(x)) in place, kept in fp32: exp(x - max) / sum as the decode step's exp_shift, sum and
+// to_prob compute it, in two passes (max; exp and sum) and a third (scale and round) with the row in L1; four
+// accumulators each, so the max and sum chains do not wait on one register.
+inline void softmax_row(float* x, int64_t n) {
+  Vec m4[4] = {Vec(-kInf), Vec(-kInf), Vec(-kInf), Vec(-kInf)};
+  int64_t j = 0;
+  for (; j + 4 * W <= n; j += 4 * W)
+    for (int a = 0; a < 4; ++a) m4[a] = vmax(m4[a], Vec::loadu(x + j + a * W));
+  for (; j + W <= n; j += W) m4[0] = vmax(m4[0], Vec::loadu(x + j));
+  alignas(64) float f[W];
+  vmax(vmax(m4[0], m4[1]), vmax(m4[2], m4[3])).store(f);
+  float m = -kInf;
+  for (int k = 0; k < W; ++k) m = std::max(m, f[k]);
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  const Vec shift(-m);
+  Vec s4[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+  j = 0;
+  for (; j + 4 * W <= n; j += 4 * W)
+    for (int a = 0; a < 4; ++a) {
+      const Vec e = exp_vec(Vec::loadu(x + j + a * W) + shift);
+      e.store(x + j + a * W);
+      s4[a] = s4[a] + e;
+    }
+  for (; j + W <= n; j += W) {
+    const Vec e = exp_vec(Vec::loadu(x + j) + shift);
+    e.store(x + j);
+    s4[0] = s4[0] + e;
+  }
+  ((s4[0] + s4[1]) + (s4[2] + s4[3])).store(f);
+  float t = 0.f;
+  for (int k = 0; k < W; ++k) t += f[k];
+  for (; j < n; ++j) {
+    x[j] = exp_poly(x[j] - m);
+    t += x[j];
+  }
+  to_prob(x, n, 1.f / t, x);
+}
+
+struct GroupScratch {
+  Scratch w;                      // selection
+  std::vector<BFloat16> qs;       // one query's G stage-1 heads [G, D]
+  std::vector<float> qf, s, o;    // [n, G, D] queries fp32; [n, G, lds] scores / probabilities; [n, G, D] outputs
+  std::vector<float> kt, vt;      // one block: keys [D, ld] (columns), values [block, D]
+  std::vector<int64_t> blocks, t, len;  // [n, k_sel] selections; positions; selected tokens per query
+  struct Use { int64_t block, query, slot; };
+  std::vector<Use> uses;
+  std::vector<const float*> in;   // rows of one block's GEMM
+  std::vector<float*> out;
+};
+
+// One (row, KV head), queries i < nq: q / qs head i of query x at q + i * qh + x * qt (likewise qs), positions
+// pos[x]; kbase, vbase, c1, c2 as for step(); outputs at out + i * oh + x * ot; selections at idx + x * k_sel
+// (or idx nullptr).
+template <int G>
+void group(const BFloat16* q, int64_t qh, int64_t qt, const BFloat16* qs, int64_t qsh, int64_t qst,
+           const BFloat16* kbase, const BFloat16* vbase, int64_t kstride, int64_t vstride, const BFloat16* c1,
+           int64_t c1stride, const BFloat16* c2, int64_t c2stride, const int64_t* pos, int64_t nq, int64_t D,
+           const Params& P, int64_t* idx, BFloat16* out, int64_t oh, int64_t ot, GroupScratch& g) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const int64_t B = P.block, lds = P.k_sel * B, ldk = pad16(B);
+  g.qs.resize(G * D);
+  g.qf.resize(nq * G * D);
+  g.s.resize(nq * G * lds);
+  g.o.assign(nq * G * D, 0.f);
+  g.kt.resize(D * ldk);
+  g.vt.resize(B * D);
+  g.blocks.resize(nq * P.k_sel);
+  g.t.resize(nq);
+  g.len.resize(nq);
+  g.uses.clear();
+  for (int64_t x = 0; x < nq; ++x) {  // stages 1-1c per query
+    const int64_t t = pos[x];
+    for (int64_t i = 0; i < G; ++i) {
+      std::copy_n(qs + i * qsh + x * qst, D, g.qs.data() + i * D);
+      const BFloat16* qi = q + i * qh + x * qt;
+      for (int64_t d = 0; d < D; ++d) g.qf[(x * G + i) * D + d] = widen(qi[d]);
+    }
+    const int64_t K = select<G>(g.qs.data(), c1, c1stride, c2, c2stride, t, D, P, g.w);
+    int64_t n = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t b = g.w.order[k];
+      g.blocks[x * P.k_sel + k] = b;
+      g.uses.push_back({b, x, k});
+      n += std::min(B, t + 1 - b * B);  // blocks before the last are whole: slot k's tokens start at k B
+    }
+    if (idx)
+      for (int64_t k = 0; k < P.k_sel; ++k) idx[x * P.k_sel + k] = k < K ? g.w.order[k] : -1;
+    g.t[x] = t;
+    g.len[x] = n;
+  }
+  std::sort(g.uses.begin(), g.uses.end(),
+            [](const GroupScratch::Use& a, const GroupScratch::Use& b) {
+              return a.block < b.block || (a.block == b.block && a.query < b.query);
+            });
+  g.in.resize(nq * G);
+  g.out.resize(nq * G);
+  // runs of uses of one block: [u0, u1); the keys it needs: [lo, lo + n)
+  auto run_end = [&](size_t u0, int64_t& n) {
+    size_t u1 = u0;
+    n = 0;
+    for (; u1 < g.uses.size() && g.uses[u1].block == g.uses[u0].block; ++u1)
+      n = std::max(n, std::min(B, g.t[g.uses[u1].query] + 1 - g.uses[u0].block * B));
+    return u1;
+  };
+  // stage 2a: scores, block by block over the union
+  for (size_t u0 = 0, u1; u0 < g.uses.size(); u0 = u1) {
+    int64_t n;
+    u1 = run_end(u0, n);
+    load_keys_t(kbase + g.uses[u0].block * B * kstride, kstride, n, D, ldk, g.kt.data());
+    int64_t M = 0;
+    for (size_t u = u0; u < u1; ++u)
+      for (int64_t i = 0; i < G; ++i, ++M) {
+        const int64_t r = g.uses[u].query * G + i;
+        g.in[M] = g.qf.data() + r * D;
+        g.out[M] = g.s.data() + r * lds + g.uses[u].slot * B;
+      }
+    qk_block(g.in.data(), g.out.data(), M, g.kt.data(), ldk, n, D, scale);
+  }
+  // softmax per (query, head) over all its selected tokens; probabilities rounded to bf16, zero past them
+  for (int64_t x = 0; x < nq; ++x)
+    for (int64_t i = 0; i < G; ++i) {
+      float* s = g.s.data() + (x * G + i) * lds;
+      const int64_t n = g.len[x];
+      softmax_row(s, n);
+      std::fill(s + n, s + (n + B - 1) / B * B, 0.f);  // the last selected block's tail
+    }
+  // stage 2b: P V, block by block over the union
+  for (size_t u0 = 0, u1; u0 < g.uses.size(); u0 = u1) {
+    int64_t n;
+    u1 = run_end(u0, n);
+    load_values(vbase + g.uses[u0].block * B * vstride, vstride, n, D, g.vt.data());
+    int64_t M = 0;
+    for (size_t u = u0; u < u1; ++u)
+      for (int64_t i = 0; i < G; ++i, ++M) {
+        const int64_t r = g.uses[u].query * G + i;
+        g.in[M] = g.s.data() + r * lds + g.uses[u].slot * B;
+        g.out[M] = g.o.data() + r * D;
+      }
+    pv_block(g.in.data(), g.out.data(), M, g.vt.data(), n, D);
+  }
+  for (int64_t x = 0; x < nq; ++x)
+    for (int64_t i = 0; i < G; ++i) {
+      const float* o = g.o.data() + (x * G + i) * D;
+      BFloat16* dst = out + i * oh + x * ot;
+      for (int64_t d = 0; d < D; ++d) dst[d] = o[d];
+    }
+}
+
+using GroupFn = decltype(&group<1>);
+template <int G>
+struct GroupOf {
+  static constexpr GroupFn fn = &group<G>;
+};
+
+// Prefill / chunked queries: q, qs [B, H, T, D] bf16 (contiguous last dim); pos [B, T] int64 contiguous (query
+// positions, clamped to the rows' lengths); k, v, c1, c2 as for decode_into (c1, c2 pooled from the keys up to
+// the longest row). out [B, H, T, D] contiguous; idx [B, KVH, T, k_sel] contiguous, or nullptr (not kept: at 32K
+// queries it would be 48 MiB). Tasks are (row, KV head, group of kGroup queries).
+inline void prefill_into(const Tensor& q, const Tensor& qs, const Tensor& k, const Tensor& v, const Tensor& c1,
+                         const Tensor& c2, const int64_t* pos, const Params& P, BFloat16* op, int64_t* ip) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KVH = k.size(1), G = H / KVH;
+  GroupFn fn = pick<GroupOf>(G, std::make_integer_sequence<int, 16>{});
+  TORCH_CHECK(fn != nullptr && H % KVH == 0, "InfLLM v2 prefill: GQA group size must be 1..16");
+  TORCH_CHECK(D <= 256 && P.block % P.stride == 0 && P.block % 16 == 0, "InfLLM v2 prefill: unsupported shape");
+  const BFloat16 *qp = q.data_ptr<BFloat16>(), *qsp = qs.data_ptr<BFloat16>();
+  const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
+  const BFloat16 *c1p = c1.data_ptr<BFloat16>(), *c2p = c2.data_ptr<BFloat16>();
+  const int64_t groups = (T + kGroup - 1) / kGroup;
+  at::parallel_for(0, B * KVH * groups, 1, [&](int64_t begin, int64_t end) {
+    thread_local GroupScratch scratch;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (KVH * groups), g = task / groups % KVH, t0 = task % groups * kGroup;
+      const int64_t h = g * G;
+      fn(qp + b * q.stride(0) + h * q.stride(1) + t0 * q.stride(2), q.stride(1), q.stride(2),
+         qsp + b * qs.stride(0) + h * qs.stride(1) + t0 * qs.stride(2), qs.stride(1), qs.stride(2),
+         kp + b * k.stride(0) + g * k.stride(1), vp + b * v.stride(0) + g * v.stride(1), k.stride(2), v.stride(2),
+         c1p + b * c1.stride(0) + g * c1.stride(1), c1.stride(2), c2p + b * c2.stride(0) + g * c2.stride(1),
+         c2.stride(2), pos + b * T + t0, std::min(kGroup, T - t0), D, P,
+         ip ? ip + ((b * KVH + g) * T + t0) * P.k_sel : nullptr, op + ((b * H + h) * T + t0) * D, T * D, D,
+         scratch);
+    }
+  });
+}
+
+// The Python face of prefill_into (csrc/ops.cpp binds it as sparse_prefill). q, qs [B, H, T, D] bf16 (contiguous
+// last dim); pos [B, T] positions, clamped to the rows' lengths; k, v, c1, c2 as for decode. Returns (out
+// [B, H, T, D] bf16, idx [B, KVH, T, k_sel] int64 when with_idx, else empty).
+inline std::tuple<Tensor, Tensor> prefill_op(Tensor q, Tensor qs, Tensor k, Tensor v, Tensor c1, Tensor c2, Tensor pos,
+                                             int64_t kernel_size, int64_t stride, int64_t block, int64_t init_blocks,
+                                             int64_t local_blocks, int64_t k_sel, bool with_idx) {
+  for (const Tensor* x : {&q, &qs, &k, &v, &c1, &c2})
+    TORCH_CHECK(x->scalar_type() == at::kBFloat16 && x->stride(-1) == 1,
+                "sparse prefill: bf16 tensors with a contiguous last dim");
+  TORCH_CHECK(q.dim() == 4 && qs.sizes() == q.sizes() && k.dim() == 4, "sparse prefill: q [B, H, T, D]");
+  pos = pos.to(at::kLong).contiguous();
+  Tensor out = at::empty(q.sizes(), q.options());
+  Tensor idx = at::empty({with_idx ? q.size(0) : 0, k.size(1), q.size(2), k_sel}, q.options().dtype(at::kLong));
+  const Params P{kernel_size, stride, block, init_blocks, local_blocks, k_sel, k_sel};
+  prefill_into(q, qs, k, v, c1, c2, pos.data_ptr<int64_t>(), P, out.data_ptr<at::BFloat16>(),
+               with_idx ? idx.data_ptr<int64_t>() : nullptr);
+  return {out, idx};
+}
+
+}  // namespace infllm
