@@ -21,7 +21,10 @@
 
 namespace infllm {
 
-constexpr int64_t kGroup = 8;  // queries per task
+inline int64_t group_size() {
+  static const int64_t n = std::getenv("PF_GROUP") ? std::atoi(std::getenv("PF_GROUP")) : 8;
+  return n;
+}
 
 // The register tile: kR rows x kC vectors (16 / 8 / 4 lanes); kR x kC + kC + 1 registers at most the ISA's count.
 #if defined(__AVX512F__)
@@ -58,11 +61,14 @@ inline void transpose8(__m256i r[8]) {
 // (columns n.. zero). Stage 2's one read of keys: a reader of another key format replaces this function.
 // avx512 / avx2: 16 / 8 keys at a time, transposed as dword pairs (two dimensions) and widened by a shift (even
 // dimension) and a mask (odd), as dots() does.
-inline void load_keys_t(const BFloat16* k, int64_t stride, int64_t n, int64_t D, int64_t ld, float* kt) {
+inline void load_keys_t(const BFloat16* k, int64_t stride, int64_t n, int64_t D, int64_t ld, float* kt,
+                        const BFloat16* next) {
 #if defined(__AVX512F__)
   if (D % 32 == 0) {
     const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      if (next)
+        for (int64_t x = j0; x < j0 + 16; ++x) prefetch_row(next + x * stride, D);
       for (int64_t c = 0; c < D / 2; c += 16) {
         __m512i r[16];
         for (int x = 0; x < 16; ++x)
@@ -80,6 +86,8 @@ inline void load_keys_t(const BFloat16* k, int64_t stride, int64_t n, int64_t D,
   if (D % 16 == 0) {
     const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int64_t j0 = 0; j0 < n; j0 += 8) {
+      if (next)
+        for (int64_t x = j0; x < j0 + 8; ++x) prefetch_row(next + x * stride, D);
       for (int64_t c = 0; c < D / 2; c += 8) {
         __m256i r[8];
         for (int x = 0; x < 8; ++x)
@@ -96,13 +104,16 @@ inline void load_keys_t(const BFloat16* k, int64_t stride, int64_t n, int64_t D,
   }
 #endif
   const int64_t n16 = pad16(n);
+  if (next)
+    for (int64_t j = 0; j < n16; ++j) prefetch_row(next + j * stride, D);
   for (int64_t j = 0; j < n16; ++j)
     for (int64_t d = 0; d < D; ++d) kt[d * ld + j] = j < n ? widen(k[j * stride + d]) : 0.f;
 }
 
 // A block's values v + j * stride, j < n, as fp32 rows vt[j * D + d]: stage 2's one read of values.
-inline void load_values(const BFloat16* v, int64_t stride, int64_t n, int64_t D, float* vt) {
+inline void load_values(const BFloat16* v, int64_t stride, int64_t n, int64_t D, float* vt, const BFloat16* next) {
   for (int64_t j = 0; j < n; ++j) {
+    if (next) prefetch_row(next + j * stride, D);
     const BFloat16* row = v + j * stride;
     float* out = vt + j * D;
     int64_t d = 0;
@@ -212,42 +223,63 @@ inline void pv_block(const float* const* p, float* const* o, int64_t M, const fl
   }
 }
 
-// x[0..n) -> bf16(softmax(x)) in place, kept in fp32: exp(x - max) / sum as the decode step's exp_shift, sum and
-// to_prob compute it, in two passes (max; exp and sum) and a third (scale and round) with the row in L1; four
-// accumulators each, so the max and sum chains do not wait on one register.
-inline void softmax_row(float* x, int64_t n) {
-  Vec m4[4] = {Vec(-kInf), Vec(-kInf), Vec(-kInf), Vec(-kInf)};
-  int64_t j = 0;
-  for (; j + 4 * W <= n; j += 4 * W)
-    for (int a = 0; a < 4; ++a) m4[a] = vmax(m4[a], Vec::loadu(x + j + a * W));
-  for (; j + W <= n; j += W) m4[0] = vmax(m4[0], Vec::loadu(x + j));
+// The largest lane and the sum of lanes.
+inline float hmax(Vec v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps(v);
+#elif defined(__AVX2__)
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
+#else
   alignas(64) float f[W];
-  vmax(vmax(m4[0], m4[1]), vmax(m4[2], m4[3])).store(f);
-  float m = -kInf;
-  for (int k = 0; k < W; ++k) m = std::max(m, f[k]);
-  for (; j < n; ++j) m = std::max(m, x[j]);
-  const Vec shift(-m);
-  Vec s4[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+  v.store(f);
+  float m = f[0];
+  for (int k = 1; k < W; ++k) m = std::max(m, f[k]);
+  return m;
+#endif
+}
+
+inline float hadd(Vec v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(v);
+#elif defined(__AVX2__)
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
+#else
+  alignas(64) float f[W];
+  v.store(f);
+  float t = 0.f;
+  for (int k = 0; k < W; ++k) t += f[k];
+  return t;
+#endif
+}
+
+// The online softmax step of one (query, head) over one block's scores x[0..n) (nt <= n rounded up to W, the
+// block's keys for some query of the group; x[n..nt) are keys past this query and become 0): running max m and
+// sum l are updated; x becomes exp(x - m); returns exp(m_before - m), the factor the output so far is scaled by.
+inline float online_update(float* x, int64_t n, int64_t nt, float& m, float& l) {
+  Vec vm(-kInf);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) vm = vmax(vm, Vec::loadu(x + j));
+  float mt = hmax(vm);
+  for (; j < n; ++j) mt = std::max(mt, x[j]);
+  const float mn = std::max(m, mt), corr = m == mn ? 1.f : exp_poly(m - mn);
+  m = mn;
+  const Vec shift(-mn);
+  Vec acc(0.f);
   j = 0;
-  for (; j + 4 * W <= n; j += 4 * W)
-    for (int a = 0; a < 4; ++a) {
-      const Vec e = exp_vec(Vec::loadu(x + j + a * W) + shift);
-      e.store(x + j + a * W);
-      s4[a] = s4[a] + e;
-    }
   for (; j + W <= n; j += W) {
     const Vec e = exp_vec(Vec::loadu(x + j) + shift);
     e.store(x + j);
-    s4[0] = s4[0] + e;
+    acc = acc + e;
   }
-  ((s4[0] + s4[1]) + (s4[2] + s4[3])).store(f);
-  float t = 0.f;
-  for (int k = 0; k < W; ++k) t += f[k];
-  for (; j < n; ++j) {
-    x[j] = exp_poly(x[j] - m);
-    t += x[j];
-  }
-  to_prob(x, n, 1.f / t, x);
+  float t = hadd(acc);
+  for (; j < n; ++j) t += (x[j] = exp_poly(x[j] - mn));
+  for (; j < nt; ++j) x[j] = 0.f;
+  l = l * corr + t;
+  return corr;
 }
 
 struct GroupScratch {
@@ -255,6 +287,7 @@ struct GroupScratch {
   std::vector<BFloat16> qs;       // one query's G stage-1 heads [G, D]
   std::vector<float> qf, s, o;    // [n, G, D] queries fp32; [n, G, lds] scores / probabilities; [n, G, D] outputs
   std::vector<float> kt, vt;      // one block: keys [D, ld] (columns), values [block, D]
+  std::vector<float> m, l;        // [n, G] running max and sum of exp
   std::vector<int64_t> blocks, t, len;  // [n, k_sel] selections; positions; selected tokens per query
   struct Use { int64_t block, query, slot; };
   std::vector<Use> uses;
@@ -274,7 +307,7 @@ void group(const BFloat16* q, int64_t qh, int64_t qt, const BFloat16* qs, int64_
   const int64_t B = P.block, lds = P.k_sel * B, ldk = pad16(B);
   g.qs.resize(G * D);
   g.qf.resize(nq * G * D);
-  g.s.resize(nq * G * lds);
+  g.s.resize(nq * G * ldk);
   g.o.assign(nq * G * D, 0.f);
   g.kt.resize(D * ldk);
   g.vt.resize(B * D);
@@ -316,47 +349,47 @@ void group(const BFloat16* q, int64_t qh, int64_t qt, const BFloat16* qs, int64_
       n = std::max(n, std::min(B, g.t[g.uses[u1].query] + 1 - g.uses[u0].block * B));
     return u1;
   };
-  // stage 2a: scores, block by block over the union
+  // stage 2, block by block over the union: scores of every (query, head) that selected the block, the online
+  // softmax update of each, then P V
+  g.m.assign(nq * G, -kInf);
+  g.l.assign(nq * G, 0.f);
   for (size_t u0 = 0, u1; u0 < g.uses.size(); u0 = u1) {
     int64_t n;
     u1 = run_end(u0, n);
-    load_keys_t(kbase + g.uses[u0].block * B * kstride, kstride, n, D, ldk, g.kt.data());
+    const int64_t lo = g.uses[u0].block * B;
+    const bool more = u1 < g.uses.size();
+    load_keys_t(kbase + lo * kstride, kstride, n, D, ldk, g.kt.data(),
+                more ? kbase + g.uses[u1].block * B * kstride : nullptr);
     int64_t M = 0;
     for (size_t u = u0; u < u1; ++u)
       for (int64_t i = 0; i < G; ++i, ++M) {
-        const int64_t r = g.uses[u].query * G + i;
-        g.in[M] = g.qf.data() + r * D;
-        g.out[M] = g.s.data() + r * lds + g.uses[u].slot * B;
+        g.in[M] = g.qf.data() + (g.uses[u].query * G + i) * D;
+        g.out[M] = g.s.data() + M * ldk;
       }
     qk_block(g.in.data(), g.out.data(), M, g.kt.data(), ldk, n, D, scale);
-  }
-  // softmax per (query, head) over all its selected tokens; probabilities rounded to bf16, zero past them
-  for (int64_t x = 0; x < nq; ++x)
-    for (int64_t i = 0; i < G; ++i) {
-      float* s = g.s.data() + (x * G + i) * lds;
-      const int64_t n = g.len[x];
-      softmax_row(s, n);
-      std::fill(s + n, s + (n + B - 1) / B * B, 0.f);  // the last selected block's tail
-    }
-  // stage 2b: P V, block by block over the union
-  for (size_t u0 = 0, u1; u0 < g.uses.size(); u0 = u1) {
-    int64_t n;
-    u1 = run_end(u0, n);
-    load_values(vbase + g.uses[u0].block * B * vstride, vstride, n, D, g.vt.data());
-    int64_t M = 0;
-    for (size_t u = u0; u < u1; ++u)
+    M = 0;
+    for (size_t u = u0; u < u1; ++u) {
+      const int64_t x = g.uses[u].query, nx = std::min(B, g.t[x] + 1 - lo);
       for (int64_t i = 0; i < G; ++i, ++M) {
-        const int64_t r = g.uses[u].query * G + i;
-        g.in[M] = g.s.data() + r * lds + g.uses[u].slot * B;
-        g.out[M] = g.o.data() + r * D;
+        const int64_t r = x * G + i;
+        float* o = g.o.data() + r * D;
+        const float corr = online_update(g.s.data() + M * ldk, nx, n, g.m[r], g.l[r]);
+        if (corr != 1.f)
+          for (int64_t d = 0; d < D; ++d) o[d] *= corr;
+        g.in[M] = g.s.data() + M * ldk;
+        g.out[M] = o;
       }
+    }
+    load_values(vbase + lo * vstride, vstride, n, D, g.vt.data(),
+                more ? vbase + g.uses[u1].block * B * vstride : nullptr);
     pv_block(g.in.data(), g.out.data(), M, g.vt.data(), n, D);
   }
   for (int64_t x = 0; x < nq; ++x)
     for (int64_t i = 0; i < G; ++i) {
       const float* o = g.o.data() + (x * G + i) * D;
+      const float c = 1.f / g.l[x * G + i];
       BFloat16* dst = out + i * oh + x * ot;
-      for (int64_t d = 0; d < D; ++d) dst[d] = o[d];
+      for (int64_t d = 0; d < D; ++d) dst[d] = o[d] * c;
     }
 }
 
@@ -379,6 +412,7 @@ inline void prefill_into(const Tensor& q, const Tensor& qs, const Tensor& k, con
   const BFloat16 *qp = q.data_ptr<BFloat16>(), *qsp = qs.data_ptr<BFloat16>();
   const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
   const BFloat16 *c1p = c1.data_ptr<BFloat16>(), *c2p = c2.data_ptr<BFloat16>();
+  const int64_t kGroup = group_size();
   const int64_t groups = (T + kGroup - 1) / kGroup;
   at::parallel_for(0, B * KVH * groups, 1, [&](int64_t begin, int64_t end) {
     thread_local GroupScratch scratch;
