@@ -1,8 +1,8 @@
 #pragma once
 
 // InfLLM v2 in C++ (bf16): block selection and sparse attention for one query of one KV group per task, no
-// gathers. decode_into runs a decode step of one layer in one call; prefill_into runs it for every query of a
-// chunk (each query over its own blocks, so the cost is O(queries x selected keys)).
+// gathers. decode_into runs a decode step of one layer in one call; sparse_prefill.h's prefill_into runs a chunk
+// of queries with this selection (select_by) and its own attention over groups of queries.
 //
 // Why: the pure-PyTorch step (sparse/decode.py select_one + attend_one, the reference) is ~40 small torch ops
 // plus a gather copy of the selected keys and values; at 32K keys its fixed cost is most of the step. Here
@@ -509,9 +509,11 @@ inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // Stages 1-1c for one (row, KV head) at position t: the selected blocks, ascending, in w.order[0..K); returns K.
 // qs [G, D] contiguous (the stage-1 queries). The decode step and the prefill kernel (sparse_prefill.h) share it.
-template <int G>
-int64_t select(const BFloat16* qs, const BFloat16* c1, int64_t c1stride, const BFloat16* c2, int64_t c2stride,
-               int64_t t, int64_t D, const Params& P, Scratch& w) {
+// dot(level, n, out, ld) writes the G heads' fp32 dot products with the first n compressed keys of C1 (level 1)
+// or C2 (level 2) to out[i * ld + j]: the decode step reads the rows in place (select below), the prefill
+// kernel from key panels its queries share (sparse_prefill.h).
+template <int G, class Dot>
+int64_t select_by(Dot&& dot, int64_t t, int64_t D, const Params& P, Scratch& w) {
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t n1 = n_kernels(t + 1, P.kernel_size, P.stride);
   const int64_t n2 = n_kernels(t + 1, 4 * P.kernel_size, 4 * P.stride);
@@ -522,8 +524,7 @@ int64_t select(const BFloat16* qs, const BFloat16* c1, int64_t c1stride, const B
 
   // stage 1: log-normaliser per head from the coarse kernels
   float lse[G];
-  for (int64_t j = 0; j < n2; ++j) w.rows[j] = c2 + j * c2stride;
-  dots<G>(qs, D, w.rows.data(), n2, w.s.data(), ld);
+  dot(2, n2, w.s.data(), ld);
   for (int i = 0; i < G; ++i) {
     float* s = w.s.data() + i * ld;
     const float m = scale_max(s, n2, scale, true);
@@ -532,8 +533,7 @@ int64_t select(const BFloat16* qs, const BFloat16* c1, int64_t c1stride, const B
     lse[i] = m + std::log(sum(s, n2));
   }
   // fine kernels: S[j] = sum over heads of exp(s1 - lse)
-  for (int64_t j = 0; j < n1; ++j) w.rows[j] = c1 + j * c1stride;
-  dots<G>(qs, D, w.rows.data(), n1, w.s.data(), ld);
+  dot(1, n1, w.s.data(), ld);
   w.score.assign(n1, 0.f);
   for (int i = 0; i < G; ++i) {
     float* s = w.s.data() + i * ld;
@@ -557,6 +557,19 @@ int64_t select(const BFloat16* qs, const BFloat16* c1, int64_t c1stride, const B
                    [bs](int64_t a, int64_t b) { return bs[a] > bs[b] || (bs[a] == bs[b] && a < b); });
   std::sort(w.order.begin(), w.order.begin() + K);
   return K;
+}
+
+template <int G>
+int64_t select(const BFloat16* qs, const BFloat16* c1, int64_t c1stride, const BFloat16* c2, int64_t c2stride,
+               int64_t t, int64_t D, const Params& P, Scratch& w) {
+  return select_by<G>(
+      [&](int level, int64_t n, float* out, int64_t ld) {
+        const BFloat16* c = level == 1 ? c1 : c2;
+        const int64_t stride = level == 1 ? c1stride : c2stride;
+        for (int64_t j = 0; j < n; ++j) w.rows[j] = c + j * stride;
+        dots<G>(qs, D, w.rows.data(), n, out, ld);
+      },
+      t, D, P, w);
 }
 
 // One (row, KV head): selection into idx[0..k_sel), attention into out [G, D].

@@ -1,30 +1,32 @@
 #pragma once
 
-// InfLLM v2 prefill in C++ (bf16): the selection and sparse attention of a chunk of queries, a group of kGroup
-// consecutive queries of one (row, KV head) per task.
+// InfLLM v2 prefill in C++ (bf16): the selection and sparse attention of a chunk of queries, kGroup consecutive
+// queries of one (row, KV head) per task.
 //
-// Each query selects its own blocks (sparse_attention.h's select, stages 1-1c). The group's queries share many
-// blocks: the init block and the sliding window (34 of a query's 96 under the default config) are the same for
-// every query of a 64-token block, and the top-k blocks overlap. So stage 2 walks the union of the group's blocks,
-// once: each block's keys are read and widened once (load_keys_t, load_values: the only places stage 2 reads the
-// cache), and every (query, head) that selected the block multiplies them as one small GEMM, R rows (query heads)
-// x C vectors (keys for Q K^T, output dimensions for P V) of register accumulators. Per query it is the decode
-// step's arithmetic in the same rounding (sparse_attention.h): fp32 scores, softmax over all of a query's selected
-// keys at once (max, exp, sum, probabilities rounded to bf16), fp32 P V summed in block order, one bf16 rounding of
-// the output. The scores of the group wait in scratch between the two passes (kGroup x G x selected keys fp32:
-// 1.5 MiB at 8 queries, group 8, 6144 keys), so the softmax is the reference's, not an online one.
+// Each query selects its own blocks (sparse_attention.h's select_by, stages 1-1c), scoring the compressed keys as
+// the decode step does but from panels the group shares: C1 and C2 are transposed to fp32 columns once per group
+// (load_keys_t), and a query's G heads x 64 kernels are one register-tiled product (qk_block).
+// Stage 2 then walks the union of the group's selected blocks once, in block order. The group's queries share
+// many blocks: the init block and the window (34 of a query's 96 under the default config) are the same for every
+// query of a 64-token block, and top-k blocks overlap (with iid random data a top-k block is picked by ~18 of the
+// 64 queries). Each block's keys and values are read and widened once per group (load_keys_t, load_values: the
+// only places stage 2 reads the cache), and every (query, head) that picked the block is one row of two small
+// GEMMs: scores = Q K^T (rows x 64 keys) and O += P V, with kR x kC vectors of register accumulators.
 //
-// Cost: per query the decode step's multiply-adds; the block reads and the key transposes (lanes = keys for Q K^T,
-// so a key's dimensions become columns) are shared by the queries of a group that selected the block.
+// Softmax is online (flash attention): each (query, head) keeps a running max m and sum l; a block's scores become
+// exp(s - m) after m is raised to cover them, the output so far is scaled by exp(m_before - m), and the output is
+// divided by l once at the end and rounded to bf16 once. So no scores are kept (64 queries x 8 heads x 6144 keys
+// would be 12 MiB), and a group of 64 reads each block once; groups of 8 with the decode step's exact softmax
+// (scores kept, probabilities rounded to bf16 before P V) read each block up to 8 times: 10.7 s against 9.0 s at
+// 32K on the avx512 tier (BENCHMARKS.md, issue 16). The rounding differs from the reference's in that the probabilities are not
+// rounded to bf16 (fp32 throughout, as exact math); tests/sparse/test_sparse_native.py holds the output to the
+// reference within 2 bf16 ulps of its largest value, and the selections equal.
 
 #include "sparse_attention.h"
 
 namespace infllm {
 
-inline int64_t group_size() {
-  static const int64_t n = std::getenv("PF_GROUP") ? std::atoi(std::getenv("PF_GROUP")) : 8;
-  return n;
-}
+constexpr int64_t kGroup = 64;  // queries per task: one block of positions
 
 // The register tile: kR rows x kC vectors (16 / 8 / 4 lanes); kR x kC + kC + 1 registers at most the ISA's count.
 #if defined(__AVX512F__)
@@ -284,12 +286,12 @@ inline float online_update(float* x, int64_t n, int64_t nt, float& m, float& l) 
 
 struct GroupScratch {
   Scratch w;                      // selection
-  std::vector<BFloat16> qs;       // one query's G stage-1 heads [G, D]
-  std::vector<float> qf, s, o;    // [n, G, D] queries fp32; [n, G, lds] scores / probabilities; [n, G, D] outputs
+  std::vector<float> qs, ct;      // one query's G stage-1 heads [G, D]; compressed-key panels [D, 64] each
+  std::vector<float> qf, s, o;    // [n, G, D] queries fp32; [rows, ldk] one block's scores; [n, G, D] outputs
   std::vector<float> kt, vt;      // one block: keys [D, ld] (columns), values [block, D]
   std::vector<float> m, l;        // [n, G] running max and sum of exp
-  std::vector<int64_t> blocks, t, len;  // [n, k_sel] selections; positions; selected tokens per query
-  struct Use { int64_t block, query, slot; };
+  std::vector<int64_t> sel, end, t, start;  // selected blocks, query x's at [end[x], end[x + 1]); positions; buckets
+  struct Use { int64_t block, query; };
   std::vector<Use> uses;
   std::vector<const float*> in;   // rows of one block's GEMM
   std::vector<float*> out;
@@ -304,41 +306,61 @@ void group(const BFloat16* q, int64_t qh, int64_t qt, const BFloat16* qs, int64_
            int64_t c1stride, const BFloat16* c2, int64_t c2stride, const int64_t* pos, int64_t nq, int64_t D,
            const Params& P, int64_t* idx, BFloat16* out, int64_t oh, int64_t ot, GroupScratch& g) {
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const int64_t B = P.block, lds = P.k_sel * B, ldk = pad16(B);
-  g.qs.resize(G * D);
+  const int64_t B = P.block, ldk = pad16(B);
   g.qf.resize(nq * G * D);
   g.s.resize(nq * G * ldk);
   g.o.assign(nq * G * D, 0.f);
   g.kt.resize(D * ldk);
   g.vt.resize(B * D);
-  g.blocks.resize(nq * P.k_sel);
   g.t.resize(nq);
-  g.len.resize(nq);
-  g.uses.clear();
-  for (int64_t x = 0; x < nq; ++x) {  // stages 1-1c per query
+  g.end.assign(nq + 1, 0);
+  g.sel.clear();
+  // stages 1-1c per query; the compressed keys they score, as panels of 64 columns (load_keys_t) shared by all
+  const int64_t tmax = *std::max_element(pos, pos + nq);
+  const int64_t n1 = n_kernels(tmax + 1, P.kernel_size, P.stride);
+  const int64_t n2 = n_kernels(tmax + 1, 4 * P.kernel_size, 4 * P.stride);
+  const int64_t p1 = (n1 + 63) / 64, p2 = (n2 + 63) / 64;
+  g.ct.resize((p1 + p2) * D * 64);
+  for (int64_t p = 0; p < p1 + p2; ++p) {
+    const bool fine = p < p1;
+    const int64_t j0 = (fine ? p : p - p1) * 64;
+    load_keys_t((fine ? c1 + j0 * c1stride : c2 + j0 * c2stride), fine ? c1stride : c2stride,
+                std::min<int64_t>(64, (fine ? n1 : n2) - j0), D, 64, g.ct.data() + p * D * 64, nullptr);
+  }
+  g.qs.resize(G * D);
+  for (int64_t x = 0; x < nq; ++x) {
     const int64_t t = pos[x];
+    const float* qsr[G];
     for (int64_t i = 0; i < G; ++i) {
-      std::copy_n(qs + i * qsh + x * qst, D, g.qs.data() + i * D);
-      const BFloat16* qi = q + i * qh + x * qt;
+      const BFloat16 *qi = q + i * qh + x * qt, *qsi = qs + i * qsh + x * qst;
       for (int64_t d = 0; d < D; ++d) g.qf[(x * G + i) * D + d] = widen(qi[d]);
+      for (int64_t d = 0; d < D; ++d) g.qs[i * D + d] = widen(qsi[d]);
+      qsr[i] = g.qs.data() + i * D;
     }
-    const int64_t K = select<G>(g.qs.data(), c1, c1stride, c2, c2stride, t, D, P, g.w);
-    int64_t n = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t b = g.w.order[k];
-      g.blocks[x * P.k_sel + k] = b;
-      g.uses.push_back({b, x, k});
-      n += std::min(B, t + 1 - b * B);  // blocks before the last are whole: slot k's tokens start at k B
-    }
+    const int64_t K = select_by<G>(
+        [&](int level, int64_t n, float* s, int64_t ld) {
+          const float* panels = g.ct.data() + (level == 1 ? 0 : p1) * D * 64;
+          float* so[G];
+          for (int64_t j0 = 0; j0 < n; j0 += 64) {
+            for (int64_t i = 0; i < G; ++i) so[i] = s + i * ld + j0;
+            qk_block(qsr, so, G, panels + j0 * D, 64, std::min<int64_t>(64, n - j0), D, 1.f);
+          }
+        },
+        t, D, P, g.w);
+    for (int64_t k = 0; k < K; ++k) g.sel.push_back(g.w.order[k]);
     if (idx)
       for (int64_t k = 0; k < P.k_sel; ++k) idx[x * P.k_sel + k] = k < K ? g.w.order[k] : -1;
     g.t[x] = t;
-    g.len[x] = n;
+    g.end[x + 1] = static_cast<int64_t>(g.sel.size());
   }
-  std::sort(g.uses.begin(), g.uses.end(),
-            [](const GroupScratch::Use& a, const GroupScratch::Use& b) {
-              return a.block < b.block || (a.block == b.block && a.query < b.query);
-            });
+  // the (block, query) pairs by block, then query (a counting sort: blocks are < tmax / B + 1)
+  const int64_t nb = tmax / B + 1;
+  g.start.assign(nb + 1, 0);
+  for (const int64_t b : g.sel) ++g.start[b + 1];
+  for (int64_t b = 0; b < nb; ++b) g.start[b + 1] += g.start[b];
+  g.uses.resize(g.sel.size());
+  for (int64_t x = 0; x < nq; ++x)
+    for (int64_t u = g.end[x]; u < g.end[x + 1]; ++u) g.uses[g.start[g.sel[u]]++] = {g.sel[u], x};
   g.in.resize(nq * G);
   g.out.resize(nq * G);
   // runs of uses of one block: [u0, u1); the keys it needs: [lo, lo + n)
@@ -412,7 +434,6 @@ inline void prefill_into(const Tensor& q, const Tensor& qs, const Tensor& k, con
   const BFloat16 *qp = q.data_ptr<BFloat16>(), *qsp = qs.data_ptr<BFloat16>();
   const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
   const BFloat16 *c1p = c1.data_ptr<BFloat16>(), *c2p = c2.data_ptr<BFloat16>();
-  const int64_t kGroup = group_size();
   const int64_t groups = (T + kGroup - 1) / kGroup;
   at::parallel_for(0, B * KVH * groups, 1, [&](int64_t begin, int64_t end) {
     thread_local GroupScratch scratch;
