@@ -1,10 +1,11 @@
-"""InfLLM v2 in C++ (csrc/sparse_attention.h), bf16 on CPU: the Python face of the native kernels.
+"""InfLLM v2 in C++ (csrc/sparse_attention.h, sparse_prefill.h), bf16 on CPU: the Python face of the native kernels.
 
     native_step    one query per row (a decode step): selection + attention for every (row, KV head) in one call;
                    reference: sparse_decode.select_one + attend_one.
     native_chunk   T queries (prefill, a chunk after a cached prefix): each query selects its own blocks and attends
-                   only to them (O(T * selected keys)); reference: sparse.infllmv2_attention's chunked path, which
-                   attends a chunk to the union of its queries' blocks under a mask (the same result).
+                   only to them (O(T * selected keys)), 64 queries at a time sharing each block's reads, with an
+                   online softmax (probabilities not rounded to bf16); reference: sparse.infllmv2_attention's
+                   chunked path, which attends a chunk to the union of its queries' blocks under a mask.
 
 Both read the selected keys and values in place (no gather copy) and keep O(selected keys) scratch per thread.
 They return None where the kernels do not apply (not bf16 on CPU, autograd, GQA group over 16, head_dim over 256,
