@@ -16,7 +16,8 @@ dense_len = -1 (always sparse).
 
 Data: random q, k, v (iid normal), the worst case for the PyTorch reference's prefill: its stage 2 attends a chunk
 of 64 queries to the union of their selected blocks, and iid queries select unrelated blocks, so the union
-approaches every past block (the C++ kernel's cost does not depend on the union). `clustered` queries (a shared direction per 64-token block plus noise) select more alike. Where real
+approaches every past block (the C++ kernel's multiply-adds do not depend on the union; its block reads, once per
+64 queries, do). `clustered` queries (a shared direction per 64-token block plus noise) select more alike. Where real
 model queries fall between the two is not measured here. The union/K column is the mean union size over the
 selection size K, per chunk and KV head (below 1 where a query has fewer than K blocks to pick from).
 Decode cost does not depend on the data.

@@ -14,7 +14,9 @@ close to topk + window blocks per query when neighbouring queries pick similar b
 when they pick unrelated ones (iid random queries). Decode (one query) reads only its own ~K blocks.
 
 Without autograd, bf16 on CPU, both run in C++ instead (sparse/native.py): each query selects and attends only
-its own blocks, so prefill costs O(T * selected keys) whatever the queries; this module is their reference.
+its own blocks (prefill: 64 queries at a time read each block of their union once and attend it as small GEMMs,
+every query only over the blocks it picked), so prefill costs O(T * selected keys) whatever the queries; this
+module is their reference.
 """
 
 from __future__ import annotations
@@ -174,7 +176,7 @@ def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
                 return out
             idx = select_one(qs, pos[:, 0], c1, c2, cfg, k_sel)
         return attend_one(q, k, v, pos[:, 0], idx, block)
-    if topk_idx is None and not grad:  # the C++ kernel: each query over its own blocks, no union, no gathers
+    if topk_idx is None and not grad:  # the C++ kernel: each query over its own blocks, no gathers
         out = native_chunk(q, qs, k, v, pos, c1, c2, cfg, k_sel)
         if out is not None:
             return out

@@ -1,10 +1,11 @@
-"""InfLLM v2 in C++ (csrc/sparse_attention.h), bf16 on CPU: the Python face of the native kernels.
+"""InfLLM v2 in C++ (csrc/sparse_attention.h, sparse_prefill.h), bf16 on CPU: the Python face of the native kernels.
 
     native_step    one query per row (a decode step): selection + attention for every (row, KV head) in one call;
                    reference: sparse_decode.select_one + attend_one.
     native_chunk   T queries (prefill, a chunk after a cached prefix): each query selects its own blocks and attends
-                   only to them (O(T * selected keys)); reference: sparse.infllmv2_attention's chunked path, which
-                   attends a chunk to the union of its queries' blocks under a mask (the same result).
+                   only to them (O(T * selected keys)), 64 queries at a time sharing each block's reads, with an
+                   online softmax (probabilities not rounded to bf16); reference: sparse.infllmv2_attention's
+                   chunked path, which attends a chunk to the union of its queries' blocks under a mask.
 
 Both read the selected keys and values in place (no gather copy) and keep O(selected keys) scratch per thread.
 They return None where the kernels do not apply (not bf16 on CPU, autograd, GQA group over 16, head_dim over 256,
@@ -53,7 +54,7 @@ def native_chunk(q: torch.Tensor, qs: torch.Tensor, k: torch.Tensor, v: torch.Te
     """q/qs [B, H, T, D], k/v [B, KVH, S, D], positions [B, T] (clamped to the rows' lengths), c1/c2 pooled from
     the keys. Returns [B, H, T, D] or None."""
     ext = _ext(q, (q, qs, k, v, c1, c2), k.shape[1])
-    if ext is None:
+    if ext is None or cfg.block_size % 16:  # the kernel's score tiles hold whole blocks of 16 keys
         return None
     out, _ = ext.sparse_prefill(*_last_dim_contiguous(q, qs, k, v, c1, c2), positions, *_args(cfg, k_sel), False)
     return out

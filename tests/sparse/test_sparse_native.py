@@ -1,8 +1,9 @@
 """The C++ InfLLM v2 kernels (csrc/sparse_attention.*, sparse/native.py) against their pure-PyTorch references
 (sparse_decode.select_one + attend_one; the chunked path of sparse.infllmv2_attention), bf16.
 
-Both round where the other rounds (bf16 stage-1 dot products, fp32 softmax, bf16 probabilities and output) and
-differ only in summation order, so selections are equal and outputs agree to a bf16 ulp or two."""
+The decode step rounds where the reference rounds (bf16 stage-1 dot products, fp32 softmax, bf16 probabilities
+and output) and differs only in summation order; the prefill kernel's online softmax keeps probabilities in fp32
+(csrc/sparse_prefill.h). So selections are equal and outputs agree to a bf16 ulp or two."""
 
 import pytest
 import torch

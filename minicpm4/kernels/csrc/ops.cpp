@@ -3,7 +3,8 @@
 //
 //   int4_gemm.h, int8_gemm.h   weight-only int4 / int8 products for few rows (decode) and many rows (prefill)
 //   ternary_gemv.h             ternary (BitCPM) products on bit planes
-//   sparse_attention.h         InfLLM v2: block selection and sparse attention, decode step and prefill chunk
+//   sparse_attention.h         InfLLM v2: block selection and sparse attention, decode step
+//   sparse_prefill.h           InfLLM v2 for a chunk of queries (prefill), a group of queries per task
 //   dense_attention.h          dense attention of a few queries over the KV cache
 //   decode_stack.h             a decode step's whole layer stack in one call
 #include <ATen/ATen.h>
@@ -14,6 +15,7 @@
 #include "int8_gemm.h"
 #include "layer_kind.h"
 #include "sparse_attention.h"
+#include "sparse_prefill.h"
 #include "ternary_gemv.h"
 
 #ifndef MINICPM4_ISA_NAME

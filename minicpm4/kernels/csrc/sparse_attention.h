@@ -1,8 +1,8 @@
 #pragma once
 
 // InfLLM v2 in C++ (bf16): block selection and sparse attention for one query of one KV group per task, no
-// gathers. decode_into runs a decode step of one layer in one call; prefill_into runs it for every query of a
-// chunk (each query over its own blocks, so the cost is O(queries x selected keys)).
+// gathers. decode_into runs a decode step of one layer in one call; sparse_prefill.h's prefill_into runs a chunk
+// of queries with this selection (select_by) and its own attention over groups of queries.
 //
 // Why: the pure-PyTorch step (sparse/decode.py select_one + attend_one, the reference) is ~40 small torch ops
 // plus a gather copy of the selected keys and values; at 32K keys its fixed cost is most of the step. Here
@@ -142,6 +142,7 @@ struct Sse {
 };
 inline Sse operator+(Sse a, Sse b) { return _mm_add_ps(a, b); }
 inline Sse operator-(Sse a, Sse b) { return _mm_sub_ps(a, b); }
+inline Sse operator*(Sse a, Sse b) { return _mm_mul_ps(a, b); }
 inline Sse operator/(Sse a, Sse b) { return _mm_div_ps(a, b); }
 inline Sse vfma(Sse a, Sse b, Sse c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }  // no FMA: two roundings
 inline Sse vmax(Sse a, Sse b) { return _mm_max_ps(a, b); }
@@ -580,6 +581,71 @@ inline int64_t n_kernels(int64_t len, int64_t size, int64_t stride) {
 
 inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
 
+// Stages 1-1c for one (row, KV head) at position t: the selected blocks, ascending, in w.order[0..K); returns K.
+// qs [G, D] contiguous (the stage-1 queries). The decode step and the prefill kernel (sparse_prefill.h) share it.
+// dot(level, n, out, ld) writes the G heads' fp32 dot products with the first n compressed keys of C1 (level 1)
+// or C2 (level 2) to out[i * ld + j]: the decode step reads the rows in place (select below), the prefill
+// kernel from key panels its queries share (sparse_prefill.h).
+template <int G, class Dot>
+int64_t select_by(Dot&& dot, int64_t t, int64_t D, const Params& P, Scratch& w) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const int64_t n1 = n_kernels(t + 1, P.kernel_size, P.stride);
+  const int64_t n2 = n_kernels(t + 1, 4 * P.kernel_size, 4 * P.stride);
+  const int64_t qb = t / P.block, nb = qb + 1, r = P.block / P.stride;
+  const int64_t ld = pad16(std::max(n1, n2));
+  w.rows.resize(std::max<int64_t>(w.rows.size(), ld));
+  w.s.resize(std::max<int64_t>(w.s.size(), G * ld));
+
+  // stage 1: log-normaliser per head from the coarse kernels
+  float lse[G];
+  dot(2, n2, w.s.data(), ld);
+  for (int i = 0; i < G; ++i) {
+    float* s = w.s.data() + i * ld;
+    const float m = scale_max(s, n2, scale, true);
+    if (n2 == 0) { lse[i] = kInf; continue; }
+    exp_shift(s, n2, -m);
+    lse[i] = m + std::log(sum(s, n2));
+  }
+  // fine kernels: S[j] = sum over heads of exp(s1 - lse)
+  dot(1, n1, w.s.data(), ld);
+  w.score.assign(n1, 0.f);
+  for (int i = 0; i < G; ++i) {
+    float* s = w.s.data() + i * ld;
+    scale_max(s, n1, scale, true);
+    exp_shift(s, n1, -lse[i]);
+    for (int64_t j = 0; j < n1; ++j) w.score[j] += s[j];
+  }
+  // stage 1b: max-pool onto blocks, force init and local blocks
+  w.blocks.assign(nb, 0.f);
+  for (int64_t b = 0; b < nb; ++b) {
+    float m = 0.f;
+    for (int64_t j = std::max<int64_t>(r * b - 1, 0); j < std::min(r * b + r, n1); ++j) m = std::max(m, w.score[j]);
+    w.blocks[b] = (b < P.init_blocks || b >= qb - P.local_blocks) ? kInf : m;
+  }
+  // stage 1c: top-K by (score desc, index asc), then ascending
+  const int64_t K = std::min(P.k_sel, nb);
+  w.order.resize(nb);
+  std::iota(w.order.begin(), w.order.end(), 0);
+  const float* bs = w.blocks.data();
+  std::nth_element(w.order.begin(), w.order.begin() + (K - 1), w.order.end(),
+                   [bs](int64_t a, int64_t b) { return bs[a] > bs[b] || (bs[a] == bs[b] && a < b); });
+  std::sort(w.order.begin(), w.order.begin() + K);
+  return K;
+}
+
+template <int G>
+int64_t select(const BFloat16* qs, const BFloat16* c1, int64_t c1stride, const BFloat16* c2, int64_t c2stride,
+               int64_t t, int64_t D, const Params& P, Scratch& w) {
+  return select_by<G>(
+      [&](int level, int64_t n, float* out, int64_t ld) {
+        const BFloat16* c = level == 1 ? c1 : c2;
+        const int64_t stride = level == 1 ? c1stride : c2stride;
+        for (int64_t j = 0; j < n; ++j) w.rows[j] = c + j * stride;
+        dots<G>(qs, D, w.rows.data(), n, out, ld);
+      },
+      t, D, P, w);
+}
+
 // The row-pointer buffers of Scratch for key/value rows of type T.
 template <typename T>
 std::pair<std::vector<const T*>&, std::vector<const T*>&> row_lists(Scratch& w) {
@@ -604,50 +670,10 @@ void step_kv(const BFloat16* q, const BFloat16* qs, const T* kbase, const T* vba
              const BFloat16* c2, int64_t c2stride, int64_t t, int64_t D, const Params& P, int64_t* idx,
              BFloat16* out, Scratch& w) {
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const int64_t n1 = n_kernels(t + 1, P.kernel_size, P.stride);
-  const int64_t n2 = n_kernels(t + 1, 4 * P.kernel_size, 4 * P.stride);
-  const int64_t qb = t / P.block, nb = qb + 1, r = P.block / P.stride;
-  const int64_t ld = pad16(std::max(n1, n2));
-  w.rows.resize(std::max(ld, pad16(P.k_sel * P.block)));
-  w.s.resize(G * std::max(ld, pad16(P.k_sel * P.block)));
-
-  // stage 1: log-normaliser per head from the coarse kernels
-  float lse[G];
-  for (int64_t j = 0; j < n2; ++j) w.rows[j] = c2 + j * c2stride;
-  dots<G>(qs, D, w.rows.data(), n2, w.s.data(), ld);
-  for (int i = 0; i < G; ++i) {
-    float* s = w.s.data() + i * ld;
-    const float m = scale_max(s, n2, scale, true);
-    if (n2 == 0) { lse[i] = kInf; continue; }
-    exp_shift(s, n2, -m);
-    lse[i] = m + std::log(sum(s, n2));
-  }
-  // fine kernels: S[j] = sum over heads of exp(s1 - lse)
-  for (int64_t j = 0; j < n1; ++j) w.rows[j] = c1 + j * c1stride;
-  dots<G>(qs, D, w.rows.data(), n1, w.s.data(), ld);
-  w.score.assign(n1, 0.f);
-  for (int i = 0; i < G; ++i) {
-    float* s = w.s.data() + i * ld;
-    scale_max(s, n1, scale, true);
-    exp_shift(s, n1, -lse[i]);
-    for (int64_t j = 0; j < n1; ++j) w.score[j] += s[j];
-  }
-  // stage 1b: max-pool onto blocks, force init and local blocks
-  w.blocks.assign(nb, 0.f);
-  for (int64_t b = 0; b < nb; ++b) {
-    float m = 0.f;
-    for (int64_t j = std::max<int64_t>(r * b - 1, 0); j < std::min(r * b + r, n1); ++j) m = std::max(m, w.score[j]);
-    w.blocks[b] = (b < P.init_blocks || b >= qb - P.local_blocks) ? kInf : m;
-  }
-  // stage 1c: top-K by (score desc, index asc), then ascending
-  const int64_t K = std::min(P.k_sel, nb);
-  w.order.resize(nb);
-  std::iota(w.order.begin(), w.order.end(), 0);
-  const float* bs = w.blocks.data();
-  std::nth_element(w.order.begin(), w.order.begin() + (K - 1), w.order.end(),
-                   [bs](int64_t a, int64_t b) { return bs[a] > bs[b] || (bs[a] == bs[b] && a < b); });
-  std::sort(w.order.begin(), w.order.begin() + K);
+  const int64_t K = select<G>(qs, c1, c1stride, c2, c2stride, t, D, P, w);
   for (int64_t k = 0; k < P.k_sel; ++k) idx[k] = k < K ? w.order[k] : -1;
+  w.rows.resize(std::max<int64_t>(w.rows.size(), pad16(P.k_sel * P.block)));
+  w.s.resize(std::max<int64_t>(w.s.size(), G * pad16(P.k_sel * P.block)));
 
   // stage 2: the selected tokens p <= t, in block order: their keys, and the value rows P V reads next
   constexpr bool q8 = std::is_same_v<T, int8_t>;
@@ -681,7 +707,7 @@ void step_kv(const BFloat16* q, const BFloat16* qs, const T* kbase, const T* vba
   for (int64_t i = 0; i < G * D; ++i) out[i] = w.o[i];
 }
 
-// The bf16 cache's step (prefill_into's).
+// The bf16 cache's step.
 template <int G>
 void step(const BFloat16* q, const BFloat16* qs, const BFloat16* kbase, const BFloat16* vbase, int64_t kstride,
           int64_t vstride, const BFloat16* c1, int64_t c1stride, const BFloat16* c2, int64_t c2stride, int64_t t,
@@ -738,42 +764,6 @@ inline void decode_into(const Tensor& q, const Tensor& qs, const Tensor& k, cons
         fn(qp + (b * H + g * G) * D, qsp + (b * H + g * G) * D, k.data_ptr<BFloat16>() + ko,
            v.data_ptr<BFloat16>() + vo, k.stride(2), v.stride(2), c1b, c1.stride(2), c2b, c2.stride(2), tp[b], D, P,
            ip + task * P.k_sel, op + (b * H + g * G) * D, w);
-    }
-  });
-}
-
-// Prefill / chunked queries: every query runs the decode step's selection and attention at its own position, so
-// stage 2 costs O(selected keys) per query, never the union of a chunk's blocks. q, qs [B, H, T, D] bf16
-// (contiguous last dim); pos [B, T] int64 contiguous (query positions, clamped to the rows' lengths); k, v, c1,
-// c2 as for decode_into (c1, c2 pooled from the keys up to the longest row). out [B, H, T, D] contiguous;
-// idx [B, KVH, T, k_sel] contiguous, or nullptr (not kept: at 32K queries it would be 48 MiB).
-// Tasks are (row, KV head, query); scratch is O(selected keys) per thread.
-inline void prefill_into(const Tensor& q, const Tensor& qs, const Tensor& k, const Tensor& v, const Tensor& c1,
-                         const Tensor& c2, const int64_t* pos, const Params& P, BFloat16* op, int64_t* ip) {
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KVH = k.size(1), G = H / KVH;
-  StepFn fn = pick<StepOf>(G, std::make_integer_sequence<int, 16>{});
-  TORCH_CHECK(fn != nullptr && H % KVH == 0, "InfLLM v2 prefill: GQA group size must be 1..16");
-  TORCH_CHECK(D <= 256 && P.block % P.stride == 0, "InfLLM v2 prefill: unsupported shape");
-  const BFloat16 *qp = q.data_ptr<BFloat16>(), *qsp = qs.data_ptr<BFloat16>();
-  const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
-  const BFloat16 *c1p = c1.data_ptr<BFloat16>(), *c2p = c2.data_ptr<BFloat16>();
-  at::parallel_for(0, B * KVH * T, 16, [&](int64_t begin, int64_t end) {
-    thread_local Scratch w;
-    thread_local std::vector<BFloat16> qg, qsg, og;  // the G heads of one query, contiguous [G, D]
-    thread_local std::vector<int64_t> sel;
-    qg.resize(G * D); qsg.resize(G * D); og.resize(G * D); sel.resize(P.k_sel);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (KVH * T), g = task / T % KVH, t = task % T;
-      for (int64_t i = 0; i < G; ++i) {
-        const int64_t h = g * G + i;
-        std::copy_n(qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2), D, qg.data() + i * D);
-        std::copy_n(qsp + b * qs.stride(0) + h * qs.stride(1) + t * qs.stride(2), D, qsg.data() + i * D);
-      }
-      fn(qg.data(), qsg.data(), kp + b * k.stride(0) + g * k.stride(1), vp + b * v.stride(0) + g * v.stride(1),
-         k.stride(2), v.stride(2), c1p + b * c1.stride(0) + g * c1.stride(1), c1.stride(2),
-         c2p + b * c2.stride(0) + g * c2.stride(1), c2.stride(2), pos[b * T + t], D, P, ip ? ip + task * P.k_sel : sel.data(),
-         og.data(), w);
-      for (int64_t i = 0; i < G; ++i) std::copy_n(og.data() + i * D, D, op + ((b * H + g * G + i) * T + t) * D);
     }
   });
 }
@@ -858,7 +848,7 @@ struct CacheStep {
   }
 };
 
-// The Python faces of decode_into / prefill_into (csrc/ops.cpp binds them as sparse_decode / sparse_prefill).
+// The Python face of decode_into (csrc/ops.cpp binds it as sparse_decode; sparse_prefill.h has the prefill's).
 // q, qs [B, H, D] bf16 contiguous (stage-2 and stage-1 queries); k, v [B, KVH, S, D] bf16 (contiguous last dim);
 // c1, c2 [B, KVH, N, D] bf16 compressed keys holding at least the kernels complete at t; t [B] int64 positions
 // (row b attends keys [0, t_b]). Returns (out [B, H, D] bf16, idx [B, KVH, k_sel] int64, -1 = empty slot).
@@ -897,24 +887,6 @@ inline std::tuple<Tensor, Tensor> decode_q8_op(Tensor q, Tensor qs, Tensor k, Te
   const Params P{kernel_size, stride, block, init_blocks, local_blocks, k_sel, k_sel};
   decode_into(q, qs, k, v, c1, c2, t.data_ptr<int64_t>(), P, out.data_ptr<at::BFloat16>(), idx.data_ptr<int64_t>(), &ks,
               &vs);
-  return {out, idx};
-}
-
-// q, qs [B, H, T, D] bf16 (contiguous last dim); pos [B, T] positions, clamped to the rows' lengths; k, v, c1,
-// c2 as for decode. Returns (out [B, H, T, D] bf16, idx [B, KVH, T, k_sel] int64 when with_idx, else empty).
-inline std::tuple<Tensor, Tensor> prefill_op(Tensor q, Tensor qs, Tensor k, Tensor v, Tensor c1, Tensor c2, Tensor pos,
-                                   int64_t kernel_size, int64_t stride, int64_t block, int64_t init_blocks,
-                                   int64_t local_blocks, int64_t k_sel, bool with_idx) {
-  for (const Tensor* x : {&q, &qs, &k, &v, &c1, &c2})
-    TORCH_CHECK(x->scalar_type() == at::kBFloat16 && x->stride(-1) == 1,
-                "sparse prefill: bf16 tensors with a contiguous last dim");
-  TORCH_CHECK(q.dim() == 4 && qs.sizes() == q.sizes() && k.dim() == 4, "sparse prefill: q [B, H, T, D]");
-  pos = pos.to(at::kLong).contiguous();
-  Tensor out = at::empty(q.sizes(), q.options());
-  Tensor idx = at::empty({with_idx ? q.size(0) : 0, k.size(1), q.size(2), k_sel}, q.options().dtype(at::kLong));
-  const Params P{kernel_size, stride, block, init_blocks, local_blocks, k_sel, k_sel};
-  prefill_into(q, qs, k, v, c1, c2, pos.data_ptr<int64_t>(), P, out.data_ptr<at::BFloat16>(),
-                       with_idx ? idx.data_ptr<int64_t>() : nullptr);
   return {out, idx};
 }
 
