@@ -17,6 +17,7 @@ nothing: callers then size buffers to what they need (engine.Engine._ensure_cach
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import mmap
 import sys
@@ -55,8 +56,9 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.d
     nbytes = n * torch.empty((), dtype=dtype).element_size()
     if nbytes == 0 or torch.device(device).type != "cpu" or not available():
         return torch.zeros(shape, dtype=dtype, device=device)
+    size = -(-nbytes // PAGE) * PAGE
     try:
-        m = mmap.mmap(-1, nbytes, flags=_FLAGS)
+        m = mmap.mmap(-1, size + PAGE, flags=_FLAGS)
     except (OSError, ValueError) as e:
         if not _warned:
             warnings.warn(f"lazy_zeros: no lazily committed mapping of {nbytes} bytes ({e}); "
@@ -67,9 +69,23 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.d
         # 4 KiB pages, never 2 MiB ones (a transparent huge page would commit 2 MiB at a span's first token); the
         # flag also keeps the kernel from merging the mapping with glibc's arenas, so committed_bytes sees only it
         m.madvise(mmap.MADV_NOHUGEPAGE)
-    t = torch.frombuffer(m, dtype=dtype).view(shape)  # the tensor's storage keeps the mapping alive
+    _guard(m, size)
+    t = torch.frombuffer(m, dtype=dtype, count=n).view(shape)  # the tensor's storage keeps the mapping alive
     _maps[t.untyped_storage().data_ptr()] = m
     return t
+
+
+def _guard(m: mmap.mmap, offset: int) -> None:
+    """Make the page at `offset` (one past the tensor's pages) inaccessible. Two lazy mappings side by side with
+    equal flags would otherwise be merged by the kernel into one region, whose Rss committed_bytes would then
+    count for both; a PROT_NONE page between them keeps every mapping its own region."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.c_char.from_buffer(m, offset)
+        libc.mprotect(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(PAGE), 0)  # PROT_NONE
+        del buf  # the buffer export; the mapping stays
+    except (OSError, AttributeError, TypeError, ValueError):
+        pass  # no guard: committed_bytes may then count a merged neighbour too
 
 
 def is_lazy(t: torch.Tensor) -> bool:
@@ -98,8 +114,8 @@ def release(t: torch.Tensor) -> None:
 def committed_bytes(tensors) -> int | None:
     """RAM the kernel has committed to the mappings under `tensors` (lazy_zeros tensors or views into them): the
     Rss of each distinct mapping holding one, from /proc/self/smaps (Linux; None elsewhere). Pages only read
-    map the shared zero page and do not count. Adjacent lazy mappings may have been merged into one region by
-    the kernel; the region is then counted once, whole."""
+    map the shared zero page and do not count. Each mapping ends in a guard page (_guard), so the kernel never
+    merges two of them into one region."""
     addrs = {t.untyped_storage().data_ptr() for t in tensors if is_lazy(t)}
     try:
         with open("/proc/self/smaps") as f:
