@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from minicpm4.config import ModelConfig
-from minicpm4.quant import kv8
 from minicpm4.lazy_memory import lazy_zeros, release
+from minicpm4.quant import kv8
 from minicpm4.sparse.cache import CompressedKeys
 
 # Caches are allocated in multiples of this many slots, so that requests of similar lengths reuse one buffer.
@@ -29,11 +29,6 @@ KV_BUCKET = 256
 def bucketed(n: int) -> int:
     """n rounded up to a whole number of KV_BUCKET slots."""
     return -(-n // KV_BUCKET) * KV_BUCKET
-
-
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """A zero-filled, lazily committed cache buffer (keys, values and their int8 scales alike)."""
-    return lazy_zeros(shape, dtype, device)
 
 
 class KVCache:
@@ -48,9 +43,9 @@ class KVCache:
         store = torch.int8 if kv_dtype == "int8" else dtype
         # k, v: [layers, batch, kv_heads, max_len, head_dim]; int8: k_scale, v_scale [layers, batch, kv_heads, max_len]
         if _bufs is None:
-            _bufs = (_alloc(shape, store, device), _alloc(shape, store, device))
+            _bufs = (lazy_zeros(shape, store, device), lazy_zeros(shape, store, device))
             if kv_dtype == "int8":
-                _bufs += (_alloc(shape[:4], torch.float32, device), _alloc(shape[:4], torch.float32, device))
+                _bufs += (lazy_zeros(shape[:4], torch.float32, device), lazy_zeros(shape[:4], torch.float32, device))
         self.k, self.v = _bufs[:2]
         self.k_scale, self.v_scale = _bufs[2:] if len(_bufs) == 4 else (None, None)
         self.config = config
