@@ -18,11 +18,7 @@ export OMP_NUM_THREADS=$THREADS
 MODEL=${MODEL:-$("$PY" -c "from minicpm4.io.loader import default_model_dir; print(default_model_dir())")}
 LIMIT_FLAG=${LIMIT:+--limit $LIMIT}
 mkdir -p "$OUT"
-stage() {  # stage NAME CMD...: run CMD, append "NAME seconds" to OUT/times.txt
-  local name=$1 t0=$SECONDS; shift
-  "$@"
-  echo "$name $((SECONDS - t0))" | tee -a "$OUT/times.txt"
-}
+. "$(dirname "$0")/stage.sh"  # stage NAME CMD...
 evaluate() {  # evaluate NAME MODEL_DIR
   "$PY" -m minicpm4.cli eval mcp --model "$2" --dtype bf16 --cases "$OUT/cases.jsonl" $LIMIT_FLAG -o "$OUT/eval_$1" \
     2> "$OUT/eval_$1.log" | tee "$OUT/eval_$1.txt"

@@ -38,11 +38,7 @@ CHUNK=${CHUNK:-64}
 MAX_LEN=512
 TASK=${TASK:-chain_small}
 mkdir -p "$OUT"
-stage() {  # stage NAME CMD...: run CMD, append "NAME seconds" to OUT/times.txt
-  local name=$1 t0=$SECONDS; shift
-  "$@"
-  echo "$name $((SECONDS - t0))" | tee -a "$OUT/times.txt"
-}
+. "$(dirname "$0")/stage.sh"  # stage NAME CMD...
 data() {
   [ -f "$OUT/sft.jsonl" ] || "$PY" "$HERE/rl_demo.py" data "$OUT" --task "$TASK"
 }

@@ -18,11 +18,7 @@ HERE=$(dirname "$0")
 PRE_STEPS=${PRE_STEPS:-8000}
 export LONG_STEPS=${LONG_STEPS:-100}
 mkdir -p "$OUT"
-stage() {  # stage NAME CMD...: run CMD, append "NAME seconds" to OUT/times.txt
-  local name=$1 t0=$SECONDS; shift
-  "$@"
-  echo "$name $((SECONDS - t0))" | tee -a "$OUT/times.txt"
-}
+. "$(dirname "$0")/stage.sh"  # stage NAME CMD...
 data() {
   [ -f "$OUT/chat_train.jsonl" ] || "$PY" "$HERE/kjv_corpus.py" "$OUT"
   # the stable phase's data: documents of <= 128 tokens, 80 % of them a random-word span said 2-3 times (every token
